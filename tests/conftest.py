@@ -1,0 +1,22 @@
+"""Test-session setup: skip GPU tests cleanly where there is no GPU."""
+
+import pytest
+
+
+def _cuda_count() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    n = None
+    for item in items:
+        if "gpu" in item.keywords or "multigpu" in item.keywords:
+            n = _cuda_count() if n is None else n
+            if "multigpu" in item.keywords and n < 2:
+                item.add_marker(pytest.mark.skip(reason="needs two or more CUDA GPUs"))
+            elif n < 1:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
