@@ -1,0 +1,1 @@
+"""The continuous-batching executor: requests, scheduling, sampling and the step loop."""

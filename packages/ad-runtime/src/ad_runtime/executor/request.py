@@ -1,0 +1,65 @@
+"""One request's state as it moves through the executor: tokens, progress, stop checks."""
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from ..sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+@dataclass
+class Request:
+    """A prompt and what has been generated for it so far."""
+
+    request_id: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    # Tokens whose k/v sit in the cache; reset to 0 when the request is preempted.
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    error: str | None = None
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+    # Text of the output (filled by the detokenizer) and how much of it a stream already saw.
+    text: str = ""
+    streamed_tokens: int = 0
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens still to be fed to the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (RequestStatus.FINISHED, RequestStatus.FAILED)
+
+    def finish(self, reason: str) -> None:
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.finish_time = time.perf_counter()
+
+    def fail(self, message: str) -> None:
+        self.status = RequestStatus.FAILED
+        self.finish_reason = "error"
+        self.error = message
+        self.finish_time = time.perf_counter()

@@ -1,0 +1,77 @@
+"""Token sampling on the device: greedy, temperature, top-k and top-p, with per-request seeds."""
+
+import torch
+
+from ..sampling_params import SamplingParams
+
+
+class Sampler:
+    """Samples one token per row of a logits batch, each row with its own parameters."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self._generators: dict[int, torch.Generator] = {}
+
+    def generator_for(self, request_id: int, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        g = self._generators.get(request_id)
+        if g is None:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(seed)
+            self._generators[request_id] = g
+        return g
+
+    def release(self, request_id: int) -> None:
+        self._generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def __call__(
+        self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[int]
+    ) -> torch.Tensor:
+        """logits [B, V] -> token ids [B] (int64, on the device)."""
+        logits = logits.float()
+        greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+        out = torch.argmax(logits, dim=-1)
+        if len(greedy_rows) == len(params):
+            return out
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        idx = torch.tensor(rows, device=logits.device)
+        sub = logits.index_select(0, idx)
+        temps = torch.tensor([params[i].temperature for i in rows], device=logits.device)
+        sub = sub / temps.unsqueeze(-1)
+        sub = _apply_top_k(sub, [params[i].top_k for i in rows])
+        sub = _apply_top_p(sub, [params[i].top_p for i in rows])
+        probs = torch.softmax(sub, dim=-1)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; lets each row use its own
+        # generator (seeded requests) without a host sync.
+        noise = torch.empty_like(probs)
+        for j, i in enumerate(rows):
+            noise[j].exponential_(generator=self.generator_for(request_ids[i], params[i].seed))
+        picked = torch.argmax(probs / noise, dim=-1)
+        out[idx] = picked
+        return out
+
+
+def _apply_top_k(logits: torch.Tensor, top_ks: list[int | None]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    ks = [k if k and k > 0 else vocab for k in top_ks]
+    if all(k >= vocab for k in ks):
+        return logits
+    k_t = torch.tensor([min(k, vocab) for k in ks], device=logits.device)
+    sorted_vals, _ = torch.sort(logits, dim=-1, descending=True)
+    kth = sorted_vals.gather(-1, (k_t - 1).unsqueeze(-1))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _apply_top_p(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
+    if all(p >= 1.0 for p in top_ps):
+        return logits
+    p_t = torch.tensor(top_ps, device=logits.device, dtype=logits.dtype).unsqueeze(-1)
+    sorted_vals, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_vals, dim=-1)
+    # Drop a token when the mass strictly before it already reaches top_p (keeps at least one).
+    before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = before >= p_t
+    drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
