@@ -1,0 +1,84 @@
+"""Attention backends by name, with lazy import of optional ones and the `auto` choice."""
+
+import importlib
+import importlib.util
+import logging
+from typing import ClassVar
+
+import torch
+from ad_compiler.errors import CompileError
+
+from .descriptor import AttentionDescriptor
+
+logger = logging.getLogger(__name__)
+
+# Backends living in their own module, imported only when asked for (they may need optional packages).
+_LAZY_MODULES = {
+    "torch": "ad_runtime.attention.torch_backend",
+    "triton": "ad_runtime.attention.triton_backend",
+    "flashinfer": "ad_runtime.attention.flashinfer_backend",
+}
+_INSTALL_HINTS = {
+    "flashinfer": "install it with `pip install 'ad-runtime[flashinfer]'` (needs a CUDA GPU)",
+    "triton": "install triton (`pip install triton`)",
+}
+
+
+class AttentionRegistry:
+    """`register("name")` decorates an AttentionDescriptor subclass; `get("name")` returns it."""
+
+    _registry: ClassVar[dict[str, type[AttentionDescriptor]]] = {}
+
+    @classmethod
+    def register(cls, name: str):
+        def wrap(d: type[AttentionDescriptor]) -> type[AttentionDescriptor]:
+            if name in cls._registry and cls._registry[name] is not d:
+                raise ValueError(f"attention backend {name!r} registered twice")
+            d.name = name
+            cls._registry[name] = d
+            return d
+
+        return wrap
+
+    @classmethod
+    def get(cls, name: str) -> type[AttentionDescriptor]:
+        if name not in cls._registry and name in _LAZY_MODULES:
+            try:
+                importlib.import_module(_LAZY_MODULES[name])
+            except ImportError as e:
+                hint = _INSTALL_HINTS.get(name, "check that ad-runtime is fully installed")
+                raise CompileError(f"attention backend {name!r} is not available ({e}); {hint}") from e
+        if name not in cls._registry:
+            known = sorted(set(cls._registry) | set(_LAZY_MODULES))
+            raise CompileError(f"unknown attention backend {name!r}; choose one of {known} or 'auto'")
+        return cls._registry[name]
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return sorted(set(cls._registry) | set(_LAZY_MODULES))
+
+
+def _usable(name: str) -> bool:
+    try:
+        AttentionRegistry.get(name)
+        return True
+    except CompileError as e:
+        logger.info("attention backend %s not usable: %s", name, e)
+        return False
+
+
+def resolve_attention_backend(name: str, device: str | torch.device) -> str:
+    """Map `auto` to a concrete backend: flashinfer (if installed) or triton on a GPU, torch on a CPU."""
+    if name != "auto":
+        return name
+    if torch.device(device).type == "cuda":
+        if importlib.util.find_spec("flashinfer") is not None and _usable("flashinfer"):
+            choice = "flashinfer"
+        elif _usable("triton"):
+            choice = "triton"
+        else:
+            choice = "torch"
+    else:
+        choice = "torch"
+    logger.info("attn_backend auto -> %s (device %s)", choice, device)
+    return choice
