@@ -1,0 +1,153 @@
+"""Same prompts through Hugging Face `generate` and through our LLM, in one run: tokens/s and their ratio.
+
+CPU (bundled SmolLM2, real weights):
+    python benchmarks/hf_vs_ad.py --batch-sizes 1 8 --isl 128 --osl 32
+GPU (random-weight Llama-3.1-8B config, bf16):
+    python benchmarks/hf_vs_ad.py --preset llama3.1-8b --dtype bfloat16 --batch-sizes 1 32 --isl 1024 --osl 128
+"""
+
+import argparse
+import gc
+import json
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PRESETS = {
+    # Shapes of meta-llama/Llama-3.1-8B; weights are random (the hub is not reachable here).
+    "llama3.1-8b": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
+        rms_norm_eps=1e-5, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        tie_word_embeddings=False,
+    ),
+    "llama-tiny": dict(
+        vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
+    ),
+}
+
+
+def machine_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def model_source(args: argparse.Namespace, tmp: Path) -> tuple[str | None, bool]:
+    """(model path for both sides, whether weights are random)."""
+    if args.preset is None:
+        from ad_compiler.models.bundled import bundled_model_dir
+
+        return str(bundled_model_dir()), False
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**PRESETS[args.preset])
+    cfg.save_pretrained(tmp)
+    return str(tmp), True
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_hf(path: str, random_weights: bool, dtype: torch.dtype, prompts: list[list[int]], osl: int, runs: int) -> float:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if random_weights:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.eval()
+    ids = torch.tensor(prompts, device=device)
+    kw = dict(max_new_tokens=osl, min_new_tokens=osl, do_sample=False, attention_mask=torch.ones_like(ids),
+              pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids, **kw)  # warm-up
+        sync()
+        t = time.perf_counter()
+        for _ in range(runs):
+            out = model.generate(ids, **kw)
+        sync()
+        dt = (time.perf_counter() - t) / runs
+    assert out.shape[1] == ids.shape[1] + osl
+    del model
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return len(prompts) * osl / dt
+
+
+def bench_ad(llm, prompts: list[list[int]], osl: int, runs: int) -> float:
+    from ad_runtime import SamplingParams
+
+    sp = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts, sp)  # warm-up
+    sync()
+    t = time.perf_counter()
+    for _ in range(runs):
+        outs = llm.generate(prompts, sp)
+    sync()
+    dt = (time.perf_counter() - t) / runs
+    assert all(len(o.outputs[0].token_ids) == osl for o in outs)
+    return len(prompts) * osl / dt
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="random-weight config (default: bundled SmolLM2)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--isl", type=int, default=128)
+    p.add_argument("--osl", type=int, default=32)
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--compile-backend", default="auto")
+    p.add_argument("--attn-backend", default="auto")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
+    rng = random.Random(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path, random_weights = model_source(args, Path(tmp))
+        from ad_runtime import LLM
+
+        max_bs = max(args.batch_sizes)
+        llm = LLM(
+            model=path, skip_loading_weights=random_weights, skip_tokenizer_init=random_weights, dtype=args.dtype,
+            max_batch_size=max_bs, max_seq_len=args.isl + args.osl + 8, max_num_tokens=max(args.isl * max_bs, 2048),
+            compile_backend=args.compile_backend, attn_backend=args.attn_backend,
+        )
+        vocab = llm.vocab_size
+        results_ad = {}
+        for bs in args.batch_sizes:
+            prompts = [[rng.randrange(100, vocab) for _ in range(args.isl)] for _ in range(bs)]
+            results_ad[bs] = (prompts, bench_ad(llm, prompts, args.osl, args.runs))
+        llm.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        for bs in args.batch_sizes:
+            prompts, ad_tps = results_ad[bs]
+            hf_tps = bench_hf(path, random_weights, dtype, prompts, args.osl, args.runs)
+            rows.append(dict(batch=bs, isl=args.isl, osl=args.osl, hf_tok_s=hf_tps, ad_tok_s=ad_tps, ratio=ad_tps / hf_tps))
+    machine = machine_name()
+    model = args.preset or "SmolLM2-135M-Instruct (bundled)"
+    print(f"\nmachine: {machine} | model: {model} | dtype: {args.dtype}")
+    print(f"{'batch':>5} {'isl':>5} {'osl':>5} {'HF tok/s':>10} {'ours tok/s':>11} {'ratio':>7}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['isl']:>5} {r['osl']:>5} {r['hf_tok_s']:>10.1f} {r['ad_tok_s']:>11.1f} {r['ratio']:>6.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(machine=machine, model=model, dtype=args.dtype, rows=rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The Python API: `LLM(model=..., **llm_args)` builds the engine; `generate` runs prompts through it."""
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptLike = str | list[int] | list[dict[str, Any]]
+
+
+class LLM:
+    """A compiled model serving many prompts at once with continuous batching.
+
+    Every `LlmArgs` field is accepted as a keyword (an unknown keyword is a ConfigError).
+    `model=None` runs the bundled SmolLM2-135M-Instruct.
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        from ad_config import load_llm_args
+
+        if model is not None:
+            kwargs["model"] = model
+        self._init_from_args(load_llm_args(**kwargs))
+
+    @classmethod
+    def from_args(cls, args: Any) -> "LLM":
+        """Build from an already resolved LlmArgs (e.g. ExperimentConfig.args)."""
+        self = cls.__new__(cls)
+        self._init_from_args(args)
+        return self
+
+    def _init_from_args(self, args: Any) -> None:
+        from .build import build_engine_backend
+
+        self._closed = True  # until the backend exists, there is nothing to shut down
+        self.args = args
+        self._backend = build_engine_backend(self.args)
+        self.tokenizer = self._backend.tokenizer
+        self._closed = False
+
+    # ---- prompts ----------------------------------------------------------------------------------
+
+    def encode(self, prompt: PromptLike, chat_template: bool = False) -> tuple[list[int], str | None]:
+        """Token ids of a prompt: a string, a token-id list, or a chat-message list."""
+        if isinstance(prompt, str):
+            if chat_template:
+                return self.encode([{"role": "user", "content": prompt}])
+            return self._need_tokenizer().encode(prompt), prompt
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return list(prompt), None
+        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            tok = self._need_tokenizer()
+            text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            return tok.encode(text, add_special_tokens=False), text
+        raise TypeError(f"a prompt must be a string, a list of token ids or a list of chat messages, got {type(prompt).__name__}")
+
+    def _need_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError("this LLM has no tokenizer (skip_tokenizer_init=True): pass token-id lists")
+        return self.tokenizer
+
+    # ---- generation -------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: PromptLike | Sequence[PromptLike],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        chat_template: bool = False,
+    ) -> list[RequestOutput]:
+        """Run all prompts together; returns one output per prompt, in order."""
+        prompts = self._as_list(prompts)
+        params = self._params_for(prompts, sampling_params)
+        encoded = [self.encode(p, chat_template) for p in prompts]
+        reqs = self._backend.generate([e[0] for e in encoded], params, [e[1] for e in encoded])
+        return [self._output(r) for r in reqs]
+
+    def generate_stream(
+        self, prompt: PromptLike, sampling_params: SamplingParams | None = None, chat_template: bool = False
+    ) -> Iterator[RequestOutput]:
+        """Yield the growing output of one prompt after every new token."""
+        ids, text = self.encode(prompt, chat_template)
+        for req in self._backend.stream(ids, sampling_params or SamplingParams(), text):
+            yield self._output(req)
+
+    def _as_list(self, prompts: Any) -> list[PromptLike]:
+        if isinstance(prompts, str):
+            return [prompts]
+        if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+            return [prompts]
+        if isinstance(prompts, list) and prompts and all(isinstance(m, dict) for m in prompts):
+            return [prompts]
+        return list(prompts)
+
+    def _params_for(self, prompts: list, sp: Any) -> list[SamplingParams]:
+        if sp is None:
+            return [SamplingParams() for _ in prompts]
+        if isinstance(sp, SamplingParams):
+            return [sp for _ in prompts]
+        sp = list(sp)
+        if len(sp) != len(prompts):
+            raise ValueError(f"got {len(sp)} sampling params for {len(prompts)} prompts")
+        return sp
+
+    def _output(self, req: Any) -> RequestOutput:
+        text = req.text
+        if not text and req.output_token_ids and self.tokenizer is not None:
+            text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=req.params.skip_special_tokens)
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=[CompletionOutput(0, text, list(req.output_token_ids), req.finish_reason)],
+            finished=req.is_finished,
+            error=req.error,
+            metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finish_time, req.num_preemptions),
+        )
+
+    # ---- lifetime ---------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._backend.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn modules down
+            pass
