@@ -1,0 +1,135 @@
+"""An OpenAI-compatible HTTP API (completions, chat completions, models) over one shared engine."""
+
+import json
+import time
+import uuid
+from typing import Any
+
+from ad_runtime import SamplingParams
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .engine_thread import EngineThread
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    ignore_eos: bool = False
+
+    def params(self, default_max: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.max_tokens or default_max, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos,
+        )
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int]
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage]
+
+
+def build_app(llm: Any, model_name: str, default_max_tokens: int = 256) -> FastAPI:
+    app = FastAPI(title="ad inference server")
+    state: dict[str, Any] = {}
+
+    @app.on_event("startup")
+    async def _start() -> None:
+        state["engine"] = EngineThread(llm)
+
+    @app.on_event("shutdown")
+    async def _stop() -> None:
+        state["engine"].close()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "ad"}]}
+
+    async def _run(ids: list[int], text: str | None, req: _Sampling, chat: bool):
+        try:
+            params = req.params(default_max_tokens)
+        except ValueError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from None
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        q = state["engine"].submit(ids, params, text)
+        if req.stream:
+            return StreamingResponse(_stream(q, rid, created, chat, len(ids)), media_type="text/event-stream")
+        while True:
+            upd = await q.get()
+            if upd.finished:
+                break
+        if upd.error:
+            raise HTTPException(status_code=400, detail=upd.error)
+        usage = {"prompt_tokens": len(ids), "completion_tokens": len(upd.token_ids),
+                 "total_tokens": len(ids) + len(upd.token_ids)}
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": upd.text},
+                      "finish_reason": upd.finish_reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": upd.text, "finish_reason": upd.finish_reason}
+            obj = "text_completion"
+        return JSONResponse({"id": rid, "object": obj, "created": created, "model": model_name,
+                             "choices": [choice], "usage": usage})
+
+    async def _stream(q, rid: str, created: int, chat: bool, n_prompt: int):
+        sent = ""
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        while True:
+            upd = await q.get()
+            if upd.error:
+                yield f"data: {json.dumps({'error': {'message': upd.error}})}\n\n"
+                break
+            # Hold back a trailing replacement char: the next token may complete the character.
+            text = upd.text if upd.finished else upd.text.rstrip("\ufffd")
+            delta, sent = text[len(sent):], text if text.startswith(sent) else sent
+            if delta or upd.finished:
+                if chat:
+                    choice = {"index": 0, "delta": {"content": delta}, "finish_reason": upd.finish_reason}
+                else:
+                    choice = {"index": 0, "text": delta, "finish_reason": upd.finish_reason}
+                chunk = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            if upd.finished:
+                break
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        if isinstance(req.prompt, str):
+            ids, text = llm.encode(req.prompt)
+        else:
+            ids, text = list(req.prompt), None
+        return await _run(ids, text, req, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        try:
+            ids, text = llm.encode([m.model_dump() for m in req.messages])
+        except ValueError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from None
+        return await _run(ids, text, req, chat=True)
+
+    return app
