@@ -1,0 +1,260 @@
+"""SequenceInfo: one step's batch as flat tensors, filled from host lists with one host-to-device copy."""
+
+import bisect
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+# (name, dtype, size key): every field lives in one byte buffer at a fixed offset, so its address is
+# stable across steps (CUDA graphs replay on the same memory) and one copy moves all of them.
+# Size keys: "N" = max_num_tokens, "B" = max_batch_size, "B1" = max_batch_size + 1, "BP" = max_batch_size * P.
+_FIELDS: tuple[tuple[str, torch.dtype, str], ...] = (
+    ("input_ids", torch.int64, "N"),
+    ("position_ids", torch.int64, "N"),
+    ("slot_mapping", torch.int64, "N"),
+    ("last_token_idx", torch.int64, "B"),
+    ("batch_indices", torch.int32, "N"),
+    ("seq_len", torch.int32, "B"),
+    ("input_pos", torch.int32, "B"),
+    ("cu_seqlen", torch.int32, "B1"),
+    ("cu_num_pages", torch.int32, "B1"),
+    ("last_page_len", torch.int32, "B"),
+    ("page_indices", torch.int32, "BP"),
+    ("page_table", torch.int32, "BP"),  # last: a step copies only the rows it uses
+)
+# Per-token fields (viewed with length T); the others are per sequence (length B, B+1 or [B, P]).
+_TOKEN_FIELDS = frozenset({"input_ids", "position_ids", "slot_mapping", "batch_indices"})
+_NP = {torch.int64: np.int64, torch.int32: np.int32}
+
+
+class SequenceInfo:
+    """The flattened batch of one step: prefills (seq_len > 1) first, then decodes (seq_len == 1).
+
+    Use: `nest_sequences(token_ids, input_pos, page_tables)` once per step, then read `args()` (what
+    the graph is called with) and `last_token_idx` (rows of the [1, T, vocab] logits to sample from).
+    """
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        page_size: int,
+        max_num_tokens: int | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.page_size = page_size
+        self.max_num_tokens = max_num_tokens or max_batch_size * max_seq_len
+        self.max_pages_per_seq = -(-max_seq_len // page_size)
+        self.device = torch.device(device)
+        # Page id that padded dummy sequences write into; set by the cache interface (last cache page).
+        self.scratch_page: int | None = None
+        # Decode batch sizes that a compile backend captured; decode-only batches get padded rows up to the next.
+        self.cuda_graph_batch_sizes: list[int] = []
+
+        sizes = {
+            "N": self.max_num_tokens,
+            "B": max_batch_size,
+            "B1": max_batch_size + 1,
+            "BP": max_batch_size * self.max_pages_per_seq,
+        }
+        self._layout: dict[str, tuple[int, torch.dtype, int]] = {}  # name -> (byte offset, dtype, numel)
+        offset = 0
+        for name, dtype, key in _FIELDS:
+            self._layout[name] = (offset, dtype, sizes[key])
+            offset += -(-sizes[key] * dtype.itemsize // 8) * 8  # keep every field 8-byte aligned
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self._host = torch.zeros(offset, dtype=torch.uint8, pin_memory=pin)
+        self._dev = torch.zeros(offset, dtype=torch.uint8, device=self.device)
+        self._np = {name: self._host_view(name).numpy() for name in self._layout}
+        self._copy_done: torch.cuda.Event | None = None
+        self.batch_info_host = torch.zeros(3, dtype=torch.int32)
+        self._num_seqs = 0
+        self._num_tokens = 0
+        self._num_rows = 0  # sequences incl. padding rows written this step
+
+    # ---- views -----------------------------------------------------------------------------------
+
+    def _host_view(self, name: str) -> torch.Tensor:
+        off, dtype, numel = self._layout[name]
+        return self._host[off : off + numel * dtype.itemsize].view(dtype)
+
+    def _dev_view(self, name: str, n: int) -> torch.Tensor:
+        off, dtype, numel = self._layout[name]
+        assert n <= numel, f"{name}: {n} > {numel}"
+        return self._dev[off : off + n * dtype.itemsize].view(dtype)
+
+    def _field(self, name: str, num_seqs: int, num_tokens: int) -> torch.Tensor:
+        if name in _TOKEN_FIELDS:
+            t = self._dev_view(name, num_tokens)
+            return t.view(1, num_tokens) if name in ("input_ids", "position_ids") else t
+        if name == "page_table":
+            return self._dev_view(name, num_seqs * self.max_pages_per_seq).view(num_seqs, self.max_pages_per_seq)
+        if name in ("cu_seqlen", "cu_num_pages"):
+            return self._dev_view(name, num_seqs + 1)
+        if name == "page_indices":
+            return self._dev_view(name, self._layout[name][2])  # fixed size: stable shape for CUDA graphs
+        return self._dev_view(name, num_seqs)
+
+    def args(self) -> dict[str, torch.Tensor]:
+        """Every graph input and metadata tensor of this step, by name (see METADATA_NAMES)."""
+        return self._args(self._num_seqs, self._num_tokens, self.batch_info_host)
+
+    def padded_decode_args(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """The same views for a decode-only batch padded to `batch_size` rows (for CUDA-graph capture)."""
+        info = torch.tensor([0, 0, batch_size], dtype=torch.int32)
+        return self._args(batch_size, batch_size, info)
+
+    def _args(self, b: int, t: int, batch_info: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {name: self._field(name, b, t) for name in self._layout if name != "last_token_idx"}
+        out["batch_info_host"] = batch_info
+        host = self._host_view
+        out["seq_len_host"] = host("seq_len")[:b]
+        out["input_pos_host"] = host("input_pos")[:b]
+        out["cu_seqlen_host"] = host("cu_seqlen")[: b + 1]
+        return out
+
+    @property
+    def last_token_idx(self) -> torch.Tensor:
+        """int64 [B]: index into the T axis of each sequence's last token (for gathering logits)."""
+        return self._dev_view("last_token_idx", self._num_seqs)
+
+    @property
+    def num_sequences(self) -> int:
+        return self._num_seqs
+
+    @property
+    def num_tokens(self) -> int:
+        return self._num_tokens
+
+    @property
+    def num_prefill(self) -> int:
+        return int(self.batch_info_host[0])
+
+    @property
+    def num_decode(self) -> int:
+        return int(self.batch_info_host[2])
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self._num_seqs > 0 and self.num_prefill == 0
+
+    @property
+    def num_padded_rows(self) -> int:
+        """Rows written this step, padding included (>= num_sequences)."""
+        return self._num_rows
+
+    def padded_batch_size(self, num_seqs: int) -> int | None:
+        """The smallest captured decode batch size >= num_seqs, or None."""
+        i = bisect.bisect_left(self.cuda_graph_batch_sizes, num_seqs)
+        return self.cuda_graph_batch_sizes[i] if i < len(self.cuda_graph_batch_sizes) else None
+
+    # ---- filling -----------------------------------------------------------------------------------
+
+    def nest_sequences(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        input_pos: Sequence[int],
+        page_tables: Sequence[Sequence[int]],
+    ) -> None:
+        """Fill the step: per sequence its new tokens, how many tokens are already cached, its pages.
+
+        Sequences with more than one new token (prefill, chunked prefill) must come before those with
+        one (decode). Page tables must cover input_pos + len(tokens) tokens.
+        """
+        b = len(token_ids)
+        if not (len(input_pos) == len(page_tables) == b):
+            raise ValueError("token_ids, input_pos and page_tables must have one entry per sequence")
+        if b == 0 or b > self.max_batch_size:
+            raise ValueError(f"a step needs 1..{self.max_batch_size} sequences, got {b}")
+        ps, mp = self.page_size, self.max_pages_per_seq
+        seq_len = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=b)
+        pos0 = np.asarray(input_pos, dtype=np.int64)
+        total = pos0 + seq_len
+        t = int(seq_len.sum())
+        if seq_len.min() < 1:
+            raise ValueError("every scheduled sequence needs at least one new token")
+        if t > self.max_num_tokens:
+            raise ValueError(f"{t} tokens in one step exceed max_num_tokens={self.max_num_tokens}")
+        if total.max() > self.max_seq_len:
+            raise ValueError(f"a sequence reaches {int(total.max())} tokens, above max_seq_len={self.max_seq_len}")
+        is_decode = seq_len == 1
+        num_decode = int(is_decode.sum())
+        if not is_decode[b - num_decode :].all():
+            raise ValueError("order the batch prefills first (more than one new token), then decodes")
+        n_pages = -(-total // ps)
+        for pt, need in zip(page_tables, n_pages):
+            if len(pt) < need or len(pt) > mp:
+                raise ValueError(f"a page table has {len(pt)} pages; needs {int(need)} (at most {mp})")
+
+        pad_to = self.padded_batch_size(b) if num_decode == b and self.scratch_page is not None else None
+        rows = pad_to or b
+        if rows > self.max_batch_size or rows > self.max_num_tokens:
+            rows = b
+        if self._copy_done is not None:
+            self._copy_done.synchronize()  # the previous step's copy still reads the host buffer
+
+        a = self._np
+        a["seq_len"][:b] = seq_len
+        a["input_pos"][:b] = pos0
+        cu = a["cu_seqlen"]
+        cu[0] = 0
+        cu[1 : b + 1] = np.cumsum(seq_len)
+        table = a["page_table"][: b * mp].reshape(b, mp)
+        table.fill(-1)
+        for i, pt in enumerate(page_tables):
+            table[i, : len(pt)] = pt
+        a["input_ids"][:t] = np.fromiter((x for ids in token_ids for x in ids), dtype=np.int64, count=t)
+        bidx = np.repeat(np.arange(b), seq_len)
+        pos = np.arange(t) - np.repeat(cu[:b], seq_len) + np.repeat(pos0, seq_len)
+        a["batch_indices"][:t] = bidx
+        a["position_ids"][:t] = pos
+        a["slot_mapping"][:t] = table[bidx, pos // ps].astype(np.int64) * ps + pos % ps
+        a["last_token_idx"][:b] = cu[1 : b + 1] - 1
+        a["last_page_len"][:b] = (total - 1) % ps + 1
+        cnp = a["cu_num_pages"]
+        cnp[0] = 0
+        cnp[1 : b + 1] = np.cumsum(n_pages)
+        used = int(cnp[b])
+        a["page_indices"][:used] = np.fromiter(
+            (p for pt, n in zip(page_tables, n_pages) for p in pt[:n]), dtype=np.int32, count=used
+        )
+        if rows > b:
+            self._fill_padding(b, rows, t)
+
+        self.batch_info_host[0] = b - num_decode
+        self.batch_info_host[1] = t - num_decode
+        self.batch_info_host[2] = num_decode
+        self._num_seqs, self._num_tokens, self._num_rows = b, t, rows
+        self._copy_to_device(rows)
+
+    def _fill_padding(self, b: int, rows: int, t: int) -> None:
+        """Dummy decode rows b..rows-1: one token at position 0 on the scratch page (CUDA-graph padding)."""
+        a, ps, mp, sp = self._np, self.page_size, self.max_pages_per_seq, self.scratch_page
+        n = rows - b
+        a["seq_len"][b:rows] = 1
+        a["input_pos"][b:rows] = 0
+        a["cu_seqlen"][b + 1 : rows + 1] = a["cu_seqlen"][b] + np.arange(1, n + 1)
+        table = a["page_table"][: rows * mp].reshape(rows, mp)
+        table[b:rows].fill(-1)
+        table[b:rows, 0] = sp
+        a["input_ids"][t : t + n] = 0
+        a["position_ids"][t : t + n] = 0
+        a["slot_mapping"][t : t + n] = sp * ps
+        a["batch_indices"][t : t + n] = np.arange(b, rows)
+        a["last_token_idx"][b:rows] = np.arange(t, t + n)
+        a["last_page_len"][b:rows] = 1
+        used = int(a["cu_num_pages"][b])
+        a["cu_num_pages"][b + 1 : rows + 1] = used + np.arange(1, n + 1)
+        a["page_indices"][used : used + n] = sp
+
+    def _copy_to_device(self, rows: int) -> None:
+        off = self._layout["page_table"][0]
+        nbytes = off + rows * self.max_pages_per_seq * 4
+        self._dev[:nbytes].copy_(self._host[:nbytes], non_blocking=True)
+        if self.device.type == "cuda":
+            if self._copy_done is None:
+                self._copy_done = torch.cuda.Event()
+            self._copy_done.record()

@@ -1,0 +1,81 @@
+"""SequenceInfo: flattened metadata of mixed prefill / chunked prefill / decode batches."""
+
+import pytest
+import torch
+from ad_runtime.attention.descriptor import METADATA_NAMES
+from ad_runtime.kv_cache.sequence_info import SequenceInfo
+
+
+def _info(**kw) -> SequenceInfo:
+    return SequenceInfo(max_batch_size=4, max_seq_len=32, page_size=4, max_num_tokens=16, **kw)
+
+
+def test_mixed_batch_metadata():
+    info = _info()
+    # prefill of 5 new tokens, chunked prefill of 3 after 6 cached, decode after 9 cached
+    info.nest_sequences([[1, 2, 3, 4, 5], [6, 7, 8], [9]], [0, 6, 9], [[3, 0], [1, 5, 7], [2, 4, 6]])
+    a = info.args()
+    assert set(METADATA_NAMES) <= set(a)
+    assert a["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    assert a["position_ids"].tolist() == [[0, 1, 2, 3, 4, 6, 7, 8, 9]]
+    assert a["input_ids"].dtype == torch.int64 and a["seq_len"].dtype == torch.int32
+    assert a["seq_len"].tolist() == [5, 3, 1]
+    assert a["input_pos"].tolist() == [0, 6, 9]
+    assert a["cu_seqlen"].tolist() == [0, 5, 8, 9]
+    assert a["page_table"].tolist() == [[3, 0, -1, -1, -1, -1, -1, -1], [1, 5, 7, -1, -1, -1, -1, -1],
+                                        [2, 4, 6, -1, -1, -1, -1, -1]]
+    # pos 4 of seq 0 -> page 0 (second entry), offset 0; pos 6 of seq 1 -> page 5 offset 2 ...
+    assert a["slot_mapping"].tolist() == [12, 13, 14, 15, 0, 22, 23, 28, 25]
+    assert a["batch_indices"].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 2]
+    assert a["cu_num_pages"].tolist() == [0, 2, 5, 8]
+    assert a["page_indices"][:8].tolist() == [3, 0, 1, 5, 7, 2, 4, 6]
+    assert a["last_page_len"].tolist() == [1, 1, 2]
+    assert a["batch_info_host"].tolist() == [2, 8, 1]
+    assert a["seq_len_host"].device.type == "cpu" and a["seq_len_host"].tolist() == [5, 3, 1]
+    assert a["cu_seqlen_host"].tolist() == [0, 5, 8, 9]
+    assert info.last_token_idx.tolist() == [4, 7, 8]
+    assert (info.num_prefill, info.num_decode, info.num_tokens) == (2, 1, 9)
+
+
+def test_buffers_are_stable_between_steps():
+    info = _info()
+    info.nest_sequences([[1, 2]], [0], [[0]])
+    ptr = info.args()["input_ids"].data_ptr()
+    info.nest_sequences([[3], [4]], [2, 5], [[0], [1, 2]])
+    a = info.args()
+    assert a["input_ids"].data_ptr() == ptr
+    assert a["input_ids"].tolist() == [[3, 4]] and a["position_ids"].tolist() == [[2, 5]]
+    assert info.is_decode_only and a["page_table"].shape == (2, 8)
+
+
+def test_decode_padding_to_captured_size():
+    info = _info()
+    info.scratch_page = 9
+    info.cuda_graph_batch_sizes = [1, 4]
+    info.nest_sequences([[3], [4]], [2, 5], [[0], [1, 2]])
+    assert info.num_padded_rows == 4 and info.num_sequences == 2
+    assert info.args()["seq_len"].tolist() == [1, 1]  # the eager views stay unpadded
+    p = info.padded_decode_args(4)
+    assert p["input_ids"].tolist() == [[3, 4, 0, 0]]
+    assert p["slot_mapping"].tolist() == [2, 9, 36, 36]
+    assert p["page_table"][:, 0].tolist() == [0, 1, 9, 9]
+    assert p["cu_seqlen"].tolist() == [0, 1, 2, 3, 4]
+    assert p["batch_info_host"].tolist() == [0, 0, 4]
+    # a batch with a prefill is never padded
+    info.nest_sequences([[1, 2], [3]], [0, 0], [[0], [1]])
+    assert info.num_padded_rows == 2
+
+
+@pytest.mark.parametrize(
+    "tokens, pos, pages, msg",
+    [
+        ([[1], [1, 2]], [0, 0], [[0], [1]], "prefills first"),
+        ([[1] * 17], [0], [[0, 1, 2, 3, 4]], "max_num_tokens"),
+        ([[1, 2]], [31], [[0] * 8], "max_seq_len"),
+        ([[1, 2, 3, 4, 5]], [0], [[0]], "needs 2"),
+        ([[]], [0], [[0]], "at least one"),
+    ],
+)
+def test_invalid_batches(tokens, pos, pages, msg):
+    with pytest.raises(ValueError, match=msg):
+        _info().nest_sequences(tokens, pos, pages)
