@@ -1,0 +1,1 @@
+"""Custom kernels of ad_runtime (Triton); importing `ad_runtime.kernels.ops` registers their custom ops."""

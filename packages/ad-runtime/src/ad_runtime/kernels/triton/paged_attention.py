@@ -1,0 +1,391 @@
+"""Triton paged-attention kernels over the shared [num_pages, page_size, n_kv_heads, head_dim] KV cache."""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# A window this wide never masks anything; lets the kernels treat "no window" as a plain number.
+NO_WINDOW = 1 << 30
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs would otherwise go through TF32 tensor cores and lose about three digits.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _window(sliding_window: int | None) -> int:
+    return NO_WINDOW if sliding_window is None or sliding_window <= 0 else int(sliding_window)
+
+
+@triton.jit
+def _softcap_log2(s, cap, SOFT_CAP: tl.constexpr):
+    # Scores arrive already multiplied by log2(e); the cap acts on natural-unit logits, so undo it around tanh.
+    if SOFT_CAP:
+        x = s / (cap * 1.4426950408889634)
+        # tanh through exp keeps the kernel portable (the interpreter has no libdevice).
+        t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+        s = t * (cap * 1.4426950408889634)
+    return s
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, batch_idx_ptr, pos_ptr, page_table_ptr,
+    s_kt, s_kh, s_vt, s_vh,
+    s_cp, s_cs, s_ch, s_vp, s_vs, s_vch,
+    s_pt,
+    N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    b = tl.load(batch_idx_ptr + t)
+    pos = tl.load(pos_ptr + t)
+    page = tl.load(page_table_ptr + b * s_pt + pos // PAGE_SIZE).to(tl.int64)
+    slot = pos % PAGE_SIZE
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h[:, None] < N_KV) & (offs_d[None, :] < HEAD_DIM)
+    t64 = t.to(tl.int64)
+    k = tl.load(k_ptr + t64 * s_kt + offs_h[:, None] * s_kh + offs_d[None, :], mask=mask)
+    v = tl.load(v_ptr + t64 * s_vt + offs_h[:, None] * s_vh + offs_d[None, :], mask=mask)
+    kc = k_cache_ptr + page * s_cp + slot * s_cs + offs_h[:, None] * s_ch + offs_d[None, :]
+    vc = v_cache_ptr + page * s_vp + slot * s_vs + offs_h[:, None] * s_vch + offs_d[None, :]
+    tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def token_batch_positions(
+    cu_seqlen: torch.Tensor, input_pos: torch.Tensor, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence index and absolute position of each of the first `num_tokens` flattened tokens.
+
+    Pure device ops (no host sync), so it can run inside a captured CUDA graph.
+    """
+    t = torch.arange(num_tokens, device=cu_seqlen.device, dtype=torch.int32)
+    batch_idx = torch.searchsorted(cu_seqlen[1:].to(torch.int32), t, right=True).to(torch.int32)
+    batch_idx = batch_idx.clamp_(max=cu_seqlen.numel() - 2)
+    pos = input_pos.to(torch.int32)[batch_idx] + t - cu_seqlen.to(torch.int32)[batch_idx]
+    return batch_idx, pos
+
+
+def write_paged_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlen: torch.Tensor,
+    input_pos: torch.Tensor,
+    page_table: torch.Tensor,
+) -> None:
+    """Store new keys/values k, v [T, n_kv_heads, head_dim] of the step into the paged caches in place.
+
+    Token t of sequence b goes to position input_pos[b] + (t - cu_seqlen[b]) of that sequence.
+    """
+    num_tokens, n_kv, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    batch_idx, pos = token_batch_positions(cu_seqlen, input_pos, num_tokens)
+    _write_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, batch_idx, pos, page_table,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        page_table.stride(0),
+        N_KV=n_kv, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
+        BLOCK_H=triton.next_power_of_2(n_kv), BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+
+
+@triton.jit
+def _context_attn_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, sinks_ptr,
+    cu_seqlen_ptr, input_pos_ptr, page_table_ptr,
+    s_qt, s_qh, s_ot, s_oh,
+    s_kp, s_ks, s_kh, s_vp, s_vs, s_vh,
+    s_pt,
+    qk_scale, window, cap,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SOFT_CAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    m_blk = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    kvh = h // GROUP
+    q_start = tl.load(cu_seqlen_ptr + b)
+    q_len = tl.load(cu_seqlen_ptr + b + 1) - q_start
+    if m_blk * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(input_pos_ptr + b)
+    kv_len = ctx + q_len
+
+    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < q_len
+    d_ok = offs_d < HEAD_DIM
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * s_qt + h * s_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_pos = ctx + offs_m
+
+    # Only key blocks some query of this tile can see: causal upper bound, window lower bound.
+    last_pos = ctx + tl.minimum((m_blk + 1) * BLOCK_M, q_len) - 1
+    lo = tl.maximum(ctx + m_blk * BLOCK_M - window + 1, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = last_pos + 1
+
+    # Finite floor instead of -inf keeps fully masked rows of a tile free of inf - inf.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    pt_row = page_table_ptr + b * s_pt
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_len
+        page = tl.load(pt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
+        slot = offs_n % PAGE_SIZE
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + page[:, None] * s_kp + slot[:, None] * s_ks + kvh * s_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + page[:, None] * s_vp + slot[:, None] * s_vs + kvh * s_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC, out_dtype=tl.float32) * qk_scale
+        s = _softcap_log2(s, cap, SOFT_CAP)
+        dist = q_pos[:, None] - offs_n[None, :]
+        visible = (dist >= 0) & (dist < window) & n_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC, out_dtype=tl.float32)
+        m_i = m_new
+
+    if HAS_SINKS:
+        # Sinks join the softmax denominator only; they carry no value.
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.exp2(sink - m_new)
+        acc = acc * alpha[:, None]
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + q_rows[:, None] * s_ot + h * s_oh + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def context_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlen: torch.Tensor,
+    input_pos: torch.Tensor,
+    page_table: torch.Tensor,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    logit_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    max_q_len: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of new queries over each sequence's paged cache (its context plus its new tokens).
+
+    q: [T, n_heads, head_dim], sequences given by cu_seqlen [B+1]; the new keys/values must already be in
+    the cache (see `write_paged_kv`). Query t of sequence b sits at position input_pos[b] + t - cu_seqlen[b]
+    and sees keys j with pos - sliding_window < j <= pos. Returns [T, n_heads, head_dim] in q's dtype.
+    `max_q_len` (longest new-token run) sizes the grid; given, the launch needs no host sync.
+    """
+    num_tokens, n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[2]
+    assert n_heads % n_kv == 0, "n_heads must be a multiple of n_kv_heads"
+    out = torch.empty_like(q) if out is None else out
+    batch = cu_seqlen.numel() - 1
+    if num_tokens == 0 or batch == 0:
+        return out
+    assert q.stride(-1) == 1 and out.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    if max_q_len is None:
+        max_q_len = int((cu_seqlen[1:] - cu_seqlen[:-1]).max().item())
+    block_m = 16 if max_q_len <= 16 else 64
+    block_n = 32
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    grid = (triton.cdiv(max(max_q_len, 1), block_m), batch, n_heads)
+    _context_attn_kernel[grid](
+        q, k_cache, v_cache, out, sinks if sinks is not None else q,
+        cu_seqlen, input_pos, page_table,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        page_table.stride(0),
+        scale * LOG2E, _window(sliding_window), float(logit_cap or 0.0),
+        GROUP=n_heads // n_kv, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        SOFT_CAP=bool(logit_cap), HAS_SINKS=sinks is not None, DOT_PREC=_dot_precision(q.dtype),
+    )
+    return out
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, part_o_ptr, part_lse_ptr,
+    seq_len_ptr, input_pos_ptr, page_table_ptr,
+    s_qb, s_qh,
+    s_kp, s_ks, s_kh, s_vp, s_vs, s_vh,
+    s_pt,
+    s_ob, s_oh, s_os, s_lb, s_lh,
+    qk_scale, window, cap,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SOFT_CAP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_len = tl.load(input_pos_ptr + b) + tl.load(seq_len_ptr + b)
+    start = tl.maximum(kv_len - window, 0)
+    # Even split of the visible keys, rounded to whole key blocks.
+    chunk = tl.cdiv(tl.cdiv(kv_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = start + split * chunk
+    hi = tl.minimum(lo + chunk, kv_len)
+
+    # All query heads of one KV head are processed together: each K/V tile is loaded once per group.
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_ok = offs_g < GROUP
+    d_ok = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_g
+    q = tl.load(q_ptr + b.to(tl.int64) * s_qb + heads[:, None] * s_qh + offs_d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    pt_row = page_table_ptr + b * s_pt
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        page = tl.load(pt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
+        slot = offs_n % PAGE_SIZE
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + page[:, None] * s_kp + slot[:, None] * s_ks + kvh * s_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + page[:, None] * s_vp + slot[:, None] * s_vs + kvh * s_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC, out_dtype=tl.float32) * qk_scale
+        s = _softcap_log2(s, cap, SOFT_CAP)
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC, out_dtype=tl.float32)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # log2-domain LSE; -inf marks a split that saw no keys so the reduction ignores it.
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    b64 = b.to(tl.int64)
+    tl.store(part_o_ptr + b64 * s_ob + heads[:, None] * s_oh + split * s_os + offs_d[None, :], out,
+             mask=g_ok[:, None] & d_ok[None, :])
+    tl.store(part_lse_ptr + b64 * s_lb + heads * s_lh + split, lse, mask=g_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_o_ptr, part_lse_ptr, o_ptr, sinks_ptr,
+    s_ob, s_oh, s_os, s_lb, s_lh, s_fb, s_fh,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < NUM_SPLITS
+    d_ok = offs_d < HEAD_DIM
+    lse = tl.load(part_lse_ptr + b * s_lb + h * s_lh + offs_s, mask=s_ok, other=float("-inf"))
+    o = tl.load(part_o_ptr + b * s_ob + h * s_oh + offs_s[:, None] * s_os + offs_d[None, :],
+                mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    m = tl.max(lse, axis=0)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        m = tl.maximum(m, sink)
+    w = tl.exp2(lse - m)
+    denom = tl.sum(w, axis=0)
+    if HAS_SINKS:
+        denom += tl.exp2(sink - m)
+    out = tl.sum(o * w[:, None], axis=0) / denom
+    tl.store(o_ptr + b * s_fb + h * s_fh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_ok)
+
+
+def default_num_splits(max_kv_len: int) -> int:
+    """Split count for decode: about one split per 256 cached tokens, a power of two in [1, 32].
+
+    Depends only on the cache capacity (a shape), so captured CUDA graphs keep a fixed grid.
+    """
+    return min(32, triton.next_power_of_2(max(1, triton.cdiv(max_kv_len, 256))))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_len: torch.Tensor,
+    input_pos: torch.Tensor,
+    page_table: torch.Tensor,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    logit_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Split-K (flash-decoding) attention of one new query per sequence over its paged cache.
+
+    q: [B, n_heads, head_dim]; the new key/value must already be in the cache. Each sequence's visible keys
+    (input_pos + seq_len of them, cut by the window) are split in `num_splits` ranges computed in parallel,
+    then merged by their log-sum-exp. Returns [B, n_heads, head_dim] in q's dtype. No host sync.
+    """
+    batch, n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[2]
+    assert n_heads % n_kv == 0, "n_heads must be a multiple of n_kv_heads"
+    out = torch.empty_like(q) if out is None else out
+    if batch == 0:
+        return out
+    assert q.stride(-1) == 1 and out.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    page_size = k_cache.shape[1]
+    if num_splits is None:
+        num_splits = default_num_splits(page_table.shape[1] * page_size)
+    group = n_heads // n_kv
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    part_o = torch.empty(batch, n_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
+    part_lse = torch.empty(batch, n_heads, num_splits, device=q.device, dtype=torch.float32)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    _decode_split_kernel[(batch, n_kv, num_splits)](
+        q, k_cache, v_cache, part_o, part_lse,
+        seq_len, input_pos, page_table,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        page_table.stride(0),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        scale * LOG2E, _window(sliding_window), float(logit_cap or 0.0),
+        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
+        # tl.dot needs at least 16 rows; padded heads are masked out.
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=32, BLOCK_D=block_d,
+        SOFT_CAP=bool(logit_cap), DOT_PREC=_dot_precision(q.dtype),
+    )
+    _decode_reduce_kernel[(batch, n_heads)](
+        part_o, part_lse, out, sinks if sinks is not None else q,
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        HAS_SINKS=sinks is not None,
+    )
+    return out
