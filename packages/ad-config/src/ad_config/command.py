@@ -1,0 +1,118 @@
+"""The shared front end of ad-config and build_and_run_ad: parse, resolve, print, report errors."""
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from .cli_parse import CliOptions, help_lines, parse_argv
+from .errors import ConfigError
+from .experiment import ExperimentConfig
+from .llm_args import LlmArgs
+from .origins import format_origins
+
+log = logging.getLogger(__name__)
+
+# Not part of the printed configuration: the files are already merged into it, and a dry run
+# printed and fed back must not stay a dry run.
+_NOT_PRINTED: dict[str, Any] = {
+    "dry_run": True,
+    "yaml_default": True,
+    "yaml_extra": True,
+    "args": {"yaml_default": True, "yaml_extra": True},
+}
+
+
+def load_experiment_config(argv: list[str] | None = None) -> ExperimentConfig:
+    """Resolve build_and_run_ad's arguments (default: sys.argv[1:]) into an ExperimentConfig."""
+    config, _ = parse_command_line(sys.argv[1:] if argv is None else argv)
+    return config
+
+
+def load_llm_args(**kwargs: Any) -> LlmArgs:
+    """LlmArgs from keyword arguments (as `LLM(**kwargs)` gets them); an unknown keyword is a ConfigError."""
+    return LlmArgs.build(kwargs)
+
+
+def parse_command_line(argv: list[str]) -> tuple[ExperimentConfig, CliOptions]:
+    """The resolved configuration and the command's own options."""
+    parsed = parse_argv(argv, ExperimentConfig)
+    if parsed.options.help:
+        return ExperimentConfig.model_construct(), parsed.options
+    return ExperimentConfig.build(parsed.values, init_origins=parsed.origins), parsed.options
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """The configuration as plain YAML-ready data (what --dry-run prints)."""
+    return config.model_dump(mode="json", exclude=_NOT_PRINTED)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style mappings; lists of scalars on one line ([tp, ep, bmm])."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(not isinstance(x, (dict, list)) for x in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
+def render_yaml(config: ExperimentConfig) -> str:
+    """The configuration as YAML; fed back through --yaml-extra it gives the same configuration."""
+    return yaml.dump(
+        config_to_dict(config), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000, allow_unicode=True
+    )
+
+
+def render_origins(config: ExperimentConfig) -> str:
+    """`key = value  [origin]` for every value not left at its code default."""
+    return "\n".join(format_origins(config.model_dump(mode="json"), config.origin_map)) + "\n"
+
+
+def _usage(prog: str) -> str:
+    head = [
+        f"usage: {prog} [--model NAME] [--yaml-extra FILE ...] [--<key>.<sub-key>=VALUE ...]",
+        "       [--dry-run] [--show-origin] [--log-level debug|info|warning|error]",
+        "",
+        "Options are kebab-case dot paths; keys inside free-form mappings (model-kwargs, tokenizer-kwargs,",
+        "transforms, sp-kwargs) are free and typed like YAML scalars. Precedence: command line > environment",
+        "(AD_<FIELD>, nested with __) > YAML files (later wins) > default.yaml > code defaults.",
+        "",
+        "  --show-origin  print where each value came from instead of the YAML",
+        "  --log-level    log verbosity on stderr (default warning)",
+    ]
+    return "\n".join(head + help_lines(ExperimentConfig)) + "\n"
+
+
+def run_command(
+    argv: list[str] | None, prog: str, run: Callable[[ExperimentConfig], int | None] | None = None
+) -> int:
+    """Parse and resolve; print the configuration (ad-config, or --dry-run) or hand it to `run`.
+
+    Returns the exit code: 0 on success, 2 for a configuration error (printed as one or two lines).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config, options = parse_command_line(argv)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=options.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if options.help:
+        sys.stdout.write(_usage(prog))
+        return 0
+    if run is None or config.dry_run:
+        sys.stdout.write(render_origins(config) if options.show_origin else render_yaml(config))
+        return 0
+    if options.show_origin:
+        sys.stderr.write(render_origins(config))
+    log.info("resolved configuration for model %s", config.model or "bundled SmolLM2")
+    try:
+        return run(config) or 0
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,127 @@
+"""ExperimentConfig of build_and_run_ad: the LLM args, the prompts to run and the benchmark."""
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .dynamic_yaml import DynamicYamlMixInForSettings, active_resolution
+from .llm_args import LlmArgs
+from .merge import deep_merge_dicts
+
+DEFAULT_SP_KWARGS: dict[str, Any] = {"max_tokens": 100, "top_k": None, "temperature": 1.0}
+
+DEFAULT_QUERIES: list[str] = [
+    "What is the capital of France?",
+    "How big is the universe? ",
+    "In simple words and a single sentence, explain the concept of gravity: ",
+    "How to fix slicing in golf? ",
+    "Where is the capital of Iceland? ",
+]
+
+# A query is a plain string, a chat (list of {role, content} messages) or a dict with `prompt` or `messages`.
+Query = str | list[dict[str, str]] | dict[str, Any]
+
+
+class PromptConfig(BaseModel):
+    """The prompts build_and_run_ad runs and their sampling parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(default=2, gt=0, description="Number of queries run together.")
+    queries: str | list[Query] = Field(
+        default_factory=lambda: list(DEFAULT_QUERIES),
+        description="Repeated or cut to batch_size; plain strings use the chat template if there is one.",
+    )
+    sp_kwargs: dict[str, Any] = Field(
+        default_factory=lambda: dict(DEFAULT_SP_KWARGS),
+        description="Sampling parameters, deep-merged over the defaults.",
+    )
+
+    @field_validator("sp_kwargs", mode="before")
+    @classmethod
+    def _merge_sp_defaults(cls, value: Any) -> Any:
+        return deep_merge_dicts(DEFAULT_SP_KWARGS, value) if isinstance(value, dict) else value
+
+    @field_validator("queries")
+    @classmethod
+    def _check_queries(cls, value: str | list[Query]) -> str | list[Query]:
+        items = [value] if isinstance(value, str) else value
+        if not items:
+            raise ValueError("needs at least one query")
+        for q in items:
+            if isinstance(q, dict) and not ({"prompt", "messages"} & set(q)):
+                raise ValueError(f"a query mapping needs 'prompt' or 'messages', got keys {sorted(q)}")
+        return value
+
+    def batch(self) -> list[Query]:
+        """Exactly batch_size queries: the list repeated or cut."""
+        items = [self.queries] if isinstance(self.queries, str) else list(self.queries)
+        return [items[i % len(items)] for i in range(self.batch_size)]
+
+
+class BenchmarkConfig(BaseModel):
+    """Timed runs with synthetic prompts of `isl` tokens generating `osl` tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    num: int = Field(default=10, gt=0, description="Timed runs after one warm-up.")
+    isl: int = Field(default=2048, gt=0, description="Input sequence length.")
+    osl: int = Field(default=128, gt=0, description="Output sequence length.")
+    bs: int = Field(default=1, gt=0, description="Batch size.")
+    results_path: str = "./benchmark_results.json"
+    store_results: bool = False
+
+
+class ExperimentConfig(DynamicYamlMixInForSettings):
+    """The configuration of build_and_run_ad; `args` is the full LlmArgs."""
+
+    model: str | None = Field(default=None, description="Copied into args.model; None: the bundled SmolLM2.")
+    args: LlmArgs = Field(default_factory=dict)  # type: ignore[arg-type]  # built by _build_args
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    dry_run: bool = Field(default=False, description="Print the resolved configuration and exit.")
+
+    @field_validator("args", mode="before")
+    @classmethod
+    def _build_args(cls, value: Any) -> Any:
+        # The outer YAML's `args:` section, environment and command line reach LlmArgs as init
+        # kwargs, so they beat its own yaml_extra files; their labels travel with them.
+        if isinstance(value, LlmArgs) or not isinstance(value, dict):
+            return value
+        res = active_resolution(cls)
+        origins = res.combined().subtree(("args",)) if res else None
+        return LlmArgs.build(value, init_origins=origins, read_env=False)
+
+    @model_validator(mode="after")
+    def _derive(self) -> "ExperimentConfig":
+        res = active_resolution(type(self))
+        origins = res.combined() if res else None
+
+        def note(path: tuple[str, ...], label: str) -> None:
+            if res is not None:
+                res.derived.set(path, label)
+                # args' own origin map is merged in after validation; keep it in step.
+                self.args.origin_map.set(path[1:], label)
+
+        if self.model is not None:
+            if self.args.model != self.model:
+                self.args.model = self.model
+                note(("args", "model"), f"copied from model <- {origins.get(('model',)) if origins else '?'}")
+        elif self.args.model is not None:
+            self.model = self.args.model
+
+        raises = [(self.prompt.batch_size, "prompt.batch_size")]
+        if self.benchmark.enabled:
+            raises.append((self.benchmark.bs, "benchmark.bs"))
+        for size, why in raises:
+            if size > self.args.max_batch_size:
+                self.args.max_batch_size = size
+                note(("args", "max_batch_size"), f"raised to {why}")
+        if self.benchmark.enabled:
+            need = self.benchmark.isl + self.benchmark.osl
+            if need > self.args.max_seq_len:
+                self.args.max_seq_len = need
+                note(("args", "max_seq_len"), "raised to benchmark.isl + benchmark.osl")
+        self.args.check_limits()
+        return self

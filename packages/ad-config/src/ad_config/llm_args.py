@@ -1,0 +1,162 @@
+"""AutoDeployConfig (what the compiler pipeline needs) and LlmArgs (plus runtime options)."""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from .dynamic_yaml import DynamicYamlMixInForSettings, active_resolution
+from .error_format import FieldErrors, explain
+from .errors import ConfigError
+from .merge import Path
+from .transform_config import (
+    CompileBackend,
+    KernelBackend,
+    TransformConfig,
+    parse_transforms,
+    transform_config_class,
+)
+from .yaml_files import BUILTIN_DEFAULT_YAML
+
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+
+# Shortcut field -> (transform, key) it mirrors.
+SHORTCUTS: dict[str, tuple[str, str]] = {
+    "attn_backend": ("insert_cached_attention", "backend"),
+    "compile_backend": ("compile_model", "backend"),
+    "free_mem_ratio": ("resize_kv_cache", "free_mem_ratio"),
+    "cuda_graph_batch_sizes": ("compile_model", "cuda_graph_batch_sizes"),
+}
+
+
+class AutoDeployConfig(DynamicYamlMixInForSettings):
+    """Everything the compile pipeline (model factory + transforms) needs; defaults from default.yaml."""
+
+    yaml_default: str | None = str(BUILTIN_DEFAULT_YAML)
+
+    # ---- model -------------------------------------------------------------------------------
+    model: str | None = Field(
+        default=None, description="Hub id, local folder or GGUF file; None: the bundled SmolLM2-135M-Instruct."
+    )
+    model_factory: str = Field(default="AutoModelForCausalLM", description="Registered model factory name.")
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the model config; nested sub-configs merge."
+    )
+    skip_loading_weights: bool = Field(default=False, description="Random weights instead of the checkpoint.")
+    tokenizer: str | None = Field(default=None, description="Tokenizer to load; None: the model's.")
+    tokenizer_kwargs: dict[str, Any] = Field(default_factory=dict)
+    skip_tokenizer_init: bool = False
+
+    # ---- placement -----------------------------------------------------------------------------
+    world_size: int = Field(default=1, ge=1, description="Number of ranks (one process per GPU).")
+    # Resolved by the runtime (cuda if available, else cpu): this package never imports torch.
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    dtype: Dtype = Field(default="auto", description="auto: the checkpoint's dtype.")
+    kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16", "fp8"] = "auto"
+    mode: Literal["graph", "transformers"] = Field(
+        default="graph", description="graph: export and optimize; transformers: run the HF model as is."
+    )
+
+    # ---- pipeline ------------------------------------------------------------------------------
+    transforms: dict[str, SerializeAsAny[TransformConfig]] = Field(
+        default_factory=dict, description="Transform name -> its config; defaults from default.yaml."
+    )
+    # Shortcuts: None means 'not set here' and is replaced by the transform's value after validation.
+    attn_backend: KernelBackend | None = None
+    compile_backend: CompileBackend | None = None
+    free_mem_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+    cuda_graph_batch_sizes: list[int] | None = None
+
+    # ---- sequence limits -----------------------------------------------------------------------
+    attn_page_size: int = Field(default=64, gt=0, description="Tokens per KV-cache page.")
+    max_input_len: int | None = Field(default=None, gt=0, description="Longest prompt; None: max_seq_len.")
+    max_num_tokens: int | None = Field(
+        default=None, gt=0, description="Most tokens in one forward pass; None: max_batch_size * max_seq_len."
+    )
+    max_seq_len: int = Field(default=512, gt=0)
+    max_batch_size: int = Field(default=8, gt=0)
+    enable_chunked_prefill: bool = False
+
+    @field_validator("transforms", mode="before")
+    @classmethod
+    def _parse_transforms(cls, value: Any) -> dict[str, TransformConfig]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping of transform name to its settings")
+        out: dict[str, TransformConfig] = {}
+        problems: list[tuple[Path, str]] = []
+        for name, cfg in value.items():
+            try:
+                out.update(parse_transforms({name: cfg}))
+            except ConfigError as e:
+                problems.append(((name,), str(e)))
+            except ValidationError as e:
+                model = transform_config_class(name)
+                for err in e.errors():
+                    loc = tuple(err["loc"])
+                    problems.append(((name,) + loc, explain(err, model, loc)))
+        if problems:
+            raise FieldErrors(problems)
+        return out
+
+    @model_validator(mode="after")
+    def _sync_shortcuts(self) -> "AutoDeployConfig":
+        res = active_resolution(type(self))
+        origins = res.combined() if res else None
+        for short, (name, key) in SHORTCUTS.items():
+            value = getattr(self, short)
+            cfg = self.transforms.get(name)
+            if value is not None:
+                # An explicitly set shortcut wins and is written into the transform config.
+                if cfg is None:
+                    cfg = self.transforms[name] = transform_config_class(name)()
+                try:
+                    setattr(cfg, key, value)
+                except ValidationError as e:
+                    raise ValueError(f"{short}: {e.errors()[0]['msg']}") from None
+                # Report the transform's normalised value (e.g. sorted batch sizes).
+                setattr(self, short, getattr(cfg, key))
+                if res is not None:
+                    res.derived.set(("transforms", name, key), f"shortcut {short} <- {origins.get((short,))}")
+            elif cfg is not None:
+                setattr(self, short, getattr(cfg, key))
+                src = origins.get(("transforms", name, key)) if origins else None
+                if res is not None and src is not None:
+                    res.derived.set((short,), f"transforms.{name}.{key} <- {src}")
+        self.check_limits()
+        return self
+
+    def check_limits(self) -> None:
+        """Cross-field rules; call again after changing limits in place."""
+        if self.max_input_len is not None and self.max_input_len > self.max_seq_len:
+            raise ValueError(f"max_input_len ({self.max_input_len}) exceeds max_seq_len ({self.max_seq_len})")
+
+
+class SamplingDefaults(BaseModel):
+    """Sampling parameters used where a request does not give its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(default=100, gt=0)
+    temperature: float = Field(default=1.0, ge=0.0, description="0: greedy.")
+    top_k: int | None = Field(default=None, gt=0, description="None: no top-k cut.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+class KvCacheConfig(BaseModel):
+    """Bounds on the paged KV cache beyond what resize_kv_cache measures."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int | None = Field(
+        default=None, gt=0, description="Upper bound on cached tokens; None: as many as free_mem_ratio allows."
+    )
+
+
+class LlmArgs(AutoDeployConfig):
+    """Every option of the `LLM(...)` API: the pipeline's AutoDeployConfig plus runtime options."""
+
+    seed: int = Field(default=0, description="Seed of the random sampler (and of random weights).")
+    trust_remote_code: bool = False
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    kv_cache_config: KvCacheConfig = Field(default_factory=KvCacheConfig)
