@@ -1,0 +1,134 @@
+"""Canonical routed-experts ops: `auto_deploy::torch_moe` (reference) and `torch_moe_fused` (grouped GEMMs)."""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"torch_moe: unknown act_fn {name!r}; known: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def _sort_by_expert(selected_experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-slot indices (into the flattened [T*k]) grouped by expert, and the slot count per expert."""
+    flat = selected_experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    # Ids outside [0, E) (experts owned by another rank) land in no bin and are never computed.
+    valid = (flat >= 0) & (flat < num_experts)
+    counts = torch.bincount(flat[valid], minlength=num_experts)[:num_experts]
+    return order, counts
+
+
+@torch.library.custom_op("auto_deploy::torch_moe", mutates_args=())
+def torch_moe(
+    x: torch.Tensor,
+    selected_experts: torch.Tensor,
+    routing_weights: torch.Tensor,
+    gate_up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    act_fn: str = "silu",
+) -> torch.Tensor:
+    """out[t] = sum_k w[t,k] * down_e(act(gate_e x[t]) * up_e x[t]), e = selected_experts[t,k].
+
+    x [T, H]; selected_experts [T, k]; routing_weights [T, k]; gate_up_weight [E, 2I, H] (gate rows first);
+    down_weight [E, H, I]. Loops over the experts that received tokens, like HF's eager experts.
+    """
+    act = get_activation(act_fn)
+    num_experts, top_k = gate_up_weight.shape[0], selected_experts.shape[-1]
+    out = torch.zeros_like(x)
+    order, counts = _sort_by_expert(selected_experts, num_experts)
+    flat_w = routing_weights.reshape(-1)
+    # Slots of out-of-range experts sort to the ends; skip the negative ones at the front.
+    start = int((selected_experts < 0).sum())
+    for e, c in enumerate(counts.tolist()):
+        if c == 0:
+            continue
+        slots = order[start : start + c]
+        start += c
+        tokens = slots // top_k
+        gate, up = F.linear(x[tokens], gate_up_weight[e]).chunk(2, dim=-1)
+        y = F.linear(act(gate) * up, down_weight[e]) * flat_w[slots, None]
+        out.index_add_(0, tokens, y.to(out.dtype))
+    return out
+
+
+@torch_moe.register_fake
+def _torch_moe_fake(
+    x: torch.Tensor,
+    selected_experts: torch.Tensor,
+    routing_weights: torch.Tensor,
+    gate_up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    act_fn: str = "silu",
+) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _grouped_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """a [M, K] rows grouped by expert, w [E, K, N] -> [M, N]; a per-expert loop where grouped_mm is missing."""
+    if hasattr(F, "grouped_mm"):
+        return F.grouped_mm(a, w, offs=offs)
+    if hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(a, w, offs=offs)
+    out = a.new_empty((a.shape[0], w.shape[-1]))
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        out[start:end] = a[start:end] @ w[e]
+        start = end
+    return out
+
+
+@torch.library.custom_op("auto_deploy::torch_moe_fused", mutates_args=())
+def torch_moe_fused(
+    x: torch.Tensor,
+    selected_experts: torch.Tensor,
+    routing_weights: torch.Tensor,
+    gate_up_weight_t: torch.Tensor,
+    down_weight_t: torch.Tensor,
+    act_fn: str = "silu",
+) -> torch.Tensor:
+    """Same maths as torch_moe, with weights pre-transposed: gate_up_weight_t [E, H, 2I], down_weight_t [E, I, H].
+
+    All token slots are gathered in expert order once and each projection is one grouped GEMM.
+    """
+    act = get_activation(act_fn)
+    num_tokens, top_k = selected_experts.shape
+    num_experts = gate_up_weight_t.shape[0]
+    flat = selected_experts.reshape(-1)
+    order, counts = _sort_by_expert(selected_experts, num_experts)
+    n_neg = int((flat < 0).sum())
+    n_valid = int(counts.sum())
+    slots = order[n_neg : n_neg + n_valid]
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    xs = x[slots // top_k].to(gate_up_weight_t.dtype)
+    gate, up = _grouped_mm(xs, gate_up_weight_t, offs).chunk(2, dim=-1)
+    y = _grouped_mm(act(gate) * up, down_weight_t, offs)
+    y = y * routing_weights.reshape(-1)[slots, None]
+    # Back to slot order, then sum the k contributions of each token.
+    per_slot = y.new_zeros((num_tokens * top_k, y.shape[-1]))
+    per_slot[slots] = y
+    return per_slot.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
+
+
+@torch_moe_fused.register_fake
+def _torch_moe_fused_fake(
+    x: torch.Tensor,
+    selected_experts: torch.Tensor,
+    routing_weights: torch.Tensor,
+    gate_up_weight_t: torch.Tensor,
+    down_weight_t: torch.Tensor,
+    act_fn: str = "silu",
+) -> torch.Tensor:
+    return torch.empty_like(x)
