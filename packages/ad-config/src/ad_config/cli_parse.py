@@ -1,7 +1,8 @@
 """The dot-notation command line (`--args.world-size=2`, `--yaml-extra a.yaml b.yaml`) into init kwargs."""
 
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -104,6 +105,8 @@ def _get(data: dict, path: Path, default: Any) -> Any:
 
 def _type_name(annotation: Any) -> str:
     ann = unwrap(annotation)
+    if typing.get_origin(ann) is Literal:
+        return "|".join(str(a) for a in typing.get_args(ann))
     return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
 
 

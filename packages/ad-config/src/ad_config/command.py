@@ -54,7 +54,8 @@ class _Dumper(yaml.SafeDumper):
 
 
 def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
-    flow = all(not isinstance(x, (dict, list)) for x in data)
+    # Short lists of scalars stay on one line; long ones (queries) get a line per item.
+    flow = all(not isinstance(x, (dict, list)) for x in data) and len(repr(data)) <= 80
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
 
@@ -97,14 +98,19 @@ def run_command(
     """
     argv = sys.argv[1:] if argv is None else argv
     try:
-        config, options = parse_command_line(argv)
+        parsed = parse_argv(argv, ExperimentConfig)
+        options = parsed.options
+        # Logging first, so warnings met while resolving (e.g. unknown AD_ variables) are shown.
+        logging.basicConfig(
+            level=options.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+        )
+        if options.help:
+            sys.stdout.write(_usage(prog))
+            return 0
+        config = ExperimentConfig.build(parsed.values, init_origins=parsed.origins)
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=options.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    if options.help:
-        sys.stdout.write(_usage(prog))
-        return 0
     if run is None or config.dry_run:
         sys.stdout.write(render_origins(config) if options.show_origin else render_yaml(config))
         return 0

@@ -98,13 +98,23 @@ class _EnvSource(PydanticBaseSettingsSource):
             parts = var[len(prefix) :].lower().split(delimiter)
             target = self._forward(parts[0])
             if target is None:
-                hint = closest_name(parts[0], list(self.settings_cls.model_fields))
+                hint = closest_name(parts[0], _all_names(self.settings_cls))
                 log.warning("ignoring %s: no field %r%s", var, parts[0], f" (did you mean {hint!r}?)" if hint else "")
                 continue
             path, ann = resolve(self.settings_cls, target + parts[1:], f"environment {var}")
             set_path(data, path, type_value(ann, [os.environ[var]], f"environment {var}"))
             self.resolution.env.update(label_layer(_nest(path, data), lambda _p, v=var: f"environment {v}"))
         return data
+
+
+def _all_names(cls: type[BaseSettings]) -> list[str]:
+    """Field names of `cls` and of its nested settings fields (the names an AD_ variable may use)."""
+    names = list(cls.model_fields)
+    for info in cls.model_fields.values():
+        ann = unwrap(info.annotation)
+        if is_model(ann) and issubclass(ann, DynamicYamlMixInForSettings):
+            names += list(ann.model_fields)
+    return names
 
 
 def _nest(path: Path, data: dict) -> dict:

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from .errors import ConfigError
 from .merge import Path
-from .transform_config import TRANSFORM_CONFIGS, TransformConfig, closest_name
+from .transform_config import TRANSFORM_CONFIGS, closest_name
 
 FREE_FORM = object()  # marker: the path leads into a free-form dictionary
 
@@ -86,7 +86,7 @@ def model_at(model: type[BaseModel], path: Path) -> type[BaseModel] | None:
         ann = unwrap(field.annotation)
         if is_model(ann):
             current = ann
-        elif str(key) == "transforms" and issubclass(current, BaseModel) and _holds_transforms(ann):
+        elif str(key) == "transforms" and is_mapping(ann):
             if not rest:
                 return None
             cls = TRANSFORM_CONFIGS.get(str(rest.pop(0)))
@@ -96,13 +96,6 @@ def model_at(model: type[BaseModel], path: Path) -> type[BaseModel] | None:
         else:
             return None
     return current
-
-
-def _holds_transforms(ann: Any) -> bool:
-    args = typing.get_args(unwrap(ann))
-    return len(args) == 2 and TransformConfig in [unwrap(a) for a in args] or any(
-        isinstance(unwrap(a), type) and issubclass(unwrap(a), TransformConfig) for a in args
-    )
 
 
 def resolve(model: type[BaseModel], parts: list[str], spelled: str) -> tuple[Path, Any]:
@@ -119,7 +112,9 @@ def resolve(model: type[BaseModel], parts: list[str], spelled: str) -> tuple[Pat
         if field is None:
             hint = closest_name(name, field_names(current))
             where = f" in {'.'.join(path)}" if path else ""
-            extra = f" (did you mean {'.'.join(path + [hint]).replace('_', '-')!r}?)" if hint else ""
+            if hint and spelled.startswith("--"):
+                hint = "--" + ".".join(path + [hint]).replace("_", "-")
+            extra = f" (did you mean {hint!r}?)" if hint else ""
             raise ConfigError(f"{spelled}: unknown option {name!r}{where}{extra}")
         path.append(name)
         ann = field.annotation
