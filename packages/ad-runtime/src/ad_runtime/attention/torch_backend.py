@@ -1,0 +1,150 @@
+"""Reference paged cached attention in plain torch (`auto_deploy::torch_cached_attention`), CPU and GPU."""
+
+import math
+
+import torch
+
+from .descriptor import AttentionDescriptor
+from .registry import AttentionRegistry
+
+
+def _storage(cache: torch.Tensor) -> torch.Tensor:
+    # Indexing kernels are missing for 1-byte float types (fp8); move their bytes as uint8 instead.
+    return cache.view(torch.uint8) if cache.dtype.itemsize == 1 and cache.dtype.is_floating_point else cache
+
+
+def _write(cache: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
+    """Store new [T, n_kv, d] at flat slots of a [pages, page_size, n_kv, d] cache."""
+    flat = _storage(cache).view(-1, *cache.shape[2:])
+    flat.index_copy_(0, slots, _storage(new.to(cache.dtype)))
+
+
+def _gather(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """Pages [..., P] of the cache as [..., P * page_size, n_kv, d] in the cache dtype."""
+    g = _storage(cache)[pages].view(cache.dtype)
+    return g.reshape(*pages.shape[:-1], -1, *cache.shape[2:])
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    kv_len: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+    sinks: torch.Tensor | None,
+    logit_cap: float | None,
+) -> torch.Tensor:
+    """q [B, s, n, d] at absolute positions q_pos [B, s] over keys k/v [B, S, n_kv, d] (key j at position j,
+    the first kv_len [B] valid). Returns [B, s, n, d_v] in q's dtype."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    n_rep = q.shape[2] // k.shape[2]
+    qh = q.transpose(1, 2).to(acc)  # [B, n, s, d]
+    kh = k.transpose(1, 2).to(acc).repeat_interleave(n_rep, dim=1)  # [B, n, S, d]
+    vh = v.transpose(1, 2).to(acc).repeat_interleave(n_rep, dim=1)
+    scores = torch.matmul(qh, kh.transpose(-2, -1)) * scale  # [B, n, s, S]
+    if logit_cap is not None:
+        scores = logit_cap * torch.tanh(scores / logit_cap)
+    j = torch.arange(k.shape[1], device=q.device)
+    qp = q_pos.to(torch.int64)[:, :, None]  # [B, s, 1]
+    allowed = (j <= qp) & (j < kv_len.to(torch.int64)[:, None, None])
+    if sliding_window is not None:
+        allowed &= j > qp - sliding_window
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    if sinks is not None:
+        # gpt-oss sinks: one extra logit per head in the softmax denominator, dropped afterwards.
+        sink = sinks.to(acc).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, vh).transpose(1, 2).to(q.dtype)
+
+
+@torch.library.custom_op("auto_deploy::torch_cached_attention", mutates_args=("k_cache", "v_cache"))
+def torch_cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch_info_host: torch.Tensor,
+    seq_len_host: torch.Tensor,
+    input_pos_host: torch.Tensor,
+    input_pos: torch.Tensor,
+    page_table: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    sinks: torch.Tensor | None,
+    scale: float | None,
+    sliding_window: int | None,
+    logit_cap: float | None,
+) -> torch.Tensor:
+    """Write the step's k/v into the paged cache, then attend over it: q [1, T, n, d] -> [1, T, n, d_v]."""
+    t = q.shape[1]
+    _write(k_cache, slot_mapping[:t], k[0])
+    _write(v_cache, slot_mapping[:t], v[0])
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    window = sliding_window if sliding_window is not None and sliding_window > 0 else None
+    num_prefill, num_prefill_tokens, num_decode = batch_info_host.tolist()
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    page_size = k_cache.shape[1]
+
+    # Prefill and chunked prefill: one sequence at a time, lengths read from host copies (no sync).
+    offset = 0
+    for i, (s, p0) in enumerate(zip(seq_len_host[:num_prefill].tolist(), input_pos_host[:num_prefill].tolist())):
+        total = p0 + s
+        pages = page_table[i, : -(-total // page_size)]
+        kc = _gather(k_cache, pages)[None, :total]
+        vc = _gather(v_cache, pages)[None, :total]
+        q_pos = torch.arange(p0, total, device=q.device)[None]
+        kv_len = torch.full((1,), total, device=q.device)
+        out[:, offset : offset + s] = _attend(q[:, offset : offset + s], kc, vc, q_pos, kv_len, scale, window, sinks,
+                                              logit_cap)
+        offset += s
+    assert offset == num_prefill_tokens, "batch_info_host disagrees with seq_len_host"
+
+    # Decode: all sequences at once over the full page-table width, so shapes never depend on the
+    # data and the step runs without a host sync (CUDA-graph safe). Unused entries (-1) are masked.
+    if num_decode > 0:
+        rows = slice(num_prefill, num_prefill + num_decode)
+        pages = page_table[rows].clamp(min=0)
+        kc, vc = _gather(k_cache, pages), _gather(v_cache, pages)  # [D, P * page_size, n_kv, d]
+        pos = input_pos[rows].to(torch.int64)
+        qd = q[0, offset : offset + num_decode, None]  # [D, 1, n, d]
+        out[0, offset : offset + num_decode] = _attend(qd, kc, vc, pos[:, None], pos + 1, scale, window, sinks,
+                                                       logit_cap)[:, 0]
+    return out
+
+
+@torch_cached_attention.register_fake
+def _torch_cached_attention_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch_info_host: torch.Tensor,
+    seq_len_host: torch.Tensor,
+    input_pos_host: torch.Tensor,
+    input_pos: torch.Tensor,
+    page_table: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    sinks: torch.Tensor | None,
+    scale: float | None,
+    sliding_window: int | None,
+    logit_cap: float | None,
+) -> torch.Tensor:
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@AttentionRegistry.register("torch")
+class TorchAttentionDescriptor(AttentionDescriptor):
+    """The reference backend: plain torch, any device; slow but the ground truth for the others."""
+
+    @classmethod
+    def cached_op(cls):
+        return torch.ops.auto_deploy.torch_cached_attention.default
+
+    @classmethod
+    def metadata_names(cls) -> tuple[str, ...]:
+        return ("batch_info_host", "seq_len_host", "input_pos_host", "input_pos", "page_table", "slot_mapping")
