@@ -1,0 +1,52 @@
+"""Custom ops `auto_deploy::triton_rmsnorm` and `auto_deploy::triton_rope_*` over the Triton kernels."""
+
+import torch
+
+from .triton import rmsnorm as _rmsnorm
+from .triton import rope as _rope
+
+# Kernels are reached through their modules (not imported names) so that switching Triton to its
+# interpreter, which reloads those modules, takes effect here too.
+
+
+@torch.library.custom_op("auto_deploy::triton_rmsnorm", mutates_args=())
+def triton_rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Same contract as auto_deploy::torch_rmsnorm."""
+    return _rmsnorm.rmsnorm(input, weight, eps)
+
+
+@triton_rmsnorm.register_fake
+def _triton_rmsnorm_fake(input: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return input.new_empty(input.shape, dtype=torch.result_type(weight, input))
+
+
+@torch.library.custom_op("auto_deploy::triton_rope_with_explicit_cos_sin", mutates_args=())
+def triton_rope_with_explicit_cos_sin(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as auto_deploy::torch_rope_with_explicit_cos_sin."""
+    return _rope.rope_with_explicit_cos_sin(q, k, cos, sin, unsqueeze_dim)
+
+
+@triton_rope_with_explicit_cos_sin.register_fake
+def _explicit_fake(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape, dtype=torch.result_type(q, cos)), k.new_empty(k.shape, dtype=torch.result_type(k, cos))
+
+
+@torch.library.custom_op("auto_deploy::triton_rope_with_cos_sin_cache", mutates_args=())
+def triton_rope_with_cos_sin_cache(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q/k [b, s, n, d] rotated at position_ids [b, s]; cos_sin_cache [max_pos, d] = [cos | sin] halves."""
+    return _rope.rope_with_cos_sin_cache(q, k, position_ids, cos_sin_cache)
+
+
+@triton_rope_with_cos_sin_cache.register_fake
+def _cache_fake(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
+        k, memory_format=torch.contiguous_format
+    )
