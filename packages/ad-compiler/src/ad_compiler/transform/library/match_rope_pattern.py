@@ -56,6 +56,25 @@ def set_fake_val(node: Node) -> None:
         pass
 
 
+def eliminate_dead_code(gm: GraphModule) -> None:
+    """DCE that also drops `_assert_tensor_metadata` checks on tensors nothing else uses any more.
+
+    Export leaves those asserts on every cast; as side-effecting nodes they would keep a replaced
+    subgraph alive.
+    """
+    def is_assert(n: Node) -> bool:
+        return is_op(n, aten._assert_tensor_metadata)
+
+    changed = True
+    while changed:
+        gm.graph.eliminate_dead_code()
+        changed = False
+        for n in list(gm.graph.nodes):
+            if is_assert(n) and isinstance(n.args[0], Node) and all(is_assert(u) for u in n.args[0].users):
+                gm.graph.erase_node(n)
+                changed = True
+
+
 def operands(node: Node, op: Any) -> tuple[Node, Node] | None:
     """The two tensor operands of a binary `op` node (mul/add/sub), or None."""
     if not is_op(node, op) or len(node.args) < 2 or node.kwargs.get("alpha", 1) != 1:
@@ -348,5 +367,5 @@ class MatchRopePattern(BaseTransform):
                 else:
                     _rewrite(gm, pair, before)
                     num += 1
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm)
         return gm, TransformInfo(num_matches=num)
