@@ -108,8 +108,10 @@ class AttentionDescriptor(ABC):
     @classmethod
     def cache_specs(cls, source_node: Node) -> dict[str, CacheSpec]:
         """Caches one layer needs, by name; default: paged k and v caches in the NHD page layout."""
-        q, k, v = (source_node.args[i].meta["val"] for i in range(3))
-        # bsnd: [b, s, n_kv, d]
+        args = source_op_args(source_node)
+        k, v = args["key"].meta["val"], args["value"].meta["val"]
+        if args.get("layout", "bnsd") == "bnsd":  # [b, n_kv, s, d] -> [b, s, n_kv, d]
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
         return {
             "k_cache": CacheSpec(n_kv_heads=k.shape[2], head_dim=k.shape[3], dtype=k.dtype),
             "v_cache": CacheSpec(n_kv_heads=v.shape[2], head_dim=v.shape[3], dtype=v.dtype),
@@ -127,12 +129,20 @@ class AttentionDescriptor(ABC):
         return None
 
 
+_SOURCE_ARG_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "sinks",
+                     "sliding_window", "logit_cap", "layout")
+
+
+def source_op_args(source_node: Node) -> dict[str, Any]:
+    """A torch_attention node's arguments by name (positional and keyword; absent ones omitted)."""
+    args = dict(zip(_SOURCE_ARG_NAMES, source_node.args))
+    args.update(source_node.kwargs)
+    return args
+
+
 def attention_constants(source_node: Node) -> AttentionConstants:
     """scale, sliding_window and logit_cap of a torch_attention node (args or kwargs, defaults None)."""
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "sinks", "sliding_window",
-             "logit_cap", "layout")
-    args = dict(zip(names, source_node.args))
-    args.update(source_node.kwargs)
+    args = source_op_args(source_node)
     window = args.get("sliding_window")
     # torch_attention treats a window <= 0 as "no window"; normalise so backends see None.
     window = window if window is not None and window > 0 else None
@@ -149,4 +159,5 @@ __all__ = [
     "HostPrepare",
     "PrepareMetadata",
     "attention_constants",
+    "source_op_args",
 ]

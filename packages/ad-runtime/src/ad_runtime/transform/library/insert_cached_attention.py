@@ -1,0 +1,115 @@
+"""insert_cached_attention: swap each torch_attention for the backend's paged cached op.
+
+Before:  out = torch_attention(q, k, v, None, 0.0, True, scale, sinks, window, cap, "bsnd")     # [b, s, n, d]
+After:   out = <backend>_cached_attention(q, k, v, *metadata, *prepared, k_cache_i, v_cache_i,
+                                          sinks, scale, window, cap)                           # [1, T, n, d]
+with new graph inputs for the metadata and the caches; the graph then runs on the flat [1, T] batch.
+"""
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+from ad_compiler.errors import CompileError
+from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
+from ad_compiler.utils.graph_utils import nodes_calling
+from torch.fx import GraphModule, Node
+from torch.fx.graph import _PyTreeCodeGen
+
+from ...attention import AttentionRegistry, resolve_attention_backend
+from ...attention.descriptor import attention_constants, source_op_args
+from ...kv_cache.interface import CachedSequenceInterface
+
+
+def add_graph_inputs(gm: GraphModule, names: list[str]) -> list[Node]:
+    """Append keyword placeholders `names` to gm and keep its pytree calling convention in sync."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    existing = {n.target for n in placeholders}
+    clash = [n for n in names if n in existing]
+    if clash:
+        raise CompileError(f"graph already has inputs named {clash}")
+    new: list[Node] = []
+    anchor = placeholders[-1]
+    for name in names:
+        with gm.graph.inserting_after(anchor):
+            anchor = gm.graph.placeholder(name)
+        new.append(anchor)
+    codegen = gm.graph._codegen
+    if isinstance(codegen, _PyTreeCodeGen):
+        # torch.export's module takes (args, kwargs) through a pytree spec; we call it with keywords only.
+        all_names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        in_spec = pytree.tree_structure(((), dict.fromkeys(all_names, 0)))
+        codegen.pytree_info = codegen.pytree_info._replace(orig_args=all_names, in_spec=in_spec)
+        gm._in_spec = in_spec
+    gm.recompile()
+    return new
+
+
+def _check_supported(node: Node) -> str:
+    args = source_op_args(node)
+    if args.get("attn_mask") is not None:
+        raise CompileError(f"{node.name}: cached attention does not support an explicit attn_mask")
+    if args.get("dropout_p", 0.0) not in (0, 0.0):
+        raise CompileError(f"{node.name}: cached attention needs dropout_p == 0 (inference)")
+    if not args.get("is_causal", True):
+        raise CompileError(f"{node.name}: cached attention supports causal attention only")
+    return args.get("layout", "bnsd")
+
+
+def _transpose(gm: GraphModule, x: Any) -> Node:
+    return gm.graph.call_function(torch.ops.aten.transpose.int, (x, 1, 2))
+
+
+@TransformRegistry.register("insert_cached_attention")
+class InsertCachedAttention(BaseTransform):
+    def _apply(
+        self, mod: nn.Module, cm: Any, factory: Any, shared_config: SharedConfig
+    ) -> tuple[nn.Module, TransformInfo]:
+        if not isinstance(cm, CachedSequenceInterface):
+            raise CompileError("insert_cached_attention needs the runtime's CachedSequenceInterface (cm)")
+        if not isinstance(mod, GraphModule):
+            raise CompileError("insert_cached_attention needs an exported GraphModule")
+        gm = mod
+        desc = AttentionRegistry.get(resolve_attention_backend(self.config.backend, cm.device))
+        sources = nodes_calling(gm, desc.source_op())
+        if not sources:
+            return gm, TransformInfo(skipped=True, reason="no torch_attention in the graph")
+        layouts = [_check_supported(n) for n in sources]
+
+        meta = dict(zip(desc.metadata_names(), add_graph_inputs(gm, list(desc.metadata_names()))))
+        for name in desc.metadata_names():
+            cm.add_metadata(name)
+        cm.add_attention_backend(desc)
+        prepared: list[Node] = []
+        prep = desc.prepare_metadata()
+        if prep is not None:
+            with gm.graph.inserting_after(list(meta.values())[-1]):
+                call = gm.graph.call_function(prep.op, tuple(meta[a] for a in prep.arg_names))
+            with gm.graph.inserting_after(call):
+                prepared = [gm.graph.call_function(operator.getitem, (call, i)) for i in range(prep.num_outputs)]
+
+        for layer, (node, layout) in enumerate(zip(sources, layouts)):
+            specs = desc.cache_specs(node)
+            names = [f"{name}_{layer}" for name in specs]
+            for name, spec in zip(names, specs.values()):
+                cm.add_cache(name, spec)
+            caches = add_graph_inputs(gm, names)
+            args = source_op_args(node)
+            consts = attention_constants(node)
+            with gm.graph.inserting_before(node):
+                q, k, v = args["query"], args["key"], args["value"]
+                if layout == "bnsd":
+                    q, k, v = (_transpose(gm, x) for x in (q, k, v))
+                out = gm.graph.call_function(
+                    desc.cached_op(),
+                    (q, k, v, *meta.values(), *prepared, *caches, args.get("sinks"), consts.scale,
+                     consts.sliding_window, consts.logit_cap),
+                )
+                if layout == "bnsd":
+                    out = _transpose(gm, out)
+            node.replace_all_uses_with(out)
+            gm.graph.erase_node(node)
+        gm.recompile()
+        return gm, TransformInfo(num_matches=len(sources))
