@@ -1,5 +1,8 @@
 """Test-session setup: skip GPU tests cleanly where there is no GPU."""
 
+import os
+import sys
+
 import pytest
 
 
@@ -20,3 +23,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason="needs two or more CUDA GPUs"))
             elif n < 1:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+# Triton fixes compiled-vs-interpreted when triton.language is first imported, and without a GPU only
+# its CPU interpreter can run kernels; choose it before any test module imports triton.
+if "triton" not in sys.modules and _cuda_count() == 0:
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -33,68 +33,52 @@ def _softcap_log2(s, cap, SOFT_CAP: tl.constexpr):
 
 @triton.jit
 def _write_kv_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, batch_idx_ptr, pos_ptr, page_table_ptr,
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     s_kt, s_kh, s_vt, s_vh,
     s_cp, s_cs, s_ch, s_vp, s_vs, s_vch,
-    s_pt,
     N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0)
-    b = tl.load(batch_idx_ptr + t)
-    pos = tl.load(pos_ptr + t)
-    page = tl.load(page_table_ptr + b * s_pt + pos // PAGE_SIZE).to(tl.int64)
-    slot = pos % PAGE_SIZE
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    page = slot // PAGE_SIZE
+    off = slot % PAGE_SIZE
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_h[:, None] < N_KV) & (offs_d[None, :] < HEAD_DIM)
     t64 = t.to(tl.int64)
     k = tl.load(k_ptr + t64 * s_kt + offs_h[:, None] * s_kh + offs_d[None, :], mask=mask)
     v = tl.load(v_ptr + t64 * s_vt + offs_h[:, None] * s_vh + offs_d[None, :], mask=mask)
-    kc = k_cache_ptr + page * s_cp + slot * s_cs + offs_h[:, None] * s_ch + offs_d[None, :]
-    vc = v_cache_ptr + page * s_vp + slot * s_vs + offs_h[:, None] * s_vch + offs_d[None, :]
+    kc = k_cache_ptr + page * s_cp + off * s_cs + offs_h[:, None] * s_ch + offs_d[None, :]
+    vc = v_cache_ptr + page * s_vp + off * s_vs + offs_h[:, None] * s_vch + offs_d[None, :]
     tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def token_batch_positions(
-    cu_seqlen: torch.Tensor, input_pos: torch.Tensor, num_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence index and absolute position of each of the first `num_tokens` flattened tokens.
-
-    Pure device ops (no host sync), so it can run inside a captured CUDA graph.
-    """
-    t = torch.arange(num_tokens, device=cu_seqlen.device, dtype=torch.int32)
-    batch_idx = torch.searchsorted(cu_seqlen[1:].to(torch.int32), t, right=True).to(torch.int32)
-    batch_idx = batch_idx.clamp_(max=cu_seqlen.numel() - 2)
-    pos = input_pos.to(torch.int32)[batch_idx] + t - cu_seqlen.to(torch.int32)[batch_idx]
-    return batch_idx, pos
+def slot_mapping_for(
+    cu_seqlen: torch.Tensor, input_pos: torch.Tensor, page_table: torch.Tensor, page_size: int, num_tokens: int
+) -> torch.Tensor:
+    """int64 [T] flat cache slot (page * page_size + offset) of each new token; device ops only (no sync)."""
+    t = torch.arange(num_tokens, device=cu_seqlen.device, dtype=torch.int64)
+    cu = cu_seqlen.to(torch.int64)
+    b = torch.searchsorted(cu[1:], t, right=True).clamp_(max=cu.numel() - 2)
+    pos = input_pos.to(torch.int64)[b] + t - cu[b]
+    return page_table.to(torch.int64)[b, pos // page_size] * page_size + pos % page_size
 
 
 def write_paged_kv(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cu_seqlen: torch.Tensor,
-    input_pos: torch.Tensor,
-    page_table: torch.Tensor,
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Store new keys/values k, v [T, n_kv_heads, head_dim] of the step into the paged caches in place.
-
-    Token t of sequence b goes to position input_pos[b] + (t - cu_seqlen[b]) of that sequence.
-    """
+    """Store new keys/values k, v [T, n_kv_heads, head_dim] at flat slots slot_mapping [T] of the caches."""
     num_tokens, n_kv, head_dim = k.shape
     if num_tokens == 0:
         return
     assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    batch_idx, pos = token_batch_positions(cu_seqlen, input_pos, num_tokens)
     _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, batch_idx, pos, page_table,
+        k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        page_table.stride(0),
         N_KV=n_kv, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         BLOCK_H=triton.next_power_of_2(n_kv), BLOCK_D=triton.next_power_of_2(head_dim),
     )
