@@ -29,6 +29,7 @@ class _Request:
 
     init_origins: dict[Path, str] | None
     read_env: bool = True
+    prefix: Path = ()  # where this object sits in an outer configuration, for messages
 
 
 @dataclass
@@ -202,7 +203,7 @@ class DynamicYamlMixInForSettings(BaseSettings):
         try:
             super().__init__(**values)
         except ValidationError as e:
-            raise ConfigError(format_validation_error(e, type(self), resolution.combined())) from None
+            raise ConfigError(format_validation_error(e, type(self), resolution.combined(), request.prefix)) from None
         finally:
             _request.reset(req_token)
             _active.reset(res_token)
@@ -231,9 +232,19 @@ class DynamicYamlMixInForSettings(BaseSettings):
         )
 
     @classmethod
-    def build(cls, values: dict[str, Any], init_origins: dict[Path, str] | None = None, read_env: bool = True) -> Self:
-        """Construct with labelled init kwargs (`init_origins`: leaf path -> where it came from)."""
-        token = _request.set(_Request(init_origins, read_env))
+    def build(
+        cls,
+        values: dict[str, Any],
+        init_origins: dict[Path, str] | None = None,
+        read_env: bool = True,
+        prefix: Path = (),
+    ) -> Self:
+        """Construct with labelled init kwargs (`init_origins`: leaf path -> where it came from).
+
+        `read_env=False` when an outer settings object already read the environment for this one;
+        `prefix` is this object's key path in the outer configuration, used in error messages.
+        """
+        token = _request.set(_Request(init_origins, read_env, prefix))
         try:
             return cls(**values)
         finally:

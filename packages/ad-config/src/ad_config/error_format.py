@@ -35,9 +35,9 @@ def _clean_loc(loc: tuple) -> Path:
     return tuple(p for p in loc if isinstance(p, int) or ("[" not in p and p not in ("str", "int", "list", "dict")))
 
 
-def _one_line(path: Path, reason: str, value: Any, origins: OriginMap, has_value: bool) -> str:
+def _one_line(path: Path, reason: str, value: Any, origins: OriginMap, has_value: bool, prefix: Path) -> str:
     origin = origins.get(tuple(p for p in path if not isinstance(p, int))) if path else None
-    parts = [f"{dotted(path)}: {reason}" if path else reason]
+    parts = [f"{dotted(prefix + path)}: {reason}" if path else reason]
     if has_value and not isinstance(value, (dict, BaseModel)):
         parts.append(f"(got {value!r}" + (f" from {origin})" if origin else ")"))
     elif origin:
@@ -45,20 +45,25 @@ def _one_line(path: Path, reason: str, value: Any, origins: OriginMap, has_value
     return " ".join(parts)
 
 
-def format_validation_error(error: ValidationError, model: type[BaseModel], origins: OriginMap) -> str:
-    """At most two lines: the first problem, then how many more there are and where."""
+def format_validation_error(
+    error: ValidationError, model: type[BaseModel], origins: OriginMap, prefix: Path = ()
+) -> str:
+    """At most two lines: the first problem, then how many more there are and where.
+
+    `prefix` is where `model` sits in the user's configuration (('args',) for LlmArgs in an experiment).
+    """
     lines: list[str] = []
     for err in error.errors():
         loc = _clean_loc(tuple(err["loc"]))
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, FieldErrors):
-            lines += [_one_line(loc + p, r, None, origins, False) for p, r in cause.items]
+            lines += [_one_line(loc + p, r, None, origins, False, prefix) for p, r in cause.items]
         elif isinstance(cause, ConfigError):
             # Already phrased by a nested settings object (it knew its own sources).
             lines.append(str(cause))
         else:
             has_value = err["type"] not in ("missing",)
-            lines.append(_one_line(loc, explain(err, model, loc), err.get("input"), origins, has_value))
+            lines.append(_one_line(loc, explain(err, model, loc), err.get("input"), origins, has_value, prefix))
     lines = list(dict.fromkeys(lines))
     if len(lines) > 1:
         return f"{lines[0]}\n  (and {len(lines) - 1} more: {'; '.join(lines[1:3])}{' ...' if len(lines) > 3 else ''})"

@@ -91,7 +91,7 @@ class ExperimentConfig(DynamicYamlMixInForSettings):
             return value
         res = active_resolution(cls)
         origins = res.combined().subtree(("args",)) if res else None
-        return LlmArgs.build(value, init_origins=origins, read_env=False)
+        return LlmArgs.build(value, init_origins=origins, read_env=False, prefix=("args",))
 
     @model_validator(mode="after")
     def _derive(self) -> "ExperimentConfig":
