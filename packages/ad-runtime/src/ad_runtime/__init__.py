@@ -1,1 +1,6 @@
-"""ad_runtime package."""
+"""ad_runtime: paged KV cache, attention and compile backends; importing it registers its transforms."""
+
+import ad_compiler.custom_ops  # noqa: F401 - the canonical ops our backends replace
+
+from . import transform as _transform  # noqa: F401
+from .transform import library as _library  # noqa: F401 - registers cache_init / compile transforms
