@@ -1,0 +1,124 @@
+"""Fill a (possibly sharded) module's meta parameters from safetensors files, or randomly, through load hooks."""
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from ..errors import CompileError
+
+logger = logging.getLogger(__name__)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    # Only floating tensors follow the model dtype; integer/quantised payloads keep theirs.
+    return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
+
+
+def _add_tied(sd: dict[str, torch.Tensor], tied: dict[str, str], expected: set[str]) -> None:
+    """Give tied targets (lm_head.weight) the source tensor when the file holds only the source."""
+    for target, source in tied.items():
+        if source in sd and target not in sd and target in expected:
+            sd[target] = sd[source]
+
+
+def _finish(model: nn.Module, device: torch.device) -> None:
+    """Move buffers (computed at build time, not in checkpoints) to `device`; no tensor may stay on meta."""
+    for mod_name, mod in model.named_modules():
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None and buf.device != device and buf.device.type != "meta":
+                mod._buffers[name] = buf.to(device)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+        raise CompileError(f"no value for {len(left)} tensors after loading: {shown}")
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise CompileError(f"no *.safetensors checkpoint in {folder} (other formats are not supported)")
+    return files
+
+
+def load_checkpoint_into(
+    model: nn.Module,
+    folder: Path,
+    device: str | torch.device,
+    dtype: torch.dtype | None = None,
+    tied: dict[str, str] | None = None,
+) -> None:
+    """Load every safetensors file of `folder` straight onto `device`, one file at a time.
+
+    Goes through `model.load_state_dict(strict=False, assign=True)` so load_state_dict pre-hooks (the
+    sharding executor's) see full checkpoint tensors and can slice them; assign keeps the hooks' result
+    instead of copying into meta parameters.
+    """
+    from safetensors.torch import load_file
+
+    device = torch.device(device)
+    tied = tied or {}
+    expected = set(model.state_dict().keys())
+    loaded: set[str] = set()
+    unexpected: set[str] = set()
+    for path in tqdm(checkpoint_files(folder), desc="Loading weights", unit="file", disable=None):
+        sd = {k: _cast(v, dtype) for k, v in load_file(str(path), device=str(device)).items()}
+        _add_tied(sd, tied, expected)
+        result = model.load_state_dict(sd, strict=False, assign=True)
+        loaded |= set(sd) & expected
+        unexpected |= set(result.unexpected_keys)
+        del sd
+    missing = sorted(expected - loaded)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CompileError(f"checkpoint {folder} lacks {len(missing)} weights of the model: {shown}")
+    if unexpected:
+        # Normal when model_kwargs shrink the model (e.g. fewer layers); worth a line, not an error.
+        logger.warning("ignored %d checkpoint tensors the model does not use (e.g. %s)", len(unexpected), min(unexpected))
+    _finish(model, device)
+
+
+def random_state_dict(
+    reference: dict[str, torch.Tensor], dtype: torch.dtype | None, seed: int, std: float
+) -> dict[str, torch.Tensor]:
+    """Full-size random tensors shaped like `reference`, identical for a given seed on every rank.
+
+    Drawn on the CPU in sorted key order with one generator, so values do not depend on the device.
+    1-D weights (norms) are ones, biases zeros, everything else normal(0, std).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for key in sorted(reference):
+        ref = reference[key]
+        dt = dtype if ref.is_floating_point() and dtype is not None else ref.dtype
+        if not ref.is_floating_point():
+            out[key] = torch.zeros(ref.shape, dtype=dt)
+        elif key.endswith("bias"):
+            out[key] = torch.zeros(ref.shape, dtype=dt)
+        elif ref.dim() == 1:
+            out[key] = torch.ones(ref.shape, dtype=dt)
+        else:
+            out[key] = (torch.randn(ref.shape, generator=gen, dtype=torch.float32) * std).to(dt)
+    return out
+
+
+def random_init(
+    model: nn.Module,
+    reference: dict[str, torch.Tensor],
+    device: str | torch.device,
+    dtype: torch.dtype | None,
+    seed: int,
+    std: float,
+    tied: dict[str, str] | None = None,
+) -> None:
+    """Random weights through the same load path as a checkpoint, so sharding hooks slice them alike."""
+    device = torch.device(device)
+    expected = set(model.state_dict().keys())
+    sd = {k: v.to(device) for k, v in random_state_dict(reference, dtype, seed, std).items()}
+    for target, source in (tied or {}).items():
+        if source in sd:
+            sd[target] = sd[source]
+    model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False, assign=True)
+    _finish(model, device)
