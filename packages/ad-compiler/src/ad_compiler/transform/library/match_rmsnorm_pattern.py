@@ -11,7 +11,7 @@ from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformReg
 from .match_rope_pattern import arg, eliminate_dead_code, operands, set_fake_val, static_shape, val
 
 aten = torch.ops.aten
-_CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout)
+_CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as)
 
 
 def _dtype(node: Node) -> torch.dtype | None:
@@ -108,7 +108,7 @@ class MatchRmsnormPattern(BaseTransform):
                 continue
             inp, w, eps = found
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(torch.ops.auto_deploy.torch_rmsnorm, (inp, w, eps))
+                new = gm.graph.call_function(torch.ops.auto_deploy.torch_rmsnorm.default, (inp, w, eps))
             set_fake_val(new)
             node.replace_all_uses_with(new)
             num += 1

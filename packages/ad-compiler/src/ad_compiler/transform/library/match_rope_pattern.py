@@ -190,7 +190,7 @@ def match_rotate_half(add: Node) -> RopeMatch | None:
             shape = static_shape(x)
             if not (_table_ok(cu[0], x, shape[-1]) and _table_ok(su[0], x, shape[-1])):
                 continue
-            return RopeMatch(add, x, (cu[0], su[0]), cu[1], torch.ops.auto_deploy.torch_rope_with_explicit_cos_sin)
+            return RopeMatch(add, x, (cu[0], su[0]), cu[1], torch.ops.auto_deploy.torch_rope_with_explicit_cos_sin.default)
     return None
 
 
@@ -243,11 +243,11 @@ def match_interleaved(cat: Node) -> RopeMatch | None:
     ct, st = _half_table(c1, d), _half_table(s1, d)
     if ct is None or st is None or ct[1] != st[1] or not (_table_ok(ct[0], x, d) and _table_ok(st[0], x, d)):
         return None
-    return RopeMatch(cat, x, (ct[0], st[0]), ct[1], torch.ops.auto_deploy.torch_rope_with_qk_interleaving)
+    return RopeMatch(cat, x, (ct[0], st[0]), ct[1], torch.ops.auto_deploy.torch_rope_with_qk_interleaving.default)
 
 
 def _is_cast(node: Node, dtype: torch.dtype | None = None) -> bool:
-    if not is_op(node, (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout)):
+    if not is_op(node, (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as)):
         return False
     v = val(node)
     return dtype is None or (isinstance(v, torch.Tensor) and v.dtype == dtype)
@@ -288,7 +288,7 @@ def match_complex(vr: Node) -> RopeMatch | None:
             out = flat
         else:
             continue
-        return RopeMatch(out, x, (f[0],), f[1], torch.ops.auto_deploy.torch_rope_with_complex_freqs)
+        return RopeMatch(out, x, (f[0],), f[1], torch.ops.auto_deploy.torch_rope_with_complex_freqs.default)
     return None
 
 
