@@ -1,0 +1,1 @@
+"""Sharding: plans as data (detect) and their application to a GraphModule (executor)."""

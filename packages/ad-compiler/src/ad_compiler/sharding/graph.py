@@ -1,0 +1,193 @@
+"""Graph facts the sharding heuristics need: linears and their module names, residual regions, attention."""
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import size_hint as hint_int
+
+from ..utils.graph_utils import get_attr_tensor, is_op
+
+aten = torch.ops.aten
+
+
+def is_linear(node: Node) -> bool:
+    return is_op(node, aten.linear)
+
+
+def param_target(node: Node | object) -> str | None:
+    """The attribute path a get_attr argument reads, else None."""
+    return node.target if isinstance(node, Node) and node.op == "get_attr" else None
+
+
+def linear_weight(node: Node) -> str | None:
+    return param_target(node.args[1])
+
+
+def linear_bias(node: Node) -> str | None:
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return param_target(bias)
+
+
+def module_name(node: Node) -> str:
+    """The owning module's path: from the weight's attribute path, else the innermost nn_module_stack entry."""
+    for arg in node.args:
+        target = param_target(arg)
+        if target is not None:
+            return target.rsplit(".", 1)[0]
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path = list(stack.values())[-1][0]
+        # export names stack entries like "L['self'].model.layers[0]"; keep the dotted form
+        return re.sub(r"\[(\d+)\]", r".\1", re.sub(r"^L\['self'\]\.?", "", str(path)))
+    return ""
+
+
+def in_numbered_layer(name: str) -> bool:
+    """True for modules inside a repeated block (`...layers.3...`): the ones a plan must cover."""
+    return any(part.isdigit() for part in name.split("."))
+
+
+def attention_nodes(nodes: list[Node]) -> list[Node]:
+    ops = [aten.scaled_dot_product_attention]
+    if hasattr(torch.ops, "auto_deploy") and hasattr(torch.ops.auto_deploy, "torch_attention"):
+        ops.append(torch.ops.auto_deploy.torch_attention)
+    return [n for n in nodes if is_op(n, ops)]
+
+
+def attention_heads(node: Node) -> tuple[int, int, int]:
+    """(query heads, kv heads, head_dim) of an attention node from its input shapes."""
+    q, k = node.args[0].meta["val"].shape, node.args[1].meta["val"].shape
+    layout = node.kwargs.get("layout", node.args[9] if len(node.args) > 9 else "bnsd")
+    head_axis = 2 if layout == "bsnd" else 1
+    return hint_int(q[head_axis]), hint_int(k[head_axis]), hint_int(q[-1])
+
+
+def shape_of(node: Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    return tuple(hint_int(s) for s in val.shape)
+
+
+def out_features(gm: GraphModule, lin: Node) -> int:
+    return get_attr_tensor(gm, linear_weight(lin)).shape[0]
+
+
+def _split_dim(node: Node) -> bool:
+    """True if a split/chunk node splits the last dim of its input."""
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    ndim = len(shape_of(node.args[0]) or ())
+    return dim == -1 or dim == ndim - 1
+
+
+def output_chunks(lin: Node, total: int) -> tuple[int, ...]:
+    """Chunk sizes when a linear's output is split right away (fused q/k/v or gate/up), else (total,)."""
+    for user in lin.users:
+        if not _split_dim(user) if is_op(user, [aten.split_with_sizes, aten.chunk, aten.split.Tensor]) else True:
+            continue
+        if is_op(user, aten.split_with_sizes):
+            sizes = tuple(int(s) for s in user.args[1])
+            if sum(sizes) == total:
+                return tuple(s for s in sizes if s)
+        elif is_op(user, aten.chunk) and total % int(user.args[1]) == 0:
+            n = int(user.args[1])
+            return (total // n,) * n
+        elif isinstance(user.args[1], int) and total % int(user.args[1]) == 0:
+            size = int(user.args[1])
+            return (size,) * (total // size)
+    return (total,)
+
+
+@dataclass
+class Region:
+    """The nodes between two consecutive residual-stream nodes (exclusive of both ends)."""
+
+    start: Node
+    end: Node
+    nodes: list[Node] = field(default_factory=list)
+
+    @property
+    def linears(self) -> list[Node]:
+        return [n for n in self.nodes if is_linear(n)]
+
+
+def _topo_index(gm: GraphModule) -> dict[Node, int]:
+    return {n: i for i, n in enumerate(gm.graph.nodes)}
+
+
+_CASTS = [aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy]
+
+
+def residual_stream(gm: GraphModule) -> list[Node]:
+    """Embedding output, then each add that takes the previous stream node and keeps its shape."""
+    index = _topo_index(gm)
+    emb = next((n for n in gm.graph.nodes if is_op(n, aten.embedding)), None)
+    if emb is None:
+        return []
+    stream = [emb]
+    while True:
+        cur = stream[-1]
+        # A no-op dtype cast (e.g. RMSNorm's .to(float32)) may stand in for the stream node itself.
+        aliases = [cur, *(u for u in cur.users if is_op(u, _CASTS) and shape_of(u) == shape_of(cur))]
+        adds = [
+            u
+            for a in aliases
+            for u in a.users
+            if is_op(u, aten.add.Tensor)
+            and all(isinstance(a, Node) for a in u.args[:2])
+            and shape_of(u) == shape_of(cur)
+        ]
+        if not adds:
+            return stream
+        stream.append(min(adds, key=index.__getitem__))
+
+
+def regions(gm: GraphModule) -> list[Region]:
+    """Nodes on a path from one stream node to the next, per layer half (attention, MLP, mixer)."""
+    index = _topo_index(gm)
+    stream = residual_stream(gm)
+    out = []
+    for start, end in zip(stream, stream[1:]):
+        lo, hi = index[start], index[end]
+        fwd: set[Node] = set()
+        todo = [start]
+        while todo:
+            for u in todo.pop().users:
+                if index[u] < hi and u not in fwd:
+                    fwd.add(u)
+                    todo.append(u)
+        back: set[Node] = set()
+        todo = [a for a in end.all_input_nodes if a is not start]
+        while todo:
+            n = todo.pop()
+            if n in back or index[n] <= lo:
+                continue
+            back.add(n)
+            todo.extend(n.all_input_nodes)
+        nodes = sorted(fwd & back, key=index.__getitem__)
+        out.append(Region(start, end, nodes))
+    return out
+
+
+def descendants(node: Node, within: set[Node]) -> set[Node]:
+    seen: set[Node] = set()
+    todo = [node]
+    while todo:
+        for u in todo.pop().users:
+            if u in within and u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def ancestors(node: Node, within: set[Node]) -> set[Node]:
+    seen: set[Node] = set()
+    todo = [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a in within and a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
