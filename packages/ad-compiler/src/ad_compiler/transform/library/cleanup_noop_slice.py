@@ -1,0 +1,34 @@
+"""cleanup_noop_slice (stage post_export): drop slices that take a whole dimension."""
+
+import sys
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ...utils.graph_utils import nodes_calling
+from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
+
+
+def _is_noop_slice(node: Node) -> bool:
+    args = list(node.args) + [None] * (5 - len(node.args))
+    _, _dim, start, end, step = args[:5]
+    start = node.kwargs.get("start", start)
+    end = node.kwargs.get("end", end)
+    step = node.kwargs.get("step", step)
+    # Only literal whole-range slices: end == INT64_MAX (Python `x[:, 0:]`) or omitted; symbolic ends may cut.
+    return start in (None, 0) and end in (None, sys.maxsize) and step in (None, 1)
+
+
+@TransformRegistry.register("cleanup_noop_slice")
+class CleanupNoopSlice(BaseTransform):
+    """Before: y = aten.slice(x, dim, 0, 9223372036854775807); z = f(y).  After: z = f(x)."""
+
+    def _apply(self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig) -> tuple[GraphModule, TransformInfo]:
+        count = 0
+        for node in nodes_calling(gm, torch.ops.aten.slice.Tensor):
+            if _is_noop_slice(node):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                count += 1
+        return gm, TransformInfo(num_matches=count)
