@@ -76,12 +76,20 @@ def _torch_moe_fake(
     return torch.empty_like(x)
 
 
+def _aligned(t: torch.Tensor) -> bool:
+    # grouped_mm needs 16-byte aligned strides and storage offsets (checked on CPU too).
+    n = 16 // t.element_size()
+    return t.storage_offset() % n == 0 and all(s % n == 0 for s in t.stride() if s != 1)
+
+
 def _grouped_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """a [M, K] rows grouped by expert, w [E, K, N] -> [M, N]; a per-expert loop where grouped_mm is missing."""
-    if hasattr(F, "grouped_mm"):
-        return F.grouped_mm(a, w, offs=offs)
-    if hasattr(torch, "_grouped_mm"):
-        return torch._grouped_mm(a, w, offs=offs)
+    """a [M, K] rows grouped by expert, w [E, K, N] -> [M, N]; a per-expert loop where grouped_mm can't run."""
+    a = a.contiguous()
+    if _aligned(a) and _aligned(w):
+        if hasattr(F, "grouped_mm"):
+            return F.grouped_mm(a, w, offs=offs)
+        if hasattr(torch, "_grouped_mm"):
+            return torch._grouped_mm(a, w, offs=offs)
     out = a.new_empty((a.shape[0], w.shape[-1]))
     start = 0
     for e, end in enumerate(offs.tolist()):

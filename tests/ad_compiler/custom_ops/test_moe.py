@@ -1,0 +1,81 @@
+"""torch_moe / torch_moe_fused against transformers' MixtralSparseMoeBlock, and export as one node."""
+
+import pytest
+import torch
+from conftest import count_calls, export_fn
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+ops = torch.ops.auto_deploy
+
+
+def _mixtral_block(impl: str = "eager") -> MixtralSparseMoeBlock:
+    cfg = MixtralConfig(hidden_size=32, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2)
+    cfg._experts_implementation = impl
+    block = MixtralSparseMoeBlock(cfg).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+    return block
+
+
+def _route(block: MixtralSparseMoeBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _, weights, experts = block.gate(x)
+    return experts, weights
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
+def test_matches_mixtral_block(impl):
+    block = _mixtral_block(impl)
+    x = torch.randn(3, 5, 32)
+    flat = x.view(-1, 32)
+    experts, weights = _route(block, flat)
+    out = ops.torch_moe(flat, experts, weights, block.experts.gate_up_proj, block.experts.down_proj)
+    torch.testing.assert_close(out.view_as(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_matches_reference():
+    block = _mixtral_block()
+    flat = torch.randn(40, 32)
+    experts, weights = _route(block, flat)
+    gu, dn = block.experts.gate_up_proj, block.experts.down_proj
+    ref = ops.torch_moe(flat, experts, weights, gu, dn)
+    fused = ops.torch_moe_fused(flat, experts, weights, gu.transpose(1, 2).contiguous(), dn.transpose(1, 2).contiguous())
+    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_experts_without_tokens_and_out_of_range_ids_are_skipped():
+    gu, dn = torch.randn(4, 8, 6), torch.randn(4, 6, 4)
+    x = torch.randn(3, 6)
+    # Expert 4 does not exist here (another rank's): its slot contributes nothing.
+    sel = torch.tensor([[0, 4], [0, 0], [2, 4]])
+    w = torch.rand(3, 2)
+    expected = torch.zeros(3, 6)
+    for t in range(3):
+        for j in range(2):
+            e = int(sel[t, j])
+            if e < 4:
+                g, u = (gu[e] @ x[t]).chunk(2)
+                expected[t] += w[t, j] * (dn[e] @ (torch.nn.functional.silu(g) * u))
+    torch.testing.assert_close(ops.torch_moe(x, sel, w, gu, dn), expected)
+    torch.testing.assert_close(ops.torch_moe_fused(x, sel, w, gu.transpose(1, 2), dn.transpose(1, 2)), expected)
+
+
+def test_unknown_activation_raises():
+    with pytest.raises(ValueError, match="act_fn"):
+        ops.torch_moe(torch.randn(2, 6), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1),
+                      torch.randn(1, 8, 6), torch.randn(1, 6, 4), "tanhh")
+
+
+@pytest.mark.parametrize("op_name", ["torch_moe", "torch_moe_fused"])
+def test_export_one_node_dynamic_tokens(op_name):
+    op = getattr(ops, op_name)
+    gu, dn = torch.randn(4, 8, 6), torch.randn(4, 6, 4)
+    if op_name == "torch_moe_fused":
+        gu, dn = gu.transpose(1, 2).contiguous(), dn.transpose(1, 2).contiguous()
+    dyn = torch.export.Dim.DYNAMIC
+    x, sel, w = torch.randn(5, 6), torch.randint(0, 4, (5, 2)), torch.rand(5, 2)
+    ep = export_fn(lambda x, s, w: op(x, s, w, gu, dn), (x, sel, w), ({0: dyn}, {0: dyn}, {0: dyn}))
+    assert count_calls(ep, op) == 1
+    x, sel, w = torch.randn(9, 6), torch.randint(0, 4, (9, 2)), torch.rand(9, 2)
+    torch.testing.assert_close(ep.module()(x, sel, w), op(x, sel, w, gu, dn))
