@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from ad_config_helpers import MY_CONFIG, PRODUCTION
 
+
 @pytest.fixture(autouse=True)
 def _no_ad_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests start without AD_ variables so the developer's shell cannot change results."""

@@ -5,9 +5,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from ad_config_helpers import MY_CONFIG, PRODUCTION, resolve, run_module
-
 from ad_config import render_yaml
+from ad_config_helpers import MY_CONFIG, PRODUCTION, resolve, run_module
 
 ARGV = [
     "--model", "meta-llama/Meta-Llama-3.1-8B-Instruct",
@@ -64,7 +63,7 @@ def test_show_origin(tmp_path: Path) -> None:
     assert origin("args.attn_page_size").endswith("[environment AD_ARGS__ATTN_PAGE_SIZE]")
     assert origin("args.model_kwargs.hidden_size").endswith("[my_config.yaml:5]")
     assert origin("args.transforms.fuse_rmsnorm.backend").endswith("[default.yaml:80]")
-    assert "args.transforms.compile_model.backend = \"torch-opt\"  [production.yaml:7]" in lines
+    assert 'args.transforms.compile_model.backend = "torch-opt"  [production.yaml:7]' in lines
     assert origin("prompt.sp_kwargs.top_k").endswith("[my_config.yaml:22]")
     assert not any(line.startswith("benchmark.num") for line in lines)  # code default: not listed
 

@@ -3,8 +3,6 @@
 from pathlib import Path
 
 import pytest
-from ad_config_helpers import resolve
-
 from ad_config import (
     AutoDeployConfig,
     BenchmarkConfig,
@@ -16,6 +14,7 @@ from ad_config import (
     deep_merge_dicts,
     load_llm_args,
 )
+from ad_config_helpers import resolve
 
 
 def test_deep_merge_dicts() -> None:
@@ -34,7 +33,9 @@ def test_deep_merge_dicts() -> None:
 
 def test_precedence_cli_over_env_over_yaml_over_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "c.yaml").write_text("args:\n  world_size: 2\n  max_seq_len: 300\n  max_batch_size: 3\nprompt:\n  batch_size: 1\n")
+    (tmp_path / "c.yaml").write_text(
+        "args:\n  world_size: 2\n  max_seq_len: 300\n  max_batch_size: 3\nprompt:\n  batch_size: 1\n"
+    )
     monkeypatch.setenv("AD_ARGS__MAX_SEQ_LEN", "400")
     monkeypatch.setenv("AD_MAX_BATCH_SIZE", "5")  # LlmArgs field names work for build_and_run_ad too
     cfg = resolve("--yaml-extra", "c.yaml", "--args.max-batch-size=6")
@@ -77,7 +78,10 @@ def test_yaml_default_can_be_replaced(tmp_path: Path) -> None:
 
 
 def test_shortcut_reports_transform_value_when_not_set() -> None:
-    cfg = resolve("--args.transforms.compile-model.backend=torch-cudagraph", "--args.transforms.resize-kv-cache.free-mem-ratio=0.5")
+    cfg = resolve(
+        "--args.transforms.compile-model.backend=torch-cudagraph",
+        "--args.transforms.resize-kv-cache.free-mem-ratio=0.5",
+    )
     assert cfg.args.compile_backend == "torch-cudagraph"
     assert cfg.args.free_mem_ratio == 0.5
 
@@ -102,8 +106,15 @@ def test_load_llm_args_keywords() -> None:
 
 
 def test_runtime_options_of_llm_args() -> None:
-    args = load_llm_args(seed=7, trust_remote_code=True, sampling={"temperature": 0.0}, kv_cache_config={"max_tokens": 4096})
-    assert (args.seed, args.trust_remote_code, args.sampling.temperature, args.kv_cache_config.max_tokens) == (7, True, 0.0, 4096)
+    args = load_llm_args(
+        seed=7, trust_remote_code=True, sampling={"temperature": 0.0}, kv_cache_config={"max_tokens": 4096}
+    )
+    assert (args.seed, args.trust_remote_code, args.sampling.temperature, args.kv_cache_config.max_tokens) == (
+        7,
+        True,
+        0.0,
+        4096,
+    )
     assert args.sampling.max_tokens == 100
     assert LlmArgs().trust_remote_code is False
 
@@ -170,7 +181,9 @@ def test_repeated_yaml_extra_accumulates(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_text_fields_keep_text_and_flags() -> None:
-    cfg = resolve("--model", "123", "--dry-run", "--args.skip-loading-weights", "--args.tokenizer-kwargs.use-fast=false")
+    cfg = resolve(
+        "--model", "123", "--dry-run", "--args.skip-loading-weights", "--args.tokenizer-kwargs.use-fast=false"
+    )
     assert cfg.model == "123" and cfg.dry_run is True and cfg.args.skip_loading_weights is True
     assert cfg.args.tokenizer_kwargs == {"use_fast": False}
     assert resolve("--args.model-kwargs.rope-scaling={type: linear, factor: 2.0}").args.model_kwargs == {

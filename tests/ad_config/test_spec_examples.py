@@ -2,9 +2,8 @@
 
 from pathlib import Path
 
-from ad_config_helpers import resolve
-
 from ad_config.transform_config import CompileModelConfig, DetectShardingConfig, ExportToGmConfig
+from ad_config_helpers import resolve
 
 
 def test_cli_model_parameters() -> None:
@@ -80,7 +79,9 @@ def test_single_yaml(spec_files: Path) -> None:
 
 
 def test_two_yaml_files_later_wins(spec_files: Path) -> None:
-    cfg = resolve("--model", "meta-llama/Meta-Llama-3.1-8B-Instruct", "--yaml-extra", "my_config.yaml", "production.yaml")
+    cfg = resolve(
+        "--model", "meta-llama/Meta-Llama-3.1-8B-Instruct", "--yaml-extra", "my_config.yaml", "production.yaml"
+    )
     a = cfg.args
     assert (a.world_size, a.max_batch_size) == (8, 32)
     assert a.transforms["compile_model"].backend == "torch-opt" and a.compile_backend == "torch-opt"
@@ -113,7 +114,9 @@ def test_nested_args_yaml_extra(spec_files: Path) -> None:
 
 def test_nested_cli_beats_both_yaml_levels(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "experiment_config.yaml").write_text("args:\n  world_size: 4\n  max_seq_len: 1024\nprompt:\n  batch_size: 3\n")
+    (tmp_path / "experiment_config.yaml").write_text(
+        "args:\n  world_size: 4\n  max_seq_len: 1024\nprompt:\n  batch_size: 3\n"
+    )
     (tmp_path / "autodeploy_config.yaml").write_text("world_size: 2\nmax_seq_len: 256\nmax_batch_size: 12\n")
     cfg = resolve(
         "--model", "meta-llama/Meta-Llama-3.1-8B-Instruct",
@@ -129,7 +132,9 @@ def test_nested_cli_beats_both_yaml_levels(tmp_path: Path, monkeypatch) -> None:
 
 def test_deep_merge_example(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "base.yaml").write_text("args:\n  model_kwargs:\n    num_hidden_layers: 10\n    hidden_size: 1024\n  max_seq_len: 2048\n")
+    (tmp_path / "base.yaml").write_text(
+        "args:\n  model_kwargs:\n    num_hidden_layers: 10\n    hidden_size: 1024\n  max_seq_len: 2048\n"
+    )
     (tmp_path / "override.yaml").write_text("args:\n  model_kwargs:\n    hidden_size: 2048\n  world_size: 4\n")
     cfg = resolve("--yaml-extra", "base.yaml", "override.yaml")
     assert cfg.args.model_kwargs == {"num_hidden_layers": 10, "hidden_size": 2048}

@@ -12,7 +12,10 @@ def _run(config: ExperimentConfig) -> int:
     except ModuleNotFoundError as e:
         if e.name != "ad_cli.run_experiment":
             raise
-        print("build_and_run_ad: error: running is not available yet (ad_cli.run_experiment is missing); use --dry-run", file=sys.stderr)
+        print(
+            "build_and_run_ad: error: running is not available yet (ad_cli.run_experiment is missing); use --dry-run",
+            file=sys.stderr,
+        )
         return 1
     result = run_experiment(config)
     return result if isinstance(result, int) else 0

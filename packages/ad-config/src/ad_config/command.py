@@ -65,7 +65,12 @@ _Dumper.add_representer(list, _represent_list)
 def render_yaml(config: ExperimentConfig) -> str:
     """The configuration as YAML; fed back through --yaml-extra it gives the same configuration."""
     return yaml.dump(
-        config_to_dict(config), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000, allow_unicode=True
+        config_to_dict(config),
+        Dumper=_Dumper,
+        sort_keys=False,
+        default_flow_style=False,
+        width=1000,
+        allow_unicode=True,
     )
 
 
@@ -89,9 +94,7 @@ def _usage(prog: str) -> str:
     return "\n".join(head + help_lines(ExperimentConfig)) + "\n"
 
 
-def run_command(
-    argv: list[str] | None, prog: str, run: Callable[[ExperimentConfig], int | None] | None = None
-) -> int:
+def run_command(argv: list[str] | None, prog: str, run: Callable[[ExperimentConfig], int | None] | None = None) -> int:
     """Parse and resolve; print the configuration (ad-config, or --dry-run) or hand it to `run`.
 
     Returns the exit code: 0 on success, 2 for a configuration error (printed as one or two lines).

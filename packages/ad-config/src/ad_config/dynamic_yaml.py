@@ -163,7 +163,9 @@ class _YamlFilesSource(PydanticBaseSettingsSource):
             for key in YAML_FIELDS:
                 if key in data:
                     line = lines.get((key,), 1)
-                    raise ConfigError(f"{name}:{line}: {key} cannot be set inside a YAML file; name files on the command line")
+                    raise ConfigError(
+                        f"{name}:{line}: {key} cannot be set inside a YAML file; name files on the command line"
+                    )
             merged = deep_merge_dicts(merged, data)
             self.resolution.yaml.overlay({p: f"{name}:{n}" for p, n in lines.items()})
         return merged
@@ -198,7 +200,7 @@ class DynamicYamlMixInForSettings(BaseSettings):
             **label_layer(values, lambda p: f"{type(self)._init_label} {p[0]}"),
             **resolution.init,
         }
-        resolution.init = {p: l for p, l in resolution.init.items() if _has_path(values, p)}
+        resolution.init = {p: lab for p, lab in resolution.init.items() if _has_path(values, p)}
         req_token, res_token = _request.set(None), _active.set(resolution)
         try:
             super().__init__(**values)

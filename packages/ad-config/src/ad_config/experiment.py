@@ -87,7 +87,9 @@ class ExperimentConfig(DynamicYamlMixInForSettings):
     def _build_args(cls, value: Any) -> Any:
         # The outer YAML's `args:` section, environment and command line reach LlmArgs as init
         # kwargs, so they beat its own yaml_extra files; their labels travel with them.
-        if isinstance(value, LlmArgs) or not isinstance(value, dict):
+        if isinstance(value, LlmArgs):
+            return value.model_copy(deep=True)  # _derive adjusts it; never touch the caller's object
+        if not isinstance(value, dict):
             return value
         res = active_resolution(cls)
         origins = res.combined().subtree(("args",)) if res else None

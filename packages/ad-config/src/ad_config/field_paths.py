@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from .errors import ConfigError
 from .merge import Path
 from .transform_config import TRANSFORM_CONFIGS, closest_name
+from .yaml_files import scalar_from_text
 
 FREE_FORM = object()  # marker: the path leads into a free-form dictionary
 
@@ -137,8 +138,6 @@ def type_value(annotation: Any, tokens: list[str], spelled: str) -> Any:
     Text-like fields keep the text as is ("123" stays a model name); anything else is typed like a
     YAML scalar. List fields take several tokens. A bare bool flag means true.
     """
-    from .yaml_files import scalar_from_text
-
     if annotation is FREE_FORM:
         if len(tokens) != 1:
             raise _arity(tokens, spelled)
