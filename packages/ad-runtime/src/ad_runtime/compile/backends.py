@@ -1,0 +1,90 @@
+"""Compile backends: each turns the cached graph into the callable the executor runs every step."""
+
+import logging
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+from ad_compiler.errors import CompileError
+
+from ..kv_cache.interface import CachedSequenceInterface
+
+logger = logging.getLogger(__name__)
+
+# (model, cm, cuda_graph_batch_sizes) -> the module to call as `mod(**cm.named_args)`.
+Compiler = Callable[[nn.Module, CachedSequenceInterface, list[int] | None], nn.Module]
+
+
+class CompileBackendRegistry:
+    _registry: ClassVar[dict[str, Compiler]] = {}
+
+    @classmethod
+    def register(cls, name: str):
+        def wrap(fn: Compiler) -> Compiler:
+            cls._registry[name] = fn
+            return fn
+
+        return wrap
+
+    @classmethod
+    def get(cls, name: str) -> Compiler:
+        if name not in cls._registry:
+            raise CompileError(f"unknown compile backend {name!r}; choose one of {sorted(cls._registry)} or 'auto'")
+        return cls._registry[name]
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return sorted(cls._registry)
+
+
+def resolve_compile_backend(name: str, device: str | torch.device) -> str:
+    """`auto`: torch-opt on a GPU, torch-simple on a CPU."""
+    if name != "auto":
+        return name
+    choice = "torch-opt" if torch.device(device).type == "cuda" else "torch-simple"
+    logger.info("compile_backend auto -> %s (device %s)", choice, device)
+    return choice
+
+
+def default_cuda_graph_batch_sizes(cm: CachedSequenceInterface) -> list[int]:
+    """Powers of two up to max_batch_size, plus max_batch_size itself."""
+    limit = min(cm.info.max_batch_size, cm.info.max_num_tokens)
+    sizes = [1 << i for i in range(limit.bit_length()) if (1 << i) <= limit]
+    return sorted(set(sizes) | {limit})
+
+
+@CompileBackendRegistry.register("torch-simple")
+def compile_simple(model: nn.Module, cm: CachedSequenceInterface, batch_sizes: list[int] | None) -> nn.Module:
+    return model  # eager: the graph as it is
+
+
+@CompileBackendRegistry.register("torch-compile")
+def compile_torch(model: nn.Module, cm: CachedSequenceInterface, batch_sizes: list[int] | None) -> nn.Module:
+    # dynamic=True: T and B vary every step; one graph with symbolic sizes avoids recompiling per shape.
+    return torch.compile(model, dynamic=True)
+
+
+@CompileBackendRegistry.register("torch-cudagraph")
+def compile_cudagraph(model: nn.Module, cm: CachedSequenceInterface, batch_sizes: list[int] | None) -> nn.Module:
+    from .cuda_graph import CudaGraphModel
+
+    return CudaGraphModel(model, cm, batch_sizes or default_cuda_graph_batch_sizes(cm))
+
+
+@CompileBackendRegistry.register("torch-opt")
+def compile_opt(model: nn.Module, cm: CachedSequenceInterface, batch_sizes: list[int] | None) -> nn.Module:
+    from .cuda_graph import CudaGraphModel
+
+    return CudaGraphModel(compile_torch(model, cm, None), cm, batch_sizes or default_cuda_graph_batch_sizes(cm))
+
+
+def compile_model(
+    model: nn.Module, cm: CachedSequenceInterface, backend: str = "auto", cuda_graph_batch_sizes: list[int] | None = None
+) -> nn.Module:
+    """Compile `model` with the named backend (resolving `auto` for cm's device)."""
+    name = resolve_compile_backend(backend, cm.device)
+    if name in ("torch-cudagraph", "torch-opt") and cm.device.type != "cuda":
+        raise CompileError(f"compile backend {name!r} needs a CUDA device (got {cm.device}); use torch-simple "
+                           "or torch-compile on a CPU")
+    return CompileBackendRegistry.get(name)(model, cm, cuda_graph_batch_sizes)

@@ -1,0 +1,25 @@
+"""compile_model: wrap the cached graph with a compile backend (torch-simple/-compile/-cudagraph/-opt).
+
+Before: gm(**cm.named_args)        After: compiled(**cm.named_args)  (same outputs; decode steps may replay
+CUDA graphs of padded batch sizes)
+"""
+
+from typing import Any
+
+import torch.nn as nn
+from ad_compiler.errors import CompileError
+from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
+
+from ...compile import compile_model
+from ...kv_cache.interface import CachedSequenceInterface
+
+
+@TransformRegistry.register("compile_model")
+class CompileModel(BaseTransform):
+    def _apply(
+        self, mod: nn.Module, cm: Any, factory: Any, shared_config: SharedConfig
+    ) -> tuple[nn.Module, TransformInfo]:
+        if not isinstance(cm, CachedSequenceInterface):
+            raise CompileError("compile_model needs the runtime's CachedSequenceInterface (cm)")
+        compiled = compile_model(mod, cm, self.config.backend, self.config.cuda_graph_batch_sizes)
+        return compiled, TransformInfo(num_matches=int(compiled is not mod))
