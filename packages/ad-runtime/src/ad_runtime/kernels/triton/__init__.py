@@ -54,3 +54,7 @@ def _fix_interpreter_scalar_index() -> None:
 
     patch_lang_tensor._ad_fixed = True
     interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_interpreter_scalar_index()

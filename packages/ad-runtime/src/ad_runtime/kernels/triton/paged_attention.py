@@ -1,6 +1,7 @@
 """Triton paged-attention kernels over the shared [num_pages, page_size, n_kv_heads, head_dim] KV cache."""
 
 import math
+import os
 
 import torch
 import triton
@@ -16,19 +17,28 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _dot_dtype(dtype: torch.dtype):
+    # The Triton interpreter multiplies 16-bit floats wrongly in tl.dot (bf16 goes through its raw bits),
+    # so interpreted kernels feed tl.dot fp32; compiled ones use the input dtype for tensor cores.
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return tl.float32
+    return _TL_DTYPES[dtype]
+
+
 def _window(sliding_window: int | None) -> int:
     return NO_WINDOW if sliding_window is None or sliding_window <= 0 else int(sliding_window)
 
 
 @triton.jit
-def _softcap_log2(s, cap, SOFT_CAP: tl.constexpr):
+def _softcap_log2(s, cap):
     # Scores arrive already multiplied by log2(e); the cap acts on natural-unit logits, so undo it around tanh.
-    if SOFT_CAP:
-        x = s / (cap * 1.4426950408889634)
-        # tanh through exp keeps the kernel portable (the interpreter has no libdevice).
-        t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-        s = t * (cap * 1.4426950408889634)
-    return s
+    x = s / (cap * 1.4426950408889634)
+    # tanh through exp keeps the kernel portable (the interpreter has no libdevice).
+    t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    return t * (cap * 1.4426950408889634)
 
 
 @triton.jit
@@ -94,7 +104,7 @@ def _context_attn_kernel(
     qk_scale, window, cap,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SOFT_CAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PREC: tl.constexpr,
+    SOFT_CAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     m_blk = tl.program_id(0)
     b = tl.program_id(1)
@@ -113,7 +123,7 @@ def _context_attn_kernel(
     d_ok = offs_d < HEAD_DIM
     q_rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * s_qt + h * s_qh + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
     q_pos = ctx + offs_m
 
     # Only key blocks some query of this tile can see: causal upper bound, window lower bound.
@@ -137,8 +147,9 @@ def _context_attn_kernel(
                     mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + page[:, None] * s_vp + slot[:, None] * s_vs + kvh * s_vh + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC, out_dtype=tl.float32) * qk_scale
-        s = _softcap_log2(s, cap, SOFT_CAP)
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PREC, out_dtype=tl.float32) * qk_scale
+        if SOFT_CAP:
+            s = _softcap_log2(s, cap)
         dist = q_pos[:, None] - offs_n[None, :]
         visible = (dist >= 0) & (dist < window) & n_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -146,7 +157,8 @@ def _context_attn_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC, out_dtype=tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PREC,
+                                          out_dtype=tl.float32)
         m_i = m_new
 
     if HAS_SINKS:
@@ -208,7 +220,8 @@ def context_attention(
         scale * LOG2E, _window(sliding_window), float(logit_cap or 0.0),
         GROUP=n_heads // n_kv, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        SOFT_CAP=bool(logit_cap), HAS_SINKS=sinks is not None, DOT_PREC=_dot_precision(q.dtype),
+        SOFT_CAP=bool(logit_cap), HAS_SINKS=sinks is not None,
+        DOT_PREC=_dot_precision(q.dtype), DOT_DTYPE=_dot_dtype(q.dtype),
     )
     return out
 
@@ -224,7 +237,7 @@ def _decode_split_kernel(
     qk_scale, window, cap,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SOFT_CAP: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -243,7 +256,7 @@ def _decode_split_kernel(
     d_ok = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g
     q = tl.load(q_ptr + b.to(tl.int64) * s_qb + heads[:, None] * s_qh + offs_d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -259,14 +272,16 @@ def _decode_split_kernel(
                     mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + page[:, None] * s_vp + slot[:, None] * s_vs + kvh * s_vh + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC, out_dtype=tl.float32) * qk_scale
-        s = _softcap_log2(s, cap, SOFT_CAP)
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PREC, out_dtype=tl.float32) * qk_scale
+        if SOFT_CAP:
+            s = _softcap_log2(s, cap)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC, out_dtype=tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PREC,
+                                          out_dtype=tl.float32)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -363,7 +378,7 @@ def decode_attention(
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
         # tl.dot needs at least 16 rows; padded heads are masked out.
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=32, BLOCK_D=block_d,
-        SOFT_CAP=bool(logit_cap), DOT_PREC=_dot_precision(q.dtype),
+        SOFT_CAP=bool(logit_cap), DOT_PREC=_dot_precision(q.dtype), DOT_DTYPE=_dot_dtype(q.dtype),
     )
     _decode_reduce_kernel[(batch, n_heads)](
         part_o, part_lse, out, sinks if sinks is not None else q,

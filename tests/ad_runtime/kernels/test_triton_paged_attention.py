@@ -1,0 +1,110 @@
+"""Triton paged-attention kernels against a dense torch reference on small shapes."""
+
+import pytest
+import torch
+from ad_runtime.kernels.triton import paged_attention as pa
+from paged_attention_ref import cache_contents, make_paged_batch, reference_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _write(batch, page_size: int) -> None:
+    slots = pa.slot_mapping_for(batch.cu_seqlen, batch.input_pos, batch.page_table, page_size, batch.q.shape[0])
+    pa.write_paged_kv(batch.k, batch.v, batch.k_cache, batch.v_cache, slots)
+
+
+def test_write_fills_exactly_the_new_slots():
+    # pages of 4: sequences cross page boundaries and start mid-page (context 3, 7)
+    b = make_paged_batch([5, 9, 1], [3, 0, 7], n_heads=2, n_kv=2, head_dim=8, page_size=4, device=DEVICE)
+    before_k = b.k_cache.clone()
+    _write(b, 4)
+    cu = b.cu_seqlen.tolist()
+    touched = torch.zeros(b.k_cache.shape[:2], dtype=torch.bool, device=DEVICE)
+    for i in range(3):
+        ctx, new = int(b.input_pos[i]), cu[i + 1] - cu[i]
+        kk, vv = cache_contents(b, i, ctx + new)
+        assert torch.equal(kk, torch.cat([b.ctx_k[i], b.k[cu[i] : cu[i + 1]]]))
+        assert torch.equal(vv, torch.cat([b.ctx_v[i], b.v[cu[i] : cu[i + 1]]]))
+        for p in range(ctx, ctx + new):
+            touched[b.page_table[i, p // 4], p % 4] = True
+    # nothing else was written
+    assert torch.equal(b.k_cache[~touched], before_k[~touched])
+
+
+@pytest.mark.parametrize(
+    "seq_lens, ctx_lens, n_heads, n_kv",
+    [
+        ([6, 9], [0, 0], 4, 4),  # plain prefill, MHA
+        ([5, 3], [6, 11], 4, 2),  # chunked prefill over cached context, GQA
+        ([20], [13], 6, 1),  # several key blocks and pages, MQA
+    ],
+)
+def test_context_attention(seq_lens, ctx_lens, n_heads, n_kv):
+    b = make_paged_batch(seq_lens, ctx_lens, n_heads, n_kv, head_dim=16, page_size=4, device=DEVICE)
+    _write(b, 4)
+    out = pa.context_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlen, b.input_pos, b.page_table)
+    torch.testing.assert_close(out, reference_attention(b), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_split_k(num_splits):
+    # context lengths 0..40 with pages of 4: splits get uneven and some are empty
+    b = make_paged_batch([1, 1, 1, 1], [0, 5, 17, 40], 4, 2, head_dim=16, page_size=4, device=DEVICE)
+    _write(b, 4)
+    out = pa.decode_attention(b.q, b.k_cache, b.v_cache, b.seq_len, b.input_pos, b.page_table, num_splits=num_splits)
+    torch.testing.assert_close(out, reference_attention(b), atol=1e-4, rtol=1e-4)
+
+
+def test_mixed_batch_prefill_then_decode():
+    b = make_paged_batch([7, 4, 1, 1], [0, 9, 12, 3], 4, 2, head_dim=16, page_size=4, device=DEVICE)
+    _write(b, 4)
+    ref = reference_attention(b)
+    n_pre_tok = 11
+    pre = pa.context_attention(b.q[:n_pre_tok], b.k_cache, b.v_cache, b.cu_seqlen[:3], b.input_pos[:2],
+                               b.page_table[:2], max_q_len=7)
+    dec = pa.decode_attention(b.q[n_pre_tok:], b.k_cache, b.v_cache, b.seq_len[2:], b.input_pos[2:],
+                              b.page_table[2:], num_splits=2)
+    torch.testing.assert_close(torch.cat([pre, dec]), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"sliding_window": 5},
+        {"logit_cap": 1.5},
+        {"sinks": True},
+        {"scale": 0.2, "sliding_window": 3, "logit_cap": 4.0, "sinks": True},
+    ],
+)
+def test_options_prefill_and_decode(kw):
+    b = make_paged_batch([9, 1, 1], [4, 15, 2], 4, 2, head_dim=16, page_size=4, device=DEVICE)
+    _write(b, 4)
+    if kw.get("sinks"):
+        kw = {**kw, "sinks": torch.randn(4, generator=torch.Generator().manual_seed(1)).to(DEVICE)}
+    ref = reference_attention(b, **kw)
+    pre = pa.context_attention(b.q[:9], b.k_cache, b.v_cache, b.cu_seqlen[:2], b.input_pos[:1], b.page_table[:1],
+                               **kw)
+    dec = pa.decode_attention(b.q[9:], b.k_cache, b.v_cache, b.seq_len[1:], b.input_pos[1:], b.page_table[1:],
+                              num_splits=2, **kw)
+    torch.testing.assert_close(torch.cat([pre, dec]), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_head_dim_not_power_of_two_and_bf16():
+    b = make_paged_batch([6, 1], [3, 9], 2, 1, head_dim=24, page_size=8, dtype=torch.bfloat16, device=DEVICE)
+    _write(b, 8)
+    ref = reference_attention(b)
+    pre = pa.context_attention(b.q[:6], b.k_cache, b.v_cache, b.cu_seqlen[:2], b.input_pos[:1], b.page_table[:1])
+    dec = pa.decode_attention(b.q[6:], b.k_cache, b.v_cache, b.seq_len[1:], b.input_pos[1:], b.page_table[1:])
+    assert pre.dtype == torch.bfloat16
+    torch.testing.assert_close(torch.cat([pre, dec]), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_large_bf16_on_gpu():
+    b = make_paged_batch([300, 77, 1, 1, 1], [0, 250, 1000, 37, 513], 32, 8, head_dim=128, page_size=16,
+                         dtype=torch.bfloat16, device="cuda")
+    _write(b, 16)
+    ref = reference_attention(b)
+    pre = pa.context_attention(b.q[:377], b.k_cache, b.v_cache, b.cu_seqlen[:3], b.input_pos[:2], b.page_table[:2])
+    dec = pa.decode_attention(b.q[377:], b.k_cache, b.v_cache, b.seq_len[2:], b.input_pos[2:], b.page_table[2:])
+    torch.testing.assert_close(torch.cat([pre, dec]), ref, atol=2e-2, rtol=2e-2)
