@@ -1,0 +1,27 @@
+"""Save the transformed graph as a torch.export program (model.pt2) loadable after `import ad_compiler`."""
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .export import dynamic_batch_seq_shapes
+
+
+def save_program(module: nn.Module, example_inputs: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Re-export `module` (called as module(**example_inputs), dynamic batch/seq) and torch.export.save it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        ep = torch.export.export(
+            module, (), dict(example_inputs), dynamic_shapes=dynamic_batch_seq_shapes(example_inputs), strict=False
+        )
+    torch.export.save(ep, str(path))
+    return path
+
+
+def load_program(path: str | Path) -> nn.Module:
+    """The saved program as a callable module: module(input_ids=..., position_ids=...) -> logits."""
+    from .. import custom_ops  # noqa: F401 - the graph calls torch.ops.auto_deploy.*
+
+    return torch.export.load(str(path)).module()
