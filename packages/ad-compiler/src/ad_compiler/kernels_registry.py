@@ -1,0 +1,103 @@
+"""Kernel backends for fused ops by (kernel, backend): torch here, triton/flashinfer from ad_runtime on import.
+
+Every backend of a kernel is an op with the same signature, so transforms swap them blindly:
+
+- "rmsnorm": `(input, weight, eps: float) -> Tensor`, HF Llama semantics (as `torch_rmsnorm`).
+- "rope": `(q, k, position_ids, cos_sin_cache, unsqueeze_dim: int) -> (q, k)`, HF rotate-half semantics
+  with `cos, sin = cache[position_ids].chunk(2, -1)` each repeated twice along the last dim
+  (`cos_sin_cache` [max_pos, rotary_dim], cos half then sin half: flashinfer's layout); q/k [b, s, n, d]
+  with unsqueeze_dim=2 or [b, n, s, d] with 1; the cache has the dtype the model's cos/sin had.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+from .errors import MissingBackendError
+
+KERNELS: tuple[str, ...] = ("rmsnorm", "rope")
+_BACKENDS: dict[str, dict[str, Callable]] = {k: {} for k in KERNELS}
+
+
+def register_kernel(kernel: str, backend: str, impl: Callable, *, replace: bool = False) -> None:
+    """Make `impl` the `backend` implementation of `kernel` (ad_runtime calls this for triton/flashinfer)."""
+    if kernel not in _BACKENDS:
+        raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
+    if backend == "auto":
+        raise ValueError("'auto' is resolved at lookup time and cannot be registered")
+    if not replace and backend in _BACKENDS[kernel] and _BACKENDS[kernel][backend] is not impl:
+        raise ValueError(f"{kernel!r} already has a {backend!r} backend; pass replace=True to override it")
+    _BACKENDS[kernel][backend] = impl
+
+
+def available_backends(kernel: str) -> list[str]:
+    return sorted(_BACKENDS.get(kernel, {}))
+
+
+def resolve_backend(kernel: str, backend: str = "auto") -> str:
+    """'auto' means triton when CUDA is available and triton is registered, else torch."""
+    if backend != "auto":
+        return backend
+    if torch.cuda.is_available() and "triton" in _BACKENDS.get(kernel, {}):
+        return "triton"
+    return "torch"
+
+
+def get_kernel(kernel: str, backend: str = "auto") -> Callable:
+    """The implementation of `kernel` for `backend`; MissingBackendError if nobody registered it."""
+    if kernel not in _BACKENDS:
+        raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
+    name = resolve_backend(kernel, backend)
+    try:
+        return _BACKENDS[kernel][name]
+    except KeyError:
+        raise MissingBackendError(
+            f"kernel backend {name!r} for {kernel!r} is not registered (have: "
+            f"{', '.join(available_backends(kernel))}); install ad-runtime and `import ad_runtime` to register it."
+        ) from None
+
+
+# ---- the torch backend ------------------------------------------------------------------------
+
+
+@torch.library.custom_op("auto_deploy::torch_rmsnorm_fused", mutates_args=())
+def torch_rmsnorm_fused(input: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """torch_rmsnorm through aten's single rms_norm kernel (fp32 inside, then HF's cast-back and weight)."""
+    # The weight is applied after the cast back, as HF does; passing it to rms_norm would scale in fp32.
+    normed = torch.nn.functional.rms_norm(input.to(torch.float32), (input.shape[-1],), None, eps)
+    return weight * normed.to(input.dtype)
+
+
+@torch_rmsnorm_fused.register_fake
+def _rmsnorm_fused_fake(input: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return input.new_empty(input.shape, dtype=torch.result_type(weight, input))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@torch.library.custom_op("auto_deploy::torch_rope_with_cos_sin_cache", mutates_args=())
+def torch_rope_with_cos_sin_cache(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, cos_sin_cache: torch.Tensor, unsqueeze_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE reading cos/sin rows of a precomputed [max_pos, d] table at `position_ids` [b, s]."""
+    cos_h, sin_h = cos_sin_cache[position_ids].chunk(2, dim=-1)
+    cos = torch.cat((cos_h, cos_h), dim=-1).unsqueeze(unsqueeze_dim)
+    sin = torch.cat((sin_h, sin_h), dim=-1).unsqueeze(unsqueeze_dim)
+    return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+
+
+@torch_rope_with_cos_sin_cache.register_fake
+def _rope_cache_fake(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, cos_sin_cache: torch.Tensor, unsqueeze_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        q.new_empty(q.shape, dtype=torch.result_type(q, cos_sin_cache)),
+        k.new_empty(k.shape, dtype=torch.result_type(k, cos_sin_cache)),
+    )
+
+
+register_kernel("rmsnorm", "torch", torch.ops.auto_deploy.torch_rmsnorm_fused.default)
+register_kernel("rope", "torch", torch.ops.auto_deploy.torch_rope_with_cos_sin_cache.default)
