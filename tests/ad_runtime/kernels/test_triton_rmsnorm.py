@@ -1,7 +1,7 @@
 """auto_deploy::triton_rmsnorm against the canonical torch_rmsnorm (HF semantics)."""
 
 import ad_compiler.custom_ops  # noqa: F401 - registers torch_rmsnorm
-import ad_runtime.kernels.ops  # noqa: F401 - registers triton_rmsnorm
+import ad_runtime.kernels  # noqa: F401 - registers triton_rmsnorm
 import pytest
 import torch
 

@@ -1,7 +1,7 @@
 """auto_deploy::triton_rope_* against the canonical torch_rope_with_explicit_cos_sin (HF rotate_half)."""
 
 import ad_compiler.custom_ops  # noqa: F401 - registers torch_rope_with_explicit_cos_sin
-import ad_runtime.kernels.ops  # noqa: F401 - registers triton_rope_*
+import ad_runtime.kernels  # noqa: F401 - registers triton_rope_* and the "triton" kernel backends
 import pytest
 import torch
 
@@ -43,28 +43,36 @@ def test_explicit_cos_sin_broadcast_batch_and_strided_q():
     torch.testing.assert_close(out[1], ref[1])
 
 
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_cos_sin_cache_with_position_ids(dtype, atol):
+def test_cos_sin_cache_with_position_ids(unsqueeze_dim, dtype, atol):
     g = torch.Generator().manual_seed(1)
     b, s, n, n_kv, d, max_pos = 2, 6, 4, 1, 32, 64
     pos = torch.randint(0, max_pos, (b, s), generator=g).to(DEVICE)
     all_cos, all_sin = _cos_sin(torch.arange(max_pos, device=DEVICE), d, torch.float32)
-    cache = torch.cat([all_cos[:, : d // 2], all_sin[:, : d // 2]], dim=-1)  # [max_pos, d] = [cos | sin]
-    q = torch.randn(b, s, n, d, generator=g).to(DEVICE, dtype)
-    k = torch.randn(b, s, n_kv, d, generator=g).to(DEVICE, dtype)
-    out = torch.ops.auto_deploy.triton_rope_with_cos_sin_cache(q, k, pos, cache)
-    cos, sin = _cos_sin(pos, d, torch.float32)
-    ref = torch.ops.auto_deploy.torch_rope_with_explicit_cos_sin(q.float(), k.float(), cos, sin, 2)
+    cache = torch.cat([all_cos[:, : d // 2], all_sin[:, : d // 2]], dim=-1).to(dtype)  # [max_pos, d] = [cos | sin]
+    qs, ks = ((b, n, s, d), (b, n_kv, s, d)) if unsqueeze_dim == 1 else ((b, s, n, d), (b, s, n_kv, d))
+    q = torch.randn(*qs, generator=g).to(DEVICE, dtype)
+    k = torch.randn(*ks, generator=g).to(DEVICE, dtype)
+    out = torch.ops.auto_deploy.triton_rope_with_cos_sin_cache(q, k, pos, cache, unsqueeze_dim)
+    ref = torch.ops.auto_deploy.torch_rope_with_cos_sin_cache(q, k, pos, cache, unsqueeze_dim)
     for o, r in zip(out, ref):
-        assert o.dtype == dtype
-        torch.testing.assert_close(o.float(), r, atol=atol, rtol=atol)
+        assert o.dtype == r.dtype and o.shape == r.shape
+        torch.testing.assert_close(o, r, atol=atol, rtol=atol)
+
+
+def test_registered_as_triton_kernel_backends():
+    from ad_compiler.kernels_registry import get_kernel
+
+    assert get_kernel("rope", "triton") is torch.ops.auto_deploy.triton_rope_with_cos_sin_cache.default
+    assert get_kernel("rmsnorm", "triton") is torch.ops.auto_deploy.triton_rmsnorm.default
 
 
 def test_fake_impls():
     with torch._subclasses.FakeTensorMode():
         q, k = torch.empty(1, 3, 4, 8), torch.empty(1, 3, 2, 8)
         oq, ok = torch.ops.auto_deploy.triton_rope_with_cos_sin_cache(q, k, torch.empty(1, 3, dtype=torch.long),
-                                                                       torch.empty(16, 8))
+                                                                       torch.empty(16, 8), 2)
     assert oq.shape == q.shape and ok.shape == k.shape
 
 

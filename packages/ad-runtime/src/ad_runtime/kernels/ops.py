@@ -37,16 +37,17 @@ def _explicit_fake(
 
 @torch.library.custom_op("auto_deploy::triton_rope_with_cos_sin_cache", mutates_args=())
 def triton_rope_with_cos_sin_cache(
-    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, cos_sin_cache: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, cos_sin_cache: torch.Tensor, unsqueeze_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q/k [b, s, n, d] rotated at position_ids [b, s]; cos_sin_cache [max_pos, d] = [cos | sin] halves."""
-    return _rope.rope_with_cos_sin_cache(q, k, position_ids, cos_sin_cache)
+    """Same contract as auto_deploy::torch_rope_with_cos_sin_cache (the "rope" kernel of the registry)."""
+    return _rope.rope_with_cos_sin_cache(q, k, position_ids, cos_sin_cache, unsqueeze_dim)
 
 
 @triton_rope_with_cos_sin_cache.register_fake
 def _cache_fake(
-    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, cos_sin_cache: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, cos_sin_cache: torch.Tensor, unsqueeze_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
-        k, memory_format=torch.contiguous_format
+    return (
+        q.new_empty(q.shape, dtype=torch.result_type(q, cos_sin_cache)),
+        k.new_empty(k.shape, dtype=torch.result_type(k, cos_sin_cache)),
     )

@@ -93,16 +93,18 @@ def rope_with_explicit_cos_sin(
 
 
 def rope_with_cos_sin_cache(
-    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, cos_sin_cache: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, cos_sin_cache: torch.Tensor, unsqueeze_dim: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half RoPE of q/k [b, s, n, d] at position_ids [b, s]; cos_sin_cache [max_pos, d] holds
-    cos(pos * inv_freq) in its first d/2 columns and sin in the last d/2. Outputs keep q/k's dtype."""
+    """Rotate-half RoPE of q/k at position_ids [b, s]; cos_sin_cache [max_pos, d] holds cos(pos * inv_freq) in
+    its first d/2 columns and sin in the last d/2 (flashinfer's layout). q/k are bsnd (unsqueeze_dim=2) or
+    bnsd (1); outputs have dtype result_type(x, cos_sin_cache), like the torch reference."""
     half = cos_sin_cache.shape[-1] // 2
-    assert cos_sin_cache.stride(-1) == 1 and 2 * half == q.shape[-1], "cache must hold d/2 cos and d/2 sin"
+    assert 2 * half == q.shape[-1], "the cache must hold d/2 cos and d/2 sin columns"
+    cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
     outs = []
     for x in (q, k):
-        x = x if x.stride(-1) == 1 else x.contiguous()
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        _launch(x, out, cos_sin_cache, cos_sin_cache[:, half:], position_ids, 0)
+        xs = _as_bsnd(x if x.stride(-1) == 1 else x.contiguous(), unsqueeze_dim)
+        out = torch.empty(x.shape, dtype=torch.result_type(x, cache), device=x.device)
+        _launch(xs, _as_bsnd(out, unsqueeze_dim), cache, cache[:, half:], position_ids, 0)
         outs.append(out)
     return outs[0], outs[1]
