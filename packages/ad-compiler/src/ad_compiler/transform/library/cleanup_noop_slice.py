@@ -12,12 +12,19 @@ from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformReg
 
 def _is_noop_slice(node: Node) -> bool:
     args = list(node.args) + [None] * (5 - len(node.args))
-    _, _dim, start, end, step = args[:5]
+    src, dim, start, end, step = args[:5]
+    dim = node.kwargs.get("dim", dim) or 0
     start = node.kwargs.get("start", start)
     end = node.kwargs.get("end", end)
     step = node.kwargs.get("step", step)
-    # Only literal whole-range slices: end == INT64_MAX (Python `x[:, 0:]`) or omitted; symbolic ends may cut.
-    return start in (None, 0) and end in (None, sys.maxsize) and step in (None, 1)
+    if start not in (None, 0) or step not in (None, 1):
+        return False
+    if end in (None, sys.maxsize):  # Python `x[:, 0:]`
+        return True
+    # A literal end at or past a static dim size also takes everything; symbolic ends may cut.
+    val = src.meta.get("val") if isinstance(src, Node) else None
+    size = val.shape[dim] if isinstance(val, torch.Tensor) else None
+    return isinstance(end, int) and isinstance(size, int) and end >= size
 
 
 @TransformRegistry.register("cleanup_noop_slice")
