@@ -1,0 +1,298 @@
+"""The "flashinfer" attention backend: FlashInfer's paged prefill/decode wrappers, planned outside CUDA graphs."""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+try:
+    import flashinfer
+except ImportError as e:  # the registry turns this into a CompileError naming the backend
+    raise ImportError("flashinfer is not installed; install it with `pip install 'ad-runtime[flashinfer]'`") from e
+
+from .descriptor import AttentionDescriptor
+from .registry import AttentionRegistry
+
+_WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended float workspace (split-KV partial results)
+_LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class _LayerKey:
+    """Everything a FlashInfer plan depends on besides the batch: one set of wrappers per distinct key."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    page_size: int
+    q_dtype: torch.dtype
+    kv_dtype: torch.dtype
+    window_left: int
+    logit_cap: float
+    scale: float
+
+
+@dataclass
+class _Batch:
+    """Host-side (CPU) description of one step, enough to plan without touching the GPU."""
+
+    num_prefill: int
+    num_prefill_tokens: int
+    num_decode: int
+    cu_seqlen: torch.Tensor  # int32 [B+1]
+    kv_indptr: torch.Tensor  # int32 [B+1] pages per sequence, prefix sums
+    last_page_len: torch.Tensor  # int32 [B]
+    page_indices: torch.Tensor  # device int32, used pages packed (SequenceInfo's stable buffer)
+    fingerprint: tuple
+
+    @staticmethod
+    def from_host(batch_info_host: torch.Tensor, seq_len_host: torch.Tensor, input_pos_host: torch.Tensor,
+                  cu_seqlen_host: torch.Tensor, page_indices: torch.Tensor, page_size: int) -> "_Batch":
+        num_prefill, num_prefill_tokens, num_decode = (int(x) for x in batch_info_host.tolist())
+        b = num_prefill + num_decode
+        total = input_pos_host[:b].to(torch.int64) + seq_len_host[:b].to(torch.int64)
+        pages = (total + page_size - 1) // page_size
+        kv_indptr = torch.zeros(b + 1, dtype=torch.int32)
+        kv_indptr[1:] = torch.cumsum(pages, 0).to(torch.int32)
+        last = ((total - 1) % page_size + 1).to(torch.int32)
+        # Lengths and positions decide the plan; page ids are read from page_indices at run time.
+        fp = (num_prefill, num_prefill_tokens, num_decode, page_size,
+              seq_len_host[:b].numpy().tobytes(), input_pos_host[:b].numpy().tobytes())
+        return _Batch(num_prefill, num_prefill_tokens, num_decode, cu_seqlen_host[: b + 1].to(torch.int32),
+                      kv_indptr, last, page_indices, fp)
+
+
+@dataclass
+class _Wrapper:
+    impl: Any
+    planned: tuple | None = None  # (step, fingerprint) of the last plan
+
+
+@dataclass
+class _State:
+    """Wrappers, workspace and what was planned for the current step (one per process)."""
+
+    workspace: torch.Tensor | None = None
+    step: int = 0
+    graph_sizes: frozenset[int] = frozenset()
+    max_pages: int = 0
+    keys: set[_LayerKey] = field(default_factory=set)
+    prefill: dict[_LayerKey, _Wrapper] = field(default_factory=dict)
+    decode: dict[_LayerKey, _Wrapper] = field(default_factory=dict)
+    graph_decode: dict[tuple[_LayerKey, int], _Wrapper] = field(default_factory=dict)
+
+    def ensure_workspace(self, device: torch.device) -> torch.Tensor:
+        if self.workspace is None or self.workspace.device != device:
+            # FlashInfer wants the float workspace zeroed before first use.
+            self.workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+            self.prefill.clear()
+            self.decode.clear()
+            self.graph_decode.clear()
+        return self.workspace
+
+    def prefill_wrapper(self, key: _LayerKey, device: torch.device) -> _Wrapper:
+        if key not in self.prefill:
+            ws = self.ensure_workspace(device)
+            self.prefill[key] = _Wrapper(flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD"))
+        return self.prefill[key]
+
+    def decode_wrapper(self, key: _LayerKey, rows: int, device: torch.device, graph: bool) -> _Wrapper:
+        # Tensor-core decode pays off once several query heads share a KV head.
+        tc = key.n_heads // key.n_kv_heads >= 4
+        if not graph:
+            if key not in self.decode:
+                ws = self.ensure_workspace(device)
+                self.decode[key] = _Wrapper(flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc))
+            return self.decode[key]
+        if (key, rows) not in self.graph_decode:
+            ws = self.ensure_workspace(device)
+            # CUDA-graph wrappers read their metadata from fixed buffers that plan() refills before each replay.
+            impl = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                ws, "NHD", use_cuda_graph=True, use_tensor_cores=tc,
+                paged_kv_indptr_buffer=torch.zeros(rows + 1, dtype=torch.int32, device=device),
+                paged_kv_indices_buffer=torch.zeros(max(self.max_pages, 1), dtype=torch.int32, device=device),
+                paged_kv_last_page_len_buffer=torch.zeros(rows, dtype=torch.int32, device=device),
+            )
+            self.graph_decode[(key, rows)] = _Wrapper(impl)
+        return self.graph_decode[(key, rows)]
+
+
+_STATE = _State()
+
+
+def _plan_prefill(w: _Wrapper, key: _LayerKey, batch: _Batch) -> None:
+    n = batch.num_prefill
+    w.impl.plan(
+        batch.cu_seqlen[: n + 1], batch.kv_indptr[: n + 1], batch.page_indices[: int(batch.kv_indptr[n])],
+        batch.last_page_len[:n], key.n_heads, key.n_kv_heads, key.head_dim, key.page_size,
+        # causal masks align the queries to the end of their sequence's keys: chunked prefill works as is
+        causal=True, sm_scale=key.scale, window_left=key.window_left, logits_soft_cap=key.logit_cap,
+        q_data_type=key.q_dtype, kv_data_type=key.kv_dtype,
+    )
+    w.planned = (_STATE.step, batch.fingerprint)
+
+
+def _plan_decode(w: _Wrapper, key: _LayerKey, batch: _Batch) -> None:
+    p, d = batch.num_prefill, batch.num_decode
+    start, end = int(batch.kv_indptr[p]), int(batch.kv_indptr[p + d])
+    w.impl.plan(
+        batch.kv_indptr[p : p + d + 1] - start, batch.page_indices[start:end], batch.last_page_len[p : p + d],
+        key.n_heads, key.n_kv_heads, key.head_dim, key.page_size,
+        sm_scale=key.scale, window_left=key.window_left, logits_soft_cap=key.logit_cap,
+        q_data_type=key.q_dtype, kv_data_type=key.kv_dtype,
+    )
+    w.planned = (_STATE.step, batch.fingerprint)
+
+
+def _use_graph_wrapper(batch: _Batch) -> bool:
+    # Decode-only batches of a captured size, or any decode batch being captured, go through fixed buffers.
+    decode_only = batch.num_prefill == 0 and batch.num_decode > 0
+    return decode_only and (batch.num_decode in _STATE.graph_sizes or torch.cuda.is_current_stream_capturing())
+
+
+def _ready(w: _Wrapper, key: _LayerKey, batch: _Batch, plan) -> None:
+    if w.planned == (_STATE.step, batch.fingerprint):
+        return
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "flashinfer attention was not planned for this batch before CUDA-graph capture; "
+            "call the backend's host_prepare(sequence_info) (and run once eagerly) before capturing"
+        )
+    plan(w, key, batch)
+
+
+def _write_kv(cache: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
+    # index_copy_ lacks kernels for 1-byte floats (fp8 caches): move their bytes as uint8.
+    flat = cache.view(-1, *cache.shape[2:])
+    new = new.to(cache.dtype)
+    if cache.dtype.itemsize == 1 and cache.dtype.is_floating_point:
+        flat, new = flat.view(torch.uint8), new.view(torch.uint8)
+    flat.index_copy_(0, slots, new)
+
+
+def _apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> None:
+    # A sink adds exp(sink) to the softmax denominator: out scales by S / (S + e^sink) = sigmoid(ln S - sink).
+    # FlashInfer's lse is base 2.
+    factor = torch.sigmoid(lse * _LN2 - sinks.float()[None, :])
+    out.mul_(factor[..., None].to(out.dtype))
+
+
+@torch.library.custom_op("auto_deploy::flashinfer_cached_attention", mutates_args=("k_cache", "v_cache"))
+def flashinfer_cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch_info_host: torch.Tensor,
+    seq_len_host: torch.Tensor,
+    input_pos_host: torch.Tensor,
+    cu_seqlen_host: torch.Tensor,
+    page_indices: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    sinks: torch.Tensor | None,
+    scale: float | None,
+    sliding_window: int | None,
+    logit_cap: float | None,
+) -> torch.Tensor:
+    """Write the step's k/v into the paged cache, then FlashInfer prefill + decode: [1, T, n, d] -> [1, T, n, d]."""
+    t = q.shape[1]
+    _write_kv(k_cache, slot_mapping[:t], k[0])
+    _write_kv(v_cache, slot_mapping[:t], v[0])
+    head_dim = q.shape[-1]
+    key = _LayerKey(
+        n_heads=q.shape[2], n_kv_heads=k_cache.shape[2], head_dim=head_dim, page_size=k_cache.shape[1],
+        q_dtype=q.dtype, kv_dtype=k_cache.dtype,
+        # our window w admits pos - w < j <= pos; FlashInfer's window_left counts keys left of pos
+        window_left=sliding_window - 1 if sliding_window is not None and sliding_window > 0 else -1,
+        logit_cap=float(logit_cap or 0.0),
+        scale=scale if scale is not None else 1.0 / math.sqrt(head_dim),
+    )
+    _STATE.keys.add(key)
+    batch = _Batch.from_host(batch_info_host, seq_len_host, input_pos_host, cu_seqlen_host, page_indices,
+                             key.page_size)
+    _STATE.max_pages = max(_STATE.max_pages, page_indices.numel())
+    q3 = q[0].contiguous()
+    out = torch.empty_like(q3)
+    caches = (k_cache, v_cache)
+    want_lse = sinks is not None
+    npt, nd = batch.num_prefill_tokens, batch.num_decode
+    if batch.num_prefill > 0:
+        w = _STATE.prefill_wrapper(key, q.device)
+        _ready(w, key, batch, _plan_prefill)
+        res = w.impl.run(q3[:npt], caches, out=out[:npt], return_lse=want_lse)
+        if want_lse:
+            _apply_sinks(out[:npt], res[1], sinks)
+    if nd > 0:
+        w = _STATE.decode_wrapper(key, nd, q.device, graph=_use_graph_wrapper(batch))
+        _ready(w, key, batch, _plan_decode)
+        res = w.impl.run(q3[npt : npt + nd], caches, out=out[npt : npt + nd], return_lse=want_lse)
+        if want_lse:
+            _apply_sinks(out[npt : npt + nd], res[1], sinks)
+    return out[None]
+
+
+@flashinfer_cached_attention.register_fake
+def _flashinfer_cached_attention_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch_info_host: torch.Tensor,
+    seq_len_host: torch.Tensor,
+    input_pos_host: torch.Tensor,
+    cu_seqlen_host: torch.Tensor,
+    page_indices: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    sinks: torch.Tensor | None,
+    scale: float | None,
+    sliding_window: int | None,
+    logit_cap: float | None,
+) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+@AttentionRegistry.register("flashinfer")
+class FlashInferAttentionDescriptor(AttentionDescriptor):
+    """FlashInfer paged prefill/decode (GPU only). plan() runs in host_prepare, outside captured graphs;
+    decode-only batches of a CUDA-graph size use wrappers with fixed buffers that plan() refills."""
+
+    @classmethod
+    def cached_op(cls):
+        return torch.ops.auto_deploy.flashinfer_cached_attention.default
+
+    @classmethod
+    def metadata_names(cls) -> tuple[str, ...]:
+        return ("batch_info_host", "seq_len_host", "input_pos_host", "cu_seqlen_host", "page_indices", "slot_mapping")
+
+    @classmethod
+    def host_prepare(cls, info: Any) -> None:
+        """Plan every layer configuration seen so far for this step (before the forward or a graph replay)."""
+        _STATE.step += 1
+        _STATE.graph_sizes = frozenset(info.cuda_graph_batch_sizes)
+        rows = info.num_padded_rows
+        # A padded decode batch (CUDA-graph replay) is planned with its padding rows, as the graph runs it.
+        named = info.padded_decode_args(rows) if rows > info.num_sequences else info.args()
+        _STATE.max_pages = max(_STATE.max_pages, named["page_indices"].numel())
+        batch = _Batch.from_host(named["batch_info_host"], named["seq_len_host"], named["input_pos_host"],
+                                 named["cu_seqlen_host"], named["page_indices"], info.page_size)
+        if named["page_indices"].device.type != "cuda":
+            return
+        device = named["page_indices"].device
+        for key in _STATE.keys:
+            if key.page_size != info.page_size:
+                continue
+            if batch.num_prefill > 0:
+                _plan_prefill(_STATE.prefill_wrapper(key, device), key, batch)
+            if batch.num_decode > 0:
+                w = _STATE.decode_wrapper(key, batch.num_decode, device, graph=_use_graph_wrapper(batch))
+                _plan_decode(w, key, batch)
+
+    @classmethod
+    def on_cache_init(cls, caches: dict[str, torch.Tensor]) -> None:
+        """Allocate the shared workspace on the caches' device (wrappers never hold cache tensors)."""
+        device = next(iter(caches.values())).device
+        if device.type == "cuda":
+            _STATE.ensure_workspace(device)
