@@ -34,4 +34,10 @@ class CleanupInputConstraints(BaseTransform):
                 count += 1
         if count:
             gm.delete_all_unused_submodules()
+        # ep.module() also installs a forward pre-hook that checks inputs against export's ranges; those
+        # start at 2 (0/1 specialisation), so the runtime's [1, T] batches would be rejected.
+        for key, hook in list(gm._forward_pre_hooks.items()):
+            if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+                del gm._forward_pre_hooks[key]
+                count += 1
         return gm, TransformInfo(num_matches=count)
