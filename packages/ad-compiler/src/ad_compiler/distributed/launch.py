@@ -5,6 +5,7 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import pickle
 import socket
 import time
 import traceback
@@ -103,7 +104,9 @@ def _rank_main(
     try:
         ctx = init_process_group(rank, world_size, port, backend, pg_timeout_s)
         out = fn(ctx, *args)
-        results.put((rank, True, out))
+        # Plain pickle copies tensors by value; torch's queue pickler would share memory with a process
+        # that is about to exit.
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent with its traceback
         results.put((rank, False, traceback.format_exc()))
         raise SystemExit(1)
@@ -164,7 +167,7 @@ def launch(
                 rank, ok, payload = results.get()
                 if not ok:
                     raise DistributedError(f"rank {rank} of {world_size} failed:\n{payload}")
-                done[rank] = payload
+                done[rank] = pickle.loads(payload)
             if len(done) == world_size:
                 break
             dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in done]
