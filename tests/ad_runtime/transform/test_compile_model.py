@@ -1,0 +1,66 @@
+"""compile_model: every compile backend gives the same greedy tokens as the eager cached graph."""
+
+import copy
+
+import pytest
+import torch
+from ad_compiler.errors import CompileError
+from tiny_llama import build_cached, export_with_attention_ops, greedy_cached, greedy_reference, tiny_llama
+
+PROMPTS = [[3, 14, 15, 9, 2, 6], [1, 7, 33], [42], [5, 5, 5, 5]]
+
+
+@pytest.fixture(scope="module")
+def cpu_llama():
+    model = tiny_llama()
+    return model, export_with_attention_ops(model)
+
+
+def test_auto_on_cpu_is_simple(cpu_llama, caplog):
+    model, gm = cpu_llama
+    with caplog.at_level("INFO"):
+        mod, cm, hist = build_cached(copy.deepcopy(gm), compile_backend="auto")
+    assert "auto -> torch-simple" in caplog.text
+    assert isinstance(mod, torch.fx.GraphModule)
+    tokens, _ = greedy_cached(mod, cm, PROMPTS, steps=3)
+    assert tokens == greedy_reference(model, PROMPTS, steps=3)
+
+
+@pytest.mark.parametrize("backend", ["torch-cudagraph", "torch-opt"])
+def test_cuda_graph_backends_refuse_cpu(cpu_llama, backend):
+    with pytest.raises(CompileError, match="needs a CUDA device"):
+        build_cached(copy.deepcopy(cpu_llama[1]), compile_backend=backend)
+
+
+@pytest.mark.slow
+def test_torch_compile_on_cpu(cpu_llama):
+    model, gm = cpu_llama
+    mod, cm, hist = build_cached(copy.deepcopy(gm), compile_backend="torch-compile")
+    assert hist["compile_model"].num_matches == 1
+    tokens, samples = greedy_cached(mod, cm, PROMPTS[:2], steps=3, chunk=4)
+    assert tokens == greedy_reference(model, PROMPTS[:2], steps=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch-simple", "torch-compile", "torch-cudagraph", "torch-opt"])
+def test_all_backends_same_greedy_tokens_on_gpu(backend):
+    model = tiny_llama(device="cuda")
+    gm = export_with_attention_ops(model)
+    ref_mod, ref_cm, _ = build_cached(copy.deepcopy(gm), device="cuda", compile_backend="torch-simple")
+    ref_tokens, ref_samples = greedy_cached(ref_mod, ref_cm, PROMPTS, steps=6)
+    assert ref_tokens == greedy_reference(model, PROMPTS, steps=6)
+
+    conf = {"compile_model": {"backend": backend, "cuda_graph_batch_sizes": [1, 2, 4]}}
+    mod, cm, _ = build_cached(copy.deepcopy(gm), device="cuda", **conf)
+    # decode batches of 4, then 3 (padded to 4), 2 and 1 as prompts finish at different lengths
+    for n in (4, 3, 2, 1):
+        tokens, samples = greedy_cached(mod, cm, PROMPTS[:n], steps=6)
+        assert tokens == ref_tokens[:n]
+    if backend in ("torch-cudagraph", "torch-opt"):
+        assert sorted(mod.graphs) == [1, 2, 4]
+        assert cm.info.cuda_graph_batch_sizes == [1, 2, 4]
+        # the replayed decode logits equal the eager ones
+        tokens, samples = greedy_cached(mod, cm, PROMPTS[:3], steps=6)
+        eager = {(i, len(c)): lg for i, c, lg in ref_samples}
+        for i, c, lg in samples:
+            torch.testing.assert_close(lg, eager[(i, len(c))], atol=1e-4, rtol=1e-4)

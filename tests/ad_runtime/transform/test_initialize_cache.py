@@ -1,0 +1,38 @@
+"""initialize_cache: allocates one paged cache per registered spec, honouring kv_cache_dtype."""
+
+import pytest
+import torch
+from ad_compiler.transform.optimizer import InferenceOptimizer
+from ad_runtime.attention import CacheSpec
+from ad_runtime.kv_cache.interface import CachedSequenceInterface
+from cached_attention_models import TinyAttentionModel, export_tiny
+
+import ad_runtime  # noqa: F401
+
+
+@pytest.mark.parametrize("kv_dtype, expect", [("auto", torch.float32), ("bfloat16", torch.bfloat16),
+                                              ("fp8", torch.float8_e4m3fn)])
+def test_allocates_caches_in_dtype(kv_dtype, expect):
+    cm = CachedSequenceInterface(max_batch_size=2, max_seq_len=10, page_size=4, kv_cache_dtype=kv_dtype)
+    opt = InferenceOptimizer(None, {"insert_cached_attention": {"backend": "torch"}, "initialize_cache": {}})
+    opt(cm=cm, mod=export_tiny(TinyAttentionModel(n_layers=2)))
+    assert opt.history["initialize_cache"].num_matches == 4
+    assert cm.num_pages == 2 * 3  # default: every sequence can reach max_seq_len
+    assert sorted(cm.caches) == ["k_cache_0", "k_cache_1", "v_cache_0", "v_cache_1"]
+    for t in cm.caches.values():
+        assert t.shape == (7, 4, 2, 8) and t.dtype == expect  # + 1 scratch page
+    assert cm.bytes_per_page() == 4 * 4 * 2 * 8 * expect.itemsize
+    assert cm.pool.num_free_pages == 6 and cm.info.scratch_page == 6
+
+
+def test_skips_without_specs_and_reallocates():
+    cm = CachedSequenceInterface(max_batch_size=1, max_seq_len=8, page_size=4)
+    opt = InferenceOptimizer(None, {"initialize_cache": {}})
+    opt(cm=cm, mod=torch.nn.Module())
+    assert opt.history["initialize_cache"].skipped
+    cm.add_cache("k_cache_0", CacheSpec(n_kv_heads=1, head_dim=2, dtype=torch.float16))
+    cm.initialize_caches()
+    cm.pool.ensure_capacity("a", 5)
+    nbytes = cm.initialize_caches(num_pages=9)
+    assert nbytes == 10 * 4 * 1 * 2 * 2
+    assert cm.pool.num_free_pages == 9  # re-allocation resets the pool
