@@ -145,6 +145,8 @@ def torch_export_to_gm(
             apply_export_patches(patch_list),
             torch.inference_mode(False),
             torch.no_grad(),
+            # Without it torch.export drops `torch.fx.traceback.annotate` metadata (hf_sdpa_attention's window).
+            torch.fx.traceback.preserve_node_meta(),
         ):
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
     except CompileError:
