@@ -4,3 +4,9 @@ import ad_compiler.custom_ops  # noqa: F401 - the canonical ops our backends rep
 
 from . import transform as _transform  # noqa: F401
 from .transform import library as _library  # noqa: F401 - registers cache_init / compile transforms
+
+from .llm import LLM  # noqa: E402
+from .outputs import CompletionOutput, RequestOutput  # noqa: E402
+from .sampling_params import SamplingParams  # noqa: E402
+
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]

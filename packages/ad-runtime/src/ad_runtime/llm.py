@@ -42,6 +42,15 @@ class LLM:
         self.tokenizer = self._backend.tokenizer
         self._closed = False
 
+    @property
+    def engine(self) -> Any:
+        """The step engine (single-process runs and rank 0 of distributed runs)."""
+        return self._backend.engine
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.vocab_size
+
     # ---- prompts ----------------------------------------------------------------------------------
 
     def encode(self, prompt: PromptLike, chat_template: bool = False) -> tuple[list[int], str | None]:

@@ -1,0 +1,142 @@
+"""Compose an engine from LlmArgs: factory -> cache interface -> transform pipeline -> scheduler."""
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .executor.engine import Engine, StepSequence
+from .executor.request import Request, RequestStatus
+from .executor.scheduler import Scheduler
+from .kv_cache.interface import CachedSequenceInterface, ScheduledSequence
+from .sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str, rank: int = 0) -> torch.device:
+    """`auto`: this rank's GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device(f"cuda:{rank}") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} was asked for, but no CUDA GPU is visible")
+        if dev.index is None:
+            dev = torch.device(f"cuda:{rank}")
+    return dev
+
+
+class GraphRunner:
+    """Feeds one flattened batch to the compiled graph and returns each sequence's last-token logits."""
+
+    def __init__(self, module: nn.Module, cm: CachedSequenceInterface):
+        self.module = module
+        self.cm = cm
+        self.device = cm.device
+
+    @torch.inference_mode()
+    def forward(self, batch: Sequence[StepSequence], num_prefill: int) -> torch.Tensor:
+        self.cm.update([ScheduledSequence(s.token_ids, s.input_pos, s.pages) for s in batch])
+        logits = self.module(**self.cm.named_args)
+        if logits.shape[1] == len(batch) and num_prefill == 0:
+            return logits[0]  # decode-only: one token per sequence, already in order
+        return logits[0].index_select(0, self.cm.info.last_token_idx)
+
+
+def eos_token_ids(factory: Any, tokenizer: Any | None) -> list[int]:
+    """End tokens from the generation config, the model config and the tokenizer."""
+    ids: set[int] = set()
+    for src in (getattr(factory, "generation_config", None), getattr(factory, "config", None), tokenizer):
+        val = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(val, int):
+            ids.add(val)
+        elif isinstance(val, (list, tuple)):
+            ids.update(int(v) for v in val)
+    return sorted(ids)
+
+
+def build_graph(args: Any, rank: int = 0, world_size: int = 1) -> tuple[nn.Module, CachedSequenceInterface, Any]:
+    """Run the whole transform pipeline; returns (compiled module, cache interface, factory)."""
+    import ad_runtime  # noqa: F401 - registers runtime transforms and backends
+    from ad_compiler.export.pipeline import factory_from_args
+    from ad_compiler.transform import InferenceOptimizer, SharedConfig
+
+    device = resolve_device(args.device, rank)
+    torch.manual_seed(args.seed)
+    factory = factory_from_args(args, device=str(device))
+    max_num_tokens = args.max_num_tokens or args.max_batch_size * args.max_seq_len
+    num_pages = None
+    kv = getattr(args, "kv_cache_config", None)
+    if kv is not None and kv.max_tokens:
+        num_pages = -(-kv.max_tokens // args.attn_page_size)
+    cm = CachedSequenceInterface(
+        max_batch_size=args.max_batch_size,
+        max_seq_len=args.max_seq_len,
+        page_size=args.attn_page_size,
+        max_num_tokens=max_num_tokens,
+        num_pages=num_pages,
+        device=device,
+        kv_cache_dtype=args.kv_cache_dtype,
+    )
+    shared = SharedConfig(
+        local_rank=rank, world_size=world_size, device=str(device),
+        extras={"max_seq_len": args.max_seq_len, "max_batch_size": args.max_batch_size},
+    )
+    optimizer = InferenceOptimizer(factory, args.transforms)
+    module = optimizer(cm=cm, shared_config=shared)
+    failed = [n for n, h in optimizer.history.items() if h.error]
+    if failed:
+        logger.warning("transforms skipped after errors: %s", failed)
+    return module, cm, factory
+
+
+def build_engine(args: Any, rank: int = 0, world_size: int = 1, runner_wrapper: Any = None) -> tuple[Engine, Any, Any]:
+    """(engine, tokenizer, factory) for one rank."""
+    module, cm, factory = build_graph(args, rank, world_size)
+    runner = GraphRunner(module, cm)
+    if runner_wrapper is not None:
+        runner = runner_wrapper(runner)
+    tokenizer = factory.init_tokenizer() if rank == 0 else None
+    scheduler = Scheduler(
+        cm.pool, args.max_batch_size, cm.info.max_num_tokens, args.enable_chunked_prefill, cm.num_pages
+    )
+    engine = Engine(runner, scheduler, tokenizer, args.max_seq_len, eos_token_ids(factory, tokenizer))
+    return engine, tokenizer, factory
+
+
+class LocalBackend:
+    """One process, one device."""
+
+    def __init__(self, args: Any):
+        self.engine, self.tokenizer, self.factory = build_engine(args)
+        self.vocab_size = int(self.factory.vocab_size)
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams], texts: list[str | None]) -> list[Request]:
+        reqs = [self.engine.add_request(p, sp, t) for p, sp, t in zip(prompts, params, texts)]
+        self.engine.run_until_done(reqs)
+        return reqs
+
+    def stream(self, prompt: list[int], params: SamplingParams, text: str | None) -> Iterator[Request]:
+        req = self.engine.add_request(prompt, params, text)
+        if req.is_finished:
+            yield req
+            return
+        while req.status in (RequestStatus.WAITING, RequestStatus.RUNNING):
+            if req in self.engine.step():
+                if not req.is_finished and not params.stop:
+                    req.text = self.engine.detok.decode(req.output_token_ids, params.skip_special_tokens)
+                yield req
+
+    def shutdown(self) -> None:
+        self.engine = None  # type: ignore[assignment]
+
+
+def build_engine_backend(args: Any) -> Any:
+    if args.world_size > 1:
+        from .distributed_backend import DistributedBackend
+
+        return DistributedBackend(args)
+    return LocalBackend(args)
