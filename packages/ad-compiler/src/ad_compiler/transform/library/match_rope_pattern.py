@@ -45,7 +45,8 @@ def set_fake_val(node: Node) -> None:
     fakes = [val(n) for n in node.all_input_nodes]
     if any(v is None for v in fakes):
         return
-    mode = next((v.fake_mode for v in fakes if isinstance(v, torch._subclasses.FakeTensor)), None)
+    leaves = torch.utils._pytree.tree_leaves(fakes)
+    mode = next((v.fake_mode for v in leaves if isinstance(v, torch._subclasses.FakeTensor)), None)
     if mode is None:
         return
     args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: val(n))
