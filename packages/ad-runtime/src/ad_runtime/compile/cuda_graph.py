@@ -31,6 +31,7 @@ class CudaGraphModel(nn.Module):
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self._input_ptr = 0
+        self.num_replays = 0  # steps served by a graph (observability; tests check it)
         self.capture()
 
     @torch.no_grad()
@@ -68,5 +69,6 @@ class CudaGraphModel(nn.Module):
             and kwargs["input_ids"].shape[1] == b
         ):
             self.graphs[rows].replay()
+            self.num_replays += 1
             return self.outputs[rows][:, :b]
         return self.model(**kwargs)
