@@ -103,7 +103,8 @@ class _State:
         if not graph:
             if key not in self.decode:
                 ws = self.ensure_workspace(device)
-                self.decode[key] = _Wrapper(flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc))
+                impl = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
+                self.decode[key] = _Wrapper(impl)
             return self.decode[key]
         if (key, rows) not in self.graph_decode:
             ws = self.ensure_workspace(device)
