@@ -107,7 +107,8 @@ class CachedSequenceInterface:
     def initialize_caches(self, num_pages: int | None = None) -> int:
         """(Re)allocate every cache with `num_pages` usable pages (+1 scratch page); returns bytes allocated.
 
-        Re-allocation drops all cached tokens and resets the page pool: only call it between requests.
+        Re-allocation drops all cached tokens and resets the page pool: only call it between requests,
+        and before compile_model (captured CUDA graphs keep pointing at the tensors they were captured with).
         """
         if num_pages is not None:
             self.num_pages = num_pages
