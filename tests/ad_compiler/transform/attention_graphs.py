@@ -99,3 +99,40 @@ def assert_same_outputs(ref: list[torch.Tensor], gm: GraphModule, atol: float = 
 
 torch_attention = torch.ops.auto_deploy.torch_attention
 sdpa = torch.ops.aten.scaled_dot_product_attention
+
+
+CHAIN = [
+    "match_repeat_kv",
+    "match_eager_attention",
+    "match_sdpa_to_torch_attention",
+    "match_grouped_attention",
+    "match_attention_layout",
+    "eliminate_redundant_transposes",
+]
+
+
+def run(names: list[str], gm: GraphModule) -> GraphModule:
+    """Apply transforms in order with their default configs."""
+    for name in names:
+        gm, _ = apply(name, gm)
+    return gm
+
+
+def attention_nodes(gm: GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch_attention.default]
+
+
+def hf_outputs(family: str) -> list[torch.Tensor]:
+    """Hugging Face eager logits for the inputs `outputs` uses."""
+    model = build_hf(family)
+    with torch.no_grad():
+        return [model(**example_inputs(*s), use_cache=False).logits for s in ((2, 8), (3, 6))]
+
+
+def set_attention_arg(gm: GraphModule, index: int, value) -> None:
+    """Overwrite one positional argument of every torch_attention (to show a test would notice)."""
+    for n in attention_nodes(gm):
+        args = list(n.args)
+        args[index] = value
+        n.args = tuple(args)
+    gm.recompile()
