@@ -52,7 +52,7 @@ def test_cuda_graph_decode_replays_with_new_plan():
     n, n_kv, d, ps, pages, dev, dt = 8, 2, 64, 16, 32, "cuda", torch.bfloat16
     info = SequenceInfo(max_batch_size=2, max_seq_len=64, page_size=ps, max_num_tokens=64, device=dev)
     info.scratch_page = pages
-    info.cuda_graph_batch_sizes = [2]
+    info.cuda_graph_batch_sizes = [2]  # steps after the capture plan the graph wrapper in host_prepare
     pool = PagePool(pages, ps)
     k_cache = torch.zeros(pages + 1, ps, n_kv, d, dtype=dt, device=dev)
     v_cache = torch.zeros_like(k_cache)
@@ -85,7 +85,11 @@ def test_cuda_graph_decode_replays_with_new_plan():
         ref_k, ref_v = k_cache.clone(), v_cache.clone()
         ref = call(ref_desc, *new, ref_k, ref_v)
         if graph is None:
-            call(desc, *static, k_cache.clone(), v_cache.clone())  # eager warm-up on scratch copies
+            side = torch.cuda.Stream()  # warm-up on a side stream, as the cudagraph compile backend does
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                call(desc, *static, k_cache.clone(), v_cache.clone())  # eager warm-up on scratch copies
+            torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = call(desc, *static, k_cache, v_cache)

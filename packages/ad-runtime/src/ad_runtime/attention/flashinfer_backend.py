@@ -147,9 +147,14 @@ def _plan_decode(w: _Wrapper, key: _LayerKey, batch: _Batch) -> None:
 
 
 def _use_graph_wrapper(batch: _Batch) -> bool:
-    # Decode-only batches of a captured size, or any decode batch being captured, go through fixed buffers.
-    decode_only = batch.num_prefill == 0 and batch.num_decode > 0
-    return decode_only and (batch.num_decode in _STATE.graph_sizes or torch.cuda.is_current_stream_capturing())
+    """Decode-only batches of a captured size go through wrappers with fixed buffers; so do those being
+    captured and their warm-up runs, which by torch's capture recipe run on a side stream (the warm-up
+    plans the wrapper that the capture then records, since plan() cannot run inside a capture)."""
+    if batch.num_prefill > 0 or batch.num_decode == 0:
+        return False
+    if batch.num_decode in _STATE.graph_sizes or torch.cuda.is_current_stream_capturing():
+        return True
+    return torch.cuda.current_stream() != torch.cuda.default_stream()
 
 
 def _ready(w: _Wrapper, key: _LayerKey, batch: _Batch, plan) -> None:
