@@ -4,7 +4,7 @@ import pytest
 import torch
 from ad_compiler.errors import CompileError
 from ad_compiler.transform.optimizer import InferenceOptimizer
-from ad_compiler.utils.graph_utils import count_op, placeholder_names
+from ad_compiler.utils.graph_utils import count_op, placeholder_names, run_shape_prop
 from ad_runtime.kv_cache.interface import CachedSequenceInterface, ScheduledSequence
 from cached_attention_models import TinyAttentionModel, export_tiny
 
@@ -32,6 +32,9 @@ def test_replaces_ops_and_matches_uncached(layout):
     assert names[:2] == ["input_ids", "position_ids"]
     assert {"k_cache_0", "v_cache_2", "page_table", "batch_info_host"} <= set(names)
     assert cm.caches["k_cache_0"].shape == (cm.num_pages + 1, 4, 2, 8)
+    run_shape_prop(gm)  # new inputs carry meta["val"], so shape propagation still works
+    cached = [n for n in gm.graph.nodes if n.target == torch.ops.auto_deploy.torch_cached_attention.default]
+    assert tuple(cached[0].meta["val"].shape[2:]) == (4, 8)
 
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10]]
     for i, p in enumerate(prompts):

@@ -23,8 +23,11 @@ from ...attention.descriptor import attention_constants, source_op_args
 from ...kv_cache.interface import CachedSequenceInterface
 
 
-def add_graph_inputs(gm: GraphModule, names: list[str]) -> list[Node]:
-    """Append keyword placeholders `names` to gm and keep its pytree calling convention in sync."""
+def add_graph_inputs(gm: GraphModule, names: list[str], vals: list[torch.Tensor] | None = None) -> list[Node]:
+    """Append keyword placeholders `names` to gm and keep its pytree calling convention in sync.
+
+    `vals` (meta tensors) become the placeholders' `meta["val"]`, so shape propagation keeps working.
+    """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     existing = {n.target for n in placeholders}
     clash = [n for n in names if n in existing]
@@ -32,9 +35,11 @@ def add_graph_inputs(gm: GraphModule, names: list[str]) -> list[Node]:
         raise CompileError(f"graph already has inputs named {clash}")
     new: list[Node] = []
     anchor = placeholders[-1]
-    for name in names:
+    for i, name in enumerate(names):
         with gm.graph.inserting_after(anchor):
             anchor = gm.graph.placeholder(name)
+        if vals is not None:
+            anchor.meta["val"] = vals[i]
         new.append(anchor)
     codegen = gm.graph._codegen
     if isinstance(codegen, _PyTreeCodeGen):
@@ -78,7 +83,10 @@ class InsertCachedAttention(BaseTransform):
             return gm, TransformInfo(skipped=True, reason="no torch_attention in the graph")
         layouts = [_check_supported(n) for n in sources]
 
-        meta = dict(zip(desc.metadata_names(), add_graph_inputs(gm, list(desc.metadata_names()))))
+        example = cm.info.padded_decode_args(1)  # shapes of a one-sequence step, for meta["val"]
+        names = list(desc.metadata_names())
+        meta_vals = [example[n].to("meta") for n in names]
+        meta = dict(zip(names, add_graph_inputs(gm, names, meta_vals)))
         for name in desc.metadata_names():
             cm.add_metadata(name)
         cm.add_attention_backend(desc)
@@ -95,7 +103,12 @@ class InsertCachedAttention(BaseTransform):
             names = [f"{name}_{layer}" for name in specs]
             for name, spec in zip(names, specs.values()):
                 cm.add_cache(name, spec)
-            caches = add_graph_inputs(gm, names)
+            cache_vals = [
+                torch.empty(cm.num_pages + 1, cm.page_size, sp.n_kv_heads, sp.head_dim, dtype=cm.cache_dtype(sp),
+                            device="meta")
+                for sp in specs.values()
+            ]
+            caches = add_graph_inputs(gm, names, cache_vals)
             args = source_op_args(node)
             consts = attention_constants(node)
             with gm.graph.inserting_before(node):
