@@ -7,7 +7,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from ... import custom_ops  # noqa: F401 - registers torch.ops.auto_deploy.*
 from ...kernels_registry import get_kernel
-from ...utils.graph_utils import nodes_calling
+from ...utils.graph_utils import get_attr_tensor, nodes_calling
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 from .match_rope_pattern import eliminate_dead_code, set_fake_val, val
 
@@ -65,6 +65,13 @@ def _build_cache(prog: GraphModule, max_pos: int, device: torch.device, dtype: t
     return torch.cat([cos[:, :h], sin[:, :h]], dim=-1).contiguous()
 
 
+def _device_of(prog: GraphModule, shared_config: SharedConfig) -> torch.device:
+    for n in prog.graph.nodes:
+        if n.op == "get_attr":
+            return get_attr_tensor(prog, n.target).device
+    return torch.device(shared_config.device)
+
+
 def _max_positions(factory: Any, shared_config: SharedConfig) -> int:
     for v in (shared_config.extras.get("max_seq_len"), getattr(factory, "max_seq_len", None)):
         if isinstance(v, int) and v > 0:
@@ -101,10 +108,13 @@ class OptimizeRope(BaseTransform):
             if (cos, sin) not in caches:
                 caches[(cos, sin)] = None
                 found = _cos_sin_program(gm, cos, sin)
-                device = val(q).device if isinstance(val(q), torch.Tensor) else torch.device("cpu")
-                if found is None or device.type == "meta":
+                if found is None:
                     continue
                 prog, pos = found
+                # Export may have run on meta: the device is where the (loaded) buffers now live.
+                device = _device_of(prog, shared_config)
+                if device.type == "meta":
+                    continue
                 try:
                     table = _build_cache(prog, max_pos, device, val(pos).dtype)
                 except Exception:  # noqa: BLE001 - weights still on meta or not evaluable: leave it
