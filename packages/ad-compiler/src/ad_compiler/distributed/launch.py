@@ -100,7 +100,11 @@ def _rank_main(
     args: tuple,
     results: Any,
     pg_timeout_s: float,
+    forked: bool,
 ) -> None:
+    if forked:
+        # A forked child must not enter the parent's OpenMP pool (it would wait forever on its threads).
+        torch.set_num_threads(1)
     try:
         ctx = init_process_group(rank, world_size, port, backend, pg_timeout_s)
         out = fn(ctx, *args)
@@ -151,7 +155,7 @@ def launch(
     procs = [
         mp_ctx.Process(
             target=_rank_main,
-            args=(fn, rank, world_size, port, backend, args, results, pg_timeout_s),
+            args=(fn, rank, world_size, port, backend, args, results, pg_timeout_s, start_method == "fork"),
             name=f"rank{rank}",
             daemon=True,
         )

@@ -117,7 +117,7 @@ def apply_plan(gm: GraphModule, plan: ShardingPlan, rank: int) -> int:
     """Shard `gm` in place for `rank`; returns the number of entries applied."""
     if plan.world_size == 1 or not plan.entries:
         return 0
-    if any("val" not in n.meta for n in gm.graph.nodes if n.op != "output"):
+    if any(not isinstance(n.meta.get("val"), torch.Tensor) for n in gm.graph.nodes if n.op == "placeholder"):
         run_shape_prop(gm)  # the repair pass needs the pre-sharding shapes
     applier = ShardApplier(gm, plan, rank)
     for entry in plan.entries.values():

@@ -38,6 +38,15 @@ class _ShapeRepair(FakeTensorProp):
     def __init__(self, gm: GraphModule, old: dict[Node, tuple[int, ...]], mode: torch._subclasses.FakeTensorMode):
         super().__init__(gm, mode=mode)
         self.old = old
+        inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+        self.device = next((v.device for v in inputs if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        # Weights still on the meta device (loaded after sharding) stand in as fakes on the inputs' device.
+        if isinstance(value, torch.Tensor) and value.device.type == "meta" and self.device.type != "meta":
+            return torch.empty(value.shape, dtype=value.dtype, device=self.device)
+        return value
 
     def _shrink(self, x: Node) -> tuple[int, int] | None:
         val = self.env.get(x)
