@@ -1,0 +1,107 @@
+"""AutoModelForCausalLM factory: model sources, config overrides, dtype, tokenizer, sharding config."""
+
+import pytest
+import torch
+from ad_compiler.errors import CompileError
+from ad_compiler.models.bundled import bundled_gguf_path, bundled_model_dir, convert_gguf
+from ad_compiler.models.factory import ModelFactoryRegistry
+
+Factory = ModelFactoryRegistry.get("AutoModelForCausalLM")
+
+
+def test_registered():
+    assert "AutoModelForCausalLM" in ModelFactoryRegistry.names()
+
+
+def test_bundled_default_and_gguf_file_share_the_cache():
+    assert bundled_gguf_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    folder = bundled_model_dir()
+    assert Factory(None).folder == folder
+    assert Factory(str(bundled_gguf_path())).folder == folder  # a .gguf path converts once, to the same folder
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    cfg = Factory(None).config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size) == (30, 9, 3, 576)
+
+
+def test_conversion_is_keyed_by_file(tmp_path):
+    from ad_compiler.models import bundled
+
+    assert bundled._cache_key(bundled_gguf_path()) in str(bundled_model_dir())
+    # An already converted folder is returned without touching transformers.
+    target = tmp_path / bundled._cache_key(bundled_gguf_path())
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    (target / "model.safetensors").write_bytes(b"")
+    assert convert_gguf(bundled_gguf_path(), cache_dir=tmp_path) == target
+
+
+def test_model_kwargs_merge_recursively(tiny_llama_dir):
+    f = Factory(str(tiny_llama_dir), model_kwargs={"num_hidden_layers": 1, "rope_parameters": {"rope_theta": 5000.0}})
+    assert f.config.num_hidden_layers == 1
+    assert f.config.rope_parameters["rope_theta"] == 5000.0
+    assert f.config.rope_parameters["rope_type"] == "default"  # merged, not replaced
+    assert len(f.build_model("meta").model.layers) == 1
+
+
+def test_model_kwargs_nested_sub_config(tmp_path):
+    from transformers import Gemma3Config
+
+    Gemma3Config(text_config={"num_hidden_layers": 4, "sliding_window": 8}).save_pretrained(tmp_path)
+    f = Factory(str(tmp_path), model_kwargs={"text_config": {"num_hidden_layers": 2}})
+    text = f.config.text_config
+    assert text.num_hidden_layers == 2 and text.sliding_window == 8
+    assert len(text.layer_types) == 2
+
+
+def test_unknown_model_kwarg_is_an_error(tiny_llama_dir):
+    with pytest.raises(CompileError, match="num_hiden_layers.*did you mean 'num_hidden_layers'"):
+        Factory(str(tiny_llama_dir), model_kwargs={"num_hiden_layers": 1}).config
+
+
+def test_dtype_rules(tiny_llama_dir):
+    assert Factory(str(tiny_llama_dir)).torch_dtype == torch.float32  # checkpoint dtype
+    assert Factory(str(tiny_llama_dir), dtype="bfloat16").torch_dtype == torch.bfloat16
+    f = Factory(str(tiny_llama_dir), dtype="bfloat16")
+    assert next(f.build_model("meta").parameters()).dtype == torch.bfloat16
+    with pytest.raises(CompileError, match="unknown dtype"):
+        Factory(str(tiny_llama_dir), dtype="float7").torch_dtype
+
+
+def test_missing_sources_fail_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CompileError, match="does not exist"):
+        Factory(str(tmp_path / "x.gguf")).folder
+    with pytest.raises(CompileError, match="no config.json"):
+        Factory(str(tmp_path)).folder
+    with pytest.raises(CompileError, match="could not get model 'nobody/no-such-model'"):
+        Factory("nobody/no-such-model").folder
+
+
+def test_tokenizer_and_skip(tiny_llama_dir):
+    assert Factory(None).init_tokenizer().encode("Paris")
+    assert Factory(None, skip_tokenizer_init=True).init_tokenizer() is None
+
+
+def test_sharding_config_and_example_inputs(tiny_llama_dir):
+    f = Factory(str(tiny_llama_dir))
+    sc = f.get_sharding_config()
+    assert sc["head_dim"] == 16
+    assert sc["tp_plan"]["layers.*.self_attn.q_proj"] == "colwise"
+    ex = f.get_example_inputs()
+    assert set(ex) == {"input_ids", "position_ids"} and ex["input_ids"].shape == ex["position_ids"].shape
+
+
+def test_tied_embeddings_load(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ad_compiler.export import torch_export_to_gm
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    hf.save_pretrained(tmp_path)
+    f = Factory(str(tmp_path))
+    assert f.tied_weights() == {"lm_head.weight": "model.embed_tokens.weight"}
+    gm = torch_export_to_gm(f.build_model("meta"), kwargs={k: v.to("meta") for k, v in f.get_example_inputs().items()})
+    f.load_or_random_init(gm, "cpu")
+    torch.testing.assert_close(gm.get_parameter("lm_head.weight"), hf.model.embed_tokens.weight)
