@@ -105,7 +105,7 @@ def repeat_kv_source(node: Any) -> tuple[Node, int] | None:
     unsq = skip_noops(expand.args[0])
     if not (isinstance(unsq, Node) and is_op(unsq, aten.unsqueeze) and unsq.args[1] in (2, -3)):
         return None
-    src = unsq.args[0]
+    src = skip_noops(unsq.args[0])  # HF's `x[:, :, None]` leaves full slices around the unsqueeze
     sval, eval_, oval = fake(src), fake(expand), fake(node)
     if sval is None or eval_ is None or oval is None or sval.dim() != 4 or eval_.dim() != 5 or oval.dim() != 4:
         return None

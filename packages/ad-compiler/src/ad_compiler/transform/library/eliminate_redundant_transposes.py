@@ -6,7 +6,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ...utils.graph_utils import is_op, nodes_calling
-from ..attention_utils import fake
+from ..attention_utils import fake, is_noop_slice
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten
@@ -40,6 +40,9 @@ class EliminateRedundantTransposes(BaseTransform):
         num_matches = 0
         for node in nodes_calling(gm, aten.transpose.int):
             inner = node.args[0]
+            # A full slice `x[:, :]` or an alias between them changes neither values nor strides.
+            while isinstance(inner, Node) and (is_noop_slice(inner) or is_op(inner, aten.alias)):
+                inner = inner.args[0]
             if not (isinstance(inner, Node) and is_op(inner, aten.transpose.int)):
                 continue
             dims, inner_dims = _swapped_dims(node), _swapped_dims(inner)
