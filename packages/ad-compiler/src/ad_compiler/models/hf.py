@@ -15,9 +15,10 @@ from .weights import load_checkpoint_into, random_init
 
 logger = logging.getLogger(__name__)
 
-# Experts implementation used at export: the per-expert loop exports to plain aten ops that
-# match_moe_pattern rewrites into torch_moe; grouped_mm exports to an opaque kernel call.
-EXPORT_EXPERTS_IMPLEMENTATION = "eager"
+# Experts implementation used at export. "batched_mm" exports to plain aten ops (index the stacked
+# expert weights per token, bmm) that match_moe_pattern rewrites into torch_moe. "eager" loops over
+# the experts hit (data-dependent: export fails) and "grouped_mm" exports an opaque transformers op.
+EXPORT_EXPERTS_IMPLEMENTATION = "batched_mm"
 
 _HALF = (torch.float16, torch.bfloat16)
 
