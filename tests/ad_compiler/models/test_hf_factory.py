@@ -105,3 +105,29 @@ def test_tied_embeddings_load(tmp_path):
     gm = torch_export_to_gm(f.build_model("meta"), kwargs={k: v.to("meta") for k, v in f.get_example_inputs().items()})
     f.load_or_random_init(gm, "cpu")
     torch.testing.assert_close(gm.get_parameter("lm_head.weight"), hf.model.embed_tokens.weight)
+
+
+def test_per_expert_checkpoint_loads_into_stacked_experts(tmp_path):
+    from transformers import AutoModelForCausalLM, MixtralConfig
+    from safetensors import safe_open
+
+    from ad_compiler.export import torch_export_to_gm
+    from ad_compiler.export.devices import retarget_device_constants
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, num_local_experts=3, num_experts_per_tok=2)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert any(".block_sparse_moe.experts.0.w1." in k for k in f.keys())  # transformers saves the legacy layout
+    f = Factory(str(tmp_path))
+    gm = torch_export_to_gm(f.build_model("meta"), kwargs={k: v.to("meta") for k, v in f.get_example_inputs().items()})
+    f.load_or_random_init(gm, "cpu")
+    retarget_device_constants(gm, "cpu")
+    torch.testing.assert_close(gm.get_parameter("model.layers.0.mlp.experts.gate_up_proj"),
+                               hf.model.layers[0].mlp.experts.gate_up_proj)
+    ids, pos = torch.randint(0, 64, (2, 5)), torch.arange(5).expand(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(input_ids=ids, position_ids=pos),
+                                   hf(input_ids=ids, position_ids=pos, use_cache=False).logits, atol=1e-5, rtol=1e-5)

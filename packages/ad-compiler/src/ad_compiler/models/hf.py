@@ -183,7 +183,11 @@ class AutoModelForCausalLMFactory(ModelFactory):
             reference = self.build_model("meta").state_dict()
             random_init(model, reference, device, self.torch_dtype, self.seed, self._init_std(), self.tied_weights())
             return
-        load_checkpoint_into(model, self.folder, device, dtype=self.torch_dtype, tied=self.tied_weights())
+        text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        num_experts = getattr(text_config, "num_local_experts", None) or getattr(text_config, "num_experts", None)
+        load_checkpoint_into(
+            model, self.folder, device, dtype=self.torch_dtype, tied=self.tied_weights(), num_experts=num_experts
+        )
 
     def _init_std(self) -> float:
         return float(getattr(self.config, "initializer_range", 0.02))

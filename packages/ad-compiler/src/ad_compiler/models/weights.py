@@ -49,6 +49,7 @@ def load_checkpoint_into(
     device: str | torch.device,
     dtype: torch.dtype | None = None,
     tied: dict[str, str] | None = None,
+    num_experts: int | None = None,
 ) -> None:
     """Load every safetensors file of `folder` straight onto `device`, one file at a time.
 
@@ -58,18 +59,24 @@ def load_checkpoint_into(
     """
     from safetensors.torch import load_file
 
+    from .moe_keys import ExpertStacker
+
     device = torch.device(device)
     tied = tied or {}
     expected = set(model.state_dict().keys())
+    stacker = ExpertStacker(expected, num_experts)
     loaded: set[str] = set()
     unexpected: set[str] = set()
     for path in tqdm(checkpoint_files(folder), desc="Loading weights", unit="file", disable=None):
         sd = {k: _cast(v, dtype) for k, v in load_file(str(path), device=str(device)).items()}
+        sd = stacker.convert(sd)
         _add_tied(sd, tied, expected)
         result = model.load_state_dict(sd, strict=False, assign=True)
         loaded |= set(sd) & expected
         unexpected |= set(result.unexpected_keys)
         del sd
+    if stacker.leftover():
+        raise CompileError(f"checkpoint {folder} has incomplete experts for {', '.join(stacker.leftover())}")
     missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
