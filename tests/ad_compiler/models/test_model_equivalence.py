@@ -110,7 +110,10 @@ def test_random_family_matches_hf(family, tmp_path):
     assert counts["attention"] == n and counts["rope"] == n, counts
     assert counts["rmsnorm"] == norms_per_layer * n + 1, counts
     assert counts["moe"] == moe_layers, counts
-    assert not _leftovers(gm), _leftovers(gm)
+    left = _leftovers(gm)
+    if moe_layers and left.get("softmax_int") == moe_layers:
+        del left["softmax_int"]  # the router's softmax over experts feeds torch_moe; it is not attention
+    assert not left, left
     inputs = _inputs(SMALL["vocab_size"])
     with torch.no_grad():
         _assert_close(gm(**inputs), _hf_logits(tmp_path, inputs))
