@@ -3,11 +3,12 @@
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from .benchmark import run_benchmark
-from .prompts import as_chat, display, normalize_queries
+from .prompts import Prompt, as_chat, display, normalize_queries
 
 logger = logging.getLogger("ad_cli")
 
@@ -15,20 +16,58 @@ logger = logging.getLogger("ad_cli")
 def _progress_bar(total: int, desc: str) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, disable=not sys.stderr.isatty())
+    # disable=None: shown on a terminal only, so piped and captured output stays clean.
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, disable=None)
+
+
+def quiet_libraries() -> None:
+    """Follow our log level in the libraries below us; they warn loudly by default (tokenizer hints, ...)."""
+    level = logging.getLogger().getEffectiveLevel()
+    if level <= logging.INFO:
+        return
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # transformers comes with ad-compiler; stay quiet anyway without it
+        pass
+    for name in ("torch", "torch._dynamo", "torch._inductor", "torch.distributed", "huggingface_hub"):
+        logging.getLogger(name).setLevel(max(level, logging.ERROR))
+
+
+def _prompts_and_params(config: Any) -> tuple[list[Prompt], Any]:
+    """The batch of queries and its SamplingParams; a bad entry is a ConfigError naming the key."""
+    from ad_config import ConfigError
+    from ad_runtime import SamplingParams
+
+    try:
+        queries = normalize_queries(config.prompt.queries, config.prompt.batch_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        sp = SamplingParams.from_kwargs(dict(config.prompt.sp_kwargs))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"prompt.sp_kwargs: {e}") from None
+    return queries, sp
+
+
+def _print_benchmark(stats: dict[str, Any]) -> None:
+    print("benchmark:", flush=True)
+    for k, v in stats.items():
+        print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}", flush=True)
 
 
 def run_experiment(config: Any) -> dict[str, Any]:
     """Run an ExperimentConfig; prints each prompt with its answer; returns what it stored."""
-    from ad_runtime import LLM, SamplingParams
+    quiet_libraries()
+    from ad_runtime import LLM
 
-    queries = normalize_queries(config.prompt.queries, config.prompt.batch_size)
-    sp = SamplingParams.from_kwargs(dict(config.prompt.sp_kwargs))
+    queries, sp = _prompts_and_params(config)
     results: dict[str, Any] = {}
     with LLM.from_args(config.args) as llm:
         has_template = bool(getattr(llm.tokenizer, "chat_template", None))
-        prompts = [as_chat(q, has_template) for q in queries]
-        outs = llm.generate(prompts, sp)
+        outs = llm.generate([as_chat(q, has_template) for q in queries], sp)
         pairs = []
         for i, (q, o) in enumerate(zip(queries, outs)):
             if o.error:
@@ -40,17 +79,17 @@ def run_experiment(config: Any) -> dict[str, Any]:
         if config.benchmark.enabled:
             b = config.benchmark
             bar = _progress_bar(b.num, "benchmark")
-            stats = run_benchmark(llm, b.isl, b.osl, b.bs, b.num, progress=lambda: bar.update(1))
-            bar.close()
+            try:
+                stats = run_benchmark(llm, b.isl, b.osl, b.bs, b.num, progress=lambda: bar.update(1))
+            finally:
+                bar.close()
             results["benchmark_results"] = stats
-            print("benchmark:", flush=True)
-            for k, v in stats.items():
-                print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}", flush=True)
-        if config.benchmark.store_results:
-            results.setdefault("benchmark_results", {})
-            results["config"] = config.model_dump(mode="json")
-            path = Path(config.benchmark.results_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(results, indent=2))
-            print(f"results written to {path}", flush=True)
+            _print_benchmark(stats)
+    if config.benchmark.store_results:
+        results.setdefault("benchmark_results", {})
+        results["config"] = config.model_dump(mode="json")
+        path = Path(config.benchmark.results_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2))
+        print(f"results written to {path}", flush=True)
     return results

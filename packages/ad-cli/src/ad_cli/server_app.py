@@ -3,10 +3,13 @@
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from ad_runtime import SamplingParams
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,17 +49,46 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage]
 
 
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    """OpenAI's error body, so OpenAI clients show the message."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first problem as `field: reason` (clients show one line best)."""
+    errs = exc.errors()
+    if not errs:
+        return "invalid request", None
+    err = errs[0]
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    return (f"{param}: {err.get('msg', 'invalid')}" if param else str(err.get("msg", "invalid request"))), param
+
+
 def build_app(llm: Any, model_name: str, default_max_tokens: int = 256) -> FastAPI:
-    app = FastAPI(title="ad inference server")
+    """The app over `llm`; its engine runs on one background thread while the app is up."""
     state: dict[str, Any] = {}
 
-    @app.on_event("startup")
-    async def _start() -> None:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state["engine"] = EngineThread(llm)
+        try:
+            yield
+        finally:
+            state["engine"].close()
 
-    @app.on_event("shutdown")
-    async def _stop() -> None:
-        state["engine"].close()
+    app = FastAPI(title="ad inference server", lifespan=lifespan)
+
+    # OpenAI answers every malformed request with 400 and an `error` object; do the same.
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return _error(400, message, param)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -118,10 +150,10 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256) -> FastA
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        if isinstance(req.prompt, str):
-            ids, text = llm.encode(req.prompt)
-        else:
-            ids, text = list(req.prompt), None
+        try:
+            ids, text = llm.encode(req.prompt) if isinstance(req.prompt, str) else (list(req.prompt), None)
+        except ValueError as e:  # no tokenizer for a text prompt
+            raise HTTPException(status_code=400, detail=str(e)) from None
         return await _run(ids, text, req, chat=False)
 
     @app.post("/v1/chat/completions")
