@@ -33,6 +33,13 @@ def _follow(node: Node, want: list) -> Node | None:
     return None
 
 
+def _param_through_views(node: object) -> str | None:
+    """The parameter behind `node`, looking through squeeze/unsqueeze/casts (HF squeezes the conv weight)."""
+    while isinstance(node, Node) and is_op(node, [aten.squeeze, aten.unsqueeze, aten.view, *_PASS_THROUGH]):
+        node = node.args[0]
+    return param_target(node)
+
+
 def _getitem(split: Node, index: int) -> Node | None:
     return next((u for u in split.users if u.args[1] == index), None)
 
@@ -47,7 +54,7 @@ def mamba_entry(gm: GraphModule, in_proj: Node, world: int, source: str) -> Shar
     for i, size in enumerate(sizes):
         item = _getitem(split, i)
         cand = _follow(item, [aten.conv1d]) if item is not None else None
-        if cand is not None and param_target(cand.args[1]):
+        if cand is not None and _param_through_views(cand.args[1]):
             conv, xbc_index = cand, i
             break
     if conv is None:
@@ -65,9 +72,9 @@ def mamba_entry(gm: GraphModule, in_proj: Node, world: int, source: str) -> Shar
         return None
     chunks = [s for s in sizes[:xbc_index] if s] + [x_size, bc_size, bc_size] + [s for s in sizes[xbc_index + 1 :] if s]
     prefix = module_name(in_proj).rsplit(".", 1)[0] + "."
-    params = {param_target(conv.args[1]): (x_size, bc_size, bc_size)}
-    if param_target(conv.args[2]):
-        params[param_target(conv.args[2])] = (x_size, bc_size, bc_size)
+    params = {_param_through_views(conv.args[1]): (x_size, bc_size, bc_size)}
+    if _param_through_views(conv.args[2]):
+        params[_param_through_views(conv.args[2])] = (x_size, bc_size, bc_size)
     # Per-head (A_log, D, dt_bias) and gated-norm parameters of the same mixer, recognised by their size.
     for node in gm.graph.nodes:
         target = param_target(node)

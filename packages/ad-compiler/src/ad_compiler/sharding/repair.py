@@ -17,7 +17,8 @@ from ..utils.graph_utils import _fake_mode_of, is_op
 
 aten = torch.ops.aten
 _VIEWS = [aten.view.default, aten.reshape.default, aten._unsafe_view.default]
-_FIXABLE = [*_VIEWS, aten.expand.default, aten.split_with_sizes.default, aten.split.Tensor, aten.conv1d.default]
+_FIXABLE = [*_VIEWS, aten.expand.default, aten.split_with_sizes.default, aten.split.Tensor, aten.conv1d.default,
+            aten.repeat_interleave.self_int, aten.mean.dim]
 
 
 def _ints(shape: torch.Size | tuple) -> tuple[int, ...]:
@@ -63,6 +64,18 @@ class _ShapeRepair(FakeTensorProp):
 
     def _fix(self, n: Node, dim: int, factor: int) -> None:
         old_in = self.old[n.args[0]]
+        if is_op(n, aten.mean.dim) and any(d % len(old_in) == dim for d in n.args[1]):
+            # A mean over a sharded dim (e.g. a gated norm's variance) becomes a global one: sum, all-reduce, divide.
+            import ad_compiler.custom_ops  # noqa: F401 - registers the collectives
+
+            n.target = aten.sum.dim_IntList
+            graph = n.graph
+            with graph.inserting_after(n):
+                reduced = graph.call_function(torch.ops.auto_deploy.torch_dist_all_reduce.default, (n,))
+            with graph.inserting_after(reduced):
+                mean = graph.call_function(aten.div.Tensor, (reduced, old_in[dim]))
+            n.replace_all_uses_with(mean, delete_user_cb=lambda u: u is not reduced)
+            return
         if is_op(n, _VIEWS):
             old_out = self.old.get(n)
             prefix = math.prod(old_in[:dim])
@@ -84,6 +97,9 @@ class _ShapeRepair(FakeTensorProp):
             n.args = (n.args[0], [int(s) // factor for s in n.args[1]], *n.args[2:])
         elif is_op(n, aten.split.Tensor) and self._is_dim(n, 2, dim, len(old_in)):
             n.args = (n.args[0], int(n.args[1]) // factor, *n.args[2:])
+        elif is_op(n, aten.repeat_interleave.self_int) and n.kwargs.get("output_size") is not None:
+            if self._is_dim(n, 2, dim, len(old_in)):
+                n.kwargs = {**n.kwargs, "output_size": int(n.kwargs["output_size"]) // factor}
         elif is_op(n, aten.conv1d.default) and len(n.args) > 6 and dim == 1 and n.args[6] > 1:
             n.args = (*n.args[:6], n.args[6] // factor)
 

@@ -106,8 +106,9 @@ def detect_from_tp_plan(
                 entries.append(entry)
             continue
         if kind == ShardKind.COLUMN:
-            n_q, n_kv, hd = heads.get(n, (world, world, head_dim or 1))
-            unit = head_dim or hd
+            # head_dim only constrains projections that feed attention; MLP splits need no unit.
+            n_q, n_kv, hd = heads.get(n, (world, world, 1))
+            unit = (head_dim or hd) if n in heads else 1
             chunks = output_chunks(n, out_features(gm, n))
             if n_q % world or n_kv % world or any(c % (world * unit) for c in chunks):
                 demoted.add(n)
