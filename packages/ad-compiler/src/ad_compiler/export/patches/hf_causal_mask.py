@@ -4,8 +4,9 @@ transformers 5 builds the causal mask from `position_ids` (packed-sequence detec
 and hands it to attention. Exported, that is a data-dependent subgraph no attention matcher recognises.
 While patched, the mask functions return None for sdpa models (attention then runs with attn_mask=None,
 is_causal=True, see `hf_sdpa_attention`; a sliding window travels as node metadata). Other attention
-implementations (eager, used where sdpa would drop a logit soft-cap) still get a mask, built without the
-packed-sequence detection: a plain causal (or sliding-window) mask.
+implementations (eager, used where sdpa would drop a logit soft-cap) get a plain additive causal (or
+sliding-window) mask `[1, 1, s, s]` built here from arange comparisons: HF's own builders create tensor
+constants that, traced on meta, would be lifted without values.
 """
 
 import contextlib
@@ -13,10 +14,23 @@ import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
+
 from . import ExportPatchRegistry
 from ._util import replace_everywhere
 
 _MASK_FUNCTIONS = ("create_causal_mask", "create_sliding_window_causal_mask", "create_chunked_causal_mask")
+
+
+def additive_causal_mask(inputs_embeds: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """0 where query i may see key j (j <= i, and i - j < window), dtype-min elsewhere; [1, 1, s, s]."""
+    seq, device, dtype = inputs_embeds.shape[1], inputs_embeds.device, inputs_embeds.dtype
+    q = torch.arange(seq, device=device)[:, None]
+    k = torch.arange(seq, device=device)[None, :]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed = allowed & (q - k < sliding_window)
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[None, None]
 
 
 def _patched(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -28,8 +42,12 @@ def _patched(original: Callable[..., Any]) -> Callable[..., Any]:
         has_user_mask = bound.arguments.get("attention_mask") is not None
         if has_user_mask or bound.arguments.get("past_key_values") is not None:
             return original(*args, **kwargs)  # not the export path (padding masks or a KV cache): untouched
-        if getattr(config, "_attn_implementation", None) == "sdpa":
+        impl = getattr(config, "_attn_implementation", None)
+        if impl == "sdpa":
             return None
+        if impl == "eager" and original.__name__ != "create_chunked_causal_mask":
+            window = getattr(config, "sliding_window", None) if "sliding" in original.__name__ else None
+            return additive_causal_mask(bound.arguments["inputs_embeds"], window)
         bound.arguments["position_ids"] = None
         return original(*bound.args, **bound.kwargs)
 
