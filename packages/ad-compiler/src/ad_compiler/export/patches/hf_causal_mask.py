@@ -23,14 +23,21 @@ _MASK_FUNCTIONS = ("create_causal_mask", "create_sliding_window_causal_mask", "c
 
 
 def additive_causal_mask(inputs_embeds: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-    """0 where query i may see key j (j <= i, and i - j < window), dtype-min elsewhere; [1, 1, s, s]."""
+    """0 where query i may see key j (j <= i, and j > i - window), dtype-min elsewhere; [1, 1, s, s].
+
+    Written as HF's mask functions are (`kv_idx <= q_idx`, `kv_idx > q_idx - window`), the form the
+    attention matchers' `classify_mask` proves causal and reads the window from.
+    """
     seq, device, dtype = inputs_embeds.shape[1], inputs_embeds.device, inputs_embeds.dtype
-    q = torch.arange(seq, device=device)[:, None]
-    k = torch.arange(seq, device=device)[None, :]
+    # q_idx [1, 1, S, 1] and kv_idx [1, 1, 1, S] by unsqueezes, as transformers' sdpa_mask lays them out.
+    q = torch.arange(seq, device=device).unsqueeze(0).unsqueeze(0).unsqueeze(-1)
+    k = torch.arange(seq, device=device).unsqueeze(0).unsqueeze(0).unsqueeze(0)
     allowed = k <= q
     if sliding_window is not None:
-        allowed = allowed & (q - k < sliding_window)
-    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[None, None]
+        allowed = allowed & (k > q - sliding_window)
+    # Python scalars, not tensors: a tensor constant traced on meta would be lifted without its value.
+    # The mask is float32 whatever the model dtype; HF's eager attention adds it and softmaxes in float32.
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min)
 
 
 def _patched(original: Callable[..., Any]) -> Callable[..., Any]:
