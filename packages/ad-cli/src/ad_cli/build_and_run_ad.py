@@ -1,22 +1,12 @@
 """build_and_run_ad: resolve the ExperimentConfig, then build the model and run the prompts (or just print)."""
 
-import logging
 import sys
-import traceback
 
 from ad_config import ExperimentConfig, run_command
 
+from ad_cli.errors import report
+
 PROG = "build_and_run_ad"
-
-
-def _one_line(e: BaseException) -> str:
-    """The error as one line: its message's first line, with the type when the message alone is unclear."""
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    first = lines[0] if lines else type(e).__name__
-    more = " (run with --log-level debug for details)" if len(lines) > 1 else ""
-    # A package error's message says what went wrong; for anything else the type helps (KeyError: 'x').
-    named = type(e).__module__.startswith(("ad_compiler", "ad_runtime", "ad_config"))
-    return f"{first}{more}" if named else f"{type(e).__name__}: {first}{more}"
 
 
 def _run(config: ExperimentConfig) -> int:
@@ -33,9 +23,7 @@ def _run(config: ExperimentConfig) -> int:
 
         if isinstance(e, ConfigError):
             raise  # run_command prints it and exits 2, like a configuration error found while parsing
-        if logging.getLogger().isEnabledFor(logging.DEBUG):
-            traceback.print_exc(file=sys.stderr)
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        report(PROG, e)
         return 1
     return 0
 

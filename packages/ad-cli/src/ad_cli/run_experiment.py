@@ -21,10 +21,13 @@ def _progress_bar(total: int, desc: str) -> Any:
 
 
 def quiet_libraries() -> None:
-    """Follow our log level in the libraries below us; they warn loudly by default (tokenizer hints, ...)."""
-    level = logging.getLogger().getEffectiveLevel()
-    if level <= logging.INFO:
+    """Silence the libraries below us (tokenizer hints, deprecation notes) unless the log level is debug.
+
+    Their warnings are about their internals, not about anything a user of build_and_run_ad can change.
+    """
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
         return
+    level = logging.ERROR
     warnings.filterwarnings("ignore")
     try:
         from transformers.utils import logging as hf_logging
@@ -33,7 +36,7 @@ def quiet_libraries() -> None:
     except ImportError:  # transformers comes with ad-compiler; stay quiet anyway without it
         pass
     for name in ("torch", "torch._dynamo", "torch._inductor", "torch.distributed", "huggingface_hub"):
-        logging.getLogger(name).setLevel(max(level, logging.ERROR))
+        logging.getLogger(name).setLevel(level)
 
 
 def _prompts_and_params(config: Any) -> tuple[list[Prompt], Any]:
