@@ -216,7 +216,7 @@ class InsertCachedAttentionConfig(TransformConfig):
     backend: KernelBackend = "auto"
 
 
-_plain(Stage.CACHE_INIT, "initialize_cache")
+_plain(Stage.CACHE_INIT, "initialize_cache", "gather_logits_before_lm_head")
 
 
 @register_transform_config("resize_kv_cache")

@@ -41,8 +41,10 @@ class GraphRunner:
     def forward(self, batch: Sequence[StepSequence], num_prefill: int) -> torch.Tensor:
         self.cm.update([ScheduledSequence(s.token_ids, s.input_pos, s.pages) for s in batch])
         logits = self.module(**self.cm.named_args)
-        if logits.shape[1] == len(batch) and num_prefill == 0:
-            return logits[0]  # decode-only: one token per sequence, already in order
+        if logits.shape[1] == len(batch):
+            # One row per sequence: the graph gathered the last tokens (gather_logits_before_lm_head),
+            # or every sequence fed one token; T == B means last_token_idx is 0..B-1 either way.
+            return logits[0]
         return logits[0].index_select(0, self.cm.info.last_token_idx)
 
 

@@ -3,6 +3,7 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .descriptor import AttentionDescriptor
 from .registry import AttentionRegistry
@@ -29,36 +30,60 @@ def _attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_pos: torch.Tensor,
-    kv_len: torch.Tensor,
+    q_pos: torch.Tensor | None,
+    kv_len: torch.Tensor | None,
     scale: float,
     sliding_window: int | None,
     sinks: torch.Tensor | None,
     logit_cap: float | None,
 ) -> torch.Tensor:
     """q [B, s, n, d] at absolute positions q_pos [B, s] over keys k/v [B, S, n_kv, d] (key j at position j,
-    the first kv_len [B] valid). Returns [B, s, n, d_v] in q's dtype."""
+    the first kv_len [B] valid). q_pos None: a fresh causal prefill (q_pos = 0..s-1, S == s, all keys valid).
+    Returns [B, s, n, d_v] in q's dtype."""
     acc = torch.promote_types(q.dtype, torch.float32)
-    n_rep = q.shape[2] // k.shape[2]
     qh = q.transpose(1, 2).to(acc)  # [B, n, s, d]
-    kh = k.transpose(1, 2).to(acc).repeat_interleave(n_rep, dim=1)  # [B, n, S, d]
-    vh = v.transpose(1, 2).to(acc).repeat_interleave(n_rep, dim=1)
-    scores = torch.matmul(qh, kh.transpose(-2, -1)) * scale  # [B, n, s, S]
+    kh = k.transpose(1, 2).to(acc)  # [B, n_kv, S, d]: GQA is grouped below, never repeated in memory
+    vh = v.transpose(1, 2).to(acc)
+    causal_only = q_pos is None and sliding_window is None
+    allowed = None
+    if not causal_only:
+        j = torch.arange(k.shape[1], device=q.device)
+        qp = (torch.arange(q.shape[1], device=q.device)[None] if q_pos is None else q_pos.to(torch.int64))[:, :, None]
+        allowed = j <= qp  # [B, s, S]
+        if kv_len is not None:
+            allowed = allowed & (j < kv_len.to(torch.int64)[:, None, None])
+        if sliding_window is not None:
+            allowed = allowed & (j > qp - sliding_window)
+    if sinks is None and logit_cap is None:
+        # SDPA's fused CPU/GPU kernels beat the explicit softmax several times over.
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=None if allowed is None else allowed[:, None], is_causal=causal_only, scale=scale,
+            enable_gqa=qh.shape[1] != kh.shape[1],
+        )
+        return out.transpose(1, 2).to(q.dtype)
+    if allowed is None:
+        j = torch.arange(k.shape[1], device=q.device)
+        allowed = (j <= torch.arange(q.shape[1], device=q.device)[:, None])[None]
+    b, n, s, d = qh.shape
+    n_kv = kh.shape[1]
+    qg = qh.reshape(b, n_kv, n // n_kv * s, d)  # head h uses kv head h // n_rep, like repeat_interleave
+    scores = (torch.matmul(qg, kh.transpose(-2, -1)) * scale).view(b, n_kv, n // n_kv, s, -1)
     if logit_cap is not None:
         scores = logit_cap * torch.tanh(scores / logit_cap)
-    j = torch.arange(k.shape[1], device=q.device)
-    qp = q_pos.to(torch.int64)[:, :, None]  # [B, s, 1]
-    allowed = (j <= qp) & (j < kv_len.to(torch.int64)[:, None, None])
-    if sliding_window is not None:
-        allowed &= j > qp - sliding_window
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
     if sinks is not None:
         # gpt-oss sinks: one extra logit per head in the softmax denominator, dropped afterwards.
-        sink = sinks.to(acc).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        sink = sinks.to(acc).reshape(1, n_kv, n // n_kv, 1, 1).expand(*scores.shape[:-1], 1)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, vh).transpose(1, 2).to(q.dtype)
+    out = torch.matmul(probs.reshape(b, n_kv, n // n_kv * s, -1), vh).view(b, n, s, -1)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def _as_cached(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """x rounded through the cache dtype, i.e. exactly what reading it back from the cache would give."""
+    return x if cache.dtype == x.dtype else x.to(cache.dtype).to(x.dtype)
 
 
 @torch.library.custom_op("auto_deploy::torch_cached_attention", mutates_args=("k_cache", "v_cache"))
@@ -93,21 +118,30 @@ def torch_cached_attention(
     offset = 0
     for i, (s, p0) in enumerate(zip(seq_len_host[:num_prefill].tolist(), input_pos_host[:num_prefill].tolist())):
         total = p0 + s
-        pages = page_table[i, : -(-total // page_size)]
-        kc = _gather(k_cache, pages)[None, :total]
-        vc = _gather(v_cache, pages)[None, :total]
-        q_pos = torch.arange(p0, total, device=q.device)[None]
-        kv_len = torch.full((1,), total, device=q.device)
-        out[:, offset : offset + s] = _attend(q[:, offset : offset + s], kc, vc, q_pos, kv_len, scale, window, sinks,
-                                              logit_cap)
+        qs = q[:, offset : offset + s]
+        if p0 == 0:
+            # Nothing cached before: attend over this step's own k/v, no gather from the pages.
+            kc, vc = _as_cached(k[:, offset : offset + s], k_cache), _as_cached(v[:, offset : offset + s], v_cache)
+            out[:, offset : offset + s] = _attend(qs, kc, vc, None, None, scale, window, sinks, logit_cap)
+        else:
+            pages = page_table[i, : -(-total // page_size)]
+            kc = _gather(k_cache, pages)[None, :total]
+            vc = _gather(v_cache, pages)[None, :total]
+            q_pos = torch.arange(p0, total, device=q.device)[None]
+            out[:, offset : offset + s] = _attend(qs, kc, vc, q_pos, None, scale, window, sinks, logit_cap)
         offset += s
     assert offset == num_prefill_tokens, "batch_info_host disagrees with seq_len_host"
 
-    # Decode: all sequences at once over the full page-table width, so shapes never depend on the
-    # data and the step runs without a host sync (CUDA-graph safe). Unused entries (-1) are masked.
+    # Decode: all sequences at once. On a GPU over the full page-table width, so shapes never depend
+    # on the data and the step runs without a host sync (CUDA-graph safe); unused entries (-1) are
+    # masked. On the CPU there is no graph to keep valid: gather only the pages the longest one uses.
     if num_decode > 0:
         rows = slice(num_prefill, num_prefill + num_decode)
-        pages = page_table[rows].clamp(min=0)
+        pages = page_table[rows]
+        if q.device.type == "cpu":
+            longest = int(input_pos_host[rows].max()) + 1
+            pages = pages[:, : -(-longest // page_size)]
+        pages = pages.clamp(min=0)
         kc, vc = _gather(k_cache, pages), _gather(v_cache, pages)  # [D, P * page_size, n_kv, d]
         pos = input_pos[rows].to(torch.int64)
         qd = q[0, offset : offset + num_decode, None]  # [D, 1, n, d]

@@ -108,7 +108,8 @@ class SequenceInfo:
         return self._args(batch_size, batch_size, info)
 
     def _args(self, b: int, t: int, batch_info: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {name: self._field(name, b, t) for name in self._layout if name != "last_token_idx"}
+        # last_token_idx is included for graphs that gather the last tokens themselves (gather_logits_before_lm_head).
+        out = {name: self._field(name, b, t) for name in self._layout}
         out["batch_info_host"] = batch_info
         host = self._host_view
         out["seq_len_host"] = host("seq_len")[:b]
