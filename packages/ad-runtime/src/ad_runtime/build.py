@@ -66,6 +66,8 @@ def build_graph(args: Any, rank: int = 0, world_size: int = 1) -> tuple[nn.Modul
     from ad_compiler.export.pipeline import factory_from_args
     from ad_compiler.transform import InferenceOptimizer, SharedConfig
 
+    if args.mode != "graph":
+        raise ValueError(f"mode={args.mode!r} is not available yet: only mode 'graph' (export + transforms) runs")
     device = resolve_device(args.device, rank)
     torch.manual_seed(args.seed)
     factory = factory_from_args(args, device=str(device))
@@ -83,6 +85,7 @@ def build_graph(args: Any, rank: int = 0, world_size: int = 1) -> tuple[nn.Modul
         device=device,
         kv_cache_dtype=args.kv_cache_dtype,
     )
+    cm.max_num_pages = num_pages  # resize_kv_cache never grows the cache past kv_cache_config.max_tokens
     shared = SharedConfig(
         local_rank=rank, world_size=world_size, device=str(device),
         extras={"max_seq_len": args.max_seq_len, "max_batch_size": args.max_batch_size},
@@ -105,7 +108,10 @@ def build_engine(args: Any, rank: int = 0, world_size: int = 1, runner_wrapper: 
     scheduler = Scheduler(
         cm.pool, args.max_batch_size, cm.info.max_num_tokens, args.enable_chunked_prefill, cm.num_pages
     )
-    engine = Engine(runner, scheduler, tokenizer, args.max_seq_len, eos_token_ids(factory, tokenizer))
+    engine = Engine(
+        runner, scheduler, tokenizer, args.max_seq_len, eos_token_ids(factory, tokenizer),
+        max_input_len=args.max_input_len,
+    )
     return engine, tokenizer, factory
 
 

@@ -92,7 +92,8 @@ class LLM:
     ) -> Iterator[RequestOutput]:
         """Yield the growing output of one prompt after every new token."""
         ids, text = self.encode(prompt, chat_template)
-        for req in self._backend.stream(ids, sampling_params or SamplingParams(), text):
+        params = sampling_params or self._params_for([prompt], None)[0]
+        for req in self._backend.stream(ids, params, text):
             yield self._output(req)
 
     def _as_list(self, prompts: Any) -> list[PromptLike]:
@@ -106,7 +107,9 @@ class LLM:
 
     def _params_for(self, prompts: list, sp: Any) -> list[SamplingParams]:
         if sp is None:
-            return [SamplingParams() for _ in prompts]
+            # LlmArgs.sampling holds the defaults for requests that bring no parameters of their own.
+            defaults = self.args.sampling.model_dump() if hasattr(self.args, "sampling") else {}
+            return [SamplingParams(**defaults) for _ in prompts]
         if isinstance(sp, SamplingParams):
             return [sp for _ in prompts]
         sp = list(sp)

@@ -45,11 +45,13 @@ class Engine:
         tokenizer: Any | None,
         max_seq_len: int,
         eos_token_ids: list[int],
+        max_input_len: int | None = None,
     ):
         self.runner = runner
         self.scheduler = scheduler
         self.detok = Detokenizer(tokenizer)
         self.max_seq_len = max_seq_len
+        self.max_input_len = max_input_len or max_seq_len
         self.eos_token_ids = set(eos_token_ids)
         self.sampler = Sampler(runner.device)
         self._ids = itertools.count()
@@ -63,6 +65,8 @@ class Engine:
             req.fail("the prompt is empty")
         elif n >= self.max_seq_len:
             req.fail(f"the prompt has {n} tokens, max_seq_len is {self.max_seq_len}: raise max_seq_len or shorten it")
+        elif n > self.max_input_len:
+            req.fail(f"the prompt has {n} tokens, max_input_len is {self.max_input_len}: raise it or shorten the prompt")
         elif not self.scheduler.fits_at_all(req, min(n + params.max_tokens, self.max_seq_len)):
             req.fail(f"the request needs more KV-cache pages than exist ({self.scheduler.num_pages})")
         else:

@@ -63,6 +63,8 @@ class ResizeKvCache(BaseTransform):
         per_page = cm.bytes_per_page()
         # +1: the scratch page is allocated on top of the usable pages
         num_pages = int(self.config.free_mem_ratio * available) // per_page - 1
+        if getattr(cm, "max_num_pages", None) is not None:
+            num_pages = min(num_pages, cm.max_num_pages)  # kv_cache_config.max_tokens is an upper bound
         num_pages = min_over_ranks(num_pages, cm.device)
         if num_pages < cm.info.max_pages_per_seq:
             raise CompileError(
