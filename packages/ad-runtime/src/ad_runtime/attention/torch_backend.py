@@ -22,7 +22,8 @@ def _write(cache: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
 
 def _gather(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     """Pages [..., P] of the cache as [..., P * page_size, n_kv, d] in the cache dtype."""
-    g = _storage(cache)[pages].view(cache.dtype)
+    # index_select copies whole contiguous pages; advanced indexing goes through the slower generic kernel.
+    g = _storage(cache).index_select(0, pages.reshape(-1).to(torch.int64)).view(cache.dtype)
     return g.reshape(*pages.shape[:-1], -1, *cache.shape[2:])
 
 
@@ -31,15 +32,14 @@ def _attend(
     k: torch.Tensor,
     v: torch.Tensor,
     q_pos: torch.Tensor | None,
-    kv_len: torch.Tensor | None,
     scale: float,
     sliding_window: int | None,
     sinks: torch.Tensor | None,
     logit_cap: float | None,
 ) -> torch.Tensor:
-    """q [B, s, n, d] at absolute positions q_pos [B, s] over keys k/v [B, S, n_kv, d] (key j at position j,
-    the first kv_len [B] valid). q_pos None: a fresh causal prefill (q_pos = 0..s-1, S == s, all keys valid).
-    Returns [B, s, n, d_v] in q's dtype."""
+    """q [B, s, n, d] at absolute positions q_pos [B, s] over keys k/v [B, S, n_kv, d] (key j at position j;
+    keys past a query's position, padding included, are masked by causality). q_pos None: a fresh causal
+    prefill (q_pos = 0..s-1, S == s). Returns [B, s, n, d_v] in q's dtype."""
     acc = torch.promote_types(q.dtype, torch.float32)
     qh = q.transpose(1, 2).to(acc)  # [B, n, s, d]
     kh = k.transpose(1, 2).to(acc)  # [B, n_kv, S, d]: GQA is grouped below, never repeated in memory
@@ -50,8 +50,6 @@ def _attend(
         j = torch.arange(k.shape[1], device=q.device)
         qp = (torch.arange(q.shape[1], device=q.device)[None] if q_pos is None else q_pos.to(torch.int64))[:, :, None]
         allowed = j <= qp  # [B, s, S]
-        if kv_len is not None:
-            allowed = allowed & (j < kv_len.to(torch.int64)[:, None, None])
         if sliding_window is not None:
             allowed = allowed & (j > qp - sliding_window)
     if sinks is None and logit_cap is None:
@@ -122,13 +120,13 @@ def torch_cached_attention(
         if p0 == 0:
             # Nothing cached before: attend over this step's own k/v, no gather from the pages.
             kc, vc = _as_cached(k[:, offset : offset + s], k_cache), _as_cached(v[:, offset : offset + s], v_cache)
-            out[:, offset : offset + s] = _attend(qs, kc, vc, None, None, scale, window, sinks, logit_cap)
+            out[:, offset : offset + s] = _attend(qs, kc, vc, None, scale, window, sinks, logit_cap)
         else:
             pages = page_table[i, : -(-total // page_size)]
             kc = _gather(k_cache, pages)[None, :total]
             vc = _gather(v_cache, pages)[None, :total]
             q_pos = torch.arange(p0, total, device=q.device)[None]
-            out[:, offset : offset + s] = _attend(qs, kc, vc, q_pos, None, scale, window, sinks, logit_cap)
+            out[:, offset : offset + s] = _attend(qs, kc, vc, q_pos, scale, window, sinks, logit_cap)
         offset += s
     assert offset == num_prefill_tokens, "batch_info_host disagrees with seq_len_host"
 
@@ -145,8 +143,7 @@ def torch_cached_attention(
         kc, vc = _gather(k_cache, pages), _gather(v_cache, pages)  # [D, P * page_size, n_kv, d]
         pos = input_pos[rows].to(torch.int64)
         qd = q[0, offset : offset + num_decode, None]  # [D, 1, n, d]
-        out[0, offset : offset + num_decode] = _attend(qd, kc, vc, pos[:, None], pos + 1, scale, window, sinks,
-                                                       logit_cap)[:, 0]
+        out[0, offset : offset + num_decode] = _attend(qd, kc, vc, pos[:, None], scale, window, sinks, logit_cap)[:, 0]
     return out
 
 
