@@ -60,6 +60,24 @@ def eos_token_ids(factory: Any, tokenizer: Any | None) -> list[int]:
     return sorted(ids)
 
 
+def _stage_progress(total: int, rank: int) -> Any:
+    """A progress bar over the pipeline's transforms (rank 0, on a terminal only); called before each one."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="Compiling", unit="transform", file=sys.stderr, leave=False,
+               disable=None if rank == 0 else True)
+
+    def step(name: str, cfg: Any) -> None:
+        bar.set_postfix_str(f"{cfg.stage}: {name}", refresh=False)
+        bar.update(1)
+        if bar.n >= total:
+            bar.close()
+
+    return step
+
+
 def build_graph(args: Any, rank: int = 0, world_size: int = 1) -> tuple[nn.Module, CachedSequenceInterface, Any]:
     """Run the whole transform pipeline; returns (compiled module, cache interface, factory)."""
     import ad_runtime  # noqa: F401 - registers runtime transforms and backends
@@ -91,7 +109,7 @@ def build_graph(args: Any, rank: int = 0, world_size: int = 1) -> tuple[nn.Modul
         extras={"max_seq_len": args.max_seq_len, "max_batch_size": args.max_batch_size},
     )
     optimizer = InferenceOptimizer(factory, args.transforms)
-    module = optimizer(cm=cm, shared_config=shared)
+    module = optimizer(cm=cm, shared_config=shared, progress=_stage_progress(len(optimizer.config), rank))
     failed = [n for n, h in optimizer.history.items() if h.error]
     if failed:
         logger.warning("transforms skipped after errors: %s", failed)
