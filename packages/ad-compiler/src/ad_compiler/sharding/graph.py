@@ -59,7 +59,8 @@ def attention_nodes(nodes: list[Node]) -> list[Node]:
 def attention_heads(node: Node) -> tuple[int, int, int]:
     """(query heads, kv heads, head_dim) of an attention node from its input shapes."""
     q, k = node.args[0].meta["val"].shape, node.args[1].meta["val"].shape
-    layout = node.kwargs.get("layout", node.args[9] if len(node.args) > 9 else "bnsd")
+    # layout is the 11th argument of torch_attention (after logit_cap)
+    layout = node.kwargs.get("layout", node.args[10] if len(node.args) > 10 else "bnsd")
     head_axis = 2 if layout == "bsnd" else 1
     return hint_int(q[head_axis]), hint_int(k[head_axis]), hint_int(q[-1])
 
@@ -120,6 +121,11 @@ def _topo_index(gm: GraphModule) -> dict[Node, int]:
 _CASTS = [aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy]
 
 
+def _stream_aliases(node: Node) -> list[Node]:
+    """No-op dtype casts of a stream node (e.g. RMSNorm's .to(float32)): they stand in for the node itself."""
+    return [u for u in node.users if is_op(u, _CASTS) and shape_of(u) == shape_of(node)]
+
+
 def residual_stream(gm: GraphModule) -> list[Node]:
     """Embedding output, then each add that takes the previous stream node and keeps its shape."""
     index = _topo_index(gm)
@@ -129,8 +135,7 @@ def residual_stream(gm: GraphModule) -> list[Node]:
     stream = [emb]
     while True:
         cur = stream[-1]
-        # A no-op dtype cast (e.g. RMSNorm's .to(float32)) may stand in for the stream node itself.
-        aliases = [cur, *(u for u in cur.users if is_op(u, _CASTS) and shape_of(u) == shape_of(cur))]
+        aliases = [cur, *_stream_aliases(cur)]
         adds = [
             u
             for a in aliases
@@ -166,7 +171,8 @@ def regions(gm: GraphModule) -> list[Region]:
                 continue
             back.add(n)
             todo.extend(n.all_input_nodes)
-        nodes = sorted(fwd & back, key=index.__getitem__)
+        # A cast of the stream that feeds the residual add is the stream, not part of the layer's computation.
+        nodes = sorted((fwd & back) - set(_stream_aliases(start)), key=index.__getitem__)
         out.append(Region(start, end, nodes))
     return out
 
