@@ -20,9 +20,10 @@ FAMILIES = {
                       "original_max_position_embeddings": 8192},
         tie_word_embeddings=False, dtype="bfloat16",
     ),
-    # shapes of TinyLlama/TinyLlama-1.1B-Chat-v1.0
+    # shapes of TinyLlama/TinyLlama-1.1B-Chat-v1.0, but with the carried tokenizer's vocabulary (49152 ids):
+    # TinyLlama's own 32000 would put the tokenizer's ids out of range
     "tinyllama-1.1b": lambda: LlamaConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
         num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
         dtype="bfloat16",
     ),

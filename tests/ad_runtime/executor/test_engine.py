@@ -83,3 +83,13 @@ def test_too_long_request_fails_alone():
     eng.run_until_done([good])
     assert bad.status == RequestStatus.FAILED and "max_seq_len" in bad.error
     assert good.status == RequestStatus.FINISHED and len(good.output_token_ids) == 4
+
+
+def test_token_ids_outside_vocab_fail_alone():
+    eng = _engine()
+    eng.vocab_size = VOCAB
+    bad = eng.add_request([1, VOCAB + 5], SamplingParams(max_tokens=2))
+    good = eng.add_request([1, 2], SamplingParams(max_tokens=2, temperature=0.0))
+    eng.run_until_done([good])
+    assert bad.status == RequestStatus.FAILED and "vocabulary" in bad.error
+    assert good.status == RequestStatus.FINISHED

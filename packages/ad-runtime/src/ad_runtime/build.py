@@ -128,7 +128,7 @@ def build_engine(args: Any, rank: int = 0, world_size: int = 1, runner_wrapper: 
     )
     engine = Engine(
         runner, scheduler, tokenizer, args.max_seq_len, eos_token_ids(factory, tokenizer),
-        max_input_len=args.max_input_len,
+        max_input_len=args.max_input_len, vocab_size=factory.vocab_size,
     )
     return engine, tokenizer, factory
 

@@ -46,12 +46,14 @@ class Engine:
         max_seq_len: int,
         eos_token_ids: list[int],
         max_input_len: int | None = None,
+        vocab_size: int | None = None,
     ):
         self.runner = runner
         self.scheduler = scheduler
         self.detok = Detokenizer(tokenizer)
         self.max_seq_len = max_seq_len
         self.max_input_len = max_input_len or max_seq_len
+        self.vocab_size = vocab_size
         self.eos_token_ids = set(eos_token_ids)
         self.sampler = Sampler(runner.device)
         self._ids = itertools.count()
@@ -63,6 +65,10 @@ class Engine:
         n = len(req.prompt_token_ids)
         if n == 0:
             req.fail("the prompt is empty")
+        elif self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in req.prompt_token_ids):
+            # An out-of-range id would crash the embedding kernel on a GPU and take every request down.
+            bad = next(t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size)
+            req.fail(f"the prompt has token id {bad}, outside the model's vocabulary of {self.vocab_size}")
         elif n >= self.max_seq_len:
             req.fail(f"the prompt has {n} tokens, max_seq_len is {self.max_seq_len}: raise max_seq_len or shorten it")
         elif n > self.max_input_len:
