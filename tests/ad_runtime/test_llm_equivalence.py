@@ -108,9 +108,9 @@ def test_unknown_keyword_is_a_config_error():
 def test_preemption_with_small_pool_keeps_tokens(prompt_ids, hf_tokens):
     """32 requests, 4 at a time, in a pool too small for four: newest ones are preempted and recomputed."""
     page = 16
-    longest = max(len(p) for p in prompt_ids) + NEW_TOKENS
+    max_tokens = [32, 20, 8, 28]  # mixed lengths: each prompt 4 times with different budgets (kept short: CPU time)
+    longest = max(len(p) for p in prompt_ids) + max(max_tokens)
     pool_tokens = -(-longest // page) * page + 2 * page  # one full request fits; four never do
-    max_tokens = [NEW_TOKENS, 40, 24, 56]  # mixed lengths: each prompt 4 times with different budgets
     reqs = [(i % len(prompt_ids), max_tokens[(i // len(prompt_ids)) % 4]) for i in range(32)]
     with LLM(max_batch_size=4, attn_page_size=page, kv_cache_config={"max_tokens": pool_tokens}, **COMMON) as small:
         pool = small.engine.scheduler.pool
