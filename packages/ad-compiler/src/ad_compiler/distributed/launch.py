@@ -180,7 +180,11 @@ def launch(
                 if not results.empty():
                     continue
                 rank, code = dead[0]
-                raise DistributedError(f"rank {rank} of {world_size} exited with code {code} and no message")
+                hint = ""
+                if start_method == "spawn" and code == 1:
+                    # The usual cause: the spawned child re-ran an unguarded script that starts ranks again.
+                    hint = "; its error is on stderr (a script that starts ranks needs `if __name__ == \"__main__\":`)"
+                raise DistributedError(f"rank {rank} of {world_size} exited with code {code} and no message{hint}")
             if time.monotonic() > deadline:
                 raise DistributedError(f"ranks did not finish within {timeout_s:.0f}s; finished: {sorted(done)}")
             multiprocessing.connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=0.1)
