@@ -26,6 +26,9 @@ class EngineThread:
     def __init__(self, llm: Any):
         self.llm = llm
         self.engine = llm.engine
+        if self.engine is None:
+            # world_size > 1: the engine lives in rank 0's process and takes one conversation at a time.
+            raise ValueError("ad-serve runs with world_size 1 only for now; use the LLM API for several ranks")
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ad-engine", daemon=True)
