@@ -2,10 +2,10 @@
 
 import logging
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
 import torch.nn as nn
 from ad_config.transform_config import Stage, TransformConfig, transform_config_class
 from pydantic import BaseModel
@@ -42,7 +42,7 @@ class TransformInfo(BaseModel):
     reason: str | None = None  # why it was skipped, when it was
 
 
-class BaseTransform:
+class BaseTransform(ABC):
     """A graph transform. Subclasses implement `_apply` only.
 
     `mod` is an `nn.Module` before export (stages factory/export) and a `GraphModule` after.
@@ -126,10 +126,11 @@ class BaseTransform:
                     return
             hist[self.registry_key] = info
 
+    @abstractmethod
     def _apply(
         self, mod: nn.Module, cm: Any, factory: Any, shared_config: SharedConfig
     ) -> tuple[nn.Module, TransformInfo]:
-        raise NotImplementedError  # abstract: every registered transform implements it
+        """Rewrite `mod`; return it with what was done (num_matches, or skipped with a reason)."""
 
 
 class TransformRegistry:
@@ -181,8 +182,4 @@ class TransformRegistry:
         return sorted(cls._registry)
 
 
-def is_graph_module(mod: nn.Module) -> bool:
-    return isinstance(mod, GraphModule)
-
-
-__all__ = ["BaseTransform", "SharedConfig", "TransformInfo", "TransformRegistry", "torch"]
+__all__ = ["BaseTransform", "SharedConfig", "TransformInfo", "TransformRegistry"]
