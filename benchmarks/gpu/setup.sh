@@ -1,4 +1,5 @@
 # Source on the GPU machine from the repo root: installs the carried wheels and puts our packages on the path.
+# Prepare what it needs with benchmarks/gpu/prepare_carry.sh (here, before the call).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
 export PYTHONPATH=/tmp/site:$(ls -d "$PWD"/packages/*/src | paste -sd:)
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
