@@ -13,6 +13,7 @@ except ImportError as e:  # the registry turns this into a CompileError naming t
 
 from .descriptor import AttentionDescriptor
 from .registry import AttentionRegistry
+from .torch_backend import write_paged_kv
 
 _WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended float workspace (split-KV partial results)
 _LN2 = math.log(2.0)
@@ -168,15 +169,6 @@ def _ready(w: _Wrapper, key: _LayerKey, batch: _Batch, plan) -> None:
     plan(w, key, batch)
 
 
-def _write_kv(cache: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
-    # index_copy_ lacks kernels for 1-byte floats (fp8 caches): move their bytes as uint8.
-    flat = cache.view(-1, *cache.shape[2:])
-    new = new.to(cache.dtype)
-    if cache.dtype.itemsize == 1 and cache.dtype.is_floating_point:
-        flat, new = flat.view(torch.uint8), new.view(torch.uint8)
-    flat.index_copy_(0, slots, new)
-
-
 def _apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> None:
     # A sink adds exp(sink) to the softmax denominator: out scales by S / (S + e^sink) = sigmoid(ln S - sink).
     # FlashInfer's lse is base 2.
@@ -204,8 +196,8 @@ def flashinfer_cached_attention(
 ) -> torch.Tensor:
     """Write the step's k/v into the paged cache, then FlashInfer prefill + decode: [1, T, n, d] -> [1, T, n, d]."""
     t = q.shape[1]
-    _write_kv(k_cache, slot_mapping[:t], k[0])
-    _write_kv(v_cache, slot_mapping[:t], v[0])
+    write_paged_kv(k_cache, slot_mapping[:t], k[0])
+    write_paged_kv(v_cache, slot_mapping[:t], v[0])
     head_dim = q.shape[-1]
     key = _LayerKey(
         n_heads=q.shape[2], n_kv_heads=k_cache.shape[2], head_dim=head_dim, page_size=k_cache.shape[1],

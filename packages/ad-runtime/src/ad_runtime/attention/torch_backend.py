@@ -14,7 +14,7 @@ def _storage(cache: torch.Tensor) -> torch.Tensor:
     return cache.view(torch.uint8) if cache.dtype.itemsize == 1 and cache.dtype.is_floating_point else cache
 
 
-def _write(cache: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
+def write_paged_kv(cache: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
     """Store new [T, n_kv, d] at flat slots of a [pages, page_size, n_kv, d] cache."""
     flat = _storage(cache).view(-1, *cache.shape[2:])
     flat.index_copy_(0, slots, _storage(new.to(cache.dtype)))
@@ -104,8 +104,8 @@ def torch_cached_attention(
 ) -> torch.Tensor:
     """Write the step's k/v into the paged cache, then attend over it: q [1, T, n, d] -> [1, T, n, d_v]."""
     t = q.shape[1]
-    _write(k_cache, slot_mapping[:t], k[0])
-    _write(v_cache, slot_mapping[:t], v[0])
+    write_paged_kv(k_cache, slot_mapping[:t], k[0])
+    write_paged_kv(v_cache, slot_mapping[:t], v[0])
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     window = sliding_window if sliding_window is not None and sliding_window > 0 else None
     num_prefill, num_prefill_tokens, num_decode = batch_info_host.tolist()
