@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Every build_and_run_ad command of the spec page, with hub models swapped for random-weight stand-ins
-# of the same family (benchmarks/gpu/make_models.py). Usage: spec_commands.sh GPUS_AVAILABLE [FIRST [LAST]]
+# of the same family (benchmarks/gpu/make_models.py).
+# Usage: spec_commands.sh GPUS_AVAILABLE [single|multi|all [NAME]]  (NAME runs that one command only)
 set -u
 M=/tmp/gpumodels
 G=benchmarks/gpu
 ngpu=${1:-1}
+only=${3:-}
 run() {  # name, gpus needed, args...
   local name=$1 need=$2; shift 2
+  if [ -n "$only" ] && [ "$name" != "$only" ]; then return; fi
   if [ "$need" -gt "$ngpu" ]; then echo "=== $name: SKIPPED (needs $need GPUs, have $ngpu)"; return; fi
   echo "=== $name: build_and_run_ad $*"
   local t0=$(date +%s)
