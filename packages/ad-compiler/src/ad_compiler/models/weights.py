@@ -1,6 +1,7 @@
 """Fill a (possibly sharded) module's meta parameters from safetensors files, or randomly, through load hooks."""
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -87,28 +88,24 @@ def load_checkpoint_into(
     _finish(model, device)
 
 
-def random_state_dict(
+def random_tensors(
     reference: dict[str, torch.Tensor], dtype: torch.dtype | None, seed: int, std: float
-) -> dict[str, torch.Tensor]:
-    """Full-size random tensors shaped like `reference`, identical for a given seed on every rank.
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full-size random tensors shaped like `reference`, one at a time, identical for a given seed on every rank.
 
     Drawn on the CPU in sorted key order with one generator, so values do not depend on the device.
     1-D weights (norms) are ones, biases zeros, everything else normal(0, std).
     """
     gen = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
     for key in sorted(reference):
         ref = reference[key]
         dt = dtype if ref.is_floating_point() and dtype is not None else ref.dtype
-        if not ref.is_floating_point():
-            out[key] = torch.zeros(ref.shape, dtype=dt)
-        elif key.endswith("bias"):
-            out[key] = torch.zeros(ref.shape, dtype=dt)
+        if not ref.is_floating_point() or key.endswith("bias"):
+            yield key, torch.zeros(ref.shape, dtype=dt)
         elif ref.dim() == 1:
-            out[key] = torch.ones(ref.shape, dtype=dt)
+            yield key, torch.ones(ref.shape, dtype=dt)
         else:
-            out[key] = (torch.randn(ref.shape, generator=gen, dtype=torch.float32) * std).to(dt)
-    return out
+            yield key, (torch.randn(ref.shape, generator=gen, dtype=torch.float32) * std).to(dt)
 
 
 def random_init(
@@ -123,9 +120,14 @@ def random_init(
     """Random weights through the same load path as a checkpoint, so sharding hooks slice them alike."""
     device = torch.device(device)
     expected = set(model.state_dict().keys())
-    sd = {k: v.to(device) for k, v in random_state_dict(reference, dtype, seed, std).items()}
+    targets: dict[str, list[str]] = {}
     for target, source in (tied or {}).items():
-        if source in sd:
-            sd[target] = sd[source]
-    model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False, assign=True)
+        targets.setdefault(source, []).append(target)
+    # One full tensor at a time: a rank's peak is its shard plus the largest full tensor, as with a checkpoint
+    # (sharding hooks slice each tensor while it loads), not the whole unsharded model.
+    for key, value in random_tensors(reference, dtype, seed, std):
+        keys = [k for k in (key, *targets.get(key, [])) if k in expected]
+        if keys:
+            value = value.to(device)
+            model.load_state_dict(dict.fromkeys(keys, value), strict=False, assign=True)
     _finish(model, device)
