@@ -6,6 +6,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+from .. import custom_ops  # noqa: F401 - torch.ops.auto_deploy.torch_causal_conv1d
 from ..utils.graph_utils import get_attr_tensor, is_op
 from .graph import is_linear, linear_weight, module_name, param_target, regions, shape_of
 from .plan import ShardEntry, ShardingPlan, ShardKind
@@ -13,6 +14,8 @@ from .plan import ShardEntry, ShardingPlan, ShardKind
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 
+# The mixer's depthwise conv: aten's, or the canonical op the hf_mamba2_ops export patch puts there.
+_CONVS = [aten.conv1d, torch.ops.auto_deploy.torch_causal_conv1d]
 # Ops that only move or cast data between the in_proj split, the conv and the conv split.
 _PASS_THROUGH = [aten.transpose.int, aten.to.dtype, aten.to.dtype_layout, aten.contiguous, aten.permute]
 
@@ -53,7 +56,7 @@ def mamba_entry(gm: GraphModule, in_proj: Node, world: int, source: str) -> Shar
     conv = None
     for i, size in enumerate(sizes):
         item = _getitem(split, i)
-        cand = _follow(item, [aten.conv1d]) if item is not None else None
+        cand = _follow(item, _CONVS) if item is not None else None
         if cand is not None and _param_through_views(cand.args[1]):
             conv, xbc_index = cand, i
             break
@@ -93,7 +96,7 @@ def detect_ssm(gm: GraphModule, plan: ShardingPlan, source: str = "heuristic") -
     """Regions holding a depthwise conv: its opening linear becomes MAMBA, its closing linear ROW."""
     claimed = 0
     for region in regions(gm):
-        if not any(is_op(n, aten.conv1d) for n in region.nodes):
+        if not any(is_op(n, _CONVS) for n in region.nodes):
             continue
         lins = [n for n in region.linears if is_linear(n)]
         if len(lins) != 2:
