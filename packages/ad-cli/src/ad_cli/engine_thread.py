@@ -3,10 +3,12 @@
 import asyncio
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ad_runtime import SamplingParams
+from ad_runtime.build import ABORT_MESSAGE
 
 
 @dataclass
@@ -18,43 +20,69 @@ class Update:
     finished: bool
     finish_reason: str | None
     error: str | None = None
+    internal: bool = False  # the server failed (a step, a rank), not the request: a 500, not a 400
+
+
+def update_of(req: Any, decode: Callable[[list[int], bool], str]) -> Update:
+    """The Update of an engine request; the engine fills `text` only when it ends or has stop strings."""
+    text = req.text
+    if not req.is_finished and not req.params.stop:
+        text = decode(req.output_token_ids, req.params.skip_special_tokens)
+    return Update(list(req.output_token_ids), text, req.is_finished, req.finish_reason, req.error)
+
+
+def failed_update(message: str) -> Update:
+    """The last Update of a request the server could not finish."""
+    return Update([], "", True, "error", message, internal=True)
 
 
 class EngineThread:
-    """Owns the engine: submissions arrive on a queue; updates go back to each caller's asyncio queue."""
+    """Owns a local engine: submissions arrive on a queue; updates go back to each caller's asyncio queue.
+
+    The same contract as DistributedEngine: submit(...) -> asyncio.Queue of Update, abort(queue), close().
+    """
 
     def __init__(self, llm: Any):
         self.llm = llm
         self.engine = llm.engine
         if self.engine is None:
-            # world_size > 1: the engine lives in rank 0's process and takes one conversation at a time.
-            raise ValueError("ad-serve runs with world_size 1 only for now; use the LLM API for several ranks")
+            raise ValueError("EngineThread needs the engine in this process (world_size 1); use DistributedEngine")
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ad-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, token_ids: list[int], params: SamplingParams, prompt: str | None) -> asyncio.Queue:
-        """Queue a request; returns the asyncio queue that receives its Updates."""
+    def submit(self, token_ids: list[int], params: SamplingParams, prompt: str | None, stream: bool = True) -> asyncio.Queue:
+        """Queue a request; returns the asyncio queue that receives its Updates (only the last unless `stream`)."""
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
-        self._inbox.put((token_ids, params, prompt, loop, out))
+        self._inbox.put(("add", token_ids, params, prompt, stream, loop, out))
         return out
 
+    def abort(self, out: asyncio.Queue) -> None:
+        """Stop the request whose updates go to `out` (its client went away); no more updates come."""
+        self._inbox.put(("abort", out))
+
     def _loop(self) -> None:
-        watchers: dict[int, tuple[Any, Any, asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        watchers: dict[int, tuple[Any, bool, asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        by_queue: dict[asyncio.Queue, int] = {}
         while not self._stop.is_set():
             block = not self.engine.has_unfinished
             try:
                 while True:
                     item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
                     block = False
-                    ids, params, prompt, loop, out = item
+                    if item[0] == "abort":
+                        rid = by_queue.pop(item[1], None)
+                        if rid is not None:
+                            self.engine.abort(watchers.pop(rid)[0], ABORT_MESSAGE)
+                        continue
+                    _, ids, params, prompt, stream, loop, out = item
                     req = self.engine.add_request(ids, params, prompt)
-                    watchers[req.request_id] = (req, params, loop, out)
                     if req.is_finished:  # rejected at once (too long, ...)
                         self._publish(req, loop, out)
-                        watchers.pop(req.request_id)
+                    else:
+                        watchers[req.request_id], by_queue[out] = (req, stream, loop, out), req.request_id
             except queue.Empty:
                 pass
             if not self.engine.has_unfinished:
@@ -62,26 +90,25 @@ class EngineThread:
             try:
                 changed = self.engine.step()
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
-                for rid, (req, _, loop, out) in list(watchers.items()):
+                for req, _, loop, out in watchers.values():
                     if not req.is_finished:
                         self.engine.abort(req, f"engine step failed: {e}")
-                    self._publish(req, loop, out)
+                    loop.call_soon_threadsafe(out.put_nowait, failed_update(req.error or f"engine step failed: {e}"))
                 watchers.clear()
+                by_queue.clear()
                 continue
             for req in changed:
                 w = watchers.get(req.request_id)
                 if w is None:
                     continue
-                self._publish(req, w[2], w[3])
+                if w[1] or req.is_finished:
+                    self._publish(req, w[2], w[3])
                 if req.is_finished:
                     watchers.pop(req.request_id)
+                    by_queue.pop(w[3], None)
 
     def _publish(self, req: Any, loop: asyncio.AbstractEventLoop, out: asyncio.Queue) -> None:
-        text = req.text
-        if not req.params.stop:
-            text = self.engine.detok.decode(req.output_token_ids, req.params.skip_special_tokens)
-        upd = Update(list(req.output_token_ids), text, req.is_finished, req.finish_reason, req.error)
-        loop.call_soon_threadsafe(out.put_nowait, upd)
+        loop.call_soon_threadsafe(out.put_nowait, update_of(req, self.engine.detok.decode))
 
     def close(self) -> None:
         self._stop.set()

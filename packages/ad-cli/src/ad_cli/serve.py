@@ -23,10 +23,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    if config.args.world_size > 1:
-        # The engine thread needs the engine in this process; with several ranks it lives in rank 0's.
-        print(f"{PROG}: error: args.world_size={config.args.world_size}: the server runs one rank for now", file=sys.stderr)
-        return 2
     # A server says where it listens and logs requests, so INFO here; library chatter stays off.
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     import uvicorn

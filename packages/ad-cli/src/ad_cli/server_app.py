@@ -1,5 +1,6 @@
 """An OpenAI-compatible HTTP API (completions, chat completions, models) over one shared engine."""
 
+import asyncio
 import json
 import time
 import uuid
@@ -10,10 +11,14 @@ from typing import Any
 from ad_runtime import SamplingParams
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .engine_thread import EngineThread
+from .distributed_engine import DistributedEngine
+from .engine_thread import EngineThread, Update
+
+# How often a non-streaming request checks whether its client is still there (to abort it if not).
+DISCONNECT_POLL_S = 1.0
 
 
 class _Sampling(BaseModel):
@@ -66,13 +71,34 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {err.get('msg', 'invalid')}" if param else str(err.get("msg", "invalid request"))), param
 
 
+def start_engine(llm: Any) -> EngineThread | DistributedEngine:
+    """A local engine on a background thread; with world_size > 1 the engine lives in rank 0's process."""
+    if llm.engine is not None:
+        return EngineThread(llm)
+    return DistributedEngine(llm._backend)  # LLM has no public handle on its backend yet
+
+
+async def _last_update(q: asyncio.Queue, engine: Any, http: Request) -> Update | None:
+    """The request's final Update; None (and the request aborted) when its client went away first."""
+    while True:
+        try:
+            upd = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
+        except TimeoutError:
+            if await http.is_disconnected():
+                engine.abort(q)
+                return None
+            continue
+        if upd.finished:
+            return upd
+
+
 def build_app(llm: Any, model_name: str, default_max_tokens: int = 256) -> FastAPI:
-    """The app over `llm`; its engine runs on one background thread while the app is up."""
+    """The app over `llm`; its engine runs on one background thread (or on rank 0) while the app is up."""
     state: dict[str, Any] = {}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state["engine"] = EngineThread(llm)
+        state["engine"] = start_engine(llm)
         try:
             yield
         finally:
@@ -98,22 +124,21 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256) -> FastA
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "ad"}]}
 
-    async def _run(ids: list[int], text: str | None, req: _Sampling, chat: bool):
+    async def _run(ids: list[int], text: str | None, req: _Sampling, chat: bool, http: Request):
         try:
             params = req.params(default_max_tokens)
         except ValueError as e:
             raise HTTPException(status_code=400, detail=str(e)) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        q = state["engine"].submit(ids, params, text)
+        q = state["engine"].submit(ids, params, text, stream=req.stream)
         if req.stream:
             return StreamingResponse(_stream(q, rid, created, chat, len(ids)), media_type="text/event-stream")
-        while True:
-            upd = await q.get()
-            if upd.finished:
-                break
+        upd = await _last_update(q, state["engine"], http)
+        if upd is None:
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
         if upd.error:
-            raise HTTPException(status_code=400, detail=upd.error)
+            raise HTTPException(status_code=500 if upd.internal else 400, detail=upd.error)
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(upd.token_ids),
                  "total_tokens": len(ids) + len(upd.token_ids)}
         if chat:
@@ -129,39 +154,43 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256) -> FastA
     async def _stream(q, rid: str, created: int, chat: bool, n_prompt: int):
         sent = ""
         obj = "chat.completion.chunk" if chat else "text_completion"
-        while True:
-            upd = await q.get()
-            if upd.error:
-                yield f"data: {json.dumps({'error': {'message': upd.error}})}\n\n"
-                break
-            # Hold back a trailing replacement char: the next token may complete the character.
-            text = upd.text if upd.finished else upd.text.rstrip("\ufffd")
-            delta, sent = text[len(sent):], text if text.startswith(sent) else sent
-            if delta or upd.finished:
-                if chat:
-                    choice = {"index": 0, "delta": {"content": delta}, "finish_reason": upd.finish_reason}
-                else:
-                    choice = {"index": 0, "text": delta, "finish_reason": upd.finish_reason}
-                chunk = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice]}
-                yield f"data: {json.dumps(chunk)}\n\n"
-            if upd.finished:
-                break
-        yield "data: [DONE]\n\n"
+        finished = False
+        try:
+            while not finished:
+                upd = await q.get()
+                finished = upd.finished
+                if upd.error:
+                    yield f"data: {json.dumps({'error': {'message': upd.error}})}\n\n"
+                    break
+                # Hold back a trailing replacement char: the next token may complete the character.
+                text = upd.text if upd.finished else upd.text.rstrip("\ufffd")
+                delta, sent = text[len(sent):], text if text.startswith(sent) else sent
+                if delta or upd.finished:
+                    if chat:
+                        choice = {"index": 0, "delta": {"content": delta}, "finish_reason": upd.finish_reason}
+                    else:
+                        choice = {"index": 0, "text": delta, "finish_reason": upd.finish_reason}
+                    chunk = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:  # the client went away mid-stream (the response was cancelled or closed)
+                state["engine"].abort(q)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, http: Request):
         try:
             ids, text = llm.encode(req.prompt) if isinstance(req.prompt, str) else (list(req.prompt), None)
         except ValueError as e:  # no tokenizer for a text prompt
             raise HTTPException(status_code=400, detail=str(e)) from None
-        return await _run(ids, text, req, chat=False)
+        return await _run(ids, text, req, chat=False, http=http)
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, http: Request):
         try:
             ids, text = llm.encode([m.model_dump() for m in req.messages])
         except ValueError as e:
             raise HTTPException(status_code=400, detail=str(e)) from None
-        return await _run(ids, text, req, chat=True)
+        return await _run(ids, text, req, chat=True, http=http)
 
     return app

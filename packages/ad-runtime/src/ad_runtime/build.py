@@ -15,6 +15,9 @@ from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# Why a request ended when its caller stopped listening (a closed stream, a client that went away).
+ABORT_MESSAGE = "aborted: the caller stopped listening"
+
 
 def resolve_device(device: str, rank: int = 0) -> torch.device:
     """`auto`: this rank's GPU when there is one, else the CPU."""
@@ -39,7 +42,7 @@ class GraphRunner:
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[StepSequence], num_prefill: int) -> torch.Tensor:
-        self.cm.update([ScheduledSequence(s.token_ids, s.input_pos, s.pages) for s in batch])
+        self.cm.update([ScheduledSequence(s.token_ids, s.input_pos, s.pages, s.slot) for s in batch])
         logits = self.module(**self.cm.named_args)
         if logits.shape[1] == len(batch):
             # One row per sequence: the graph gathered the last tokens (gather_logits_before_lm_head),
@@ -150,11 +153,16 @@ class LocalBackend:
         if req.is_finished:
             yield req
             return
-        while req.status in (RequestStatus.WAITING, RequestStatus.RUNNING):
-            if req in self.engine.step():
-                if not req.is_finished and not params.stop:
-                    req.text = self.engine.detok.decode(req.output_token_ids, params.skip_special_tokens)
-                yield req
+        try:
+            while req.status in (RequestStatus.WAITING, RequestStatus.RUNNING):
+                if req in self.engine.step():
+                    if not req.is_finished and not params.stop:
+                        req.text = self.engine.detok.decode(req.output_token_ids, params.skip_special_tokens)
+                    yield req
+        finally:
+            # A caller that stops listening early frees the request's slot, as with DistributedBackend.
+            if not req.is_finished and self.engine is not None:
+                self.engine.abort(req, ABORT_MESSAGE)
 
     def shutdown(self) -> None:
         self.engine = None  # type: ignore[assignment]

@@ -1,23 +1,38 @@
-"""world_size > 1: one process per rank; rank 0 schedules and broadcasts each step, the user's process talks to rank 0.
+"""world_size > 1: one process per rank; rank 0 runs the engine, the user's process talks to it request by request.
 
     user process --pipe--> rank 0 (tokenizer, scheduler, sampling) --broadcast step--> ranks 1..N-1
     every rank runs the same sharded graph on the same flattened batch; collectives live in the graph.
+
+The pipe carries requests, not conversations, so callers on many threads share rank 0's batches:
+
+    user -> rank 0   ("add", [(client_id, prompt_ids, params, text, stream), ...])   one message per call
+                     ("abort", client_id)                                            the caller stopped listening
+                     ("shutdown",)
+    rank 0 -> user   ("ready", vocab_size, rank_pids)                                once, after the build
+                     ("update", client_id, snapshot)   streams after every token, the others when finished
+
+A snapshot is the engine's Request without the prompt (the user's process has it); `is_finished` marks the last.
 """
 
+import dataclasses
 import datetime
+import itertools
 import logging
 import multiprocessing as mp
 import os
+import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
+from .build import ABORT_MESSAGE
+from .executor.detokenizer import Detokenizer
 from .executor.engine import StepSequence
-from .executor.request import Request, RequestStatus
+from .executor.request import Request
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -27,6 +42,9 @@ logger = logging.getLogger(__name__)
 CONTROL_TIMEOUT = datetime.timedelta(days=365)
 # How long shutdown() lets the ranks end by themselves before killing them.
 SHUTDOWN_GRACE_S = 20.0
+
+# Called on the reader thread with a request snapshot, or with the DistributedError that ended the ranks.
+UpdateCallback = Callable[[int, "Request | BaseException"], None]
 
 
 class _BroadcastRunner:
@@ -45,6 +63,47 @@ class _BroadcastRunner:
         import torch.distributed as dist
 
         dist.broadcast_object_list([None], src=0, group=self.group)
+
+
+def _snapshot(req: Request) -> Request:
+    """What travels back per update: the prompt stays behind, streams would otherwise resend it every token."""
+    return dataclasses.replace(req, prompt_token_ids=[], prompt=None)
+
+
+def _serve(engine: Any, conn: Any) -> None:
+    """Rank 0's loop: take requests between steps, step while any is unfinished, send back what changed."""
+    clients: dict[int, tuple[int, bool]] = {}  # engine request id -> (client id, stream)
+    requests: dict[int, Request] = {}  # client id -> its unfinished request
+    while True:
+        # Block only when idle; while requests run, whatever arrived joins the next step (continuous batching).
+        msgs = [] if engine.has_unfinished else [conn.recv()]
+        while conn.poll():
+            msgs.append(conn.recv())
+        for msg in msgs:
+            if msg[0] == "shutdown":
+                return
+            if msg[0] == "add":
+                for cid, ids, params, text, stream in msg[1]:
+                    req = engine.add_request(ids, params, text)
+                    if req.is_finished:  # rejected at once (too long, ...)
+                        conn.send(("update", cid, _snapshot(req)))
+                    else:
+                        clients[req.request_id], requests[cid] = (cid, stream), req
+            elif msg[0] == "abort":
+                req = requests.pop(msg[1], None)
+                if req is not None:
+                    del clients[req.request_id]
+                    engine.abort(req, ABORT_MESSAGE)
+            else:
+                raise ValueError(f"rank 0 got an unknown message {msg[0]!r}")
+        if not engine.has_unfinished:
+            continue
+        for req in engine.step():
+            cid, stream = clients[req.request_id]
+            if stream or req.is_finished:
+                conn.send(("update", cid, _snapshot(req)))
+            if req.is_finished:
+                del clients[req.request_id], requests[cid]
 
 
 def _worker(ctx: Any, args_dump: dict[str, Any], conn: Any) -> None:
@@ -78,26 +137,22 @@ def _worker(ctx: Any, args_dump: dict[str, Any], conn: Any) -> None:
             holder["runner"].forward(batch, num_prefill)
     conn.send(("ready", int(factory.vocab_size), pids))
     try:
-        while True:
-            msg = conn.recv()
-            if msg[0] == "shutdown":
-                return
-            _, prompts, params, texts, stream = msg
-            reqs = [engine.add_request(p, sp, t) for p, sp, t in zip(prompts, params, texts)]
-            while any(r.status in (RequestStatus.WAITING, RequestStatus.RUNNING) for r in reqs):
-                changed = engine.step()
-                if stream:
-                    for r in changed:
-                        if not r.is_finished and not r.params.stop:
-                            r.text = engine.detok.decode(r.output_token_ids, r.params.skip_special_tokens)
-                        conn.send(("update", r))
-            conn.send(("done", reqs))
+        _serve(engine, conn)
     finally:
         holder["runner"].stop_others()
 
 
+@dataclasses.dataclass
+class _Handler:
+    """Where a client's updates go, and the prompt its snapshots left behind."""
+
+    on_update: UpdateCallback
+    prompt_token_ids: list[int]
+    prompt: str | None
+
+
 class DistributedBackend:
-    """Starts the ranks in the background and forwards requests to rank 0."""
+    """Starts the ranks in the background and forwards requests to rank 0; safe to call from many threads."""
 
     def __init__(self, args: Any):
         from ad_compiler.distributed.launch import launch
@@ -108,65 +163,175 @@ class DistributedBackend:
         self.rank_pids: list[int] = []
         # Before any rank starts: a failure here must not leave ranks behind.
         self.tokenizer = factory_from_args(args, device="cpu").init_tokenizer()
+        self.detok = Detokenizer(self.tokenizer)
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._lock = threading.Lock()  # one conversation with rank 0 at a time
         self._error: BaseException | None = None
+        self._stopping = False
         dump = args.model_dump(mode="json", exclude={"yaml_default", "yaml_extra"})
 
         def run() -> None:
             try:
                 launch(_worker, args.world_size, args=(dump, child), timeout_s=10**9)
-            except BaseException as e:  # noqa: BLE001 - surfaced to the caller on its next request
+            except BaseException as e:  # noqa: BLE001 - surfaced to the callers by the reader thread
                 self._error = e
 
         self._thread = threading.Thread(target=run, name="ad-ranks", daemon=True)
         self._thread.start()
-        kind, self.vocab_size, self.rank_pids = self._recv()
+        try:
+            kind, self.vocab_size, self.rank_pids = self._recv_ready()
+        finally:
+            # The ranks hold their own copies of this end; without ours, rank 0's death reads as EOF.
+            child.close()
         assert kind == "ready"
+        self._lock = threading.Lock()  # guards _handlers and _failure
+        self._handlers: dict[int, _Handler] = {}
+        self._failure: BaseException | None = None
+        self._ids = itertools.count()
+        # One writer thread owns sends: a caller (an event loop, say) never blocks on a full pipe.
+        self._outbox: queue.Queue = queue.Queue()
+        threading.Thread(target=self._write, name="ad-rank0-writer", daemon=True).start()
+        self._reader = threading.Thread(target=self._read, name="ad-rank0-reader", daemon=True)
+        self._reader.start()
 
-    def _recv(self) -> Any:
-        from ad_compiler.distributed.launch import DistributedError
+    # ---- talking to rank 0 ------------------------------------------------------------------------
 
+    def _recv_ready(self) -> Any:
         while not self._conn.poll(0.1):
             if not self._thread.is_alive() or self._error is not None:
-                self._thread.join(5.0)  # the launcher stops the other ranks before it returns
-                if isinstance(self._error, DistributedError):
-                    raise self._error
-                raise DistributedError(f"the ranks stopped: {self._error or 'rank 0 ended'}") from self._error
+                raise self._stopped_error()
         return self._conn.recv()
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams], texts: list[str | None]) -> list[Request]:
+    def _stopped_error(self) -> BaseException:
+        from ad_compiler.distributed.launch import DistributedError
+
+        self._thread.join(5.0)  # the launcher stops the other ranks (and records why) before it returns
+        if self._stopping:
+            return DistributedError("the ranks were shut down")
+        if isinstance(self._error, DistributedError):
+            return self._error
+        return DistributedError(f"the ranks stopped: {self._error or 'rank 0 ended'}")
+
+    def _write(self) -> None:
+        while (msg := self._outbox.get()) is not None:
+            try:
+                self._conn.send(msg)
+            except OSError:
+                return  # every rank is gone; the reader sees EOF and fails the waiting callers
+            if msg[0] == "shutdown":
+                return
+
+    def _read(self) -> None:
+        try:
+            while True:
+                if self._conn.poll(0.1):
+                    self._dispatch(self._conn.recv())
+                elif not self._thread.is_alive():
+                    break
+        except (EOFError, OSError):
+            pass  # every rank is gone
+        except Exception:  # noqa: BLE001 - a reader that dies quietly would leave every caller waiting
+            logger.exception("reading rank 0's messages failed")
+        self._fail(self._stopped_error())
+
+    def _dispatch(self, msg: Any) -> None:
+        kind, cid, snap = msg
+        assert kind == "update", kind
         with self._lock:
-            self._conn.send(("generate", prompts, params, texts, False))
-            kind, reqs = self._recv()
-        return reqs
+            handler = self._handlers.get(cid)
+            if handler is not None and snap.is_finished:
+                del self._handlers[cid]
+        if handler is None:
+            return  # aborted by its caller; rank 0 sent this before the abort reached it
+        snap.prompt_token_ids, snap.prompt = handler.prompt_token_ids, handler.prompt
+        _call(handler.on_update, cid, snap)
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            self._failure = error
+            handlers, self._handlers = self._handlers, {}
+        self._outbox.put(None)  # ends the writer
+        for cid, handler in handlers.items():
+            _call(handler.on_update, cid, error)
+
+    # ---- the request-level API --------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        texts: list[str | None],
+        stream: bool,
+        on_update: UpdateCallback,
+    ) -> list[int]:
+        """Queue requests for rank 0 (in one message, so they start in the same step); returns their client ids.
+
+        `on_update(client_id, request)` runs on the reader thread, so it must be quick: for streams after every
+        token, for the others once, when finished; with the error instead when the ranks stop.
+        """
+        with self._lock:
+            if self._failure is not None:
+                raise _raised(self._failure)
+            cids = [next(self._ids) for _ in prompts]
+            for cid, ids, text in zip(cids, prompts, texts):
+                self._handlers[cid] = _Handler(on_update, list(ids), text)
+        self._outbox.put(("add", [(c, list(i), sp, t, stream) for c, i, sp, t in zip(cids, prompts, params, texts)]))
+        return cids
+
+    def abort(self, client_id: int) -> None:
+        """Stop a request on rank 0 (frees its batch slot and pages); no more updates come for it."""
+        with self._lock:
+            if self._handlers.pop(client_id, None) is None:
+                return  # finished already, or never existed
+        self._outbox.put(("abort", client_id))
+
+    # ---- the backend API (as LocalBackend) --------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams], texts: list[str | None]) -> list[Request]:
+        if not prompts:
+            return []
+        inbox: queue.Queue = queue.Queue()
+        cids = self.submit(prompts, params, texts, False, lambda cid, item: inbox.put((cid, item)))
+        slot = {cid: i for i, cid in enumerate(cids)}
+        out: list[Any] = [None] * len(cids)
+        pending = set(cids)
+        try:
+            while pending:
+                cid, item = inbox.get()
+                if isinstance(item, BaseException):
+                    raise _raised(item)
+                out[slot[cid]] = item
+                pending.discard(cid)
+        finally:
+            for cid in pending:  # the caller gave up (an exception, KeyboardInterrupt): free rank 0's slots
+                self.abort(cid)
+        return out
 
     def stream(self, prompt: list[int], params: SamplingParams, text: str | None) -> Iterator[Request]:
-        with self._lock:
-            self._conn.send(("generate", [prompt], [params], [text], True))
-            done = False
-            try:
-                while not done:
-                    kind, payload = self._recv()
-                    done = kind == "done"
-                    if done:
-                        yield payload[0]
-                    elif not payload.is_finished:
-                        yield payload
-            finally:
-                # A caller that stops listening early: read the rest, or the next request would get it.
-                while not done and self._thread.is_alive():
-                    done = self._recv()[0] == "done"
+        inbox: queue.Queue = queue.Queue()
+        [cid] = self.submit([prompt], [params], [text], True, lambda _, item: inbox.put(item))
+        finished = False
+        try:
+            while not finished:
+                item = inbox.get()
+                if isinstance(item, BaseException):
+                    finished = True  # nothing to abort
+                    raise _raised(item)
+                finished = item.is_finished
+                if not finished and not params.stop:
+                    # Decoded here, not on rank 0: the text costs the caller's thread, not the shared step loop.
+                    item.text = self.detok.decode(item.output_token_ids, params.skip_special_tokens)
+                yield item
+        finally:
+            if not finished:  # a caller that stops listening early frees the request's batch slot
+                self.abort(cid)
 
     def shutdown(self) -> None:
         """Ask rank 0 to stop (it stops the others); kill whatever is still running after a grace period."""
         if not self._thread.is_alive():
             return
-        try:
-            self._conn.send(("shutdown",))
-        except (BrokenPipeError, OSError):
-            pass
+        self._stopping = True
+        self._outbox.put(("shutdown",))
         self._thread.join(SHUTDOWN_GRACE_S)
         if self._thread.is_alive():
             logger.warning("ranks did not stop within %.0fs; killing them", SHUTDOWN_GRACE_S)
@@ -179,3 +344,21 @@ class DistributedBackend:
             deadline = time.monotonic() + 10.0
             while self._thread.is_alive() and time.monotonic() < deadline:
                 self._thread.join(0.5)
+        self._reader.join(5.0)  # fails whoever still waits, with "shut down"
+
+
+def _call(on_update: UpdateCallback, cid: int, item: Any) -> None:
+    # A failing callback must not end the reader thread: every other caller would then wait forever.
+    try:
+        on_update(cid, item)
+    except Exception:  # noqa: BLE001 - logged, the other requests go on
+        logger.exception("update callback for request %d failed", cid)
+
+
+def _raised(error: BaseException) -> BaseException:
+    """A fresh exception per waiting caller (threads must not share one traceback), naming the original."""
+    from ad_compiler.distributed.launch import DistributedError
+
+    fresh = DistributedError(str(error))
+    fresh.__cause__ = error
+    return fresh
