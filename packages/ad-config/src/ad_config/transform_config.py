@@ -216,6 +216,22 @@ class InsertCachedAttentionConfig(TransformConfig):
     backend: KernelBackend = "auto"
 
 
+# Mamba2 state caches: "torch" is the only implementation today (plain torch, CPU and GPU).
+StateBackend = Literal["torch"]
+
+
+@register_transform_config("insert_cached_ssm_attention")
+class InsertCachedSsmAttentionConfig(TransformConfig):
+    stage: Stage = Stage.CACHE_INIT
+    backend: StateBackend = "torch"
+
+
+@register_transform_config("insert_cached_causal_conv")
+class InsertCachedCausalConvConfig(TransformConfig):
+    stage: Stage = Stage.CACHE_INIT
+    backend: StateBackend = "torch"
+
+
 _plain(Stage.CACHE_INIT, "initialize_cache", "gather_logits_before_lm_head")
 
 

@@ -140,8 +140,14 @@ class AutoModelForCausalLMFactory(ModelFactory):
         return ckpt or torch.float32
 
     def attn_implementation(self) -> str:
-        """sdpa, except eager where sdpa would drop an attention logit soft-cap (Gemma 2)."""
-        return "eager" if getattr(self.config, "attn_logit_softcapping", None) else "sdpa"
+        """sdpa, except eager where sdpa would drop an attention logit soft-cap (Gemma 2) or where the model class
+        has no sdpa path (pure state-space models such as Mamba2, which have no attention at all)."""
+        if getattr(self.config, "attn_logit_softcapping", None):
+            return "eager"
+        from transformers import AutoModelForCausalLM
+
+        cls = AutoModelForCausalLM._model_mapping.get(type(self.config), None)
+        return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", True) else "eager"
 
     def build_model(self, device: str | torch.device) -> nn.Module:
         from transformers import AutoModelForCausalLM

@@ -24,6 +24,8 @@ METADATA_NAMES: tuple[str, ...] = (
     "seq_len_host",  # int32 [B] on CPU
     "input_pos_host",  # int32 [B] on CPU
     "cu_seqlen_host",  # int32 [B+1] on CPU
+    "slot_idx",  # int64 [B] each sequence's row in the per-sequence state caches (padding rows: max_batch_size)
+    "slot_idx_host",  # int64 [B] on CPU
 )
 
 

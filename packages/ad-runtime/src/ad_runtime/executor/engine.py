@@ -25,6 +25,7 @@ class StepSequence:
     token_ids: list[int]  # tokens fed this step
     input_pos: int  # tokens of this sequence already in the cache
     pages: list[int]  # its page table
+    slot: int = -1  # its row in per-sequence state caches (Mamba conv/SSM state); -1: none assigned
 
 
 class ModelRunner(Protocol):
@@ -95,7 +96,9 @@ class Engine:
         for s in batch:
             r = s.request
             start = r.num_computed_tokens
-            seqs.append(StepSequence(r.all_token_ids[start : start + s.num_new_tokens], start, pool.page_table(r.request_id)))
+            seqs.append(StepSequence(
+                r.all_token_ids[start : start + s.num_new_tokens], start, pool.page_table(r.request_id), r.slot
+            ))
         num_prefill = sum(not s.is_decode for s in batch)
         logits = self.runner.forward(seqs, num_prefill)
         self.num_steps += 1

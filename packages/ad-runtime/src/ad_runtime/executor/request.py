@@ -32,6 +32,8 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    # Row of the per-sequence state caches (Mamba conv/SSM state) while running; None while waiting.
+    slot: int | None = None
     # Text of the output (filled by the detokenizer) and how much of it a stream already saw.
     text: str = ""
     streamed_tokens: int = 0

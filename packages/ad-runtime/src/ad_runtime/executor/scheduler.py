@@ -56,6 +56,9 @@ class Scheduler:
         self.num_pages = num_pages
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: oldest first
+        # At most max_batch_size requests run, so each holds one of max_batch_size state slots until it
+        # finishes or is preempted (a preempted request recomputes from token 0, state included).
+        self._free_slots: list[int] = list(range(max_batch_size - 1, -1, -1))
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -72,9 +75,15 @@ class Scheduler:
     def fits_at_all(self, req: Request, max_total_tokens: int) -> bool:
         return -(-max_total_tokens // self.pool.page_size) <= self.num_pages
 
+    def _release_slot(self, req: Request) -> None:
+        if req.slot is not None:
+            self._free_slots.append(req.slot)
+            req.slot = None
+
     def preempt(self, req: Request) -> None:
         """Free the request's pages; it will be recomputed (prompt + output so far) later."""
         self.pool.free(req.request_id)
+        self._release_slot(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
@@ -84,6 +93,7 @@ class Scheduler:
 
     def finish(self, req: Request) -> None:
         self.pool.free(req.request_id)
+        self._release_slot(req)
         if req in self.running:
             self.running.remove(req)
 
@@ -120,11 +130,14 @@ class Scheduler:
             self.waiting.popleft()
             self.pool.ensure_capacity(req.request_id, req.num_computed_tokens + n)
             req.status = RequestStatus.RUNNING
+            req.slot = self._free_slots.pop()
             self.running.append(req)
             batch.append(ScheduledSequence(req, n))
             scheduled_ids.add(req.request_id)
             budget -= n
-        batch.sort(key=lambda s: s.is_decode)  # stable: prefills first, then decodes
+        # Stable: multi-token rows first, then one-token rows (decodes, and one-token prompts or chunks, which the
+        # cache metadata and the attention ops run with the decodes).
+        batch.sort(key=lambda s: s.num_new_tokens == 1)
         return batch
 
     def _make_room(self, req: Request, total_tokens: int, scheduled: set[int]) -> bool:

@@ -1,6 +1,6 @@
 """Paged KV cache: page bookkeeping, the flattened step metadata and the cache interface (`cm`)."""
 
-from .interface import CachedSequenceInterface, ScheduledSequence, parse_kv_cache_dtype
+from .interface import CachedSequenceInterface, ScheduledSequence, StateSpec, parse_kv_cache_dtype
 from .page_pool import OutOfPagesError, PagePool
 from .sequence_info import SequenceInfo
 
@@ -10,5 +10,6 @@ __all__ = [
     "PagePool",
     "ScheduledSequence",
     "SequenceInfo",
+    "StateSpec",
     "parse_kv_cache_dtype",
 ]

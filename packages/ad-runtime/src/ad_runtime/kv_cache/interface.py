@@ -1,6 +1,7 @@
 """CachedSequenceInterface (`cm`): the batch metadata, the page pool and the per-layer cache tensors."""
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,6 +41,16 @@ class ScheduledSequence:
     token_ids: Sequence[int]  # tokens to feed this step (whole prompt, a prompt chunk, or one token)
     num_cached: int  # tokens of this sequence already in the KV cache
     page_ids: Sequence[int]  # its pages (from `cm.pool`), enough for num_cached + len(token_ids)
+    slot: int = -1  # its row in the per-sequence state caches (needed only when the graph has state caches)
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One per-layer, per-sequence state cache (Mamba conv or SSM state): allocated as [max_batch_size + 1, *shape]
+    (the last row is the scratch row of padded CUDA-graph rows)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 class CachedSequenceInterface:
@@ -72,6 +83,7 @@ class CachedSequenceInterface:
         self.pool = PagePool(self.num_pages, page_size)
         self.info.scratch_page = self.num_pages
         self.cache_specs: dict[str, CacheSpec] = {}
+        self.state_specs: dict[str, StateSpec] = {}
         self.caches: dict[str, torch.Tensor] = {}
         self.metadata_names: list[str] = []  # metadata placeholders of the graph, in order
         self.attention_backends: list[type[AttentionDescriptor]] = []
@@ -86,6 +98,16 @@ class CachedSequenceInterface:
         if name in self.cache_specs:
             raise ValueError(f"cache {name!r} added twice")
         self.cache_specs[name] = spec
+
+    def add_state(self, name: str, spec: StateSpec) -> None:
+        if name in self.cache_specs or name in self.state_specs:
+            raise ValueError(f"cache {name!r} added twice")
+        self.state_specs[name] = spec
+
+    def state_bytes(self) -> int:
+        """Bytes of all state caches (they do not grow with the page count)."""
+        rows = self.info.max_batch_size + 1
+        return sum(rows * math.prod(s.shape) * s.dtype.itemsize for s in self.state_specs.values())
 
     def add_metadata(self, name: str) -> None:
         if name not in self.metadata_names:
@@ -121,19 +143,27 @@ class CachedSequenceInterface:
             )
         self.pool = PagePool(self.num_pages, self.page_size)
         self.info.scratch_page = self.num_pages
-        by_layer = {k: v for k, v in self.caches.items()}
+        for name, st in self.state_specs.items():
+            self.caches[name] = torch.zeros(self.info.max_batch_size + 1, *st.shape, dtype=st.dtype, device=self.device)
+        by_layer = {k: v for k, v in self.caches.items() if k in self.cache_specs}
         for desc in self.attention_backends:
             desc.on_cache_init(by_layer)
         nbytes = sum(t.numel() * t.element_size() for t in self.caches.values())
-        logger.info("KV cache: %d pages of %d tokens, %.1f MiB", self.num_pages, self.page_size, nbytes / 2**20)
+        logger.info("KV cache: %d pages of %d tokens, %.1f MiB (%d state caches)", self.num_pages, self.page_size,
+                    nbytes / 2**20, len(self.state_specs))
         return nbytes
 
     # ---- per step (called by the executor) -------------------------------------------------------------
 
     def update(self, sequences: Sequence[ScheduledSequence]) -> None:
         """Fill this step's metadata (one host-to-device copy); prefills (> 1 token) first, then decodes."""
+        slots = [s.slot for s in sequences]
+        if self.state_specs and min(slots) < 0:
+            # Without its own row a sequence would read another one's state: refuse instead of mixing them.
+            raise ValueError("the graph keeps per-sequence state (Mamba): every scheduled sequence needs a slot >= 0")
         self.info.nest_sequences(
-            [s.token_ids for s in sequences], [s.num_cached for s in sequences], [s.page_ids for s in sequences]
+            [s.token_ids for s in sequences], [s.num_cached for s in sequences], [s.page_ids for s in sequences],
+            slots,
         )
         for desc in self.attention_backends:
             desc.host_prepare(self.info)
@@ -148,7 +178,7 @@ class CachedSequenceInterface:
         return self._graph_args(self.info.padded_decode_args(batch_size))
 
     def _graph_args(self, meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.cache_specs and not self.caches:
+        if (self.cache_specs or self.state_specs) and not self.caches:
             raise RuntimeError("caches are not allocated: run initialize_cache (cm.initialize_caches()) first")
         args = {"input_ids": meta["input_ids"], "position_ids": meta["position_ids"]}
         args.update((name, meta[name]) for name in self.metadata_names)

@@ -20,6 +20,7 @@ _FIELDS: tuple[tuple[str, torch.dtype, str], ...] = (
     ("cu_seqlen", torch.int32, "B1"),
     ("cu_num_pages", torch.int32, "B1"),
     ("last_page_len", torch.int32, "B"),
+    ("slot_idx", torch.int64, "B"),
     ("page_indices", torch.int32, "BP"),
     ("page_table", torch.int32, "BP"),  # last: a step copies only the rows it uses
 )
@@ -115,6 +116,7 @@ class SequenceInfo:
         out["seq_len_host"] = host("seq_len")[:b]
         out["input_pos_host"] = host("input_pos")[:b]
         out["cu_seqlen_host"] = host("cu_seqlen")[: b + 1]
+        out["slot_idx_host"] = host("slot_idx")[:b]
         return out
 
     @property
@@ -159,8 +161,10 @@ class SequenceInfo:
         token_ids: Sequence[Sequence[int]],
         input_pos: Sequence[int],
         page_tables: Sequence[Sequence[int]],
+        slots: Sequence[int] | None = None,
     ) -> None:
-        """Fill the step: per sequence its new tokens, how many tokens are already cached, its pages.
+        """Fill the step: per sequence its new tokens, how many tokens are already cached, its pages and its
+        state slot (row of the per-sequence state caches; -1 when it has none).
 
         Sequences with more than one new token (prefill, chunked prefill) must come before those with
         one (decode). Page tables must cover input_pos + len(tokens) tokens.
@@ -215,6 +219,7 @@ class SequenceInfo:
         a["slot_mapping"][:t] = table[bidx, pos // ps].astype(np.int64) * ps + pos % ps
         a["last_token_idx"][:b] = cu[1 : b + 1] - 1
         a["last_page_len"][:b] = (total - 1) % ps + 1
+        a["slot_idx"][:b] = -1 if slots is None else np.asarray(slots, dtype=np.int64)
         cnp = a["cu_num_pages"]
         cnp[0] = 0
         cnp[1 : b + 1] = np.cumsum(n_pages)
@@ -247,6 +252,7 @@ class SequenceInfo:
         a["batch_indices"][t : t + n] = np.arange(b, rows)
         a["last_token_idx"][b:rows] = np.arange(t, t + n)
         a["last_page_len"][b:rows] = 1
+        a["slot_idx"][b:rows] = self.max_batch_size  # the scratch row of the state caches
         used = int(a["cu_num_pages"][b])
         a["cu_num_pages"][b + 1 : rows + 1] = used + np.arange(1, n + 1)
         a["page_indices"][used : used + n] = sp

@@ -52,6 +52,16 @@ def add_graph_inputs(gm: GraphModule, names: list[str], vals: list[torch.Tensor]
     return new
 
 
+def graph_inputs(gm: GraphModule, names: list[str], vals: list[torch.Tensor]) -> list[Node]:
+    """Placeholders `names` of gm: the existing ones (another cached-op transform added them) and new ones."""
+    existing = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    missing = [(n, v) for n, v in zip(names, vals) if n not in existing]
+    if missing:
+        added = add_graph_inputs(gm, [n for n, _ in missing], [v for _, v in missing])
+        existing.update(zip([n for n, _ in missing], added))
+    return [existing[n] for n in names]
+
+
 def _check_supported(node: Node) -> str:
     args = source_op_args(node)
     if args.get("attn_mask") is not None:
@@ -86,7 +96,7 @@ class InsertCachedAttention(BaseTransform):
         example = cm.info.padded_decode_args(1)  # shapes of a one-sequence step, for meta["val"]
         names = list(desc.metadata_names())
         meta_vals = [example[n].to("meta") for n in names]
-        meta = dict(zip(names, add_graph_inputs(gm, names, meta_vals)))
+        meta = dict(zip(names, graph_inputs(gm, names, meta_vals)))
         for name in desc.metadata_names():
             cm.add_metadata(name)
         cm.add_attention_backend(desc)

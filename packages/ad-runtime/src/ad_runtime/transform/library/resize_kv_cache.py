@@ -55,11 +55,14 @@ class ResizeKvCache(BaseTransform):
             return mod, TransformInfo(skipped=True, reason="not a CUDA device: the cache keeps its configured size")
         if not cm.caches:
             return mod, TransformInfo(skipped=True, reason="no caches allocated (run initialize_cache first)")
+        if not cm.cache_specs:
+            return mod, TransformInfo(skipped=True, reason="no paged KV caches (state caches keep their size)")
         activations = measure_activation_bytes(mod, cm)
         cache_bytes = sum(t.numel() * t.element_size() for t in cm.caches.values())
         free, total = free_and_total_memory(cm.device)
         # The current caches are given back before re-allocating, so they count as available.
-        available = free + cache_bytes - activations
+        # State caches are re-allocated at the same size: what they take is not available to pages.
+        available = free + cache_bytes - activations - cm.state_bytes()
         per_page = cm.bytes_per_page()
         # +1: the scratch page is allocated on top of the usable pages
         num_pages = int(self.config.free_mem_ratio * available) // per_page - 1
