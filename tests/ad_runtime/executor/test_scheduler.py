@@ -77,3 +77,28 @@ def test_finish_frees_pages():
     assert s.pool.num_free_pages == 16 - 3
     s.finish(batch[0].request)
     assert s.pool.num_free_pages == 16 and not s.running
+
+
+def test_one_token_prompt_goes_after_longer_prompts():
+    """The step metadata wants multi-token rows first: a one-token prompt runs with the decodes."""
+    s = _make(bs=4)
+    s.add(_req(0, 1))
+    s.add(_req(1, 6))
+    batch = s.schedule()
+    assert [(b.request.request_id, b.num_new_tokens) for b in batch] == [(1, 6), (0, 1)]
+
+
+def test_running_requests_hold_distinct_slots_until_they_end():
+    s = _make(num_pages=8, page=4, bs=2)
+    reqs = [_req(i, 5) for i in range(3)]
+    for r in reqs:
+        s.add(r)
+    s.schedule()
+    assert {reqs[0].slot, reqs[1].slot} == {0, 1} and reqs[2].slot is None  # two slots for max_batch_size 2
+    s.finish(reqs[0])
+    freed = reqs[0].slot
+    assert freed is None
+    s.schedule()
+    assert reqs[2].slot is not None and reqs[2].slot != reqs[1].slot
+    s.preempt(reqs[1])
+    assert reqs[1].slot is None
