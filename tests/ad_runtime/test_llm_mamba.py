@@ -72,3 +72,12 @@ def test_preempted_hybrid_requests_restart_their_state(tmp_path_factory: pytest.
         outs = llm.generate(PROMPTS, GREEDY)
     assert sum(o.metrics.num_preemptions for o in outs) > 0, "the pool should have forced preemptions"
     assert [o.outputs[0].token_ids for o in outs] == refs
+
+
+def test_bamba_sharded_over_two_ranks_keeps_state_per_rank(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """World size 2 (gloo) with the ssm heuristic: each rank keeps the state of its half of the Mamba heads."""
+    folder, refs = _folder(tmp_path_factory, "bamba")
+    detect = {"sharding_dims": ["ssm", "tp"], "sharding_source": ["heuristic"]}
+    with LLM(folder, world_size=2, max_batch_size=4, transforms={"detect_sharding": detect}, **COMMON) as llm:
+        outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == refs
