@@ -269,6 +269,8 @@ class DistributedBackend:
         `on_update(client_id, request)` runs on the reader thread, so it must be quick: for streams after every
         token, for the others once, when finished; with the error instead when the ranks stop.
         """
+        if not len(prompts) == len(params) == len(texts):
+            raise ValueError(f"got {len(prompts)} prompts, {len(params)} sampling params and {len(texts)} texts")
         with self._lock:
             if self._failure is not None:
                 raise _raised(self._failure)
