@@ -25,6 +25,22 @@ FAMILIES = {
     "gemma2": ("Gemma2Config", {"sliding_window": 4, "query_pre_attn_scalar": 16}, 4, 0),  # soft-cap, window
     "gemma3": ("Gemma3TextConfig", {"sliding_window": 4, "query_pre_attn_scalar": 16}, 6, 0),
 }
+# Mamba2-style families: config class, config, (mamba, attention, rope) layers. 8 heads x 16 = 2 x hidden 64,
+# 2 groups, chunk 4 so the 9-token test sequence spans a partial last chunk.
+MAMBA_FAMILIES = {
+    # time_step_limit's finite max clamps some of the random init's dt (softplus(dt + dt_bias) ~ 0.001..0.1+).
+    "mamba2": ("Mamba2Config", dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16,
+                                    state_size=16, n_groups=2, expand=2, chunk_size=4, conv_kernel=4,
+                                    time_step_limit=(0.0, 0.05)), (2, 0, 0)),
+    # Layers: mamba, attention (partial rotary), mamba.
+    "bamba": ("BambaConfig", dict(SMALL, num_hidden_layers=3, attn_layer_indices=[1], mamba_n_heads=8,
+                                  mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16, mamba_expand=2,
+                                  mamba_chunk_size=4, mamba_d_conv=4), (2, 1, 1)),
+    # Layers: mamba, attention (no rotary), MLP; its mixer clamps dt below at time_step_min.
+    "nemotron_h": ("NemotronHConfig", dict(SMALL, layers_block_type=["linear_attention", "full_attention", "mlp"],
+                                           mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16,
+                                           expand=2, chunk_size=4, conv_kernel=4), (1, 1, 0)),
+}
 
 
 def _compile(model: str | None, **kwargs) -> GraphModule:
@@ -41,7 +57,7 @@ def _canonical_counts(gm: GraphModule) -> Counter:
     for n in gm.graph.nodes:
         name = str(n.target) if n.op == "call_function" else ""
         if name.startswith("auto_deploy."):
-            for kind in ("attention", "rope", "rmsnorm", "moe"):
+            for kind in ("attention", "rope", "rmsnorm", "moe", "ssm", "causal_conv1d"):
                 if kind in name:
                     kinds[kind] += 1
     return kinds
@@ -115,5 +131,28 @@ def test_random_family_matches_hf(family, tmp_path):
         del left["softmax_int"]  # the router's softmax over experts feeds torch_moe; it is not attention
     assert not left, left
     inputs = _inputs(SMALL["vocab_size"])
+    with torch.no_grad():
+        _assert_close(gm(**inputs), _hf_logits(tmp_path, inputs))
+
+
+@pytest.mark.parametrize("family", sorted(MAMBA_FAMILIES))
+def test_random_mamba_family_matches_hf(family, tmp_path):
+    import transformers
+
+    cls_name, cfg, (mamba, attention, rope) = MAMBA_FAMILIES[family]
+    config = getattr(transformers, cls_name)(**cfg)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    gm = _compile(str(tmp_path))
+    counts = _canonical_counts(gm)
+    # One scan and one conv per mixer, through the hf_mamba2_ops export patch: no reference conv or scan left.
+    assert (counts["ssm"], counts["causal_conv1d"]) == (mamba, mamba), counts
+    assert (counts["attention"], counts["rope"]) == (attention, rope), counts
+    convs = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (
+        aten.conv1d.default, aten.conv1d.padding, aten.convolution.default)]
+    assert not convs, convs
+    left = _leftovers(gm)
+    assert not {k: v for k, v in left.items() if k in ("sdpa", "softmax", "softmax_int")}, left
+    inputs = _inputs(cfg["vocab_size"])
     with torch.no_grad():
         _assert_close(gm(**inputs), _hf_logits(tmp_path, inputs))

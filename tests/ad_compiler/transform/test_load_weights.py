@@ -1,5 +1,7 @@
 """load_weights: checkpoint values land on the device through load_state_dict (hooks see full tensors)."""
 
+import json
+
 import pytest
 import torch
 from ad_compiler.errors import CompileError
@@ -66,3 +68,16 @@ def test_random_init_is_seeded(tiny_llama_dir, apply_transform, example_batch):
         outs.append(gm(**example_batch(256)))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     assert not torch.allclose(outs[0], outs[2])
+
+
+@pytest.mark.parametrize(("model_type", "key", "expected"), [
+    ("nemotron_h", "backbone.layers.0.mixer.A_log", "model.layers.0.mixer.A_log"),  # its checkpoints say backbone.*
+    ("nemotron_h", "lm_head.weight", "lm_head.weight"),
+    ("llama", "model.norm.weight", "model.norm.weight"),  # no renames for this type
+])
+def test_checkpoint_keys_follow_transformers_renames(tmp_path, model_type, key, expected):
+    from ad_compiler.models.weights import checkpoint_renamer
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    assert checkpoint_renamer(tmp_path)(key) == expected
+    assert checkpoint_renamer(tmp_path / "no_such_folder")(key) == key

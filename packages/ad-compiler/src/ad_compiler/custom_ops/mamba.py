@@ -94,7 +94,9 @@ def ssm_step(
 @torch.library.custom_op("auto_deploy::torch_causal_conv1d", mutates_args=())
 def torch_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Depthwise causal conv over the token axis: x [b, s, c], weight [c, k] -> [b, s, c]."""
-    return causal_conv1d_with_state(x, weight, bias, None)[0]
+    # Contiguous like the fake: the conv's [b, s, c] is a transposed view, and a graph traced with the fake's
+    # strides may hold a view() that such a layout cannot take.
+    return causal_conv1d_with_state(x, weight, bias, None)[0].contiguous()
 
 
 @torch_causal_conv1d.register_fake

@@ -1,7 +1,8 @@
 """Fill a (possibly sharded) module's meta parameters from safetensors files, or randomly, through load hooks."""
 
+import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -37,6 +38,29 @@ def _finish(model: nn.Module, device: torch.device) -> None:
         raise CompileError(f"no value for {len(left)} tensors after loading: {shown}")
 
 
+def checkpoint_renamer(folder: Path) -> Callable[[str], str]:
+    """Checkpoint key -> model key by the plain renames transformers applies when it loads this model type.
+
+    NemotronH checkpoints (and HF's save_pretrained of one) name weights `backbone.*`; the module says `model.*`.
+    Converters that merge tensors are not applied here (the ExpertStacker stacks Mixtral-style experts).
+    """
+    try:
+        model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return lambda key: key
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renames = [t for t in get_checkpoint_conversion_mapping(model_type) or [] if type(t) is WeightRenaming]
+
+    def rename(key: str) -> str:
+        for t in renames:
+            key = t.rename_source_key(key)[0]
+        return key
+
+    return rename
+
+
 def checkpoint_files(folder: Path) -> list[Path]:
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
@@ -66,10 +90,11 @@ def load_checkpoint_into(
     tied = tied or {}
     expected = set(model.state_dict().keys())
     stacker = ExpertStacker(expected, num_experts)
+    rename = checkpoint_renamer(folder)
     loaded: set[str] = set()
     unexpected: set[str] = set()
     for path in tqdm(checkpoint_files(folder), desc="Loading weights", unit="file", disable=None):
-        sd = {k: _cast(v, dtype) for k, v in load_file(str(path), device=str(device)).items()}
+        sd = {rename(k): _cast(v, dtype) for k, v in load_file(str(path), device=str(device)).items()}
         sd = stacker.convert(sd)
         _add_tied(sd, tied, expected)
         result = model.load_state_dict(sd, strict=False, assign=True)
