@@ -190,7 +190,8 @@ class AutoModelForCausalLMFactory(ModelFactory):
             random_init(model, reference, device, self.torch_dtype, self.seed, self._init_std(), self.tied_weights())
             return
         text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
-        num_experts = getattr(text_config, "num_local_experts", None) or getattr(text_config, "num_experts", None)
+        num_experts = next((getattr(text_config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                            if getattr(text_config, k, None)), None)
         load_checkpoint_into(
             model, self.folder, device, dtype=self.torch_dtype, tied=self.tied_weights(), num_experts=num_experts
         )

@@ -15,6 +15,7 @@ import torch.utils._pytree as pytree
 from ad_compiler.errors import CompileError
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 from ad_compiler.utils.graph_utils import nodes_calling
+from ad_compiler.utils.unmatched_attention import find_unmatched_attention
 from torch.fx import GraphModule, Node
 from torch.fx.graph import _PyTreeCodeGen
 
@@ -73,6 +74,18 @@ def _check_supported(node: Node) -> str:
     return args.get("layout", "bnsd")
 
 
+def _refuse_unmatched_attention(gm: GraphModule) -> None:
+    """Attention left in plain ops would get no KV cache: every token after the first would be wrong."""
+    leftovers = find_unmatched_attention(gm)
+    if leftovers:
+        softmax, product = leftovers[0]
+        raise CompileError(
+            f"{len(leftovers)} attention subgraph(s) were not recognised as attention (e.g. softmax {softmax.name} "
+            f"over scores {product.name}); they would decode without a KV cache. The model's attention code needs "
+            "an export patch or a pattern in the match_*_attention transforms"
+        )
+
+
 def _transpose(gm: GraphModule, x: Any) -> Node:
     return gm.graph.call_function(torch.ops.aten.transpose.int, (x, 1, 2))
 
@@ -88,6 +101,7 @@ class InsertCachedAttention(BaseTransform):
             raise CompileError("insert_cached_attention needs an exported GraphModule")
         gm = mod
         desc = AttentionRegistry.get(resolve_attention_backend(self.config.backend, cm.device))
+        _refuse_unmatched_attention(gm)
         sources = nodes_calling(gm, desc.source_op())
         if not sources:
             return gm, TransformInfo(skipped=True, reason="no torch_attention in the graph")

@@ -1,0 +1,100 @@
+"""More model families through LLM on the CPU: greedy tokens equal Hugging Face `generate` (small random configs).
+
+Each family brings something the Llama path does not: learned attention sinks and a sliding window on
+alternate layers (gpt-oss), computed buffers the model keeps on the CPU while built on meta (Cohere's
+rotary table, NemotronH's router bias), ungated MoE experts stored per expert (NemotronH), multi-head latent
+attention (DeepSeek-V3), attention beside Mamba2 in one layer (Falcon-H1), MoE routers of several kinds, QK
+norms, partial rotary, LayerNorm instead of RMSNorm.
+"""
+
+import pytest
+import torch
+from ad_compiler.errors import CompileError
+from ad_runtime import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+FAMILIES = {
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                                     layer_types=["sliding_attention", "full_attention"])),
+    "cohere": ("CohereConfig", {}),
+    "nemotron_h_moe": ("NemotronHConfig", dict(
+        layers_block_type=["linear_attention", "full_attention", "moe"], mamba_num_heads=8, mamba_head_dim=16,
+        n_groups=2, ssm_state_size=16, expand=2, chunk_size=4, conv_kernel=4, n_routed_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=32, n_group=1,
+        topk_group=1)),
+    # Multi-head latent attention: low-rank q and kv, query/key head dim 16 (8 rotary) and value head dim 16.
+    "deepseek_v3": ("DeepseekV3Config", dict(
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+        kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1,
+        topk_group=1, head_dim=8)),
+    # Hybrid with attention and Mamba2 side by side in every layer.
+    "falcon_h1": ("FalconH1Config", dict(
+        mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16, mamba_expand=2,
+        mamba_chunk_size=4, mamba_d_conv=4)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "llama4_text": ("Llama4TextConfig", dict(num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=128)),
+    "olmo2": ("Olmo2Config", {}),
+    "phi": ("PhiConfig", {}),
+    "stablelm": ("StableLmConfig", {}),
+}
+NEW_TOKENS = 12
+
+
+def _save(family: str, folder) -> None:
+    import transformers
+
+    cls_name, extra = FAMILIES[family]
+    config = getattr(transformers, cls_name)(**{**SMALL, **extra})
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    # Different lengths: one shorter than gpt-oss's window of 4, two longer (the window then cuts keys).
+    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in (3, 11, 23)]
+
+
+def _hf_greedy(folder, prompts: list[list[int]]) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+            out.append(ids[0, len(p):].tolist())
+    return out
+
+
+def _llm(folder, **kwargs) -> LLM:
+    return LLM(model=str(folder), skip_tokenizer_init=True, device="cpu", dtype="float32", max_seq_len=64,
+               attn_page_size=8, max_batch_size=4, **kwargs)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_generates_like_hf(family, tmp_path):
+    _save(family, tmp_path)
+    prompts = _prompts()
+    with _llm(tmp_path) as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    got = [o.outputs[0].token_ids for o in outs]
+    assert got == _hf_greedy(tmp_path, prompts)
+
+
+def test_unrecognised_attention_is_an_error_not_wrong_tokens(tmp_path, monkeypatch):
+    """Without its export patch gpt-oss attention stays eager; building must fail instead of decoding uncached."""
+    import contextlib
+
+    from ad_compiler.export.patches import ExportPatchRegistry
+
+    ExportPatchRegistry.names()  # import the built-in patches before replacing one
+    monkeypatch.setitem(ExportPatchRegistry._registry, "hf_gpt_oss_attention", contextlib.nullcontext)
+    _save("gpt_oss", tmp_path)
+    with pytest.raises(CompileError, match="not recognised as attention"):
+        _llm(tmp_path)
