@@ -3,8 +3,9 @@
 Each family brings something the Llama path does not: learned attention sinks and a sliding window on
 alternate layers (gpt-oss), computed buffers the model keeps on the CPU while built on meta (Cohere's
 rotary table, NemotronH's router bias), ungated MoE experts stored per expert (NemotronH), multi-head latent
-attention (DeepSeek-V3), attention beside Mamba2 in one layer (Falcon-H1), MoE routers of several kinds, QK
-norms, partial rotary, LayerNorm instead of RMSNorm.
+attention (DeepSeek-V3), attention beside Mamba2 in one layer (Falcon-H1), short convs with state (LFM2), MoE
+routers of several kinds, QK norms, partial rotary, LayerNorm instead of RMSNorm. Mixers we do not cache yet
+(Qwen3-Next's linear attention) must fail the build, never decode wrongly.
 """
 
 import pytest
@@ -34,10 +35,13 @@ FAMILIES = {
     "falcon_h1": ("FalconH1Config", dict(
         mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16, mamba_expand=2,
         mamba_chunk_size=4, mamba_d_conv=4)),
+    # Short causal convs (kernel 3) between attention layers: per-sequence conv state like Mamba's.
+    "lfm2": ("Lfm2Config", dict(layer_types=["conv", "full_attention"], block_ff_dim=128)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
     "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
     "llama4_text": ("Llama4TextConfig", dict(num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=128)),
     "olmo2": ("Olmo2Config", {}),
+    "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.5)),  # its checkpoints call the LM head embed_out
     "phi": ("PhiConfig", {}),
     "stablelm": ("StableLmConfig", {}),
 }
@@ -97,4 +101,18 @@ def test_unrecognised_attention_is_an_error_not_wrong_tokens(tmp_path, monkeypat
     monkeypatch.setitem(ExportPatchRegistry._registry, "hf_gpt_oss_attention", contextlib.nullcontext)
     _save("gpt_oss", tmp_path)
     with pytest.raises(CompileError, match="not recognised as attention"):
+        _llm(tmp_path)
+
+
+def test_uncached_linear_attention_is_an_error_not_wrong_tokens(tmp_path):
+    """Qwen3-Next's gated delta-net layers keep a recurrent state no transform caches yet: the build must say so."""
+    import transformers
+
+    config = transformers.Qwen3NextConfig(**{**SMALL, **dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=16)})
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(CompileError, match="cached decoding disagrees with prefill"):
         _llm(tmp_path)

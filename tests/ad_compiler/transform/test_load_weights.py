@@ -74,10 +74,14 @@ def test_random_init_is_seeded(tiny_llama_dir, apply_transform, example_batch):
     ("nemotron_h", "backbone.layers.0.mixer.A_log", "model.layers.0.mixer.A_log"),  # its checkpoints say backbone.*
     ("nemotron_h", "lm_head.weight", "lm_head.weight"),
     ("llama", "model.norm.weight", "model.norm.weight"),  # no renames for this type
+    ("gpt_neox:GPTNeoXForCausalLM", "embed_out.weight", "lm_head.weight"),  # registered by architecture class
+    ("gpt_neox:GPTNeoXForCausalLM", "gpt_neox.embed_in.weight", "gpt_neox.embed_in.weight"),
 ])
 def test_checkpoint_keys_follow_transformers_renames(tmp_path, model_type, key, expected):
     from ad_compiler.models.weights import checkpoint_renamer
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    model_type, _, architecture = model_type.partition(":")
+    config = {"model_type": model_type, **({"architectures": [architecture]} if architecture else {})}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     assert checkpoint_renamer(tmp_path)(key) == expected
     assert checkpoint_renamer(tmp_path / "no_such_folder")(key) == key

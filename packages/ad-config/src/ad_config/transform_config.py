@@ -235,6 +235,14 @@ class InsertCachedCausalConvConfig(TransformConfig):
 _plain(Stage.CACHE_INIT, "initialize_cache", "gather_logits_before_lm_head")
 
 
+@register_transform_config("verify_cached_decode")
+class VerifyCachedDecodeConfig(TransformConfig):
+    stage: Stage = Stage.CACHE_INIT
+    # Largest allowed max |decode - prefill| / max |prefill| of the last token's logits; None: by the model
+    # model and KV-cache dtypes (1e-4 float32, 0.05 float16, 0.1 bfloat16, 0.25 fp8 caches).
+    tolerance: float | None = Field(default=None, gt=0.0)
+
+
 @register_transform_config("resize_kv_cache")
 class ResizeKvCacheConfig(TransformConfig):
     stage: Stage = Stage.CACHE_INIT

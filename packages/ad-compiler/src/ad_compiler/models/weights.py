@@ -42,16 +42,20 @@ def checkpoint_renamer(folder: Path) -> Callable[[str], str]:
     """Checkpoint key -> model key by the plain renames transformers applies when it loads this model type.
 
     NemotronH checkpoints (and HF's save_pretrained of one) name weights `backbone.*`; the module says `model.*`.
+    GPT-NeoX checkpoints call the LM head `embed_out`.
     Converters that merge tensors are not applied here (the ExpertStacker stacks Mixtral-style experts).
     """
     try:
-        model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+        config = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):
         return lambda key: key
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightRenaming
 
-    renames = [t for t in get_checkpoint_conversion_mapping(model_type) or [] if type(t) is WeightRenaming]
+    # Mappings are registered by architecture class (GPTNeoXForCausalLM: embed_out -> lm_head) and by model type.
+    names = [*(config.get("architectures") or []), config.get("model_type")]
+    renames = [t for name in dict.fromkeys(n for n in names if n)
+               for t in get_checkpoint_conversion_mapping(name) or [] if type(t) is WeightRenaming]
 
     def rename(key: str) -> str:
         for t in renames:
