@@ -116,3 +116,14 @@ def test_uncached_linear_attention_is_an_error_not_wrong_tokens(tmp_path):
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     with pytest.raises(CompileError, match="cached decoding disagrees with prefill"):
         _llm(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["cohere", "deepseek_v3", "gpt_oss", "lfm2"])
+def test_family_sharded_over_two_ranks_generates_like_hf(family, tmp_path):
+    """Two gloo ranks with the default heuristics: CPU buffers (Cohere's rotary table, DeepSeek's router bias)
+    on the sharded graph, MLA and sinks split by heads or simple-sharded, LFM2's conv kept whole."""
+    _save(family, tmp_path)
+    prompts = _prompts()
+    with _llm(tmp_path, world_size=2) as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == _hf_greedy(tmp_path, prompts)

@@ -5,6 +5,7 @@ import logging
 import torch
 from torch.fx import GraphModule, Node
 
+from ..custom_ops import mamba as _mamba_ops  # noqa: F401  (registers the ops named below)
 from ..utils.graph_utils import get_attr_tensor, is_op
 from .graph import (
     Region,
@@ -27,7 +28,9 @@ logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 # Ops whose parameters or semantics tie them to the feature layout; a region using them is not split by heads.
-_LAYOUT_BOUND_OPS = [aten.conv1d, aten.conv2d, aten.convolution]
+# The canonical Mamba conv and scan are split only by the ssm heuristic or a manual "mamba" plan.
+_LAYOUT_BOUND_OPS = [aten.conv1d, aten.conv2d, aten.convolution, torch.ops.auto_deploy.torch_causal_conv1d,
+                     torch.ops.auto_deploy.torch_ssm]
 
 
 def _linear_depth(region: Region) -> dict[Node, int]:

@@ -10,10 +10,9 @@ import math
 import torch
 from torch.fx import GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import size_hint
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..errors import CompileError
-from ..utils.graph_utils import _fake_mode_of, is_op
+from ..utils.graph_utils import InputDeviceFakeProp, _fake_mode_of, is_op
 
 aten = torch.ops.aten
 _VIEWS = [aten.view.default, aten.reshape.default, aten._unsafe_view.default]
@@ -35,19 +34,12 @@ def _changed_dim(old: tuple[int, ...], new: tuple[int, ...]) -> tuple[int, int] 
     return diff[0], old[diff[0]] // new[diff[0]]
 
 
-class _ShapeRepair(FakeTensorProp):
+class _ShapeRepair(InputDeviceFakeProp):
+    # Weights still on the meta device (loaded after sharding) and computed CPU buffers stand in as fakes on the
+    # inputs' device (InputDeviceFakeProp.get_attr).
     def __init__(self, gm: GraphModule, old: dict[Node, tuple[int, ...]], mode: torch._subclasses.FakeTensorMode):
-        super().__init__(gm, mode=mode)
+        super().__init__(gm, mode)
         self.old = old
-        inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-        self.device = next((v.device for v in inputs if isinstance(v, torch.Tensor)), torch.device("cpu"))
-
-    def get_attr(self, target, args, kwargs):
-        value = super().get_attr(target, args, kwargs)
-        # Weights still on the meta device (loaded after sharding) stand in as fakes on the inputs' device.
-        if isinstance(value, torch.Tensor) and value.device.type == "meta" and self.device.type != "meta":
-            return torch.empty(value.shape, dtype=value.dtype, device=self.device)
-        return value
 
     def _shrink(self, x: Node) -> tuple[int, int] | None:
         val = self.env.get(x)

@@ -57,24 +57,26 @@ def _fake_mode_of(gm: GraphModule) -> FakeTensorMode:
     return FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
 
 
-class _OnInputDeviceProp(FakeTensorProp):
+class InputDeviceFakeProp(FakeTensorProp):
     """Fake tensor propagation that sees every attribute tensor on the graph inputs' device.
 
     A model built on meta keeps computed buffers (rotary `inv_freq`, router score biases) real on the CPU;
     weight loading moves them next to the parameters, so that is where the graph meets them at run time.
     """
 
-    def __init__(self, gm: GraphModule, mode: FakeTensorMode, device: torch.device | None):
+    def __init__(self, gm: GraphModule, mode: FakeTensorMode, device: torch.device | None = None):
         super().__init__(gm, mode=mode)
+        if device is None:
+            inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+            device = next((v.device for v in inputs if isinstance(v, torch.Tensor)), None)
         self._device = device
 
     def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
         value = super().get_attr(target, args, kwargs)
         if self._device is None or not isinstance(value, torch.Tensor) or value.device == self._device:
             return value
-        if isinstance(value, torch._subclasses.fake_tensor.FakeTensor):
-            return value.to(self._device)
-        return self._mode.from_tensor(value.to("meta")).to(self._device)
+        # A static-shaped stand-in (from_tensor could give a weight symbolic sizes); values do not matter here.
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=self._device)
 
 
 def run_shape_prop(gm: GraphModule) -> GraphModule:
@@ -89,10 +91,9 @@ def run_shape_prop(gm: GraphModule) -> GraphModule:
             inputs.append(val if isinstance(val, torch._subclasses.fake_tensor.FakeTensor) else fake_mode.from_tensor(val))
         else:
             inputs.append(val)
-    device = next((v.device for v in inputs if isinstance(v, torch.Tensor)), None)
     fake_mode.allow_non_fake_inputs = True
     with fake_mode:
-        _OnInputDeviceProp(gm, fake_mode, device).propagate_dont_convert_inputs(*inputs)
+        InputDeviceFakeProp(gm, fake_mode).propagate_dont_convert_inputs(*inputs)
     return gm
 
 
