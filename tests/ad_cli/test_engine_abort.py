@@ -64,6 +64,36 @@ def test_engine_thread_abort_ends_the_request_on_the_engine() -> None:
         thread.close()
 
 
+def test_engine_thread_survives_a_caller_whose_event_loop_closed() -> None:
+    """Updates for a caller whose loop is gone are dropped and its request aborted; the thread serves on."""
+    runner = StepByStepRunner()
+    runner.allowed = threading.Semaphore(0)  # hold the first step until the caller's loop has closed
+    engine = Engine(runner, Scheduler(PagePool(128, 4), 4, 64, False, 128), None, 256, [])
+    thread = EngineThread(SimpleNamespace(engine=engine))
+
+    async def submit_and_leave() -> None:
+        thread.submit([1, 2], LONG, None)
+
+    try:
+        asyncio.run(submit_and_leave())
+        runner.allowed.release(1000)
+        deadline = time.monotonic() + 10
+        while engine.has_unfinished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not engine.has_unfinished and engine.scheduler.pool.num_free_pages == 128
+        assert thread._thread.is_alive()
+
+        async def second() -> Any:
+            q = thread.submit([1, 2], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), None, False)
+            return await asyncio.wait_for(q.get(), 10)
+
+        last = asyncio.run(second())
+        assert last.finished and last.token_ids == [3, 3, 3]
+    finally:
+        runner.allowed.release(1000)
+        thread.close()
+
+
 class FakeBackend:
     """DistributedBackend's request API, recorded."""
 

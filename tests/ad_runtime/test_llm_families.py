@@ -4,8 +4,9 @@ Each family brings something the Llama path does not: learned attention sinks an
 alternate layers (gpt-oss), computed buffers the model keeps on the CPU while built on meta (Cohere's
 rotary table, NemotronH's router bias), ungated MoE experts stored per expert (NemotronH), multi-head latent
 attention (DeepSeek-V3), attention beside Mamba2 in one layer (Falcon-H1), short convs with state (LFM2), MoE
-routers of several kinds, QK norms, partial rotary, LayerNorm instead of RMSNorm. Mixers we do not cache yet
-(Qwen3-Next's linear attention) must fail the build, never decode wrongly.
+routers of several kinds, QK norms, partial rotary, LayerNorm instead of RMSNorm, gated delta-net linear
+attention with per-sequence state (Qwen3-Next, Qwen3.5). Mixers we do not cache yet (MiniMax's lightning
+attention) must fail the build, never decode wrongly.
 """
 
 import pytest
@@ -17,6 +18,8 @@ pytestmark = pytest.mark.slow
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+_DELTA_NET = dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                  linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)
 FAMILIES = {
     "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
                                      layer_types=["sliding_attention", "full_attention"])),
@@ -37,6 +40,12 @@ FAMILIES = {
         mamba_chunk_size=4, mamba_d_conv=4)),
     # Short causal convs (kernel 3) between attention layers: per-sequence conv state like Mamba's.
     "lfm2": ("Lfm2Config", dict(layer_types=["conv", "full_attention"], block_ff_dim=128)),
+    # Gated delta-net linear attention (conv + recurrent state per sequence) beside full attention.
+    "qwen3_next": ("Qwen3NextConfig", dict(_DELTA_NET, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                           shared_expert_intermediate_size=32)),
+    "qwen3_5": ("Qwen3_5TextConfig", dict(_DELTA_NET)),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", dict(_DELTA_NET, num_experts=4, num_experts_per_tok=2,
+                                                 moe_intermediate_size=32, shared_expert_intermediate_size=32)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
     "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
     "llama4_text": ("Llama4TextConfig", dict(num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=128)),
@@ -105,20 +114,18 @@ def test_unrecognised_attention_is_an_error_not_wrong_tokens(tmp_path, monkeypat
 
 
 def test_uncached_linear_attention_is_an_error_not_wrong_tokens(tmp_path):
-    """Qwen3-Next's gated delta-net layers keep a recurrent state no transform caches yet: the build must say so."""
+    """MiniMax's lightning-attention layers keep a recurrent state no transform caches yet: the build must say so."""
     import transformers
 
-    config = transformers.Qwen3NextConfig(**{**SMALL, **dict(
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-        layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=4,
-        linear_key_head_dim=16, linear_value_head_dim=16)})
+    config = transformers.MiniMaxConfig(**{**SMALL, **dict(
+        num_local_experts=2, num_experts_per_tok=1, layer_types=["linear_attention", "full_attention"])})
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     with pytest.raises(CompileError, match="cached decoding disagrees with prefill"):
         _llm(tmp_path)
 
 
-@pytest.mark.parametrize("family", ["cohere", "deepseek_v3", "gpt_oss", "lfm2"])
+@pytest.mark.parametrize("family", ["cohere", "deepseek_v3", "gpt_oss", "lfm2", "qwen3_5"])
 def test_family_sharded_over_two_ranks_generates_like_hf(family, tmp_path):
     """Two gloo ranks with the default heuristics: CPU buffers (Cohere's rotary table, DeepSeek's router bias)
     on the sharded graph, MLA and sinks split by heads or simple-sharded, LFM2's conv kept whole."""

@@ -55,3 +55,30 @@ def run_steps(gm: nn.Module, cm: CachedSequenceInterface, steps: list[list[tuple
         with torch.no_grad():
             outs.append(gm(**cm.named_args))
     return outs
+
+
+def uncached_logits(model: nn.Module, tokens: list[int]) -> torch.Tensor:
+    """The uncached model on one whole sequence: [len(tokens), vocab]."""
+    with torch.no_grad():
+        return model(torch.tensor([tokens]), torch.arange(len(tokens))[None])[0]
+
+
+# Prefills of different lengths, a chunked prefill continuing from its state, then decodes in another slot order.
+_A, _B, _C = list(range(1, 12)), [5, 9, 2], [7, 3, 3, 8, 1, 4, 6]
+MIXED_STEPS = [
+    [(0, _A[:6], 0), (1, _B, 0)],  # a: first chunk of its prompt; b: whole prompt
+    [(0, _A[6:], 6), (2, _C, 0), (1, [11], 3)],  # a continues from its state; c starts; b decodes
+    [(1, [12], 4), (0, [13], 11), (2, [14], 7)],  # decodes only, rows in another slot order
+]
+
+
+def assert_steps_equal_whole_sequences(model: nn.Module, gm: nn.Module, cm: CachedSequenceInterface) -> None:
+    """Run MIXED_STEPS through the cached graph; every output row equals the uncached model on the sequence so far."""
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    for step, out in zip(MIXED_STEPS, run_steps(gm, cm, MIXED_STEPS)):
+        off = 0
+        for sid, toks, _ in step:
+            seen[sid] += toks
+            ref = uncached_logits(model, seen[sid])[-len(toks):]
+            torch.testing.assert_close(out[0, off : off + len(toks)], ref, rtol=1e-4, atol=1e-5)
+            off += len(toks)

@@ -7,7 +7,7 @@ from ad_compiler.transform.optimizer import InferenceOptimizer
 from ad_compiler.utils.graph_utils import count_op, placeholder_names
 from ad_runtime.kv_cache.interface import CachedSequenceInterface
 from cached_attention_models import TinyAttentionModel, export_tiny
-from cached_ssm_models import TinyMambaModel, run_steps
+from cached_ssm_models import TinyMambaModel, assert_steps_equal_whole_sequences, run_steps
 
 import ad_runtime  # noqa: F401 - registers the runtime transforms
 
@@ -44,21 +44,7 @@ def test_mixed_steps_equal_whole_sequences():
     torch.manual_seed(1)
     model = TinyMambaModel(n_layers=2, chunk_size=3).eval()
     gm, cm, _ = _cached(model)
-    a, b, c = list(range(1, 12)), [5, 9, 2], [7, 3, 3, 8, 1, 4, 6]
-    steps = [
-        [(0, a[:6], 0), (1, b, 0)],  # a: first chunk of its prompt; b: whole prompt
-        [(0, a[6:], 6), (2, c, 0), (1, [11], 3)],  # a continues from its state; c starts; b decodes
-        [(1, [12], 4), (0, [13], 11), (2, [14], 7)],  # decodes only, rows in another slot order
-    ]
-    outs = run_steps(gm, cm, steps)
-    seen = {0: [], 1: [], 2: []}
-    for step, out in zip(steps, outs):
-        off = 0
-        for sid, toks, _ in step:
-            seen[sid] += toks
-            ref = _ref(model, seen[sid])[-len(toks):]
-            torch.testing.assert_close(out[0, off : off + len(toks)], ref, rtol=1e-4, atol=1e-5)
-            off += len(toks)
+    assert_steps_equal_whole_sequences(model, gm, cm)
 
 
 def test_state_row_is_rewritten_when_a_slot_is_reused():

@@ -34,7 +34,11 @@ class DistributedEngine:
             if upd.finished:
                 with self._lock:
                     self._clients.pop(out, None)
-            loop.call_soon_threadsafe(out.put_nowait, upd)
+            try:
+                loop.call_soon_threadsafe(out.put_nowait, upd)
+            except RuntimeError:  # the caller's event loop has closed: nobody listens, stop the request
+                if not upd.finished:
+                    self.abort(out)
 
         # Held across submit: a request that ends at once must not be registered after its last update.
         with self._lock:

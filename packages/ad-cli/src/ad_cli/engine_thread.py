@@ -93,7 +93,8 @@ class EngineThread:
                 for req, _, loop, out in watchers.values():
                     if not req.is_finished:
                         self.engine.abort(req, f"engine step failed: {e}")
-                    loop.call_soon_threadsafe(out.put_nowait, failed_update(req.error or f"engine step failed: {e}"))
+                    if not loop.is_closed():
+                        loop.call_soon_threadsafe(out.put_nowait, failed_update(req.error or f"engine step failed: {e}"))
                 watchers.clear()
                 by_queue.clear()
                 continue
@@ -101,14 +102,22 @@ class EngineThread:
                 w = watchers.get(req.request_id)
                 if w is None:
                     continue
-                if w[1] or req.is_finished:
-                    self._publish(req, w[2], w[3])
+                delivered = self._publish(req, w[2], w[3]) if w[1] or req.is_finished else not w[2].is_closed()
+                if not delivered and not req.is_finished:
+                    self.engine.abort(req, ABORT_MESSAGE)  # its caller's event loop is gone: nobody is listening
                 if req.is_finished:
                     watchers.pop(req.request_id)
                     by_queue.pop(w[3], None)
 
-    def _publish(self, req: Any, loop: asyncio.AbstractEventLoop, out: asyncio.Queue) -> None:
-        loop.call_soon_threadsafe(out.put_nowait, update_of(req, self.engine.detok.decode))
+    def _publish(self, req: Any, loop: asyncio.AbstractEventLoop, out: asyncio.Queue) -> bool:
+        """Hand an update to the caller's event loop; False if that loop has closed (the caller went away)."""
+        if loop.is_closed():
+            return False
+        try:
+            loop.call_soon_threadsafe(out.put_nowait, update_of(req, self.engine.detok.decode))
+        except RuntimeError:  # closed between the check and the call
+            return False
+        return True
 
     def close(self) -> None:
         self._stop.set()

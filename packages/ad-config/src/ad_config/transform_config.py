@@ -232,6 +232,12 @@ class InsertCachedCausalConvConfig(TransformConfig):
     backend: StateBackend = "torch"
 
 
+@register_transform_config("insert_cached_gated_delta_rule")
+class InsertCachedGatedDeltaRuleConfig(TransformConfig):
+    stage: Stage = Stage.CACHE_INIT
+    backend: StateBackend = "torch"
+
+
 _plain(Stage.CACHE_INIT, "initialize_cache", "gather_logits_before_lm_head")
 
 

@@ -91,9 +91,12 @@ def run_shape_prop(gm: GraphModule) -> GraphModule:
             inputs.append(val if isinstance(val, torch._subclasses.fake_tensor.FakeTensor) else fake_mode.from_tensor(val))
         else:
             inputs.append(val)
+    # Inputs added later (cache and metadata placeholders) carry meta-device values: all inputs meet on one device.
+    device = next((v.device for v in inputs if isinstance(v, torch.Tensor)), None)
     fake_mode.allow_non_fake_inputs = True
     with fake_mode:
-        InputDeviceFakeProp(gm, fake_mode).propagate_dont_convert_inputs(*inputs)
+        inputs = [v.to(device) if isinstance(v, torch.Tensor) and v.device != device else v for v in inputs]
+        InputDeviceFakeProp(gm, fake_mode, device).propagate_dont_convert_inputs(*inputs)
     return gm
 
 

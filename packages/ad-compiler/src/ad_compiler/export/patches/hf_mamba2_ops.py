@@ -28,6 +28,10 @@ MIXER_MODULES = (
     # LFM2's short-conv layers call the same conv function (no scan): the conv gets per-sequence state too.
     "transformers.models.lfm2.modeling_lfm2",
     "transformers.models.lfm2_moe.modeling_lfm2_moe",
+    # Gated delta-net layers (Qwen3-Next, Qwen3.5) convolve q/k/v with it before the delta rule.
+    "transformers.models.qwen3_next.modeling_qwen3_next",
+    "transformers.models.qwen3_5.modeling_qwen3_5",
+    "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
 )
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from ad_compiler.errors import CompileError
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
-from ad_compiler.utils.graph_utils import nodes_calling
+from ad_compiler.utils.graph_utils import nodes_calling, run_shape_prop
 from torch.fx import GraphModule
 
 from ...kv_cache.interface import CachedSequenceInterface, StateSpec
@@ -31,6 +31,8 @@ class InsertCachedCausalConv(BaseTransform):
         sources = nodes_calling(gm, torch.ops.auto_deploy.torch_causal_conv1d)
         if not sources:
             return gm, TransformInfo(skipped=True, reason="no torch_causal_conv1d in the graph")
+        if any("val" not in a.meta for n in sources for a in n.all_input_nodes):
+            run_shape_prop(gm)  # fusions (e.g. fuse_gemms' splits) may leave new inputs without shapes
         meta = state_metadata_inputs(gm, cm)
         for layer, node in enumerate(sources):
             x, weight, bias = node.args
