@@ -134,3 +134,18 @@ def test_family_sharded_over_two_ranks_generates_like_hf(family, tmp_path):
     with _llm(tmp_path, world_size=2) as llm:
         outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outs] == _hf_greedy(tmp_path, prompts)
+
+
+def test_multimodal_qwen3_5_checkpoint_runs_its_text_model(tmp_path):
+    """A Qwen3.5 checkpoint as published (vision tower + text model under model.language_model) builds the text
+    model, ignores the vision weights, and generates like HF's causal LM loaded from the same folder."""
+    import transformers
+
+    config = transformers.Qwen3_5Config(text_config={**SMALL, **FAMILIES["qwen3_5"][1]},
+                                        vision_config=dict(depth=1, hidden_size=32, num_heads=2, out_hidden_size=64))
+    torch.manual_seed(0)
+    transformers.Qwen3_5ForConditionalGeneration(config).save_pretrained(tmp_path)
+    prompts = _prompts()
+    with _llm(tmp_path) as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == _hf_greedy(tmp_path, prompts)

@@ -85,3 +85,15 @@ def test_checkpoint_keys_follow_transformers_renames(tmp_path, model_type, key, 
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert checkpoint_renamer(tmp_path)(key) == expected
     assert checkpoint_renamer(tmp_path / "no_such_folder")(key) == key
+
+
+def test_multimodal_checkpoint_keys_map_to_the_text_model(tmp_path):
+    """Qwen3.5 checkpoints are multimodal: the text model sits under model.language_model (its text type's renames)."""
+    from ad_compiler.models.weights import checkpoint_renamer
+
+    config = {"model_type": "qwen3_5", "architectures": ["Qwen3_5ForConditionalGeneration"],
+              "text_config": {"model_type": "qwen3_5_text"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    rename = checkpoint_renamer(tmp_path)
+    assert rename("model.language_model.layers.0.linear_attn.A_log") == "model.layers.0.linear_attn.A_log"
+    assert rename("lm_head.weight") == "lm_head.weight"

@@ -42,7 +42,8 @@ def checkpoint_renamer(folder: Path) -> Callable[[str], str]:
     """Checkpoint key -> model key by the plain renames transformers applies when it loads this model type.
 
     NemotronH checkpoints (and HF's save_pretrained of one) name weights `backbone.*`; the module says `model.*`.
-    GPT-NeoX checkpoints call the LM head `embed_out`.
+    GPT-NeoX checkpoints call the LM head `embed_out`; multimodal Qwen3.5 checkpoints nest the text model under
+    `model.language_model.` (loaded here into the text-only model, the vision tower is not used).
     Converters that merge tensors are not applied here (the ExpertStacker stacks Mixtral-style experts).
     """
     try:
@@ -52,10 +53,12 @@ def checkpoint_renamer(folder: Path) -> Callable[[str], str]:
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightRenaming
 
-    # Mappings are registered by architecture class (GPTNeoXForCausalLM: embed_out -> lm_head) and by model type.
-    names = [*(config.get("architectures") or []), config.get("model_type")]
+    # Mappings are registered by architecture class (GPTNeoXForCausalLM: embed_out -> lm_head), by model type and
+    # by the text model's type (qwen3_5_text: a multimodal checkpoint's model.language_model.* -> model.*).
+    text_type = (config.get("text_config") or {}).get("model_type")
+    names = [*(config.get("architectures") or []), config.get("model_type"), text_type]
     renames = [t for name in dict.fromkeys(n for n in names if n)
-               for t in get_checkpoint_conversion_mapping(name) or [] if type(t) is WeightRenaming]
+               for t in get_checkpoint_conversion_mapping(name) or [] if isinstance(t, WeightRenaming)]
 
     def rename(key: str) -> str:
         for t in renames:
@@ -98,7 +101,9 @@ def load_checkpoint_into(
     loaded: set[str] = set()
     unexpected: set[str] = set()
     for path in tqdm(checkpoint_files(folder), desc="Loading weights", unit="file", disable=None):
-        sd = {rename(k): _cast(v, dtype) for k, v in load_file(str(path), device=str(device)).items()}
+        # A key the model already has is never renamed (a rename meant for another layout must not move it).
+        sd = {k if k in expected else rename(k): _cast(v, dtype)
+              for k, v in load_file(str(path), device=str(device)).items()}
         sd = stacker.convert(sd)
         _add_tied(sd, tied, expected)
         result = model.load_state_dict(sd, strict=False, assign=True)
