@@ -46,6 +46,19 @@ FAMILIES = {
     "qwen3_5": ("Qwen3_5TextConfig", dict(_DELTA_NET)),
     "qwen3_5_moe": ("Qwen3_5MoeTextConfig", dict(_DELTA_NET, num_experts=4, num_experts_per_tok=2,
                                                  moe_intermediate_size=32, shared_expert_intermediate_size=32)),
+    # Granite 4.0: Mamba2 layers, attention layers, MoE everywhere.
+    "granitemoehybrid": ("GraniteMoeHybridConfig", dict(
+        layer_types=["mamba", "attention"], num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=64,
+        mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16, mamba_expand=2, mamba_chunk_size=4,
+        mamba_d_conv=4)),
+    # Zamba2: Mamba2 backbone with a shared attention block.
+    "zamba2": ("Zamba2Config", dict(
+        mamba_d_state=16, mamba_headdim=16, n_mamba_heads=8, mamba_ngroups=2, layers_block_type=["mamba", "hybrid"],
+        num_mem_blocks=1, chunk_size=4, attention_head_dim=16)),
+    "cohere2": ("Cohere2Config", dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                       first_k_dense_replace=1, n_group=1, topk_group=1, n_shared_experts=1,
+                                       pad_token_id=0)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
     "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
     "llama4_text": ("Llama4TextConfig", dict(num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=128)),
