@@ -5,8 +5,8 @@ alternate layers (gpt-oss), computed buffers the model keeps on the CPU while bu
 rotary table, NemotronH's router bias), ungated MoE experts stored per expert (NemotronH), multi-head latent
 attention (DeepSeek-V3), attention beside Mamba2 in one layer (Falcon-H1), short convs with state (LFM2), MoE
 routers of several kinds, QK norms, partial rotary, LayerNorm instead of RMSNorm, gated delta-net linear
-attention with per-sequence state (Qwen3-Next, Qwen3.5). Mixers we do not cache yet (MiniMax's lightning
-attention) must fail the build, never decode wrongly.
+attention with per-sequence state (Qwen3-Next, Qwen3.5), lightning attention (MiniMax). A mixer we do not cache
+must fail the build, never decode wrongly.
 """
 
 import pytest
@@ -59,6 +59,9 @@ FAMILIES = {
     "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                        first_k_dense_replace=1, n_group=1, topk_group=1, n_shared_experts=1,
                                        pad_token_id=0)),
+    # Lightning attention (decayed linear attention, state per sequence) beside softmax attention.
+    "minimax": ("MiniMaxConfig", dict(num_local_experts=2, num_experts_per_tok=1,
+                                      layer_types=["linear_attention", "full_attention"])),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
     "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
     "llama4_text": ("Llama4TextConfig", dict(num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=128)),
@@ -126,14 +129,16 @@ def test_unrecognised_attention_is_an_error_not_wrong_tokens(tmp_path, monkeypat
         _llm(tmp_path)
 
 
-def test_uncached_linear_attention_is_an_error_not_wrong_tokens(tmp_path):
-    """MiniMax's lightning-attention layers keep a recurrent state no transform caches yet: the build must say so."""
-    import transformers
+def test_uncached_linear_attention_is_an_error_not_wrong_tokens(tmp_path, monkeypatch):
+    """Without its export patch MiniMax's lightning attention stays plain ops with no state cache: verify_cached_decode
+    must fail the build instead of letting it decode wrongly."""
+    import contextlib
 
-    config = transformers.MiniMaxConfig(**{**SMALL, **dict(
-        num_local_experts=2, num_experts_per_tok=1, layer_types=["linear_attention", "full_attention"])})
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    from ad_compiler.export.patches import ExportPatchRegistry
+
+    ExportPatchRegistry.names()  # import the built-in patches before replacing one
+    monkeypatch.setitem(ExportPatchRegistry._registry, "hf_minimax_lightning", contextlib.nullcontext)
+    _save("minimax", tmp_path)
     with pytest.raises(CompileError, match="cached decoding disagrees with prefill"):
         _llm(tmp_path)
 

@@ -238,6 +238,12 @@ class InsertCachedGatedDeltaRuleConfig(TransformConfig):
     backend: StateBackend = "torch"
 
 
+@register_transform_config("insert_cached_linear_attention")
+class InsertCachedLinearAttentionConfig(TransformConfig):
+    stage: Stage = Stage.CACHE_INIT
+    backend: StateBackend = "torch"
+
+
 _plain(Stage.CACHE_INIT, "initialize_cache", "gather_logits_before_lm_head")
 
 

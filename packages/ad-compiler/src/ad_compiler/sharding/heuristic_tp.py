@@ -6,6 +6,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..custom_ops import gated_delta as _gated_delta_ops  # noqa: F401  (registers the ops named below)
+from ..custom_ops import linear_attention as _linear_attention_ops  # noqa: F401
 from ..custom_ops import mamba as _mamba_ops  # noqa: F401
 from ..utils.graph_utils import get_attr_tensor, is_op
 from .graph import (
@@ -31,7 +32,8 @@ aten = torch.ops.aten
 # Ops whose parameters or semantics tie them to the feature layout; a region using them is not split by heads.
 # The canonical Mamba conv and scan are split only by the ssm heuristic or a manual "mamba" plan.
 _LAYOUT_BOUND_OPS = [aten.conv1d, aten.conv2d, aten.convolution, torch.ops.auto_deploy.torch_causal_conv1d,
-                     torch.ops.auto_deploy.torch_ssm, torch.ops.auto_deploy.torch_gated_delta_rule]
+                     torch.ops.auto_deploy.torch_ssm, torch.ops.auto_deploy.torch_gated_delta_rule,
+                     torch.ops.auto_deploy.torch_linear_attention]
 
 
 def _linear_depth(region: Region) -> dict[Node, int]:

@@ -9,6 +9,7 @@ of `hf_causal_mask` at export, which is_causal and the module's window say alrea
 """
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,13 +41,10 @@ def gpt_oss_attention_forward(
 @ExportPatchRegistry.register("hf_gpt_oss_attention")
 @contextlib.contextmanager
 def hf_gpt_oss_attention() -> Iterator[None]:
-    import importlib
-
     import ad_compiler.custom_ops.attention  # noqa: F401  (registers auto_deploy::torch_attention)
 
-    try:
-        modeling = importlib.import_module(_MODULE)
-    except ImportError:  # a transformers without gpt-oss: nothing to patch
+    modeling = sys.modules.get(_MODULE)  # a gpt-oss model being exported has imported it already
+    if modeling is None:
         yield
         return
     with replace_everywhere(modeling.eager_attention_forward, gpt_oss_attention_forward, _MODULE):

@@ -16,7 +16,7 @@ from ad_compiler.utils.graph_utils import nodes_calling, run_shape_prop
 from torch.fx import GraphModule
 
 from ...kv_cache.interface import CachedSequenceInterface, StateSpec
-from ...state import torch_gated_delta  # noqa: F401 - registers torch_cached_gated_delta_rule
+from ...state import torch_linear_attention  # noqa: F401 - registers torch_cached_gated_delta_rule
 from .insert_cached_ssm_attention import add_state_input, state_metadata_inputs
 
 
