@@ -16,7 +16,7 @@ from ad_compiler.utils.graph_utils import nodes_calling, run_shape_prop
 from torch.fx import GraphModule
 
 from ...kv_cache.interface import CachedSequenceInterface, StateSpec
-from ...state.torch_mamba import STATE_METADATA
+from ...state.runner import STATE_METADATA
 from .insert_cached_attention import graph_inputs
 
 
