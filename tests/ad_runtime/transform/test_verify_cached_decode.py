@@ -49,3 +49,12 @@ def test_disabled_or_loose_tolerance_builds_anyway():
 def test_tolerance_must_be_positive():
     with pytest.raises((ConfigError, ValueError), match="tolerance"):
         _run(TinyAttentionModel(), tolerance=0)
+
+
+def test_non_finite_logits_skip_the_check_with_a_warning(caplog):
+    model = TinyAttentionModel()
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    with caplog.at_level("WARNING"):
+        info = _run(model).history["verify_cached_decode"]
+    assert info.skipped and "not finite" in caplog.text

@@ -45,8 +45,10 @@ def _last_logits(mod: nn.Module, cm: CachedSequenceInterface, seq: ScheduledSequ
     return logits[0, -1].float()
 
 
-def decode_vs_prefill(mod: nn.Module, cm: CachedSequenceInterface, token_ids: list[int]) -> float:
-    """Relative max difference of the last token's logits: one prefill vs prefill + NUM_DECODE decodes."""
+def decode_vs_prefill(mod: nn.Module, cm: CachedSequenceInterface, token_ids: list[int]) -> float | None:
+    """Relative max difference of the last token's logits: one prefill vs prefill + NUM_DECODE decodes.
+
+    None when the prefill's logits are not finite (nothing to compare against)."""
     n = len(token_ids)
     pages = list(range(-(-n // cm.info.page_size)))
     whole = _last_logits(mod, cm, ScheduledSequence(token_ids, 0, pages, slot=0))
@@ -54,6 +56,8 @@ def decode_vs_prefill(mod: nn.Module, cm: CachedSequenceInterface, token_ids: li
     _last_logits(mod, cm, ScheduledSequence(token_ids[:first], 0, pages, slot=0))
     for pos in range(first, n):
         stepped = _last_logits(mod, cm, ScheduledSequence(token_ids[pos : pos + 1], pos, pages, slot=0))
+    if not torch.isfinite(whole).all():
+        return None
     d = stepped - whole
     return (d.abs().max() / whole.abs().max().clamp_min(1e-6)).item()
 
@@ -79,6 +83,10 @@ class VerifyCachedDecode(BaseTransform):
             dtypes = {dtype} | {t.dtype for t in cm.caches.values()}
             tolerance = max(FP8_TOLERANCE if d.itemsize == 1 else DEFAULT_TOLERANCE.get(d, 0.1) for d in dtypes)
         rel = decode_vs_prefill(mod, cm, token_ids)
+        if rel is None:
+            logger.warning("verify_cached_decode: the model's logits for a test sequence are not finite (NaN or inf; "
+                           "random or broken weights?); cached decoding was not checked")
+            return mod, TransformInfo(skipped=True, reason="non-finite logits: nothing to compare")
         logger.info("verify_cached_decode: decode vs prefill logits differ by %.2e of their scale (limit %.0e)",
                     rel, tolerance)
         if not rel <= tolerance:  # also catches NaN
