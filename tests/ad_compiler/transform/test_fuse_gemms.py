@@ -41,6 +41,11 @@ def test_tiny_llama_qkv_and_gate_up():
     gm, matches = _run(gm)
 
     assert matches == 4  # qkv and gate/up in each of 2 layers
+    # The new linear, split and parts carry shapes straight away (later transforms read them without propagating).
+    for split in [n for n in gm.graph.nodes if n.target == aten.split_with_sizes.default]:
+        fused, parts = split.args[0], list(split.users)
+        assert fused.meta["val"].shape[-1] == sum(p.meta["val"].shape[-1] for p in parts)
+        assert [p.meta["val"].shape[-1] for p in parts] == list(split.args[1])
     run_shape_prop(gm)  # the rewritten graph still propagates fake (symbolic) shapes
     assert count_op(gm, aten.linear) == 2 * 4 + 1
     assert count_op(gm, aten.split_with_sizes) == 4

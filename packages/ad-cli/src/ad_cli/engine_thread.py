@@ -94,7 +94,8 @@ class EngineThread:
                     if not req.is_finished:
                         self.engine.abort(req, f"engine step failed: {e}")
                     if not loop.is_closed():
-                        loop.call_soon_threadsafe(out.put_nowait, failed_update(req.error or f"engine step failed: {e}"))
+                        update = failed_update(req.error or f"engine step failed: {e}")
+                        loop.call_soon_threadsafe(out.put_nowait, update)
                 watchers.clear()
                 by_queue.clear()
                 continue

@@ -216,32 +216,22 @@ class InsertCachedAttentionConfig(TransformConfig):
     backend: KernelBackend = "auto"
 
 
-# Mamba2 state caches: "torch" is the only implementation today (plain torch, CPU and GPU).
+# Per-sequence state caches (Mamba2 SSM and conv, gated delta rule, linear attention): "torch" is the only
+# implementation today (plain torch, CPU and GPU).
 StateBackend = Literal["torch"]
 
 
-@register_transform_config("insert_cached_ssm_attention")
-class InsertCachedSsmAttentionConfig(TransformConfig):
+class StateCacheConfig(TransformConfig):
+    """Keys of every transform that swaps a state op for its cached version."""
+
     stage: Stage = Stage.CACHE_INIT
     backend: StateBackend = "torch"
 
 
-@register_transform_config("insert_cached_causal_conv")
-class InsertCachedCausalConvConfig(TransformConfig):
-    stage: Stage = Stage.CACHE_INIT
-    backend: StateBackend = "torch"
-
-
-@register_transform_config("insert_cached_gated_delta_rule")
-class InsertCachedGatedDeltaRuleConfig(TransformConfig):
-    stage: Stage = Stage.CACHE_INIT
-    backend: StateBackend = "torch"
-
-
-@register_transform_config("insert_cached_linear_attention")
-class InsertCachedLinearAttentionConfig(TransformConfig):
-    stage: Stage = Stage.CACHE_INIT
-    backend: StateBackend = "torch"
+for _name in ("insert_cached_ssm_attention", "insert_cached_causal_conv", "insert_cached_gated_delta_rule",
+              "insert_cached_linear_attention"):
+    _cls_name = "".join(p.capitalize() for p in _name.split("_")) + "Config"
+    register_transform_config(_name)(type(_cls_name, (StateCacheConfig,), {"__module__": __name__}))
 
 
 _plain(Stage.CACHE_INIT, "initialize_cache", "gather_logits_before_lm_head")

@@ -9,6 +9,8 @@ export path); the runtime's cached version continues from each sequence's stored
 
 import torch
 
+from .linear_attention import chunk_decay, read_and_write, scan_chunks
+
 
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
@@ -30,21 +32,14 @@ def _chunk(q, k, v, log_decay, beta, S):
 
     With G the cumulative log decay inside the chunk, the corrections u_i that token i writes (S grows by
     k_i u_i^T) solve a unit lower-triangular system: u_i + sum_{j<i} beta_i e^{G_i - G_j} (k_i.k_j) u_j
-    = beta_i (v_i - e^{G_i} k_i^T S). Outputs and the final state then follow in closed form.
+    = beta_i (v_i - e^{G_i} k_i^T S). Outputs and the final state then follow as for plain linear attention.
     """
     C = q.shape[2]
-    G = log_decay.cumsum(-1)  # [b, h, C]
-    diff = G[..., :, None] - G[..., None, :]  # G_i - G_j
-    lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    ratio = torch.where(lower, diff, float("-inf")).exp()  # e^{G_i - G_j} for j <= i, else 0
-    kk = k @ k.transpose(-1, -2)  # [b, h, C, C]
-    A = (beta[..., None] * ratio * kk).tril(-1) + torch.eye(C, dtype=q.dtype, device=q.device)
+    G, ratio = chunk_decay(log_decay)
+    A = (beta[..., None] * ratio * (k @ k.transpose(-1, -2))).tril(-1) + torch.eye(C, dtype=q.dtype, device=q.device)
     rhs = beta[..., None] * (v - G.exp()[..., None] * (k @ S))
     u = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # [b, h, C, dv]
-    out = G.exp()[..., None] * (q @ S) + (ratio * (q @ k.transpose(-1, -2))) @ u
-    to_end = (G[..., -1:] - G).exp()  # e^{G_C - G_i}
-    S = G[..., -1, None, None].exp() * S + (k * to_end[..., None]).transpose(-1, -2) @ u
-    return out, S
+    return read_and_write(q, k, u, G, ratio, S)
 
 
 def gated_delta_scan(
@@ -69,14 +64,7 @@ def gated_delta_scan(
     if s == 1:
         o, S = _step(q[:, 0], k[:, 0], v[:, 0], g[:, 0].exp(), beta[:, 0], S)
         return o[:, None], S
-    # Heads first: [b, h, s, ...].
-    q, k, v, g, beta = (t.transpose(1, 2) for t in (q, k, v, g, beta))
-    outs = []
-    for c0 in range(0, s, CHUNK):
-        sl = slice(c0, c0 + CHUNK)
-        o, S = _chunk(q[:, :, sl], k[:, :, sl], v[:, :, sl], g[:, :, sl], beta[:, :, sl], S)
-        outs.append(o)
-    return torch.cat(outs, dim=2).transpose(1, 2), S
+    return scan_chunks(_chunk, [t.transpose(1, 2) for t in (q, k, v, g, beta)], S, CHUNK)  # heads first
 
 
 @torch.library.custom_op("auto_deploy::torch_gated_delta_rule", mutates_args=())

@@ -10,6 +10,37 @@ import torch
 
 CHUNK = 64
 
+# Chunked forms of decayed linear recurrences, shared with the gated delta rule. Inside a chunk, G is the
+# cumulative log decay (G_i = g_1 + ... + g_i) and ratio[i, j] = e^{G_i - G_j} for j <= i (0 above the diagonal).
+
+
+def chunk_decay(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """g [b, h, C] -> (G [b, h, C], ratio [b, h, C, C])."""
+    G = g.cumsum(-1)
+    C = G.shape[-1]
+    lower = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
+    return G, torch.where(lower, G[..., :, None] - G[..., None, :], float("-inf")).exp()
+
+
+def read_and_write(q: torch.Tensor, k: torch.Tensor, u: torch.Tensor, G: torch.Tensor, ratio: torch.Tensor,
+                   S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token i adds k_i u_i^T to the decaying state S [b, h, dk, dv] and reads it with q_i: (out [b, h, C, dv], S')."""
+    out = G.exp()[..., None] * (q @ S) + (ratio * (q @ k.transpose(-1, -2))) @ u
+    S = G[..., -1, None, None].exp() * S + (k * (G[..., -1:] - G).exp()[..., None]).transpose(-1, -2) @ u
+    return out, S
+
+
+def scan_chunks(
+    chunk_fn, tensors: list[torch.Tensor], S: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `chunk_fn(*chunk tensors, S) -> (out, S)` over heads-first tensors [b, h, s, ...], `chunk` tokens at a
+    time; returns (out [b, s, h, dv], final S)."""
+    outs = []
+    for c0 in range(0, tensors[0].shape[2], chunk):
+        o, S = chunk_fn(*(t[:, :, c0 : c0 + chunk] for t in tensors), S)
+        outs.append(o)
+    return torch.cat(outs, dim=2).transpose(1, 2), S
+
 
 def linear_attention_scan(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor | None = None
@@ -21,16 +52,11 @@ def linear_attention_scan(
     q, k, v, g = (t.to(torch.float32).transpose(1, 2) for t in (q, k, v, g))  # heads first: [b, h, s, ...]
     b, h, s, dk = k.shape
     S = q.new_zeros(b, h, dk, v.shape[-1]) if state is None else state.to(torch.float32).clone()
-    outs = []
-    for c0 in range(0, s, CHUNK):
-        qc, kc, vc = q[:, :, c0 : c0 + CHUNK], k[:, :, c0 : c0 + CHUNK], v[:, :, c0 : c0 + CHUNK]
-        G = g[:, :, c0 : c0 + CHUNK].cumsum(-1)  # cumulative log decay inside the chunk
-        C = G.shape[-1]
-        lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-        ratio = torch.where(lower, G[..., :, None] - G[..., None, :], float("-inf")).exp()  # e^{G_i - G_j}, j <= i
-        outs.append(G.exp()[..., None] * (qc @ S) + (ratio * (qc @ kc.transpose(-1, -2))) @ vc)
-        S = G[..., -1, None, None].exp() * S + (kc * (G[..., -1:] - G).exp()[..., None]).transpose(-1, -2) @ vc
-    return torch.cat(outs, dim=2).transpose(1, 2), S
+
+    def chunk_fn(q, k, v, g, S):
+        return read_and_write(q, k, v, *chunk_decay(g), S)
+
+    return scan_chunks(chunk_fn, [q, k, v, g], S, CHUNK)
 
 
 @torch.library.custom_op("auto_deploy::torch_linear_attention", mutates_args=())

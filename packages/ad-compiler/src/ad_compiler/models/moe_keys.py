@@ -51,7 +51,9 @@ class ExpertStacker:
             roles = self.pending.setdefault(stacked_prefix, fresh)
             role = _ROLE[m["proj"]]
             if role not in roles:
-                raise CompileError(f"checkpoint key {key!r}: the model's experts at {stacked_prefix} have no {role} projection")
+                raise CompileError(
+                    f"checkpoint key {key!r}: the model's experts at {stacked_prefix} have no {role} projection"
+                )
             roles[role][int(m["idx"])] = value
             out.update(self._complete(stacked_prefix))
         return out

@@ -5,9 +5,7 @@ import logging
 import torch
 from torch.fx import GraphModule, Node
 
-from ..custom_ops import gated_delta as _gated_delta_ops  # noqa: F401  (registers the ops named below)
-from ..custom_ops import linear_attention as _linear_attention_ops  # noqa: F401
-from ..custom_ops import mamba as _mamba_ops  # noqa: F401
+from .. import custom_ops as _custom_ops  # noqa: F401  (registers the canonical ops named below)
 from ..utils.graph_utils import get_attr_tensor, is_op
 from .graph import (
     Region,

@@ -1,11 +1,12 @@
 """Patch `hf_mamba2_ops`: HF Mamba2 mixers call our canonical conv and scan ops instead of their reference code.
 
-Mamba2-style mixers (Mamba2, Bamba, NemotronH, FalconH1, GraniteMoeHybrid, Zamba2; LFM2's short convs use
-the first only) call two module-level functions on the no-cache path that export takes: `causal_conv1d_fn(x [b, c, s], weight [c, k], bias,
-activation)` and `mamba2_chunk_scan(x [b, s, h, p], dt, A, B, C, chunk_size, D=..., dt_bias=..., dt_softplus=True,
-dt_limit=...)`. While patched they become `auto_deploy::torch_causal_conv1d` (plus the activation) and
-`auto_deploy::torch_ssm`, one node each, which the runtime later swaps for versions with cached state.
-Pattern-matching the reference scan's ~40 ops after export would be far more fragile.
+Mamba2-style mixers (Mamba2, Bamba, NemotronH, FalconH1, GraniteMoeHybrid, Zamba2; LFM2's short convs and
+the delta-net layers use the first only) call two module-level functions on the no-cache path that export
+takes: `causal_conv1d_fn(x [b, c, s], weight [c, k], bias, activation)` and `mamba2_chunk_scan(x [b, s, h, p],
+dt, A, B, C, chunk_size, D=..., dt_bias=..., dt_softplus=True, dt_limit=...)`. While patched they become
+`auto_deploy::torch_causal_conv1d` (plus the activation) and `auto_deploy::torch_ssm`, one node each, which the
+runtime later swaps for versions with cached state. Pattern-matching the reference scan's ~40 ops after export
+would be far more fragile.
 """
 
 import contextlib

@@ -74,6 +74,12 @@ def _fuse(gm: GraphModule, linears: list[Node]) -> None:
         split = graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
         parts = [graph.call_function(operator.getitem, (split, i)) for i in range(len(linears))]
     fused.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
+    vals = [lin.meta.get("val") for lin in linears]
+    if all(isinstance(v, torch.Tensor) for v in vals):
+        # Shapes for the new nodes from the ones they replace, so later transforms need no shape propagation.
+        fused.meta["val"], split.meta["val"] = torch.cat(vals, dim=-1), list(vals)
+        for part, val in zip(parts, vals):
+            part.meta["val"] = val
     for lin, part in zip(linears, parts):
         lin.replace_all_uses_with(part)
         graph.erase_node(lin)

@@ -10,29 +10,18 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from ad_compiler.errors import CompileError
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
-from ad_compiler.utils.graph_utils import nodes_calling, run_shape_prop
-from torch.fx import GraphModule
+from torch.fx import Node
 
-from ...kv_cache.interface import CachedSequenceInterface, StateSpec
-from ...state.runner import STATE_METADATA
-from .insert_cached_attention import graph_inputs
-
-
-def state_metadata_inputs(gm: GraphModule, cm: CachedSequenceInterface) -> list[Any]:
-    """The state metadata placeholders (shared with other cached-op transforms), registered on the cm."""
-    example = cm.info.padded_decode_args(1)
-    nodes = graph_inputs(gm, list(STATE_METADATA), [example[n].to("meta") for n in STATE_METADATA])
-    for name in STATE_METADATA:
-        cm.add_metadata(name)
-    return nodes
+from ...kv_cache.interface import StateSpec
+from ... import state as _state  # noqa: F401 - registers the cached state ops
+from ..cached_state import swap_for_cached_state_op
 
 
-def add_state_input(gm: GraphModule, cm: CachedSequenceInterface, name: str, spec: StateSpec) -> Any:
-    cm.add_state(name, spec)
-    val = torch.empty(cm.info.max_batch_size + 1, *spec.shape, dtype=spec.dtype, device="meta")
-    return graph_inputs(gm, [name], [val])[0]
+def _spec(node: Node) -> StateSpec:
+    x, B = node.args[0], node.args[3]
+    _, _, h, p = x.meta["val"].shape
+    return StateSpec((int(h), int(p), int(B.meta["val"].shape[-1])), torch.float32)
 
 
 @TransformRegistry.register("insert_cached_ssm_attention")
@@ -40,29 +29,10 @@ class InsertCachedSsmAttention(BaseTransform):
     def _apply(
         self, mod: nn.Module, cm: Any, factory: Any, shared_config: SharedConfig
     ) -> tuple[nn.Module, TransformInfo]:
-        if not isinstance(cm, CachedSequenceInterface):
-            raise CompileError("insert_cached_ssm_attention needs the runtime's CachedSequenceInterface (cm)")
-        if not isinstance(mod, GraphModule):
-            raise CompileError("insert_cached_ssm_attention needs an exported GraphModule")
-        gm = mod
-        sources = nodes_calling(gm, torch.ops.auto_deploy.torch_ssm)
-        if not sources:
-            return gm, TransformInfo(skipped=True, reason="no torch_ssm in the graph")
-        if any("val" not in a.meta for n in sources for a in n.all_input_nodes):
-            run_shape_prop(gm)  # fusions (e.g. fuse_gemms' splits) may leave new inputs without shapes
-        meta = state_metadata_inputs(gm, cm)
-        for layer, node in enumerate(sources):
-            x, dt, A, B, C, D, dt_bias, chunk_size, dt_min, dt_max = node.args
-            _, _, h, p = x.meta["val"].shape
-            n = B.meta["val"].shape[-1]
-            state = add_state_input(gm, cm, f"ssm_state_{layer}", StateSpec((int(h), int(p), int(n)), torch.float32))
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(
-                    torch.ops.auto_deploy.torch_cached_ssm.default,
-                    (x, dt, A, B, C, D, dt_bias, *meta, state, chunk_size, dt_min, dt_max),
-                )
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-        gm.recompile()
-        return gm, TransformInfo(num_matches=len(sources))
+        n = swap_for_cached_state_op(
+            "insert_cached_ssm_attention", mod, cm, torch.ops.auto_deploy.torch_ssm,
+            torch.ops.auto_deploy.torch_cached_ssm.default, "ssm_state", 7, _spec,
+        )
+        if not n:
+            return mod, TransformInfo(skipped=True, reason="no torch_ssm in the graph")
+        return mod, TransformInfo(num_matches=n)
