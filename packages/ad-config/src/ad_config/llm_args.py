@@ -157,6 +157,11 @@ class LlmArgs(AutoDeployConfig):
     """Every option of the `LLM(...)` API: the pipeline's AutoDeployConfig plus runtime options."""
 
     seed: int = Field(default=0, description="Seed of the random sampler (and of random weights).")
+    dist_timeout: float = Field(
+        default=60.0, gt=0.0, le=86400.0,
+        description="Seconds a rank may stop answering (dead, stopped, stuck in a collective) before the whole "
+        "multi-process run ends with that rank's error.",
+    )
     trust_remote_code: bool = False
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
     kv_cache_config: KvCacheConfig = Field(default_factory=KvCacheConfig)
