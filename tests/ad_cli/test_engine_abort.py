@@ -12,6 +12,7 @@ from ad_cli import server_app
 from ad_cli.distributed_engine import DistributedEngine
 from ad_cli.engine_thread import EngineThread
 from ad_runtime.build import ABORT_MESSAGE
+from ad_runtime.executor.core import EngineCore
 from ad_runtime.executor.engine import Engine
 from ad_runtime.executor.scheduler import Scheduler
 from ad_runtime.kv_cache.page_pool import PagePool
@@ -41,7 +42,7 @@ def test_engine_thread_abort_ends_the_request_on_the_engine() -> None:
     aborted: list[tuple[Any, str]] = []
     abort = engine.abort
     engine.abort = lambda req, why: (aborted.append((req, why)), abort(req, why))  # type: ignore[method-assign]
-    thread = EngineThread(SimpleNamespace(engine=engine))
+    thread = EngineThread(SimpleNamespace(core=EngineCore(engine)))
 
     async def run() -> Any:
         q = thread.submit([1, 2], LONG, None)
@@ -69,7 +70,7 @@ def test_engine_thread_survives_a_caller_whose_event_loop_closed() -> None:
     runner = StepByStepRunner()
     runner.allowed = threading.Semaphore(0)  # hold the first step until the caller's loop has closed
     engine = Engine(runner, Scheduler(PagePool(128, 4), 4, 64, False, 128), None, 256, [])
-    thread = EngineThread(SimpleNamespace(engine=engine))
+    thread = EngineThread(SimpleNamespace(core=EngineCore(engine)))
 
     async def submit_and_leave() -> None:
         thread.submit([1, 2], LONG, None)

@@ -26,7 +26,8 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 def one_rank_texts() -> list[str]:
     """Greedy answers of one rank: the two completions (no chat template), then the chat."""
     with LLM(world_size=1, **COMMON) as llm:
-        outs = llm.generate([*COMPLETIONS, CHAT], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
+        outs = llm.generate([*COMPLETIONS, CHAT], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0),
+                            chat_template=False)
         return [o.outputs[0].text for o in outs]
 
 

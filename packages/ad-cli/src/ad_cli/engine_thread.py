@@ -1,6 +1,7 @@
 """Runs an LLM's engine on one background thread so many HTTP requests share continuous batching."""
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -9,6 +10,9 @@ from typing import Any
 
 from ad_runtime import SamplingParams
 from ad_runtime.build import ABORT_MESSAGE
+from ad_runtime.executor.errors import one_line
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,25 +41,29 @@ def failed_update(message: str) -> Update:
 
 
 class EngineThread:
-    """Owns a local engine: submissions arrive on a queue; updates go back to each caller's asyncio queue.
+    """Drives a local engine core on one background thread: submissions arrive on a queue; updates go back to
+    each caller's asyncio queue.
 
-    The same contract as DistributedEngine: submit(...) -> asyncio.Queue of Update, abort(queue), close().
+    The same contract as DistributedEngine: submit(...) -> asyncio.Queue of Update, abort(queue), health(), close().
     """
 
     def __init__(self, llm: Any):
-        self.llm = llm
-        self.engine = llm.engine
-        if self.engine is None:
+        self.core = llm.core
+        if self.core is None:
             raise ValueError("EngineThread needs the engine in this process (world_size 1); use DistributedEngine")
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="ad-engine", daemon=True)
+        self._crash: str | None = None  # why the thread ended, if it did by an error
+        self._thread = threading.Thread(target=self._run, name="ad-engine", daemon=True)
         self._thread.start()
 
     def submit(self, token_ids: list[int], params: SamplingParams, prompt: str | None, stream: bool = True) -> asyncio.Queue:
         """Queue a request; returns the asyncio queue that receives its Updates (only the last unless `stream`)."""
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
+        if self._crash is not None:
+            out.put_nowait(failed_update(f"the engine stopped: {self._crash}"))
+            return out
         self._inbox.put(("add", token_ids, params, prompt, stream, loop, out))
         return out
 
@@ -63,11 +71,44 @@ class EngineThread:
         """Stop the request whose updates go to `out` (its client went away); no more updates come."""
         self._inbox.put(("abort", out))
 
-    def _loop(self) -> None:
+    @property
+    def num_waiting(self) -> int:
+        """Requests submitted but not yet taken by the engine thread plus those the engine has not scheduled."""
+        return self._inbox.qsize() + len(self.core.engine.scheduler.waiting)
+
+    def health(self) -> str | None:
+        """None while the engine thread serves; else why it cannot."""
+        if self._crash is not None:
+            return f"the engine stopped: {self._crash}"
+        if not self._thread.is_alive() and not self._stop.is_set():
+            return "the engine thread is not running"
+        return None
+
+    def _run(self) -> None:
         watchers: dict[int, tuple[Any, bool, asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        try:
+            self._loop(watchers)
+        except BaseException as e:  # noqa: BLE001 - a bug here must not leave callers waiting forever
+            logger.exception("the engine thread failed")
+            self._crash = one_line(e)
+            for req, _, loop, out in watchers.values():
+                self.core.abort(req, f"the engine stopped: {self._crash}")
+                _put(loop, out, failed_update(f"the engine stopped: {self._crash}"))
+            self._fail_inbox()
+
+    def _fail_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item[0] == "add":
+                _put(item[5], item[6], failed_update(f"the engine stopped: {self._crash}"))
+
+    def _loop(self, watchers: dict[int, tuple[Any, bool, asyncio.AbstractEventLoop, asyncio.Queue]]) -> None:
         by_queue: dict[asyncio.Queue, int] = {}
         while not self._stop.is_set():
-            block = not self.engine.has_unfinished
+            block = not self.core.has_unfinished
             try:
                 while True:
                     item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
@@ -75,51 +116,45 @@ class EngineThread:
                     if item[0] == "abort":
                         rid = by_queue.pop(item[1], None)
                         if rid is not None:
-                            self.engine.abort(watchers.pop(rid)[0], ABORT_MESSAGE)
+                            self.core.abort(watchers.pop(rid)[0], ABORT_MESSAGE)
                         continue
                     _, ids, params, prompt, stream, loop, out = item
-                    req = self.engine.add_request(ids, params, prompt)
+                    req = self.core.submit(ids, params, prompt)
                     if req.is_finished:  # rejected at once (too long, ...)
                         self._publish(req, loop, out)
                     else:
                         watchers[req.request_id], by_queue[out] = (req, stream, loop, out), req.request_id
             except queue.Empty:
                 pass
-            if not self.engine.has_unfinished:
+            if not self.core.has_unfinished:
                 continue
-            try:
-                changed = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
-                for req, _, loop, out in watchers.values():
-                    if not req.is_finished:
-                        self.engine.abort(req, f"engine step failed: {e}")
-                    if not loop.is_closed():
-                        update = failed_update(req.error or f"engine step failed: {e}")
-                        loop.call_soon_threadsafe(out.put_nowait, update)
-                watchers.clear()
-                by_queue.clear()
-                continue
-            for req in changed:
+            # The core contains failures: a request's error fails it alone and comes back as a changed request.
+            for req in self.core.step():
                 w = watchers.get(req.request_id)
                 if w is None:
                     continue
                 delivered = self._publish(req, w[2], w[3]) if w[1] or req.is_finished else not w[2].is_closed()
                 if not delivered and not req.is_finished:
-                    self.engine.abort(req, ABORT_MESSAGE)  # its caller's event loop is gone: nobody is listening
+                    self.core.abort(req, ABORT_MESSAGE)  # its caller's event loop is gone: nobody is listening
                 if req.is_finished:
                     watchers.pop(req.request_id)
                     by_queue.pop(w[3], None)
 
     def _publish(self, req: Any, loop: asyncio.AbstractEventLoop, out: asyncio.Queue) -> bool:
         """Hand an update to the caller's event loop; False if that loop has closed (the caller went away)."""
-        if loop.is_closed():
-            return False
-        try:
-            loop.call_soon_threadsafe(out.put_nowait, update_of(req, self.engine.detok.decode))
-        except RuntimeError:  # closed between the check and the call
-            return False
-        return True
+        return _put(loop, out, update_of(req, self.core.decode))
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def _put(loop: asyncio.AbstractEventLoop, out: asyncio.Queue, update: Update) -> bool:
+    """Put `update` on a queue of another thread's event loop; False if that loop has closed."""
+    if loop.is_closed():
+        return False
+    try:
+        loop.call_soon_threadsafe(out.put_nowait, update)
+    except RuntimeError:  # closed between the check and the call
+        return False
+    return True

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .executor.core import EngineCore
 from .executor.engine import Engine, StepSequence
-from .executor.request import Request, RequestStatus
+from .executor.request import Request
 from .executor.scheduler import Scheduler
 from .kv_cache.interface import CachedSequenceInterface, ScheduledSequence
 from .sampling_params import SamplingParams
@@ -137,35 +138,39 @@ def build_engine(args: Any, rank: int = 0, world_size: int = 1, runner_wrapper: 
 
 
 class LocalBackend:
-    """One process, one device."""
+    """One process, one device; safe to call from many threads (they share the engine's batches)."""
 
     def __init__(self, args: Any):
         self.engine, self.tokenizer, self.factory = build_engine(args)
+        self.core = EngineCore(self.engine)
         self.vocab_size = int(self.factory.vocab_size)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams], texts: list[str | None]) -> list[Request]:
-        reqs = [self.engine.add_request(p, sp, t) for p, sp, t in zip(prompts, params, texts)]
-        self.engine.run_until_done(reqs)
+        reqs = [self.core.submit(p, sp, t) for p, sp, t in zip(prompts, params, texts)]
+        try:
+            self.core.run(reqs)
+        finally:
+            for req in reqs:  # the caller gave up (KeyboardInterrupt): free what it leaves behind
+                if not req.is_finished:
+                    self.core.abort(req, ABORT_MESSAGE)
         return reqs
 
     def stream(self, prompt: list[int], params: SamplingParams, text: str | None) -> Iterator[Request]:
-        req = self.engine.add_request(prompt, params, text)
-        if req.is_finished:
-            yield req
-            return
+        req = self.core.submit(prompt, params, text)
+
+        def refresh_text(r: Request) -> None:
+            if not r.is_finished and not params.stop:
+                r.text = self.core.decode(r.output_token_ids, params.skip_special_tokens)
+
         try:
-            while req.status in (RequestStatus.WAITING, RequestStatus.RUNNING):
-                if req in self.engine.step():
-                    if not req.is_finished and not params.stop:
-                        req.text = self.engine.detok.decode(req.output_token_ids, params.skip_special_tokens)
-                    yield req
+            yield from self.core.stream(req, refresh_text)
         finally:
             # A caller that stops listening early frees the request's slot, as with DistributedBackend.
-            if not req.is_finished and self.engine is not None:
-                self.engine.abort(req, ABORT_MESSAGE)
+            if not req.is_finished:
+                self.core.abort(req, ABORT_MESSAGE)
 
     def shutdown(self) -> None:
-        self.engine = None  # type: ignore[assignment]
+        self.engine = self.core = None  # type: ignore[assignment]
 
 
 def build_engine_backend(args: Any) -> Any:

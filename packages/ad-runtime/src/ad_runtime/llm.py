@@ -48,24 +48,42 @@ class LLM:
         return self._backend.engine
 
     @property
+    def core(self) -> Any:
+        """The thread-safe engine core (submit, abort, step) of a single-process run; None with world_size > 1."""
+        return getattr(self._backend, "core", None)
+
+    @property
     def vocab_size(self) -> int:
         return self._backend.vocab_size
 
     # ---- prompts ----------------------------------------------------------------------------------
 
     def encode(self, prompt: PromptLike, chat_template: bool = False) -> tuple[list[int], str | None]:
-        """Token ids of a prompt: a string, a token-id list, or a chat-message list."""
+        """Token ids of a prompt: a string, a token-id list, or a chat-message list.
+
+        Text that cannot be encoded (a lone surrogate, say) is a ValueError here, before any engine sees it.
+        """
         if isinstance(prompt, str):
+            _check_text(prompt, "prompt")
             if chat_template:
                 return self.encode([{"role": "user", "content": prompt}])
             return self._need_tokenizer().encode(prompt), prompt
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return list(prompt), None
         if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            for i, m in enumerate(prompt):
+                if isinstance(m.get("content"), str):
+                    _check_text(m["content"], f"message {i} content")
             tok = self._need_tokenizer()
             text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
             return tok.encode(text, add_special_tokens=False), text
         raise TypeError(f"a prompt must be a string, a list of token ids or a list of chat messages, got {type(prompt).__name__}")
+
+    def uses_chat_template(self, chat_template: bool | None) -> bool:
+        """None (the default of generate): apply the tokenizer's chat template to plain strings when it has one."""
+        if chat_template is None:
+            return bool(getattr(self.tokenizer, "chat_template", None))
+        return chat_template
 
     def _need_tokenizer(self) -> Any:
         if self.tokenizer is None:
@@ -78,20 +96,26 @@ class LLM:
         self,
         prompts: PromptLike | Sequence[PromptLike],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        chat_template: bool = False,
+        chat_template: bool | None = None,
     ) -> list[RequestOutput]:
-        """Run all prompts together; returns one output per prompt, in order."""
+        """Run all prompts together; returns one output per prompt, in order.
+
+        Plain-string prompts go through the tokenizer's chat template when it has one (`chat_template=None`,
+        as build_and_run_ad does); `chat_template=False` feeds them as raw text. Safe to call from several
+        threads at once: their requests share the engine's batches.
+        """
         prompts = self._as_list(prompts)
         params = self._params_for(prompts, sampling_params)
-        encoded = [self.encode(p, chat_template) for p in prompts]
+        template = self.uses_chat_template(chat_template)
+        encoded = [self.encode(p, template) for p in prompts]
         reqs = self._backend.generate([e[0] for e in encoded], params, [e[1] for e in encoded])
         return [self._output(r) for r in reqs]
 
     def generate_stream(
-        self, prompt: PromptLike, sampling_params: SamplingParams | None = None, chat_template: bool = False
+        self, prompt: PromptLike, sampling_params: SamplingParams | None = None, chat_template: bool | None = None
     ) -> Iterator[RequestOutput]:
-        """Yield the growing output of one prompt after every new token."""
-        ids, text = self.encode(prompt, chat_template)
+        """Yield the growing output of one prompt after every new token (chat template as in `generate`)."""
+        ids, text = self.encode(prompt, self.uses_chat_template(chat_template))
         params = sampling_params or self._params_for([prompt], None)[0]
         for req in self._backend.stream(ids, params, text):
             yield self._output(req)
@@ -115,6 +139,9 @@ class LLM:
         sp = list(sp)
         if len(sp) != len(prompts):
             raise ValueError(f"got {len(sp)} sampling params for {len(prompts)} prompts")
+        bad = next((p for p in sp if not isinstance(p, SamplingParams)), None)
+        if bad is not None:
+            raise TypeError(f"sampling params must be SamplingParams, got {type(bad).__name__}")
         return sp
 
     def _output(self, req: Any) -> RequestOutput:
@@ -149,3 +176,11 @@ class LLM:
             self.shutdown()
         except Exception:  # noqa: BLE001 - interpreter shutdown may have torn modules down
             pass
+
+
+def _check_text(text: str, what: str) -> None:
+    """Text must be valid Unicode (no lone surrogates): tokenizers fail on it deep inside their native code."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the {what} is not valid Unicode text ({e.reason} at position {e.start})") from None

@@ -1,4 +1,8 @@
-"""The step loop: schedule, prepare inputs, run the model, sample on the device, post-process, free."""
+"""The step loop: schedule, prepare inputs, run the model, sample on the device, post-process, free.
+
+A failure is contained: what belongs to one request fails that request alone, and after any error the
+scheduler, pages, state slots and sampler generators are consistent for the next step.
+"""
 
 import itertools
 import logging
@@ -11,6 +15,7 @@ import torch
 
 from ..sampling_params import SamplingParams
 from .detokenizer import Detokenizer
+from .errors import one_line
 from .request import Request, RequestStatus
 from .sampler import Sampler
 from .scheduler import Scheduler
@@ -61,35 +66,68 @@ class Engine:
         self.num_steps = 0
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Request:
-        """Queue a request; one that can never fit fails alone, at once, with a clear message."""
+        """Queue a request; one that can never run fails alone, at once, with a clear message."""
         req = Request(request_id=next(self._ids), prompt_token_ids=list(prompt_token_ids), params=params, prompt=prompt)
-        n = len(req.prompt_token_ids)
-        if n == 0:
-            req.fail("the prompt is empty")
-        elif self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in req.prompt_token_ids):
-            # An out-of-range id would crash the embedding kernel on a GPU and take every request down.
-            bad = next(t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size)
-            req.fail(f"the prompt has token id {bad}, outside the model's vocabulary of {self.vocab_size}")
-        elif n >= self.max_seq_len:
-            req.fail(f"the prompt has {n} tokens, max_seq_len is {self.max_seq_len}: raise max_seq_len or shorten it")
-        elif n > self.max_input_len:
-            req.fail(f"the prompt has {n} tokens, max_input_len is {self.max_input_len}: raise it or shorten the prompt")
-        elif not self.scheduler.fits_at_all(req, min(n + params.max_tokens, self.max_seq_len)):
-            req.fail(f"the request needs more KV-cache pages than exist ({self.scheduler.num_pages})")
-        else:
+        try:
+            problem = self._admission_problem(req)
+            if problem is None:
+                # A seeded generator is made now, so a seed torch refuses fails this request, not a later step.
+                self.sampler.generator_for(req.request_id, params.seed)
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with one request fails that request only
+            problem = f"invalid request: {one_line(e)}"
+        if problem is None:
             self.scheduler.add(req)
+        else:
+            self.sampler.release(req.request_id)
+            req.fail(problem)
         return req
+
+    def _admission_problem(self, req: Request) -> str | None:
+        """Why a request can never run, or None."""
+        params = req.params
+        if not isinstance(params, SamplingParams):
+            return f"sampling parameters must be SamplingParams, got {type(params).__name__}"
+        ids = req.prompt_token_ids
+        n = len(ids)
+        if n == 0:
+            return "the prompt is empty"
+        bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool)), None)
+        if bad is not None:
+            return f"the prompt has token id {bad!r}, which is not an int"
+        if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in ids):
+            # An out-of-range id would crash the embedding kernel on a GPU and take every request down.
+            bad = next(t for t in ids if not 0 <= t < self.vocab_size)
+            return f"the prompt has token id {bad}, outside the model's vocabulary of {self.vocab_size}"
+        if n >= self.max_seq_len:
+            return f"the prompt has {n} tokens, max_seq_len is {self.max_seq_len}: raise max_seq_len or shorten it"
+        if n > self.max_input_len:
+            return f"the prompt has {n} tokens, max_input_len is {self.max_input_len}: raise it or shorten the prompt"
+        if not self.scheduler.chunked and n > self.scheduler.max_num_tokens:
+            return (f"the prompt has {n} tokens, more than max_num_tokens ({self.scheduler.max_num_tokens}) "
+                    "without chunked prefill: raise max_num_tokens or enable_chunked_prefill")
+        if not self.scheduler.fits_at_all(req, min(n + params.max_tokens, self.max_seq_len)):
+            return f"the request needs more KV-cache pages than exist ({self.scheduler.num_pages})"
+        return None
 
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 
     def step(self) -> list[Request]:
-        """Run one step; returns the requests that produced a token or finished."""
+        """Run one step; returns the requests that produced a token, finished or failed.
+
+        An error that belongs to one request (its sampling, its stop check, its text) fails that request
+        alone; an error of the model itself fails the requests of this step. Either way their pages, state
+        slots and generators are freed, so the next step starts from a consistent engine.
+        """
         batch = self.scheduler.schedule()
         if not batch:
-            if self.scheduler.has_work:
-                raise RuntimeError("scheduler made no progress: no request fits the KV cache")
+            if self.scheduler.waiting and not self.scheduler.running:
+                # Nothing runs and the oldest waiting request still cannot be scheduled (a preempted request
+                # that grew past max_num_tokens without chunked prefill): it never will, so it fails alone.
+                req = self.scheduler.waiting[0]
+                self.abort(req, "the request no longer fits one step (max_num_tokens) or the KV cache")
+                return [req]
             return []
         pool = self.scheduler.pool
         seqs = []
@@ -100,7 +138,14 @@ class Engine:
                 r.all_token_ids[start : start + s.num_new_tokens], start, pool.page_table(r.request_id), r.slot
             ))
         num_prefill = sum(not s.is_decode for s in batch)
-        logits = self.runner.forward(seqs, num_prefill)
+        try:
+            logits = self.runner.forward(seqs, num_prefill)
+        except Exception as e:  # noqa: BLE001 - the model failed on this batch: its requests fail, the engine goes on
+            logger.exception("the model failed on a step of %d sequences", len(batch))
+            failed = [s.request for s in batch]
+            for req in failed:
+                self.abort(req, f"engine step failed: {one_line(e)}")
+            return failed
         self.num_steps += 1
         sample_rows = [i for i, s in enumerate(batch) if s.completes_prompt]
         for s in batch:
@@ -109,11 +154,32 @@ class Engine:
             return []
         reqs = [batch[i].request for i in sample_rows]
         rows = logits if len(sample_rows) == len(batch) else logits[torch.tensor(sample_rows, device=logits.device)]
-        tokens = self.sampler(rows, [r.params for r in reqs], [r.request_id for r in reqs]).tolist()  # the one sync
+        tokens = self._sample(rows, reqs)
         now = time.perf_counter()
         for req, tok in zip(reqs, tokens):
-            self._append(req, int(tok), now)
+            if req.is_finished:
+                continue  # its sampling failed
+            try:
+                self._append(req, tok, now)
+            except Exception as e:  # noqa: BLE001 - e.g. a tokenizer that cannot decode this output
+                logger.exception("post-processing request %d failed", req.request_id)
+                self.abort(req, f"post-processing failed: {one_line(e)}")
         return reqs
+
+    def _sample(self, rows: torch.Tensor, reqs: list[Request]) -> list[int]:
+        """One token per row; a row whose sampling fails fails its request alone (the others are sampled again)."""
+        try:
+            return self.sampler(rows, [r.params for r in reqs], [r.request_id for r in reqs]).tolist()  # the one sync
+        except Exception:  # noqa: BLE001 - find the culprit by sampling each row alone
+            logger.exception("batched sampling failed; sampling row by row")
+        tokens = []
+        for i, req in enumerate(reqs):
+            try:
+                tokens.append(int(self.sampler(rows[i : i + 1], [req.params], [req.request_id])[0]))
+            except Exception as e:  # noqa: BLE001
+                self.abort(req, f"sampling failed: {one_line(e)}")
+                tokens.append(-1)
+        return tokens
 
     def _append(self, req: Request, token: int, now: float) -> None:
         req.output_token_ids.append(token)
@@ -138,11 +204,22 @@ class Engine:
             self.sampler.release(req.request_id)
 
     def abort(self, req: Request, message: str) -> None:
+        """End an unfinished request: free its pages, state slot and generator; it fails with `message`."""
+        if req.is_finished:
+            return
         if req in self.scheduler.waiting:
             self.scheduler.waiting.remove(req)
         self.scheduler.finish(req)
+        self.sampler.release(req.request_id)
         req.fail(message)
 
+    def abort_all(self, message: str) -> list[Request]:
+        """Fail every unfinished request (after an error the engine cannot pin on one of them)."""
+        reqs = list(self.scheduler.running) + list(self.scheduler.waiting)
+        for req in reqs:
+            self.abort(req, message)
+        return reqs
+
     def run_until_done(self, requests: list[Request]) -> None:
-        while any(r.status in (RequestStatus.WAITING, RequestStatus.RUNNING) for r in requests):
+        while any(not r.is_finished for r in requests):
             self.step()
