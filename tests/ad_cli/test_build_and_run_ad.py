@@ -72,6 +72,19 @@ def test_default_run_answers_the_capital_question(tmp_path: Path) -> None:
     assert " ad_" not in proc.stderr and "INFO" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
+def test_first_run_on_a_pipe_leaves_stderr_empty(tmp_path: Path) -> None:
+    """A fresh cache converts the GGUF file: no library progress bars, chatter or warnings on a non-terminal."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("AD_", "TQDM_", "HF_HUB_DISABLE"))}
+    env["AD_CACHE_DIR"] = str(tmp_path / "cache")
+    cmd = [sys.executable, "-m", "ad_cli.build_and_run_ad", "--args.model-kwargs.num-hidden-layers=2",
+           "--prompt.sp-kwargs.max-tokens=2", "--prompt.queries", "Hi"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr  # the 2-layer cut drops checkpoint tensors: an info line, not a warning
+    assert "[0] prompt: Hi" in proc.stdout
+
+
 def test_missing_model_path_is_one_line_and_exit_1(tmp_path: Path) -> None:
     proc = _run(*CPU, "--model", str(tmp_path / "no-such-model"), cwd=tmp_path, timeout=300)
     assert proc.returncode == 1, proc.stderr

@@ -131,3 +131,31 @@ def test_per_expert_checkpoint_loads_into_stacked_experts(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(gm(input_ids=ids, position_ids=pos),
                                    hf(input_ids=ids, position_ids=pos, use_cache=False).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_tensors_of_dropped_layers_are_ignored_quietly_others_with_a_warning(tiny_llama_dir, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ad_compiler.export import torch_export_to_gm
+
+    def load(folder) -> list[logging.LogRecord]:
+        f = Factory(str(folder), model_kwargs={"num_hidden_layers": 1})
+        gm = torch_export_to_gm(f.build_model("meta"),
+                                kwargs={k: v.to("meta") for k, v in f.get_example_inputs().items()})
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ad_compiler.models.weights"):
+            f.load_or_random_init(gm, "cpu")
+        return [r for r in caplog.records if "ignored" in r.getMessage()]
+
+    [dropped] = load(tiny_llama_dir)  # layer 1's tensors: the model was asked for one layer
+    assert dropped.levelno == logging.INFO and "model.layers.1." in dropped.getMessage()
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_llama_dir, odd)
+    sd = load_file(str(odd / "model.safetensors"))
+    sd["model.mystery.weight"] = torch.zeros(2)
+    save_file(sd, str(odd / "model.safetensors"))
+    [foreign] = load(odd)  # a tensor nobody can place: may be a naming mismatch, so a warning
+    assert foreign.levelno == logging.WARNING

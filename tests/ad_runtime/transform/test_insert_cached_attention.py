@@ -63,11 +63,25 @@ def test_needs_cm_and_reports_no_match():
     assert hist["insert_cached_attention"].skipped and hist["initialize_cache"].skipped
 
 
-def test_unknown_backend_is_a_clear_error():
+def test_gpu_only_backend_on_a_cpu_is_a_clear_error():
+    # The same error whether flashinfer is installed or not: it names the backend and the device.
     gm = export_tiny(TinyAttentionModel())
     cm = CachedSequenceInterface(max_batch_size=1, max_seq_len=8, page_size=4)
-    with pytest.raises(CompileError, match="flashinfer"):
+    with pytest.raises(CompileError, match="'flashinfer' needs a CUDA GPU, but the device is cpu"):
         _pipeline(gm, cm, backend="flashinfer")
+
+
+def test_missing_backend_package_names_the_install_hint_once(monkeypatch):
+    import sys
+
+    from ad_runtime.attention.registry import AttentionRegistry
+
+    monkeypatch.setitem(sys.modules, "flashinfer", None)  # import flashinfer -> ImportError
+    monkeypatch.delitem(sys.modules, "ad_runtime.attention.flashinfer_backend", raising=False)
+    monkeypatch.delitem(AttentionRegistry._registry, "flashinfer", raising=False)
+    with pytest.raises(CompileError) as err:
+        AttentionRegistry.get("flashinfer")
+    assert str(err.value).count("pip install") == 1 and "not installed" in str(err.value)
 
 
 def test_auto_picks_torch_on_cpu(caplog):

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -24,7 +25,10 @@ def quiet_libraries() -> None:
     """Silence the libraries below us (tokenizer hints, deprecation notes) unless the log level is debug.
 
     Their warnings are about their internals, not about anything a user of build_and_run_ad can change.
+    Their progress bars (GGUF conversion, checkpoint loading) show on a terminal only, like ours.
     """
+    if not sys.stderr.isatty():
+        _no_library_progress_bars()
     if logging.getLogger().isEnabledFor(logging.DEBUG):
         return
     level = logging.ERROR
@@ -37,6 +41,20 @@ def quiet_libraries() -> None:
         pass
     for name in ("torch", "torch._dynamo", "torch._inductor", "torch.distributed", "huggingface_hub"):
         logging.getLogger(name).setLevel(level)
+
+
+def _no_library_progress_bars() -> None:
+    # The environment variables reach spawned rank processes too; the calls cover modules already imported.
+    # TQDM_DISABLE is tqdm's default for bars that do not choose (transformers' GGUF conversion); ours pass
+    # disable=None (terminal only) explicitly.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def _prompts_and_params(config: Any) -> tuple[list[Prompt], Any]:

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -117,8 +118,12 @@ def load_checkpoint_into(
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CompileError(f"checkpoint {folder} lacks {len(missing)} weights of the model: {shown}")
     if unexpected:
-        # Normal when model_kwargs shrink the model (e.g. fewer layers); worth a line, not an error.
-        logger.warning("ignored %d checkpoint tensors the model does not use (e.g. %s)", len(unexpected), min(unexpected))
+        # Tensors of layers the model does not have are what model_kwargs asked for (fewer layers): say so
+        # at info level; anything else may be a naming mismatch worth a warning.
+        have = {m.group(1) for k in expected if (m := _LAYER_INDEX.search(k))}
+        level = logging.INFO if all(_is_dropped_layer(k, have) for k in unexpected) else logging.WARNING
+        logger.log(level, "ignored %d checkpoint tensors the model does not use (e.g. %s)", len(unexpected),
+                   min(unexpected))
     _finish(model, device)
 
 
@@ -165,3 +170,12 @@ def random_init(
             value = value.to(device)
             model.load_state_dict(dict.fromkeys(keys, value), strict=False, assign=True)
     _finish(model, device)
+
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _is_dropped_layer(key: str, layer_indices: set[str]) -> bool:
+    """True for a checkpoint tensor of a layer index the (shrunk) model does not have."""
+    m = _LAYER_INDEX.search(key)
+    return m is not None and m.group(1) not in layer_indices

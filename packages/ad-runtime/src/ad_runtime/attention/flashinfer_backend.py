@@ -9,7 +9,7 @@ import torch
 try:
     import flashinfer
 except ImportError as e:  # the registry turns this into a CompileError naming the backend
-    raise ImportError("flashinfer is not installed; install it with `pip install 'ad-runtime[flashinfer]'`") from e
+    raise ImportError("flashinfer is not installed") from e  # the registry adds the install hint, once
 
 from .descriptor import AttentionDescriptor
 from .registry import AttentionRegistry

@@ -23,6 +23,9 @@ _INSTALL_HINTS = {
     "triton": "install triton (`pip install triton`)",
 }
 
+# Backends whose kernels exist only for CUDA GPUs (triton also runs on a CPU under TRITON_INTERPRET=1).
+GPU_ONLY = {"flashinfer"}
+
 
 class AttentionRegistry:
     """`register("name")` decorates an AttentionDescriptor subclass; `get("name")` returns it."""
@@ -68,8 +71,14 @@ def _usable(name: str) -> bool:
 
 
 def resolve_attention_backend(name: str, device: str | torch.device) -> str:
-    """Map `auto` to a concrete backend: flashinfer (if installed) or triton on a GPU, torch on a CPU."""
+    """Map `auto` to a concrete backend: flashinfer (if installed) or triton on a GPU, torch on a CPU.
+
+    A GPU-only backend asked for on another device is a CompileError naming both, whether it is installed or not.
+    """
     if name != "auto":
+        if name in GPU_ONLY and torch.device(device).type != "cuda":
+            raise CompileError(f"attention backend {name!r} needs a CUDA GPU, but the device is {torch.device(device)}; "
+                               "use attn_backend torch (or auto) on a CPU")
         return name
     if torch.device(device).type == "cuda":
         if importlib.util.find_spec("flashinfer") is not None and _usable("flashinfer"):
