@@ -19,6 +19,7 @@ from .errors import one_line
 from .request import Request, RequestStatus
 from .sampler import Sampler
 from .scheduler import Scheduler
+from .step_timer import StepTimer
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Engine:
         self.sampler = Sampler(runner.device)
         self._ids = itertools.count()
         self.num_steps = 0
+        self.timer: StepTimer | None = None  # set by benchmarks: per-phase step times and GPU idle share
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Request:
         """Queue a request; one that can never run fails alone, at once, with a clear message."""
@@ -120,6 +122,9 @@ class Engine:
         alone; an error of the model itself fails the requests of this step. Either way their pages, state
         slots and generators are freed, so the next step starts from a consistent engine.
         """
+        timer = self.timer
+        if timer is not None:
+            timer.begin()
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.waiting and not self.scheduler.running:
@@ -138,6 +143,9 @@ class Engine:
                 r.all_token_ids[start : start + s.num_new_tokens], start, pool.page_table(r.request_id), r.slot
             ))
         num_prefill = sum(not s.is_decode for s in batch)
+        if timer is not None:
+            timer.start_step("mixed" if num_prefill else "decode", len(batch))
+            timer.mark("schedule")
         try:
             logits = self.runner.forward(seqs, num_prefill)
         except Exception as e:  # noqa: BLE001 - the model failed on this batch: its requests fail, the engine goes on
@@ -147,14 +155,21 @@ class Engine:
                 self.abort(req, f"engine step failed: {one_line(e)}")
             return failed
         self.num_steps += 1
+        if timer is not None:
+            timer.mark("forward")
         sample_rows = [i for i, s in enumerate(batch) if s.completes_prompt]
         for s in batch:
             s.request.num_computed_tokens += s.num_new_tokens
         if not sample_rows:
+            if timer is not None:
+                timer.device_work_queued()
+                timer.end_step()
             return []
         reqs = [batch[i].request for i in sample_rows]
         rows = logits if len(sample_rows) == len(batch) else logits[torch.tensor(sample_rows, device=logits.device)]
         tokens = self._sample(rows, reqs)
+        if timer is not None:
+            timer.mark("sample")
         now = time.perf_counter()
         for req, tok in zip(reqs, tokens):
             if req.is_finished:
@@ -164,12 +179,18 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - e.g. a tokenizer that cannot decode this output
                 logger.exception("post-processing request %d failed", req.request_id)
                 self.abort(req, f"post-processing failed: {one_line(e)}")
+        if timer is not None:
+            timer.mark("post")
+            timer.end_step()
         return reqs
 
     def _sample(self, rows: torch.Tensor, reqs: list[Request]) -> list[int]:
         """One token per row; a row whose sampling fails fails its request alone (the others are sampled again)."""
         try:
-            return self.sampler(rows, [r.params for r in reqs], [r.request_id for r in reqs]).tolist()  # the one sync
+            sampled = self.sampler(rows, [r.params for r in reqs], [r.request_id for r in reqs])
+            if self.timer is not None:
+                self.timer.device_work_queued()
+            return sampled.tolist()  # the one sync
         except Exception:  # noqa: BLE001 - find the culprit by sampling each row alone
             logger.exception("batched sampling failed; sampling row by row")
         tokens = []

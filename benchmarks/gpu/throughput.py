@@ -1,0 +1,129 @@
+"""Offline throughput of LLM.generate for ISL/OSL grids, with each figure's cause printed beside it.
+
+For every workload: output tokens/s, then per step kind (decode-only, mixed) the mean host time of each
+phase (schedule, forward = inputs + launch, sample = launch + wait for the GPU, post-process), the GPU busy
+time per step and the share of time the GPU sat idle between consecutive steps (CUDA events), and the
+memory-bandwidth roofline of a decode step (weights + KV bytes over the measured device copy bandwidth).
+
+    python benchmarks/gpu/throughput.py --preset llama3.1-8b --dtype bfloat16 \
+        --workload 128/128/1024 --workload 1024/128/32 --workload 1000/1000/256
+A workload is ISL/OSL/NUM: NUM prompts of ISL random tokens, OSL new tokens each (ignore_eos), given to
+generate() together. --overlap on|off|both compares the engine with and without overlapped scheduling
+where the engine supports it (greedy tokens must match).
+"""
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf_vs_ad import PRESETS, machine_name, model_source  # noqa: E402 - the benchmarks folder is no package
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a device-to-device copy of 1 GiB (read + write counted once each)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 10 / (time.perf_counter() - t)
+
+
+def weight_bytes(llm) -> int:
+    module = llm.engine.runner.module
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def kv_bytes_per_token(llm) -> int:
+    cm = llm.engine.runner.cm
+    return cm.bytes_per_page() // cm.page_size
+
+
+def run_workload(llm, isl: int, osl: int, num: int, rng: random.Random) -> dict:
+    from ad_runtime import SamplingParams
+    from ad_runtime.executor.step_timer import StepTimer
+
+    vocab = llm.vocab_size
+    prompts = [[rng.randrange(100, vocab) for _ in range(isl)] for _ in range(num)]
+    llm.generate(prompts[: min(num, 64)], SamplingParams(max_tokens=min(osl, 8), temperature=0.0, ignore_eos=True))
+    sp = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True)
+    timer = StepTimer(llm.engine.runner.device)
+    llm.engine.timer = timer
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    t = time.perf_counter()
+    outs = llm.generate(prompts, sp)
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    dt = time.perf_counter() - t
+    llm.engine.timer = None
+    assert all(len(o.outputs[0].token_ids) == osl for o in outs), "every request must produce OSL tokens"
+    return {"isl": isl, "osl": osl, "num": num, "seconds": dt, "out_tok_s": num * osl / dt,
+            "steps": timer.summary(), "tokens": [o.outputs[0].token_ids for o in outs]}
+
+
+def print_row(r: dict, bw: float, wbytes: int, kv_tok: int) -> None:
+    print(f"\nISL {r['isl']} / OSL {r['osl']} x {r['num']}: {r['out_tok_s']:,.0f} output tok/s ({r['seconds']:.2f} s)")
+    for kind, s in r["steps"].items():
+        phases = " ".join(f"{p} {s[f'{p}_ms']:.2f}" for p in ("schedule", "forward", "sample", "post"))
+        line = f"  {kind:6s} steps {int(s['steps']):5d} rows {s['rows']:6.1f} | host ms: {phases} (sum {s['host_ms']:.2f})"
+        if "gpu_ms" in s:
+            line += f" | GPU {s['gpu_ms']:.2f} ms/step, idle between steps {100 * s['gpu_idle_share']:.1f}%"
+        if kind == "decode" and bw == bw:
+            ctx = r["isl"] + r["osl"] / 2
+            roof = (wbytes + s["rows"] * ctx * kv_tok) / bw * 1e3
+            line += f" | roofline {roof:.2f} ms/step (weights + KV at {bw / 1e12:.2f} TB/s)"
+        print(line)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="llama3.1-8b")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--workload", action="append", default=None, help="ISL/OSL/NUM (repeatable)")
+    p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--max-num-tokens", type=int, default=8192)
+    p.add_argument("--compile-backend", default="auto")
+    p.add_argument("--attn-backend", default="auto")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args()
+    workloads = [tuple(int(x) for x in w.split("/")) for w in (args.workload or ["128/128/1024", "1024/128/32"])]
+    from ad_runtime import LLM
+
+    bw = copy_bandwidth()
+    rng = random.Random(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path, random_weights = model_source(argparse.Namespace(preset=args.preset), Path(tmp))
+        max_len = max(i + o for i, o, _ in workloads) + 8
+        t = time.perf_counter()
+        llm = LLM(model=path, skip_loading_weights=random_weights, skip_tokenizer_init=random_weights,
+                  dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=max_len,
+                  max_num_tokens=args.max_num_tokens, enable_chunked_prefill=True,
+                  compile_backend=args.compile_backend, attn_backend=args.attn_backend)
+        print(f"build: {time.perf_counter() - t:.1f} s")
+        wbytes, kv_tok = weight_bytes(llm), kv_bytes_per_token(llm)
+        print(f"machine: {machine_name()} | model: {args.preset} ({wbytes / 1e9:.2f} GB of weights) | {args.dtype}"
+              f" | copy bandwidth {bw / 1e12:.2f} TB/s | batch-1 decode roofline {wbytes / bw * 1e3:.2f} ms")
+        for isl, osl, num in workloads:
+            r = run_workload(llm, isl, osl, num, rng)
+            print_row(r, bw, wbytes, kv_tok)
+            rows.append({k: v for k, v in r.items() if k != "tokens"})
+        llm.shutdown()
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(machine=machine_name(), preset=args.preset, rows=rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()
