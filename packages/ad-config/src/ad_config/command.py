@@ -88,15 +88,23 @@ def _usage(prog: str) -> str:
         "transforms, sp-kwargs) are free and typed like YAML scalars. Precedence: command line > environment",
         "(AD_<FIELD>, nested with __) > YAML files (later wins) > default.yaml > code defaults.",
         "",
-        "  --show-origin  print where each value came from instead of the YAML",
+        "  --show-origin  print where each value came from (instead of the YAML or the run), then exit",
         "  --log-level    log verbosity on stderr (default warning)",
     ]
     return "\n".join(head + help_lines(ExperimentConfig)) + "\n"
 
 
-def run_command(argv: list[str] | None, prog: str, run: Callable[[ExperimentConfig], int | None] | None = None) -> int:
-    """Parse and resolve; print the configuration (ad-config, or --dry-run) or hand it to `run`.
+def run_command(
+    argv: list[str] | None,
+    prog: str,
+    run: Callable[[ExperimentConfig], int | None] | None = None,
+    check: Callable[[ExperimentConfig], None] | None = None,
+) -> int:
+    """Parse and resolve; print the configuration (ad-config, --dry-run), or where each value came from
+    (--show-origin), or hand it to `run`.
 
+    `check` runs on the resolved configuration before a dry run or a real run (not before --show-origin,
+    which must show where a refused value came from); a ConfigError it raises is reported like any other.
     Returns the exit code: 0 on success, 2 for a configuration error (printed as one or two lines).
     """
     argv = sys.argv[1:] if argv is None else argv
@@ -111,14 +119,18 @@ def run_command(argv: list[str] | None, prog: str, run: Callable[[ExperimentConf
             sys.stdout.write(_usage(prog))
             return 0
         config = ExperimentConfig.build(parsed.values, init_origins=parsed.origins)
+        if options.show_origin:
+            # An inspection, like --dry-run: print and stop, never run the job.
+            sys.stdout.write(render_origins(config))
+            return 0
+        if check is not None:
+            check(config)
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     if run is None or config.dry_run:
-        sys.stdout.write(render_origins(config) if options.show_origin else render_yaml(config))
+        sys.stdout.write(render_yaml(config))
         return 0
-    if options.show_origin:
-        sys.stderr.write(render_origins(config))
     log.info("resolved configuration for model %s", config.model or "bundled SmolLM2")
     try:
         return run(config) or 0

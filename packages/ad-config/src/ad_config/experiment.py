@@ -2,9 +2,11 @@
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from .dynamic_yaml import DynamicYamlMixInForSettings, active_resolution
+from .error_format import FieldErrors, explain
+from .limits import MAX_BATCH, MAX_COUNT, MAX_SEED, MAX_TOKENS
 from .llm_args import LlmArgs
 from .merge import deep_merge_dicts
 
@@ -22,12 +24,24 @@ DEFAULT_QUERIES: list[str] = [
 Query = str | list[dict[str, str]] | dict[str, Any]
 
 
+class _SamplingKwargsCheck(BaseModel):
+    """Bounds of the numeric sampling parameters in prompt.sp_kwargs (other keys are checked by the runtime)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    max_tokens: StrictInt = Field(default=100, ge=1, le=MAX_TOKENS)
+    temperature: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+    top_k: StrictInt | None = Field(default=None, ge=0, le=MAX_TOKENS)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED)
+
+
 class PromptConfig(BaseModel):
     """The prompts build_and_run_ad runs and their sampling parameters."""
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: int = Field(default=2, gt=0, description="Number of queries run together.")
+    batch_size: int = Field(default=2, gt=0, le=MAX_BATCH, description="Number of queries run together.")
     queries: str | list[Query] = Field(
         default_factory=lambda: list(DEFAULT_QUERIES),
         description="Repeated or cut to batch_size; plain strings use the chat template if there is one.",
@@ -41,6 +55,19 @@ class PromptConfig(BaseModel):
     @classmethod
     def _merge_sp_defaults(cls, value: Any) -> Any:
         return deep_merge_dicts(DEFAULT_SP_KWARGS, value) if isinstance(value, dict) else value
+
+    @field_validator("sp_kwargs")
+    @classmethod
+    def _check_sp_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # The runtime checks every sampling parameter again; here the numbers fail before any model is built.
+        try:
+            _SamplingKwargsCheck.model_validate(value)
+        except ValidationError as e:
+            raise FieldErrors(
+                [(tuple(err["loc"]), explain(err, _SamplingKwargsCheck, tuple(err["loc"])), err.get("input"))
+                 for err in e.errors()]
+            ) from None
+        return value
 
     @field_validator("queries")
     @classmethod
@@ -65,10 +92,10 @@ class BenchmarkConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = False
-    num: int = Field(default=10, gt=0, description="Timed runs after one warm-up.")
-    isl: int = Field(default=2048, gt=0, description="Input sequence length.")
-    osl: int = Field(default=128, gt=0, description="Output sequence length.")
-    bs: int = Field(default=1, gt=0, description="Batch size.")
+    num: int = Field(default=10, gt=0, le=MAX_COUNT, description="Timed runs after one warm-up.")
+    isl: int = Field(default=2048, gt=0, le=MAX_TOKENS, description="Input sequence length.")
+    osl: int = Field(default=128, gt=0, le=MAX_TOKENS, description="Output sequence length.")
+    bs: int = Field(default=1, gt=0, le=MAX_BATCH, description="Batch size.")
     results_path: str = "./benchmark_results.json"
     store_results: bool = False
 
@@ -122,6 +149,8 @@ class ExperimentConfig(DynamicYamlMixInForSettings):
                 note(("args", "max_batch_size"), f"raised to {why}")
         if self.benchmark.enabled:
             need = self.benchmark.isl + self.benchmark.osl
+            if need > MAX_TOKENS:
+                raise ValueError(f"benchmark.isl + benchmark.osl ({need}) exceeds {MAX_TOKENS} tokens")
             if need > self.args.max_seq_len:
                 self.args.max_seq_len = need
                 note(("args", "max_seq_len"), "raised to benchmark.isl + benchmark.osl")

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from .errors import ConfigError
 from .merge import Path
-from .transform_config import TRANSFORM_CONFIGS, closest_name
+from .transform_config import TRANSFORM_CONFIGS, TransformConfig, closest_name
 from .yaml_files import scalar_from_text
 
 FREE_FORM = object()  # marker: the path leads into a free-form dictionary
@@ -113,8 +113,12 @@ def resolve(model: type[BaseModel], parts: list[str], spelled: str) -> tuple[Pat
         if field is None:
             hint = closest_name(name, field_names(current))
             where = f" in {'.'.join(path)}" if path else ""
+            owner = _transform_owning(name) if "transforms" in current.model_fields else None
+            if owner is not None:
+                # A transform's own key given as if it were a top-level option (--args.sharding-dims).
+                hint = ".".join(path + ["transforms", owner, name])
             if hint and spelled.startswith("--"):
-                hint = "--" + ".".join(path + [hint]).replace("_", "-")
+                hint = "--" + hint.replace("_", "-") if owner else "--" + ".".join(path + [hint]).replace("_", "-")
             extra = f" (did you mean {hint!r}?)" if hint else ""
             raise ConfigError(f"{spelled}: unknown option {name!r}{where}{extra}")
         path.append(name)
@@ -132,6 +136,14 @@ def resolve(model: type[BaseModel], parts: list[str], spelled: str) -> tuple[Pat
     return tuple(path), model
 
 
+def _transform_owning(key: str) -> str | None:
+    """The one transform whose config has its own key `key` (not a key every transform has), else None."""
+    if key in TransformConfig.model_fields:
+        return None
+    owners = [n for n, cls in TRANSFORM_CONFIGS.items() if key in cls.model_fields]
+    return owners[0] if len(owners) == 1 else None
+
+
 def type_value(annotation: Any, tokens: list[str], spelled: str) -> Any:
     """Turn the text given for a field into data for pydantic to validate.
 
@@ -141,7 +153,7 @@ def type_value(annotation: Any, tokens: list[str], spelled: str) -> Any:
     if annotation is FREE_FORM:
         if len(tokens) != 1:
             raise _arity(tokens, spelled)
-        return scalar_from_text(tokens[0])
+        return scalar_from_text(tokens[0], spelled)
     if not tokens:
         if is_bool(annotation):
             return True
@@ -149,14 +161,15 @@ def type_value(annotation: Any, tokens: list[str], spelled: str) -> Any:
     if is_list(annotation):
         item_text = list_item_is_text(annotation)
         if len(tokens) > 1:
-            return [t if item_text else scalar_from_text(t) for t in tokens]
-        value = tokens[0] if item_text and not tokens[0].lstrip().startswith("[") else scalar_from_text(tokens[0])
+            return [t if item_text else scalar_from_text(t, spelled) for t in tokens]
+        as_text = item_text and not tokens[0].lstrip().startswith("[")
+        value = tokens[0] if as_text else scalar_from_text(tokens[0], spelled)
         return value if isinstance(value, list) or (not item_text and value is None) else [value]
     if len(tokens) != 1:
         raise _arity(tokens, spelled)
     if is_text(annotation) and not is_model(annotation):
         return tokens[0]
-    return scalar_from_text(tokens[0])
+    return scalar_from_text(tokens[0], spelled)
 
 
 def _arity(tokens: list[str], spelled: str) -> ConfigError:

@@ -1,12 +1,14 @@
 """AutoDeployConfig (what the compiler pipeline needs) and LlmArgs (plus runtime options)."""
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+from .backends import gpu_only_problems
 from .dynamic_yaml import DynamicYamlMixInForSettings, active_resolution
-from .error_format import FieldErrors, explain
+from .error_format import NO_VALUE, FieldErrors, explain
 from .errors import ConfigError
+from .limits import MAX_BATCH, MAX_SEED, MAX_TOKENS, MAX_WORLD_SIZE, bad_model_counts
 from .merge import Path
 from .transform_config import (
     CompileBackend,
@@ -45,9 +47,14 @@ class AutoDeployConfig(DynamicYamlMixInForSettings):
     tokenizer: str | None = Field(default=None, description="Tokenizer to load; None: the model's.")
     tokenizer_kwargs: dict[str, Any] = Field(default_factory=dict)
     skip_tokenizer_init: bool = False
+    cache_dir: str | None = Field(
+        default=None,
+        description="Folder for converted checkpoints (a .gguf file or the bundled model, dequantised once); "
+        "None: $AD_CACHE_DIR, else ~/.cache/ad_autodeploy.",
+    )
 
     # ---- placement -----------------------------------------------------------------------------
-    world_size: int = Field(default=1, ge=1, description="Number of ranks (one process per GPU).")
+    world_size: int = Field(default=1, ge=1, le=MAX_WORLD_SIZE, description="Number of ranks (one process per GPU).")
     # Resolved by the runtime (cuda if available, else cpu): this package never imports torch.
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     dtype: Dtype = Field(default="auto", description="auto: the checkpoint's dtype.")
@@ -63,18 +70,30 @@ class AutoDeployConfig(DynamicYamlMixInForSettings):
     # Shortcuts: None means 'not set here' and is replaced by the transform's value after validation.
     attn_backend: KernelBackend | None = None
     compile_backend: CompileBackend | None = None
-    free_mem_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
-    cuda_graph_batch_sizes: list[int] | None = None
+    free_mem_ratio: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    cuda_graph_batch_sizes: list[Annotated[int, Field(gt=0, le=MAX_BATCH)]] | None = None
 
     # ---- sequence limits -----------------------------------------------------------------------
-    attn_page_size: int = Field(default=64, gt=0, description="Tokens per KV-cache page.")
-    max_input_len: int | None = Field(default=None, gt=0, description="Longest prompt; None: max_seq_len.")
-    max_num_tokens: int | None = Field(
-        default=None, gt=0, description="Most tokens in one forward pass; None: max_batch_size * max_seq_len."
+    attn_page_size: int = Field(default=64, gt=0, le=MAX_TOKENS, description="Tokens per KV-cache page.")
+    max_input_len: int | None = Field(
+        default=None, gt=0, le=MAX_TOKENS, description="Longest prompt; None: max_seq_len."
     )
-    max_seq_len: int = Field(default=512, gt=0)
-    max_batch_size: int = Field(default=8, gt=0)
+    max_num_tokens: int | None = Field(
+        default=None, gt=0, le=MAX_TOKENS,
+        description="Most tokens in one forward pass; None: max_batch_size * max_seq_len.",
+    )
+    max_seq_len: int = Field(default=512, gt=0, le=MAX_TOKENS)
+    max_batch_size: int = Field(default=8, gt=0, le=MAX_BATCH)
     enable_chunked_prefill: bool = False
+
+    @field_validator("model_kwargs")
+    @classmethod
+    def _check_model_counts(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Layer and head counts fail here, not as a model without layers (blank answers) or a division by zero.
+        problems = bad_model_counts(value)
+        if problems:
+            raise FieldErrors(problems)
+        return value
 
     @field_validator("transforms", mode="before")
     @classmethod
@@ -94,7 +113,8 @@ class AutoDeployConfig(DynamicYamlMixInForSettings):
                 model = transform_config_class(name)
                 for err in e.errors():
                     loc = tuple(err["loc"])
-                    problems.append(((name,) + loc, explain(err, model, loc)))
+                    value = err.get("input", NO_VALUE) if err["type"] != "missing" else NO_VALUE
+                    problems.append(((name,) + loc, explain(err, model, loc), value))
         if problems:
             raise FieldErrors(problems)
         return out
@@ -124,12 +144,26 @@ class AutoDeployConfig(DynamicYamlMixInForSettings):
                 if res is not None and src is not None:
                     res.derived.set((short,), f"transforms.{name}.{key} <- {src}")
         self.check_limits()
+        if self.device == "cpu":
+            # Refused here, in seconds, rather than by the build after half a minute of work.
+            problems = gpu_only_problems(self, "device 'cpu'")
+            if problems:
+                raise FieldErrors(problems)
         return self
 
     def check_limits(self) -> None:
         """Cross-field rules; call again after changing limits in place."""
+        if self.max_seq_len > MAX_TOKENS:  # raised by a derived value (benchmark.isl + benchmark.osl)
+            raise ValueError(f"max_seq_len ({self.max_seq_len}) exceeds {MAX_TOKENS}")
+        if self.max_batch_size > MAX_BATCH:
+            raise ValueError(f"max_batch_size ({self.max_batch_size}) exceeds {MAX_BATCH}")
         if self.max_input_len is not None and self.max_input_len > self.max_seq_len:
             raise ValueError(f"max_input_len ({self.max_input_len}) exceeds max_seq_len ({self.max_seq_len})")
+        if self.max_num_tokens is None and self.max_batch_size * self.max_seq_len > MAX_TOKENS:
+            raise ValueError(
+                f"max_batch_size * max_seq_len ({self.max_batch_size} * {self.max_seq_len}) exceeds {MAX_TOKENS} "
+                "tokens per forward pass; set max_num_tokens"
+            )
 
 
 class SamplingDefaults(BaseModel):
@@ -137,10 +171,10 @@ class SamplingDefaults(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int = Field(default=100, gt=0)
-    temperature: float = Field(default=1.0, ge=0.0, description="0: greedy.")
-    top_k: int | None = Field(default=None, gt=0, description="None: no top-k cut.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=100, gt=0, le=MAX_TOKENS)
+    temperature: float = Field(default=1.0, ge=0.0, allow_inf_nan=False, description="0: greedy.")
+    top_k: int | None = Field(default=None, gt=0, le=MAX_TOKENS, description="None: no top-k cut.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
 
 
 class KvCacheConfig(BaseModel):
@@ -149,16 +183,19 @@ class KvCacheConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_tokens: int | None = Field(
-        default=None, gt=0, description="Upper bound on cached tokens; None: as many as free_mem_ratio allows."
+        default=None, gt=0, le=MAX_TOKENS,
+        description="Upper bound on cached tokens; None: as many as free_mem_ratio allows.",
     )
 
 
 class LlmArgs(AutoDeployConfig):
     """Every option of the `LLM(...)` API: the pipeline's AutoDeployConfig plus runtime options."""
 
-    seed: int = Field(default=0, description="Seed of the random sampler (and of random weights).")
+    seed: int = Field(
+        default=0, ge=0, le=MAX_SEED, description="Seed of the random sampler (and of random weights), 0 to 2**64-1."
+    )
     dist_timeout: float = Field(
-        default=60.0, gt=0.0, le=86400.0,
+        default=60.0, gt=0.0, le=86400.0, allow_inf_nan=False,
         description="Seconds a rank may stop answering (dead, stopped, stuck in a collective) before the whole "
         "multi-process run ends with that rank's error.",
     )

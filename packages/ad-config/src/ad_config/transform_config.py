@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import ConfigError
+from .limits import MAX_BATCH, MAX_COUNT
 
 
 class Stage(str, Enum):
@@ -144,7 +145,7 @@ class ShardingPlanConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    head_dim: int | None = Field(default=None, gt=0)
+    head_dim: int | None = Field(default=None, gt=0, le=MAX_COUNT)
     tp_plan: dict[str, TpStrategy] = Field(default_factory=dict)
 
 
@@ -242,13 +243,13 @@ class VerifyCachedDecodeConfig(TransformConfig):
     stage: Stage = Stage.CACHE_INIT
     # Largest allowed max |decode - prefill| / max |prefill| of the last token's logits; None: by the model
     # model and KV-cache dtypes (1e-4 float32, 0.05 float16, 0.1 bfloat16, 0.25 fp8 caches).
-    tolerance: float | None = Field(default=None, gt=0.0)
+    tolerance: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
 
 
 @register_transform_config("resize_kv_cache")
 class ResizeKvCacheConfig(TransformConfig):
     stage: Stage = Stage.CACHE_INIT
-    free_mem_ratio: float = Field(default=0.8, ge=0.0, le=1.0)
+    free_mem_ratio: float = Field(default=0.8, ge=0.0, le=1.0, allow_inf_nan=False)
 
 
 CompileBackend = Literal["auto", "torch-simple", "torch-compile", "torch-cudagraph", "torch-opt"]
@@ -265,8 +266,8 @@ class CompileModelConfig(TransformConfig):
     @field_validator("cuda_graph_batch_sizes")
     @classmethod
     def _positive(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and any(b <= 0 for b in v):
-            raise ValueError("batch sizes must be positive")
+        if v is not None and any(not 0 < b <= MAX_BATCH for b in v):
+            raise ValueError(f"batch sizes must be in [1, {MAX_BATCH}]")
         return sorted(set(v)) if v is not None else None
 
 
