@@ -39,6 +39,7 @@ def factory_from_args(args: Any, device: str | None = None) -> ModelFactory:
         max_seq_len=getattr(args, "max_seq_len", 512),
         device=device or resolve_device(getattr(args, "device", None)),
         seed=getattr(args, "seed", None) or 0,
+        cache_dir=getattr(args, "cache_dir", None),
     )
 
 

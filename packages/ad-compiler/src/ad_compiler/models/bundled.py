@@ -27,9 +27,9 @@ def bundled_gguf_path() -> Path:
 
 
 def cache_root() -> Path:
-    """$AD_CACHE_DIR, else ~/.cache/ad_autodeploy."""
+    """$AD_CACHE_DIR, else ~/.cache/ad_autodeploy (the `cache_dir` setting, where given, wins over both)."""
     env = os.environ.get("AD_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "ad_autodeploy"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ad_autodeploy"
 
 
 def _cache_key(gguf: Path) -> str:
@@ -86,6 +86,6 @@ def _save_dequantized(model: "torch.nn.Module", folder: Path) -> None:
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def bundled_model_dir() -> Path:
-    """The converted bundled model's folder (converting on first use)."""
-    return convert_gguf(bundled_gguf_path())
+def bundled_model_dir(cache_dir: Path | None = None) -> Path:
+    """The converted bundled model's folder under `cache_dir` (default: `cache_root()`), converting on first use."""
+    return convert_gguf(bundled_gguf_path(), cache_dir)

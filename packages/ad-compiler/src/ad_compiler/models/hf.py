@@ -1,5 +1,6 @@
 """The `AutoModelForCausalLM` factory: hub id, local folder, GGUF file or the bundled SmolLM2, built on meta."""
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import torch.nn as nn
 from ..errors import CompileError
 from .bundled import bundled_model_dir, convert_gguf
 from .config_overrides import apply_model_kwargs
-from .factory import ModelFactory, ModelFactoryRegistry
+from .factory import ModelConfigError, ModelFactory, ModelFactoryRegistry, check_model_config
 from .weights import load_checkpoint_into, random_init
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class AutoModelForCausalLMFactory(ModelFactory):
     precision becomes float32 when the factory is given `device="cpu"` (CPU half kernels are slow and
     inexact); an explicit dtype always wins.
     `seed` (extra keyword, default 0): random init with `skip_loading_weights` is deterministic.
+    `cache_dir` (extra keyword): where converted GGUF checkpoints live; None: `models.bundled.cache_root()`.
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any):
@@ -79,6 +81,8 @@ class AutoModelForCausalLMFactory(ModelFactory):
         self._config: Any = None
         self.seed: int = int(self.extra_kwargs.get("seed", 0))
         self.device_hint: str | None = self.extra_kwargs.get("device")
+        cache_dir = self.extra_kwargs.get("cache_dir")
+        self.cache_dir: Path | None = Path(cache_dir).expanduser() if cache_dir else None
 
     # ---- where the checkpoint lives -----------------------------------------------------------------
 
@@ -92,10 +96,10 @@ class AutoModelForCausalLMFactory(ModelFactory):
     def _resolve_folder(self) -> Path:
         name = self.model_name
         if name is None:
-            return bundled_model_dir()
+            return bundled_model_dir(self.cache_dir)
         path = Path(name).expanduser()
         if path.is_file() and path.suffix == ".gguf":
-            return convert_gguf(path)
+            return convert_gguf(path, self.cache_dir)
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise CompileError(f"model folder {path} has no config.json")
@@ -120,12 +124,29 @@ class AutoModelForCausalLMFactory(ModelFactory):
 
     @property
     def config(self) -> Any:
-        """The model config with `model_kwargs` applied."""
+        """The model config with `model_kwargs` applied.
+
+        Checked before transformers sees it (`check_model_config`): a count or size that is not a positive
+        integer, or head counts that do not divide, is a ModelConfigError when `model_kwargs` set it and a
+        CompileError naming config.json otherwise.
+        """
         if self._config is None:
             from transformers import AutoConfig
 
-            base = AutoConfig.from_pretrained(self.folder, trust_remote_code=self.trust_remote_code)
-            self._config = apply_model_kwargs(base, self.model_kwargs)
+            source = self.folder / "config.json"
+            check_model_config(_read_config_json(source), self.model_kwargs, str(source))
+            try:
+                base = AutoConfig.from_pretrained(self.folder, trust_remote_code=self.trust_remote_code)
+            except _HF_CONFIG_ERRORS as e:
+                raise CompileError(f"{source}: not a usable model config: {_one_line(e)}") from e
+            try:
+                self._config = apply_model_kwargs(base, self.model_kwargs)
+            except ModelConfigError:
+                raise
+            except CompileError as e:  # an unknown key: a configuration mistake like any other
+                raise ModelConfigError(str(e)) from None
+            except _HF_CONFIG_ERRORS as e:
+                raise ModelConfigError(f"model_kwargs: the model config they give is not usable: {_one_line(e)}") from e
         return self._config
 
     @property
@@ -221,7 +242,7 @@ class AutoModelForCausalLMFactory(ModelFactory):
 
         source = self.tokenizer_name or self.folder
         if self.tokenizer_name and Path(self.tokenizer_name).suffix == ".gguf":
-            source = convert_gguf(Path(self.tokenizer_name))
+            source = convert_gguf(Path(self.tokenizer_name), self.cache_dir)
         try:
             return AutoTokenizer.from_pretrained(source, trust_remote_code=self.trust_remote_code, **self.tokenizer_kwargs)
         except OSError as e:
@@ -238,6 +259,30 @@ class AutoModelForCausalLMFactory(ModelFactory):
     def vocab_size(self) -> int | None:
         text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
         return getattr(text_config, "vocab_size", None)
+
+
+# What transformers raises for a config it cannot use (its strict validators raise ValueError subclasses).
+_HF_CONFIG_ERRORS = (ValueError, TypeError, ZeroDivisionError, KeyError, AttributeError)
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    """The raw config.json as a dict; CompileError naming the file when it cannot be read as a JSON object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CompileError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise CompileError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise CompileError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise CompileError(f"{path}: must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def _is_moe(config: Any) -> bool:
