@@ -2,7 +2,7 @@
 
 import sys
 
-from ad_config import ExperimentConfig, run_command
+from ad_config import ExperimentConfig, gpu_only_problems, refuse_gpu_only_backends, run_command
 
 from ad_cli.errors import report
 
@@ -28,9 +28,21 @@ def _run(config: ExperimentConfig) -> int:
     return 0
 
 
+def check_device(config: ExperimentConfig) -> None:
+    """Refuse GPU-only backends when device is `auto` and no GPU is visible (an explicit `cpu` is refused by
+    the configuration itself), before a dry run prints or a build starts; a ConfigError names both."""
+    args = config.args
+    if args.device != "auto" or not gpu_only_problems(args, "the CPU"):
+        return
+    import torch  # only here: a dry run of a configuration without GPU-only backends never loads torch
+
+    if not torch.cuda.is_available():
+        refuse_gpu_only_backends(args, "the CPU (device 'auto', no CUDA GPU visible)", args.origin_map, ("args",))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `build_and_run_ad` and `python -m ad_cli.build_and_run_ad`."""
-    sys.exit(run_command(argv, prog=PROG, run=_run))
+    sys.exit(run_command(argv, prog=PROG, run=_run, check=check_device))
 
 
 if __name__ == "__main__":

@@ -88,9 +88,12 @@ def build_graph(args: Any, rank: int = 0, world_size: int = 1) -> tuple[nn.Modul
     from ad_compiler.export.pipeline import factory_from_args
     from ad_compiler.transform import InferenceOptimizer, SharedConfig
 
+    from .device_checks import check_backends_for_device
+
     if args.mode != "graph":
         raise ValueError(f"mode={args.mode!r} is not available yet: only mode 'graph' (export + transforms) runs")
     device = resolve_device(args.device, rank)
+    check_backends_for_device(args, device)
     torch.manual_seed(args.seed)
     factory = factory_from_args(args, device=str(device))
     max_num_tokens = args.max_num_tokens or args.max_batch_size * args.max_seq_len
