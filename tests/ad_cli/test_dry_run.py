@@ -7,7 +7,9 @@ from pathlib import Path
 
 import yaml
 
-ARGV = ["--model", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "--args.world-size=2", "--args.compile-backend=torch-opt"]
+# device cuda: a GPU-only compile backend with device auto is refused on a machine without a GPU.
+ARGV = ["--model", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "--args.world-size=2", "--args.compile-backend=torch-opt",
+        "--args.device=cuda"]
 
 
 def _run(*cmd: str, cwd: Path) -> subprocess.CompletedProcess:
