@@ -54,6 +54,8 @@ class EngineThread:
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._crash: str | None = None  # why the thread ended, if it did by an error
+        self._pending_adds = 0  # submissions in the inbox not yet taken by the engine thread
+        self._count_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="ad-engine", daemon=True)
         self._thread.start()
 
@@ -64,6 +66,8 @@ class EngineThread:
         if self._crash is not None:
             out.put_nowait(failed_update(f"the engine stopped: {self._crash}"))
             return out
+        with self._count_lock:
+            self._pending_adds += 1
         self._inbox.put(("add", token_ids, params, prompt, stream, loop, out))
         return out
 
@@ -74,7 +78,7 @@ class EngineThread:
     @property
     def num_waiting(self) -> int:
         """Requests submitted but not yet taken by the engine thread plus those the engine has not scheduled."""
-        return self._inbox.qsize() + len(self.core.engine.scheduler.waiting)
+        return self._pending_adds + len(self.core.engine.scheduler.waiting)
 
     def health(self) -> str | None:
         """None while the engine thread serves; else why it cannot."""
@@ -120,6 +124,8 @@ class EngineThread:
                         continue
                     _, ids, params, prompt, stream, loop, out = item
                     req = self.core.submit(ids, params, prompt)
+                    with self._count_lock:
+                        self._pending_adds -= 1
                     if req.is_finished:  # rejected at once (too long, ...)
                         self._publish(req, loop, out)
                     else:

@@ -14,9 +14,13 @@ class RequestStatus(enum.Enum):
     FAILED = "failed"
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """A prompt and what has been generated for it so far."""
+    """A prompt and what has been generated for it so far.
+
+    Compared by identity: the scheduler's `in` and `remove` on its queues must not compare token lists
+    field by field (that made scheduling 256 running requests take 24 ms a step on an H200 host).
+    """
 
     request_id: int
     prompt_token_ids: list[int]

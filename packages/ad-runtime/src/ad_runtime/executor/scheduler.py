@@ -104,7 +104,7 @@ class Scheduler:
         scheduled_ids: set[int] = set()
         # 1. Requests already running keep going (decodes and unfinished prefill chunks).
         for req in list(self.running):
-            if req not in self.running:  # preempted while making room for an older one
+            if req.status is not RequestStatus.RUNNING:  # preempted while making room for an older one
                 continue
             n = req.num_pending_tokens
             if n > budget:
