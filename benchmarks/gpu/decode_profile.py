@@ -1,0 +1,111 @@
+"""Kernel table of captured decode steps: what the GPU runs per token, at several batch sizes, beside the roofline.
+
+    python benchmarks/gpu/decode_profile.py --preset llama3.1-8b --dtype bfloat16 --batch-sizes 1 64 256 --isl 1024
+
+For each batch size: B prompts of ISL random tokens are prefilled, then STEPS decode steps run under
+torch.profiler. Printed: step time (CUDA events), the roofline (weights + KV bytes over the measured copy
+bandwidth) and its share, kernels per step, the share of wall time the GPU ran kernels, and the top kernels
+(name, calls per step, us per step, share of kernel time).
+"""
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hf_vs_ad import PRESETS, machine_name, model_source  # noqa: E402 - the benchmarks folder is no package
+from throughput import copy_bandwidth, kv_bytes_per_token, weight_bytes  # noqa: E402
+
+
+def prefill(llm, batch: int, isl: int, rng: random.Random) -> list:
+    from ad_runtime import SamplingParams
+
+    eng = llm.engine
+    sp = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
+    reqs = [eng.add_request([rng.randrange(100, llm.vocab_size) for _ in range(isl)], sp) for _ in range(batch)]
+    while any(not r.output_token_ids for r in reqs):
+        eng.step()
+    return reqs
+
+
+def profile_decode(llm, batch: int, isl: int, steps: int, rng: random.Random, top: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = llm.engine
+    reqs = prefill(llm, batch, isl, rng)
+    for _ in range(5):  # warm-up decode steps
+        eng.step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    t = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    end.record()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t) * 1e3 / steps
+    step_ms = start.elapsed_time(end) / steps
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = defaultdict(list)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[ev.name].append(ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total)
+    total_us = sum(sum(v) for v in kernels.values())
+    table = sorted(((n, len(v) / steps, sum(v) / steps) for n, v in kernels.items()), key=lambda r: -r[2])
+    for r in reqs:
+        eng.abort(r, "profiling done")
+    ctx = isl + 5 + steps
+    return {"batch": batch, "step_ms": step_ms, "wall_ms": wall_ms, "kernel_us": total_us / steps,
+            "kernels_per_step": sum(len(v) for v in kernels.values()) / steps, "ctx": ctx, "table": table[:top]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="llama3.1-8b")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--isl", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--compile-backend", default="auto")
+    p.add_argument("--attn-backend", default="auto")
+    args = p.parse_args()
+    from ad_runtime import LLM
+
+    bw = copy_bandwidth()
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path, random_weights = model_source(argparse.Namespace(preset=args.preset), Path(tmp))
+        t = time.perf_counter()
+        llm = LLM(model=path, skip_loading_weights=random_weights, skip_tokenizer_init=random_weights,
+                  dtype=args.dtype, max_batch_size=max(args.batch_sizes), max_seq_len=args.isl + 2 * args.steps + 64,
+                  max_num_tokens=max(8192, args.isl), enable_chunked_prefill=True,
+                  compile_backend=args.compile_backend, attn_backend=args.attn_backend)
+        print(f"build: {time.perf_counter() - t:.1f} s")
+        wbytes, kv_tok = weight_bytes(llm), kv_bytes_per_token(llm)
+        print(f"machine: {machine_name()} | {args.preset} {args.dtype} | weights {wbytes / 1e9:.2f} GB | "
+              f"copy bandwidth {bw / 1e12:.2f} TB/s")
+        for b in args.batch_sizes:
+            r = profile_decode(llm, b, args.isl, args.steps, rng, args.top)
+            roof = (wbytes + b * r["ctx"] * kv_tok) / bw * 1e3
+            print(f"\nbatch {b}, context ~{r['ctx']}: decode step {r['step_ms']:.3f} ms (host wall {r['wall_ms']:.3f}),"
+                  f" roofline {roof:.3f} ms -> {100 * roof / r['step_ms']:.0f}% of it | {r['kernels_per_step']:.0f} kernels"
+                  f"/step, busy {100 * r['kernel_us'] / 1e3 / r['step_ms']:.0f}% of the step")
+            print(f"  {'kernel':90s} {'calls':>6s} {'us/step':>9s} {'share':>6s}")
+            for name, calls, us in r["table"]:
+                print(f"  {name[:90]:90s} {calls:6.1f} {us:9.1f} {100 * us / r['kernel_us']:5.1f}%")
+        llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
