@@ -21,15 +21,22 @@ class GatedRunner:
     """Predicts last token + 1, records how many sequences each step ran, and runs a step only when let through.
 
     The gate makes the tests independent of timing: messages sent while a step waits are all in the pipe
-    when rank 0 next looks.
+    when rank 0 next looks. `started` counts the steps that reached the gate, so a test can wait until rank 0
+    is inside a step (and so no longer reading the pipe) before it sends.
     """
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")
         self.batch_sizes: list[int] = []
         self.gate = threading.Semaphore(1)  # the first step only
+        self.started = threading.Semaphore(0)  # one release per step that reached the gate
+
+    def wait_for_steps(self, n: int) -> None:
+        for _ in range(n):
+            assert self.started.acquire(timeout=10), "rank 0 did not start the step"
 
     def forward(self, batch: Any, num_prefill: int) -> torch.Tensor:
+        self.started.release()
         assert self.gate.acquire(timeout=10), "the test never let this step through"
         self.batch_sizes.append(len(batch))
         logits = torch.zeros(len(batch), VOCAB)
@@ -87,6 +94,9 @@ def test_abort_frees_the_request_and_stops_its_updates(rank0: tuple[Any, Engine,
     conn, engine, runner = rank0
     _add(conn, 1, [1, 2], 40, stream=True)
     _next(conn)
+    # Rank 0 reads the pipe between steps: send the abort only once the second step waits at the gate, so
+    # the abort and the next request are both read after that step, whatever the threads' timing.
+    runner.wait_for_steps(2)
     conn.send(("abort", 1))
     _add(conn, 2, [5], 2, stream=False)
     runner.gate.release(1000)
