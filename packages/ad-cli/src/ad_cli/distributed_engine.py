@@ -1,12 +1,15 @@
 """Serves HTTP requests with world_size > 1: each one goes to rank 0's engine through the backend's request API."""
 
 import asyncio
+import logging
 import threading
 from typing import Any
 
 from ad_runtime import SamplingParams
 
 from .engine_thread import Update, failed_update, update_of
+
+logger = logging.getLogger(__name__)
 
 
 class DistributedEngine:
@@ -20,6 +23,21 @@ class DistributedEngine:
         self.backend = backend
         self._lock = threading.Lock()  # guards _clients, which the reader thread also touches
         self._clients: dict[asyncio.Queue, int] = {}  # the unfinished requests: their queue -> client id
+        self._log_lock = threading.Lock()
+        self._logged_failure = False  # the ranks' failure goes to the log once, with its traceback
+
+    def _failed(self, error: BaseException) -> Update:
+        """A request's last update when the ranks have stopped: one line for the client, the traceback to the log."""
+        reason = _one_line(error)
+        with self._log_lock:  # not _lock: submit() holds that when it gets here
+            first, self._logged_failure = not self._logged_failure, True
+        if first:
+            logger.error("the model's ranks stopped: %s", reason, exc_info=error)
+        return failed_update(f"the model's ranks stopped: {reason}")
+
+    def health(self) -> str | None:
+        """None while the ranks serve; otherwise why they stopped, in one line ("rank 1 of 2 died: ...")."""
+        return self.backend.health()
 
     def submit(self, token_ids: list[int], params: SamplingParams, prompt: str | None, stream: bool = True) -> asyncio.Queue:
         """Send a request to rank 0; returns the asyncio queue that receives its Updates (only the last unless `stream`)."""
@@ -28,7 +46,7 @@ class DistributedEngine:
 
         def on_update(_: int, item: Any) -> None:
             if isinstance(item, BaseException):
-                upd = failed_update(f"the model's ranks stopped: {item}")
+                upd = self._failed(item)
             else:
                 upd = update_of(item, self.backend.detok.decode)
             if upd.finished:
@@ -45,7 +63,7 @@ class DistributedEngine:
             try:
                 [self._clients[out]] = self.backend.submit([token_ids], [params], [prompt], stream, on_update)
             except Exception as e:  # noqa: BLE001 - the ranks are gone: this request fails, the server answers
-                out.put_nowait(failed_update(f"the model's ranks stopped: {e}"))
+                out.put_nowait(self._failed(e))
         return out
 
     def abort(self, out: asyncio.Queue) -> None:
@@ -61,3 +79,8 @@ class DistributedEngine:
             cids, self._clients = list(self._clients.values()), {}
         for cid in cids:
             self.backend.abort(cid)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(error).__name__

@@ -14,6 +14,7 @@ The pipe carries requests, not conversations, so callers on many threads share r
 A snapshot is the engine's Request without the prompt (the user's process has it); `is_finished` marks the last.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -37,14 +38,30 @@ from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# Ranks 1..N-1 wait on the control group for rank 0's next step for as long as the user stays idle; a dead
-# peer is caught by the launcher watching the processes, not by this timeout.
+# Ranks 1..N-1 wait on the control group for rank 0's next step for as long as the user stays idle; a dead or
+# stopped peer is caught by the launcher's watchdog (process sentinels, heartbeats: dist_timeout), not by this.
 CONTROL_TIMEOUT = datetime.timedelta(days=365)
 # How long shutdown() lets the ranks end by themselves before killing them.
 SHUTDOWN_GRACE_S = 20.0
+# Once rank 0's pipe closes, how long to wait for the launcher's verdict (it kills the ranks and names the
+# culprit within about a second; this only bounds a launcher that is itself stuck).
+VERDICT_WAIT_S = 30.0
 
 # Called on the reader thread with a request snapshot, or with the DistributedError that ended the ranks.
 UpdateCallback = Callable[[int, "Request | BaseException"], None]
+
+
+class _StepFailed(BaseException):
+    """A step failed on rank 0 (its model, or a collective whose peer died).
+
+    The engine fails a failed step's requests and goes on; with several ranks it must not: they run every step
+    together, so the others are now a step behind or gone, for good. A BaseException passes the engine's
+    `except Exception`, and the rank ends with the step's error (`error`), which ends the run.
+    """
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
 
 
 class _BroadcastRunner:
@@ -56,8 +73,11 @@ class _BroadcastRunner:
     def forward(self, batch: Sequence[StepSequence], num_prefill: int) -> torch.Tensor:
         import torch.distributed as dist
 
-        dist.broadcast_object_list([(list(batch), num_prefill)], src=0, group=self.group)
-        return self.runner.forward(batch, num_prefill)
+        try:
+            dist.broadcast_object_list([(list(batch), num_prefill)], src=0, group=self.group)
+            return self.runner.forward(batch, num_prefill)
+        except Exception as e:  # noqa: BLE001 - re-raised past the engine's per-step isolation
+            raise _StepFailed(e) from e
 
     def stop_others(self) -> None:
         import torch.distributed as dist
@@ -138,8 +158,13 @@ def _worker(ctx: Any, args_dump: dict[str, Any], conn: Any) -> None:
     conn.send(("ready", int(factory.vocab_size), pids))
     try:
         _serve(engine, conn)
-    finally:
-        holder["runner"].stop_others()
+    except BaseException as e:
+        with contextlib.suppress(Exception):  # the others may be gone or out of step; the launcher ends them
+            holder["runner"].stop_others()
+        if isinstance(e, _StepFailed):
+            raise e.error from None  # the rank's error is the step's own, not the wrapper's
+        raise
+    holder["runner"].stop_others()
 
 
 @dataclasses.dataclass
@@ -172,7 +197,7 @@ class DistributedBackend:
 
         def run() -> None:
             try:
-                launch(_worker, args.world_size, args=(dump, child), timeout_s=10**9)
+                launch(_worker, args.world_size, args=(dump, child), timeout_s=10**9, dist_timeout=args.dist_timeout)
             except BaseException as e:  # noqa: BLE001 - surfaced to the callers by the reader thread
                 self._error = e
 
@@ -205,12 +230,14 @@ class DistributedBackend:
     def _stopped_error(self) -> BaseException:
         from ad_compiler.distributed.launch import DistributedError
 
-        self._thread.join(5.0)  # the launcher stops the other ranks (and records why) before it returns
+        self._thread.join(VERDICT_WAIT_S)  # the launcher stops the other ranks (and records why) before it returns
         if self._stopping:
             return DistributedError("the ranks were shut down")
         if isinstance(self._error, DistributedError):
             return self._error
-        return DistributedError(f"the ranks stopped: {self._error or 'rank 0 ended'}")
+        error = DistributedError(f"the ranks stopped: {_one_line(self._error) if self._error else 'rank 0 ended'}")
+        error.__cause__ = self._error
+        return error
 
     def _write(self) -> None:
         while (msg := self._outbox.get()) is not None:
@@ -247,12 +274,25 @@ class DistributedBackend:
         _call(handler.on_update, cid, snap)
 
     def _fail(self, error: BaseException) -> None:
+        if not self._stopping:
+            # Callers get the one-line error; the failing rank's traceback is its cause.
+            logger.debug("the model's ranks stopped: %s", _one_line(error), exc_info=error)
         with self._lock:
             self._failure = error
             handlers, self._handlers = self._handlers, {}
         self._outbox.put(None)  # ends the writer
         for cid, handler in handlers.items():
             _call(handler.on_update, cid, error)
+
+    def health(self) -> str | None:
+        """None while the ranks serve; once they have stopped, why, in one line (for a server's /health)."""
+        with self._lock:
+            failure = self._failure
+        if failure is None:
+            if self._thread.is_alive():
+                return None
+            failure = self._stopped_error()  # the reader is about to report it; the launcher has ended
+        return _one_line(failure)
 
     # ---- the request-level API --------------------------------------------------------------------
 
@@ -361,6 +401,12 @@ def _raised(error: BaseException) -> BaseException:
     """A fresh exception per waiting caller (threads must not share one traceback), naming the original."""
     from ad_compiler.distributed.launch import DistributedError
 
-    fresh = DistributedError(str(error))
+    fresh = DistributedError(str(error), rank=getattr(error, "rank", None))
     fresh.__cause__ = error
     return fresh
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an error's message (the launcher's errors are one line; others may not be)."""
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(error).__name__

@@ -1,4 +1,11 @@
-"""Start one process per rank (or join a torchrun launch) and fail fast: one rank's error ends them all."""
+"""Start one process per rank (or join a torchrun launch) and fail fast: one rank's error ends them all.
+
+A rank ends the run when it raises (its own error is the message), dies (the signal or exit code is), or
+stops answering for `dist_timeout` seconds. "Answering" is a heartbeat: every rank runs a daemon thread that
+stamps its slot of a shared array; a stopped process (SIGSTOP stops all its threads), or one stuck holding the
+interpreter lock, stops stamping, so the launcher, which watches the stamps and the process sentinels, names it
+and kills every rank. A rank alive but waiting forever in a collective is ended by the collective's timeout.
+"""
 
 import datetime
 import logging
@@ -6,9 +13,12 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import pickle
+import queue
+import signal
 import socket
+import sys
+import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,12 +30,42 @@ from ..errors import CompileError
 
 logger = logging.getLogger(__name__)
 
-# Collectives that wait longer than this on a dead peer raise instead of hanging.
-DEFAULT_PG_TIMEOUT_S = 60.0
+LOOPBACK = "127.0.0.1"
+# Seconds a rank may stop answering before the run ends (LlmArgs.dist_timeout's default).
+DEFAULT_DIST_TIMEOUT_S = 60.0
+# Collectives wait this much longer than dist_timeout before they raise, so that for a stopped or dead
+# peer the watchdog, which names the culprit, speaks first; the timeout remains for ranks alive but stuck.
+PG_TIMEOUT_SLACK_S = 10.0
+# ...and never less than this: a live peer may legitimately arrive late (one rank still exporting or
+# compiling while the other waits), which a collective cannot tell from a hang; the heartbeat can.
+MIN_PG_TIMEOUT_S = 60.0
+DEFAULT_PG_TIMEOUT_S = DEFAULT_DIST_TIMEOUT_S + PG_TIMEOUT_SLACK_S
+# A spawned rank imports torch (and the caller's modules) before its heartbeat starts: on a loaded machine
+# that can take longer than a short dist_timeout.
+STARTUP_ALLOWANCE_S = 60.0
+# After the first sign of failure, how long to collect the others (a peer's "connection closed" error often
+# arrives together with the death that caused it) before choosing which rank to blame.
+FAILURE_GRACE_S = 1.0
+# How long finished ranks get to exit by themselves (destroying their process groups) before being killed.
+EXIT_GRACE_S = 10.0
 
 
 class DistributedError(CompileError):
-    """A rank failed (its traceback is in the message), or the ranks did not finish in time."""
+    """A rank failed, died or stopped answering (`rank` says which), or the ranks did not finish in time.
+
+    The message is one line; for a rank that raised, the rank's own traceback is the `__cause__`.
+    """
+
+    def __init__(self, message: str, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank
+
+
+class RankTraceback(Exception):
+    """The traceback of an error raised in a rank's process, as text (it cannot cross the process boundary)."""
+
+    def __str__(self) -> str:
+        return "\n" + str(self.args[0]).rstrip()
 
 
 @dataclass(frozen=True)
@@ -50,10 +90,22 @@ def default_backend() -> str:
 
 
 def free_port() -> int:
-    """An unused TCP port on localhost for the rendezvous (bind 0 asks the kernel for one)."""
+    """An unused TCP port on localhost (bind 0 asks the kernel for one)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
+
+
+def loopback_listener(port: int = 0) -> socket.socket:
+    """A listening socket on 127.0.0.1 only, for rank 0's rendezvous store (port 0: the kernel picks one)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind((LOOPBACK, port))
+        s.listen(128)
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
 def torchrun_context() -> RankContext | None:
@@ -72,23 +124,61 @@ def init_process_group(
     port: int | None = None,
     backend: str | None = None,
     timeout_s: float = DEFAULT_PG_TIMEOUT_S,
+    listener: socket.socket | None = None,
 ) -> RankContext:
-    """Join the default process group (env:// when torchrun set it up, else tcp://127.0.0.1:port)."""
+    """Join the default process group: env:// when torchrun set it up, else a store at 127.0.0.1:port.
+
+    Rank 0 hosts that store on `listener` (a socket bound to the loopback interface; made here when None),
+    so the rendezvous is never reachable from other machines. `timeout_s` bounds every collective.
+    """
     backend = backend or default_backend()
     ctx = RankContext(rank=rank, world_size=world_size, local_rank=rank, backend=backend)
     if dist.is_initialized():
         return ctx
     if backend == "nccl":
         torch.cuda.set_device(ctx.local_rank)
-    init = "env://" if port is None else f"tcp://127.0.0.1:{port}"
-    dist.init_process_group(
-        backend=backend,
-        init_method=init,
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if port is None:
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                timeout=timeout)
+        return ctx
+    if rank == 0:
+        # TCPStore's own server listens on every interface; on a socket we bound, it listens where we said.
+        fd = (listener or loopback_listener(port)).detach()  # the store owns (and closes) the fd from here
+        store = dist.TCPStore(LOOPBACK, port, world_size, True, timeout, master_listen_fd=fd)
+    else:
+        store = dist.TCPStore(LOOPBACK, port, world_size, False, timeout)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return ctx
+
+
+def _summary(e: BaseException) -> str:
+    """An error as its traceback's last line ("RuntimeError: boom"), cut to the message's first line."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
+
+
+def _heartbeat(stamps: Any, rank: int, interval_s: float) -> None:
+    parent_pid = os.getppid()
+    while True:
+        stamps[rank] = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process on the machine
+        if os.getppid() != parent_pid:
+            os._exit(1)  # the launcher is gone: nobody will ever collect this rank
+        time.sleep(interval_s)
+
+
+def _private_progress_bar_lock() -> None:
+    """Give tqdm a thread lock in this rank instead of the multiprocessing lock it would make on its first bar.
+
+    That lock is a named semaphore registered with the resource tracker the ranks share with the launcher; a
+    rank killed after making it leaves it registered, and the tracker warns about a leak when the launcher
+    exits. No other process uses a rank's lock, so a thread lock loses nothing.
+    """
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
 
 
 def _rank_main(
@@ -96,39 +186,134 @@ def _rank_main(
     rank: int,
     world_size: int,
     port: int,
+    listener: socket.socket | None,
     backend: str,
     args: tuple,
-    results: Any,
+    stamps: Any,
+    heartbeat_s: float,
     pg_timeout_s: float,
     forked: bool,
+    conn: Any,
 ) -> None:
+    threading.Thread(target=_heartbeat, args=(stamps, rank, heartbeat_s), name="ad-heartbeat",
+                     daemon=True).start()
     if forked:
         # A forked child must not enter the parent's OpenMP pool (it would wait forever on its threads).
         torch.set_num_threads(1)
+    _private_progress_bar_lock()
+    if sys.platform == "linux":
+        # The ranks share one host: gloo's own listening sockets go on the loopback interface too (by default
+        # it binds the address the host name resolves to, which may face the network).
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
-        ctx = init_process_group(rank, world_size, port, backend, pg_timeout_s)
+        if rank != 0 and listener is not None:
+            listener.close()  # inherited through fork; only rank 0 serves the store
+            listener = None
+        ctx = init_process_group(rank, world_size, port, backend, pg_timeout_s, listener)
         out = fn(ctx, *args)
-        # Plain pickle copies tensors by value; torch's queue pickler would share memory with a process
-        # that is about to exit.
-        results.put((rank, True, pickle.dumps(out)))
-    except BaseException:  # noqa: BLE001 - every failure must reach the parent with its traceback
-        results.put((rank, False, traceback.format_exc()))
+        # Plain pickle copies tensors by value; the multiprocessing pickler would share memory with a
+        # process that is about to exit.
+        conn.send_bytes(pickle.dumps(("ok", out)))
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the launcher with its traceback
+        import traceback
+
+        conn.send_bytes(pickle.dumps(("error", time.monotonic(), _summary(e), traceback.format_exc())))
         raise SystemExit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _stop(procs: list[mp.process.BaseProcess], grace_s: float = 3.0) -> None:
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
-            p.join(1.0)
+@dataclass
+class _Failure:
+    """Why a rank failed; `order` ranks the kinds by how likely each is the root cause (lowest first)."""
+
+    rank: int
+    order: int  # 0 died without a word, 1 stopped answering, 2 raised, 3 the whole run ran out of time
+    when: float
+    message: str
+    details: str | None = None  # the rank's traceback
+
+
+class _Ranks:
+    """The launched processes, their result pipes (each read by a thread) and their heartbeat stamps."""
+
+    def __init__(self, mp_ctx: Any, world_size: int):
+        self.world_size = world_size
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []
+        self.readers: list[threading.Thread] = []
+        self.events: queue.Queue = queue.Queue()  # (rank, message or None at EOF)
+        self.stamps = mp_ctx.RawArray("d", world_size)  # no lock, no semaphore: one writer per slot
+        self.started_at = time.monotonic()
+
+    def start(self, mp_ctx: Any, rank: int, target: Callable[..., Any], args: tuple) -> None:
+        recv, send = mp_ctx.Pipe(duplex=False)
+        p = mp_ctx.Process(target=target, args=(*args, send), name=f"rank{rank}", daemon=True)
+        try:
+            p.start()
+        finally:
+            # Ours closed at once: ranks started later do not inherit it, so the rank's exit reads as EOF.
+            send.close()
+        self.procs.append(p)
+        self.conns.append(recv)
+        reader = threading.Thread(target=self._read, args=(rank, recv), name=f"ad-rank{rank}-results", daemon=True)
+        reader.start()
+        self.readers.append(reader)
+
+    def _read(self, rank: int, conn: Any) -> None:
+        # A thread per rank: a rank stopped in the middle of sending must not block the watchdog.
+        try:
+            while True:
+                self.events.put((rank, pickle.loads(conn.recv_bytes())))
+        except (EOFError, OSError):
+            self.events.put((rank, None))
+        except Exception as e:  # noqa: BLE001 - an unreadable result is that rank's failure
+            self.events.put((rank, ("error", time.monotonic(), f"its result could not be read: {_summary(e)}", None)))
+
+    def silent_for(self, rank: int, now: float) -> tuple[float, float]:
+        """(seconds since the rank's last heartbeat, the limit that applies to it)."""
+        stamp = self.stamps[rank]
+        return (now - stamp, 0.0) if stamp else (now - self.started_at, STARTUP_ALLOWANCE_S)
+
+    def stop(self, kill: bool) -> None:
+        """Kill (or, after a clean run, wait for) every rank, then release pipes, threads and processes."""
+        if not kill:
+            deadline = time.monotonic() + EXIT_GRACE_S
+            for p in self.procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()  # SIGKILL: also ends a stopped process, which SIGTERM would leave pending
+        for p in self.procs:
+            p.join(5.0)
+            if p.is_alive():
+                logger.warning("rank process %d did not exit after SIGKILL", p.pid)
+        for reader, conn in zip(self.readers, self.conns):
+            reader.join(1.0)  # every writer is gone: EOF ends it
+            if not reader.is_alive():
+                conn.close()
+        for p in self.procs:
+            if p.exitcode is not None:
+                p.close()
+
+
+def _died(rank: int, world_size: int, code: int, start_method: str) -> str:
+    if code < 0:
+        try:
+            how = f"killed by {signal.Signals(-code).name}"
+            if code == -signal.SIGKILL:
+                how += " (by hand, or by the kernel when memory ran out)"
+        except ValueError:
+            how = f"killed by signal {-code}"
+        return f"rank {rank} of {world_size} died: {how}"
+    if code == 0:
+        return f"rank {rank} of {world_size} exited (code 0) without returning a result"
+    hint = ""
+    if start_method == "spawn" and code == 1:
+        # The usual cause: the spawned child re-ran an unguarded script that starts ranks again.
+        hint = "; its error is on stderr (a script that starts ranks needs `if __name__ == \"__main__\":`)"
+    return f"rank {rank} of {world_size} exited with code {code} and no message{hint}"
 
 
 def launch(
@@ -138,57 +323,105 @@ def launch(
     backend: str | None = None,
     start_method: str = "spawn",
     timeout_s: float = 300.0,
-    pg_timeout_s: float = DEFAULT_PG_TIMEOUT_S,
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT_S,
+    pg_timeout_s: float | None = None,
 ) -> list[Any]:
     """Run `fn(ctx: RankContext, *args)` in `world_size` processes; return their results in rank order.
 
-    The first rank to fail (exception or non-zero exit) stops the others and raises DistributedError
-    with that rank's traceback; so does running past `timeout_s`. With start_method "fork" the ranks
-    inherit the parent's objects (e.g. an exported graph) without pickling them.
+    The first rank to fail (exception, death, or no heartbeat for `dist_timeout` seconds) ends every rank
+    and raises DistributedError with a one-line reason naming it (for an exception: its last traceback line;
+    the full traceback is the error's cause and is logged at debug level); so does running past `timeout_s`.
+    Collectives time out after `pg_timeout_s` (default: dist_timeout + 10 s, at least 60 s). With start_method "fork" the
+    ranks inherit the parent's objects (e.g. an exported graph) without pickling them.
     """
     backend = backend or default_backend()
     if backend == "nccl" and torch.cuda.device_count() < world_size:
         raise DistributedError(f"world_size {world_size} needs {world_size} GPUs, found {torch.cuda.device_count()}")
+    if dist_timeout <= 0:
+        raise ValueError(f"dist_timeout must be positive, got {dist_timeout}")
+    if pg_timeout_s is None:
+        pg_timeout_s = max(MIN_PG_TIMEOUT_S, dist_timeout + PG_TIMEOUT_SLACK_S)
+    heartbeat_s = min(1.0, dist_timeout / 5)
     mp_ctx = mp.get_context(start_method)
-    results = mp_ctx.SimpleQueue() if start_method == "fork" else mp_ctx.Queue()
-    port = free_port()
-    procs = [
-        mp_ctx.Process(
-            target=_rank_main,
-            args=(fn, rank, world_size, port, backend, args, results, pg_timeout_s, start_method == "fork"),
-            name=f"rank{rank}",
-            daemon=True,
-        )
-        for rank in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    done: dict[int, Any] = {}
-    deadline = time.monotonic() + timeout_s
+    forked = start_method == "fork"
+    ranks = _Ranks(mp_ctx, world_size)
+    listener = loopback_listener()
+    port = int(listener.getsockname()[1])
+    failed = True
     try:
-        while len(done) < world_size:
-            while not results.empty():
-                rank, ok, payload = results.get()
-                if not ok:
-                    raise DistributedError(f"rank {rank} of {world_size} failed:\n{payload}")
-                done[rank] = pickle.loads(payload)
-            if len(done) == world_size:
-                break
-            dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in done]
-            if dead:
-                time.sleep(0.2)  # its traceback may still be on the way through the queue
-                if not results.empty():
-                    continue
-                rank, code = dead[0]
-                hint = ""
-                if start_method == "spawn" and code == 1:
-                    # The usual cause: the spawned child re-ran an unguarded script that starts ranks again.
-                    hint = "; its error is on stderr (a script that starts ranks needs `if __name__ == \"__main__\":`)"
-                raise DistributedError(f"rank {rank} of {world_size} exited with code {code} and no message{hint}")
-            if time.monotonic() > deadline:
-                raise DistributedError(f"ranks did not finish within {timeout_s:.0f}s; finished: {sorted(done)}")
-            multiprocessing.connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=0.1)
+        try:
+            for rank in range(world_size):
+                # Rank 0 gets the listening socket; with fork every rank inherits it anyway (and closes it).
+                sock = listener if rank == 0 or forked else None
+                ranks.start(mp_ctx, rank, _rank_main, (fn, rank, world_size, port, sock, backend, args, ranks.stamps,
+                                                        heartbeat_s, pg_timeout_s, forked))
+        finally:
+            listener.close()  # rank 0 holds its own copy
+        out = _watch(ranks, start_method, timeout_s, dist_timeout)
+        failed = False
+        return out
     finally:
-        _stop(procs)
-    return [done[r] for r in range(world_size)]
+        ranks.stop(kill=failed)
 
+
+def _watch(ranks: _Ranks, start_method: str, timeout_s: float, dist_timeout: float) -> list[Any]:
+    """Wait for every rank's result; on the first failure, collect the others briefly and raise the root cause."""
+    world = ranks.world_size
+    done: dict[int, Any] = {}
+    failures: dict[int, _Failure] = {}
+    exited_at: dict[int, float] = {}
+    eof: set[int] = set()
+    first_failure: float | None = None
+    deadline = ranks.started_at + timeout_s
+    while True:
+        now = time.monotonic()
+        while True:
+            try:
+                rank, msg = ranks.events.get_nowait()
+            except queue.Empty:
+                break
+            if msg is None:
+                eof.add(rank)
+            elif msg[0] == "ok":
+                done[rank] = msg[1]
+            elif rank not in failures:
+                _, when, summary, details = msg
+                failures[rank] = _Failure(rank, 2, when, f"rank {rank} of {world} failed: {summary}", details)
+        for rank, p in enumerate(ranks.procs):
+            if rank not in exited_at and p.exitcode is not None:
+                exited_at[rank] = now
+            if rank in exited_at and rank not in done and rank not in failures:
+                # Its last message was written before it exited: wait for the reader to see it (or EOF).
+                if rank in eof or now - exited_at[rank] > FAILURE_GRACE_S:
+                    failures[rank] = _Failure(rank, 0, exited_at[rank],
+                                              _died(rank, world, p.exitcode, start_method))
+            if rank not in exited_at and rank not in done and rank not in failures:
+                silent, allowance = ranks.silent_for(rank, now)
+                if silent > max(dist_timeout, allowance):
+                    failures[rank] = _Failure(
+                        rank, 1, now - silent, f"rank {rank} of {world} stopped answering for {dist_timeout:g} s"
+                        " (dist_timeout)")
+        if len(done) == world:
+            return [done[r] for r in range(world)]
+        if now > deadline and first_failure is None:
+            failures[-1] = _Failure(-1, 3, now, f"ranks did not finish within {timeout_s:.0f}s; finished: {sorted(done)}")
+        if failures and first_failure is None:
+            first_failure = now
+        if first_failure is not None:
+            accounted = all(r in done or r in failures for r in range(world))
+            if accounted or now - first_failure > FAILURE_GRACE_S:
+                raise _blame(list(failures.values()))
+        sentinels = [p.sentinel for r, p in enumerate(ranks.procs) if r not in exited_at]
+        multiprocessing.connection.wait(sentinels, timeout=0.1) if sentinels else time.sleep(0.1)
+
+
+def _blame(failures: list[_Failure]) -> DistributedError:
+    """The error for the root cause: a death beats a stall beats an exception (others often follow from it)."""
+    failures.sort(key=lambda f: (f.order, f.when))
+    for f in failures:
+        logger.debug("%s%s", f.message, f"\n{f.details}" if f.details else "")
+    first = failures[0]
+    err = DistributedError(first.message, rank=first.rank if first.rank >= 0 else None)
+    if first.details:
+        err.__cause__ = RankTraceback(first.details)
+    return err
