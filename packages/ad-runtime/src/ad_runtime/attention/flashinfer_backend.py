@@ -16,6 +16,11 @@ from .registry import AttentionRegistry
 from .torch_backend import write_paged_kv
 
 _WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended float workspace (split-KV partial results)
+# Tensor-core decode on Hopper defaults to the FA3 paged prefill kernel, which reads the KV cache at ~22% of
+# the memory roofline once a batch has many sequences (H200, Llama-3.1-8B shapes, 1024-token contexts: 1183 us
+# a layer at batch 256 against 264 us with the FA2 kernel, 97% of the roofline; batch 64: 267 vs 72 us;
+# benchmarks/gpu/attention_decode_bench.py). At batch 1 the default is a little faster (20 vs 24 us).
+_FA2_DECODE_MIN_ROWS = 8
 _LN2 = math.log(2.0)
 
 
@@ -104,14 +109,16 @@ class _State:
         if not graph:
             if key not in self.decode:
                 ws = self.ensure_workspace(device)
-                impl = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
+                # One eager wrapper serves every batch size: the decodes of mixed steps, usually many rows.
+                impl = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc,
+                                                                     **_decode_backend(tc, _FA2_DECODE_MIN_ROWS))
                 self.decode[key] = _Wrapper(impl)
             return self.decode[key]
         if (key, rows) not in self.graph_decode:
             ws = self.ensure_workspace(device)
             # CUDA-graph wrappers read their metadata from fixed buffers that plan() refills before each replay.
             impl = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                ws, "NHD", use_cuda_graph=True, use_tensor_cores=tc,
+                ws, "NHD", use_cuda_graph=True, use_tensor_cores=tc, **_decode_backend(tc, rows),
                 paged_kv_indptr_buffer=torch.zeros(rows + 1, dtype=torch.int32, device=device),
                 paged_kv_indices_buffer=torch.zeros(max(self.max_pages, 1), dtype=torch.int32, device=device),
                 paged_kv_last_page_len_buffer=torch.zeros(rows, dtype=torch.int32, device=device),
@@ -121,6 +128,11 @@ class _State:
 
 
 _STATE = _State()
+
+
+def _decode_backend(tensor_cores: bool, rows: int) -> dict[str, str]:
+    """The FA2 kernel for tensor-core decode of batches of `_FA2_DECODE_MIN_ROWS` or more (see its comment)."""
+    return {"backend": "fa2"} if tensor_cores and rows >= _FA2_DECODE_MIN_ROWS else {}
 
 
 def _plan_prefill(w: _Wrapper, key: _LayerKey, batch: _Batch) -> None:
