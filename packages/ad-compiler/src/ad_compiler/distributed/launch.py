@@ -48,6 +48,9 @@ STARTUP_ALLOWANCE_S = 60.0
 FAILURE_GRACE_S = 1.0
 # How long finished ranks get to exit by themselves (destroying their process groups) before being killed.
 EXIT_GRACE_S = 10.0
+# A rank that exited has written its last message already; its reader normally reaches EOF at once (only
+# another process holding the pipe's write end, say a fork made meanwhile, delays it). Bound that wait.
+EXIT_READ_WAIT_S = 5.0
 
 
 class DistributedError(CompileError):
@@ -370,18 +373,19 @@ def _watch(ranks: _Ranks, start_method: str, timeout_s: float, dist_timeout: flo
     done: dict[int, Any] = {}
     failures: dict[int, _Failure] = {}
     exited_at: dict[int, float] = {}
-    eof: set[int] = set()
     first_failure: float | None = None
     deadline = ranks.started_at + timeout_s
     while True:
         now = time.monotonic()
+        # Before draining: a reader seen finished here has queued everything it will ever read.
+        read_all = {r for r, reader in enumerate(ranks.readers) if not reader.is_alive()}
         while True:
             try:
                 rank, msg = ranks.events.get_nowait()
             except queue.Empty:
                 break
             if msg is None:
-                eof.add(rank)
+                pass  # EOF
             elif msg[0] == "ok":
                 done[rank] = msg[1]
             elif rank not in failures:
@@ -391,8 +395,8 @@ def _watch(ranks: _Ranks, start_method: str, timeout_s: float, dist_timeout: flo
             if rank not in exited_at and p.exitcode is not None:
                 exited_at[rank] = now
             if rank in exited_at and rank not in done and rank not in failures:
-                # Its last message was written before it exited: wait for the reader to see it (or EOF).
-                if rank in eof or now - exited_at[rank] > FAILURE_GRACE_S:
+                # Its last message was written before it exited: classify it once its reader has seen the lot.
+                if rank in read_all or now - exited_at[rank] > EXIT_READ_WAIT_S:
                     failures[rank] = _Failure(rank, 0, exited_at[rank],
                                               _died(rank, world, p.exitcode, start_method))
             if rank not in exited_at and rank not in done and rank not in failures:
@@ -409,7 +413,8 @@ def _watch(ranks: _Ranks, start_method: str, timeout_s: float, dist_timeout: flo
             first_failure = now
         if first_failure is not None:
             accounted = all(r in done or r in failures for r in range(world))
-            if accounted or now - first_failure > FAILURE_GRACE_S:
+            reading = any(r in exited_at and r not in done and r not in failures for r in range(world))
+            if accounted or (now - first_failure > FAILURE_GRACE_S and not reading):
                 raise _blame(list(failures.values()))
         sentinels = [p.sentinel for r, p in enumerate(ranks.procs) if r not in exited_at]
         multiprocessing.connection.wait(sentinels, timeout=0.1) if sentinels else time.sleep(0.1)
