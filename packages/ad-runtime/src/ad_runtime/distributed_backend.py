@@ -12,6 +12,9 @@ The pipe carries requests, not conversations, so callers on many threads share r
                      ("update", client_id, snapshot)   streams after every token, the others when finished
 
 A snapshot is the engine's Request without the prompt (the user's process has it); `is_finished` marks the last.
+
+A rank that raises, dies or stops answering for `dist_timeout` seconds ends every rank (the launcher's watchdog);
+each waiting caller then gets that one-line DistributedError, and health() says the same until shutdown.
 """
 
 import contextlib
