@@ -205,9 +205,10 @@ def _rank_main(
         torch.set_num_threads(1)
     _private_progress_bar_lock()
     if sys.platform == "linux":
-        # The ranks share one host: gloo's own listening sockets go on the loopback interface too (by default
-        # it binds the address the host name resolves to, which may face the network).
+        # The ranks share one host: gloo's and NCCL's own listening sockets go on the loopback interface too
+        # (by default they bind the address the host name resolves to, or the first network interface).
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     try:
         if rank != 0 and listener is not None:
             listener.close()  # inherited through fork; only rank 0 serves the store
