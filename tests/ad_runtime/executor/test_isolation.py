@@ -134,7 +134,7 @@ def test_core_survives_a_scheduler_error_and_serves_on():
     core = EngineCore(_engine())
     req = core.submit([1, 2], GREEDY)
     real = core.engine.scheduler.schedule
-    core.engine.scheduler.schedule = lambda: (_ for _ in ()).throw(RuntimeError("scheduler bug"))  # type: ignore
+    core.engine.scheduler.schedule = lambda **_: (_ for _ in ()).throw(RuntimeError("scheduler bug"))  # type: ignore
     assert core.step() == [req] and req.status == RequestStatus.FAILED and "scheduler bug" in req.error
     core.engine.scheduler.schedule = real  # type: ignore[method-assign]
     again = core.submit([1, 2], GREEDY)

@@ -153,6 +153,11 @@ class AutoDeployConfig(DynamicYamlMixInForSettings):
 
     def check_limits(self) -> None:
         """Cross-field rules; call again after changing limits in place."""
+        if getattr(self, "overlap_scheduler", None) and self.world_size > 1:
+            raise ValueError(
+                f"overlap_scheduler: true needs world_size 1 (got {self.world_size}): the other ranks would need the "
+                "sampled ids on their devices; leave it unset (auto) or false"
+            )
         if self.max_seq_len > MAX_TOKENS:  # raised by a derived value (benchmark.isl + benchmark.osl)
             raise ValueError(f"max_seq_len ({self.max_seq_len}) exceeds {MAX_TOKENS}")
         if self.max_batch_size > MAX_BATCH:
@@ -198,6 +203,12 @@ class LlmArgs(AutoDeployConfig):
         default=60.0, gt=0.0, le=86400.0, allow_inf_nan=False,
         description="Seconds a rank may stop answering (dead, stopped, stuck in a collective) before the whole "
         "multi-process run ends with that rank's error.",
+    )
+    overlap_scheduler: bool | None = Field(
+        default=None,
+        description="Prepare and launch step N+1 while the GPU runs step N (sampled ids stay on the device, the "
+        "host reads them one step late). None: on for a single-process run on a GPU, off on a CPU (no gain there). "
+        "Greedy tokens are the same either way. Needs world_size 1.",
     )
     trust_remote_code: bool = False
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)

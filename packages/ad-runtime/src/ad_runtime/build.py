@@ -42,8 +42,11 @@ class GraphRunner:
         self.device = cm.device
 
     @torch.inference_mode()
-    def forward(self, batch: Sequence[StepSequence], num_prefill: int) -> torch.Tensor:
+    def forward(self, batch: Sequence[StepSequence], num_prefill: int, future: torch.Tensor | None = None
+                ) -> torch.Tensor:
         self.cm.update([ScheduledSequence(s.token_ids, s.input_pos, s.pages, s.slot) for s in batch])
+        if future is not None:
+            self.cm.info.resolve_future_tokens(future)  # placeholders -> the previous step's sampled ids
         logits = self.module(**self.cm.named_args)
         if logits.shape[1] == len(batch):
             # One row per sequence: the graph gathered the last tokens (gather_logits_before_lm_head),
@@ -133,9 +136,12 @@ def build_engine(args: Any, rank: int = 0, world_size: int = 1, runner_wrapper: 
     scheduler = Scheduler(
         cm.pool, args.max_batch_size, cm.info.max_num_tokens, args.enable_chunked_prefill, cm.num_pages
     )
+    overlap = args.overlap_scheduler
+    if overlap is None:  # auto: where it helps, a single process on a GPU (CPU ops run synchronously anyway)
+        overlap = world_size == 1 and runner.device.type == "cuda"
     engine = Engine(
         runner, scheduler, tokenizer, args.max_seq_len, eos_token_ids(factory, tokenizer),
-        max_input_len=args.max_input_len, vocab_size=factory.vocab_size,
+        max_input_len=args.max_input_len, vocab_size=factory.vocab_size, overlap=overlap and world_size == 1,
     )
     return engine, tokenizer, factory
 

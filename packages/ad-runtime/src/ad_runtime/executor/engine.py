@@ -35,11 +35,17 @@ class StepSequence:
 
 
 class ModelRunner(Protocol):
-    """Runs the compiled model on one flattened batch and returns each sequence's last-token logits."""
+    """Runs the compiled model on one flattened batch and returns each sequence's last-token logits.
+
+    With overlapped scheduling a token id may be a placeholder -(row + 1): the runner replaces it on the
+    device by `future[row]` (the previous step's sampled tokens) before the model reads its inputs; only
+    runners that take `future` are used with overlap.
+    """
 
     device: torch.device
 
-    def forward(self, batch: Sequence[StepSequence], num_prefill: int) -> torch.Tensor: ...
+    def forward(self, batch: Sequence[StepSequence], num_prefill: int, future: torch.Tensor | None = None
+                ) -> torch.Tensor: ...
 
 
 class Engine:
@@ -54,6 +60,7 @@ class Engine:
         eos_token_ids: list[int],
         max_input_len: int | None = None,
         vocab_size: int | None = None,
+        overlap: bool = False,
     ):
         self.runner = runner
         self.scheduler = scheduler
@@ -66,6 +73,10 @@ class Engine:
         self._ids = itertools.count()
         self.num_steps = 0
         self.timer: StepTimer | None = None  # set by benchmarks: per-phase step times and GPU idle share
+        # Overlapped scheduling: prepare and launch step N+1 before reading step N's tokens (see step()).
+        self.overlap = overlap
+        self._inflight: _Launched | None = None
+        self._host_tokens = _HostTokens(scheduler.max_batch_size, torch.device(runner.device))
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Request:
         """Queue a request; one that can never run fails alone, at once, with a clear message."""
@@ -113,27 +124,57 @@ class Engine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        """Requests wait or run, or a launched step still holds tokens of an unfinished request."""
+        inflight = self._inflight
+        return self.scheduler.has_work or (inflight is not None and any(not r.is_finished for r in inflight.reqs))
 
     def step(self) -> list[Request]:
         """Run one step; returns the requests that produced a token, finished or failed.
 
+        Without overlap: schedule, run, sample, read the tokens, post-process. With overlap (`self.overlap`):
+        schedule and launch step N+1 first (its inputs take step N's sampled tokens straight from the device),
+        then read step N's tokens (the GPU is already busy with N+1) and post-process them.
+
         An error that belongs to one request (its sampling, its stop check, its text) fails that request
-        alone; an error of the model itself fails the requests of this step. Either way their pages, state
+        alone; an error of the model itself fails the requests of its step. Either way their pages, state
         slots and generators are freed, so the next step starts from a consistent engine.
         """
         timer = self.timer
         if timer is not None:
             timer.begin()
-        batch = self.scheduler.schedule()
-        if not batch:
-            if self.scheduler.waiting and not self.scheduler.running:
-                # Nothing runs and the oldest waiting request still cannot be scheduled (a preempted request
-                # that grew past max_num_tokens without chunked prefill): it never will, so it fails alone.
-                req = self.scheduler.waiting[0]
-                self.abort(req, "the request no longer fits one step (max_num_tokens) or the KV cache")
-                return [req]
-            return []
+        prev = self._inflight
+        # A request whose last sampled token reaches its length limit finishes when that token is read: it
+        # needs no further row. (Stops and end tokens cannot be foreseen: such a row is computed and dropped.)
+        done = set() if prev is None else {id(r) for r in prev.reqs if self._reaches_limit(r)}
+        batch = self.scheduler.schedule(skip=done)
+        changed: list[Request] = []
+        launched = None
+        if batch:
+            launched = self._launch(batch, prev, changed)
+        elif prev is None and self.scheduler.waiting and not self.scheduler.running:
+            # Nothing runs and the oldest waiting request still cannot be scheduled (a preempted request
+            # that grew past max_num_tokens without chunked prefill): it never will, so it fails alone.
+            req = self.scheduler.waiting[0]
+            self.abort(req, "the request no longer fits one step (max_num_tokens) or the KV cache")
+            return [req]
+        if self.overlap:
+            self._inflight = launched
+            if prev is not None:
+                changed += self._resolve(prev)
+        elif launched is not None:
+            changed += self._resolve(launched)
+        if timer is not None:
+            timer.mark("post")
+            timer.end_step()
+        return changed
+
+    def _reaches_limit(self, req: Request) -> bool:
+        n_out = len(req.output_token_ids) + len(req.future)
+        return n_out >= req.params.max_tokens or req.num_tokens >= self.max_seq_len
+
+    def _launch(self, batch: list, prev: "_Launched | None", failed: list[Request]) -> "_Launched | None":
+        """Run the model on `batch` and start sampling; tokens stay on the device (read in `_resolve`)."""
+        timer = self.timer
         pool = self.scheduler.pool
         seqs = []
         for s in batch:
@@ -146,14 +187,16 @@ class Engine:
         if timer is not None:
             timer.start_step("mixed" if num_prefill else "decode", len(batch))
             timer.mark("schedule")
+        future = prev.tokens if prev is not None and any(r.future for r in prev.reqs) else None
         try:
-            logits = self.runner.forward(seqs, num_prefill)
+            logits = self.runner.forward(seqs, num_prefill, future) if future is not None else (
+                self.runner.forward(seqs, num_prefill))
         except Exception as e:  # noqa: BLE001 - the model failed on this batch: its requests fail, the engine goes on
             logger.exception("the model failed on a step of %d sequences", len(batch))
-            failed = [s.request for s in batch]
-            for req in failed:
-                self.abort(req, f"engine step failed: {one_line(e)}")
-            return failed
+            for s in batch:
+                self.abort(s.request, f"engine step failed: {one_line(e)}")
+                failed.append(s.request)
+            return None
         self.num_steps += 1
         if timer is not None:
             timer.mark("forward")
@@ -163,44 +206,52 @@ class Engine:
         if not sample_rows:
             if timer is not None:
                 timer.device_work_queued()
-                timer.end_step()
-            return []
+            return None
         reqs = [batch[i].request for i in sample_rows]
         rows = logits if len(sample_rows) == len(batch) else logits[torch.tensor(sample_rows, device=logits.device)]
-        tokens = self._sample(rows, reqs)
+        launched = self._sample(rows, reqs, failed)
         if timer is not None:
+            timer.device_work_queued()
             timer.mark("sample")
+        for j, req in enumerate(launched.reqs):
+            req.future.append(j)
+        return launched
+
+    def _sample(self, rows: torch.Tensor, reqs: list[Request], failed: list[Request]) -> "_Launched":
+        """Start sampling one token per row; a row whose sampling fails fails its request alone."""
+        try:
+            tokens = self.sampler(rows, [r.params for r in reqs], [r.request_id for r in reqs])
+            return _Launched.start(reqs, tokens, self._host_tokens)
+        except Exception:  # noqa: BLE001 - find the culprit by sampling each row alone
+            logger.exception("batched sampling failed; sampling row by row")
+        good, picked = [], []
+        for i, req in enumerate(reqs):
+            try:
+                picked.append(self.sampler(rows[i : i + 1], [req.params], [req.request_id]))
+                good.append(req)
+            except Exception as e:  # noqa: BLE001
+                self.abort(req, f"sampling failed: {one_line(e)}")
+                failed.append(req)
+        tokens = torch.cat(picked) if picked else torch.empty(0, dtype=torch.long, device=rows.device)
+        return _Launched.start(good, tokens, self._host_tokens)
+
+    def _resolve(self, launched: "_Launched") -> list[Request]:
+        """Read a launched step's tokens (waits for that step only) and post-process its requests."""
+        tokens = launched.read()
         now = time.perf_counter()
-        for req, tok in zip(reqs, tokens):
+        changed = []
+        for req, tok in zip(launched.reqs, tokens):
             if req.is_finished:
-                continue  # its sampling failed
+                req.future.clear()  # finished or aborted while this step ran: its row is dropped
+                continue
+            req.future.pop(0)
             try:
                 self._append(req, tok, now)
             except Exception as e:  # noqa: BLE001 - e.g. a tokenizer that cannot decode this output
                 logger.exception("post-processing request %d failed", req.request_id)
                 self.abort(req, f"post-processing failed: {one_line(e)}")
-        if timer is not None:
-            timer.mark("post")
-            timer.end_step()
-        return reqs
-
-    def _sample(self, rows: torch.Tensor, reqs: list[Request]) -> list[int]:
-        """One token per row; a row whose sampling fails fails its request alone (the others are sampled again)."""
-        try:
-            sampled = self.sampler(rows, [r.params for r in reqs], [r.request_id for r in reqs])
-            if self.timer is not None:
-                self.timer.device_work_queued()
-            return sampled.tolist()  # the one sync
-        except Exception:  # noqa: BLE001 - find the culprit by sampling each row alone
-            logger.exception("batched sampling failed; sampling row by row")
-        tokens = []
-        for i, req in enumerate(reqs):
-            try:
-                tokens.append(int(self.sampler(rows[i : i + 1], [req.params], [req.request_id])[0]))
-            except Exception as e:  # noqa: BLE001
-                self.abort(req, f"sampling failed: {one_line(e)}")
-                tokens.append(-1)
-        return tokens
+            changed.append(req)
+        return changed
 
     def _append(self, req: Request, token: int, now: float) -> None:
         req.output_token_ids.append(token)
@@ -215,12 +266,13 @@ class Engine:
             reason = "stop"
         if reason is None and p.stop and self.detok.update(req) is not None:
             reason = "stop"
-        if reason is None and (len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_seq_len):
+        if reason is None and (len(req.output_token_ids) >= p.max_tokens or req.num_known_tokens >= self.max_seq_len):
             reason = "length"
         if reason is not None:
             if not p.stop:
                 req.text = self.detok.decode(req.output_token_ids, p.skip_special_tokens)
             req.finish(reason)
+            req.future.clear()  # a token sampled after this one (overlap) is not part of the answer
             self.scheduler.finish(req)
             self.sampler.release(req.request_id)
 
@@ -244,3 +296,44 @@ class Engine:
     def run_until_done(self, requests: list[Request]) -> None:
         while any(not r.is_finished for r in requests):
             self.step()
+
+
+class _HostTokens:
+    """Two pinned host buffers, used in turn: at most two launched steps are unread at a time."""
+
+    def __init__(self, size: int, device: torch.device):
+        pin = device.type == "cuda"
+        self.bufs = [torch.empty(size, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self.turn = 0
+
+    def next(self, n: int) -> torch.Tensor:
+        self.turn ^= 1
+        return self.bufs[self.turn][:n]
+
+
+@dataclass
+class _Launched:
+    """A step whose sampled tokens are on the device: a copy to the host is queued right behind them."""
+
+    reqs: list[Request]
+    tokens: torch.Tensor  # int64 [len(reqs)] on the device: the next step's placeholders index it
+    host: torch.Tensor
+    ready: Any  # CUDA event recorded after the copy (None on a CPU, where the copy is synchronous)
+
+    @staticmethod
+    def start(reqs: list[Request], tokens: torch.Tensor, host_tokens: "_HostTokens") -> "_Launched":
+        host = host_tokens.next(len(reqs))
+        if tokens.device.type == "cuda":
+            # Queued now, before the next step's work: waiting for it later waits for this step only.
+            host.copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host.copy_(tokens)
+            ready = None
+        return _Launched(reqs, tokens, host, ready)
+
+    def read(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()  # the one sync of a step
+        return self.host.tolist()

@@ -41,13 +41,24 @@ class Request:
     # Text of the output (filled by the detokenizer) and how much of it a stream already saw.
     text: str = ""
     streamed_tokens: int = 0
+    # Overlapped scheduling: rows of sampled tokens still on the device (oldest first). The next step feeds
+    # the newest as a placeholder -(row + 1) that the runner resolves on the device; the host reads them a
+    # step late and moves them into output_token_ids.
+    future: list[int] = field(default_factory=list)
 
     @property
     def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        """Prompt, output, then placeholders of tokens not read back yet."""
+        return self.prompt_token_ids + self.output_token_ids + [-(row + 1) for row in self.future]
 
     @property
     def num_tokens(self) -> int:
+        """Tokens the sequence has, counting those still on the device."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + len(self.future)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens the host has read (prompt + output)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property

@@ -96,15 +96,21 @@ class Scheduler:
         self._release_slot(req)
         if req in self.running:
             self.running.remove(req)
+        elif req in self.waiting:  # preempted while its last token was still on the device (overlap)
+            self.waiting.remove(req)
 
-    def schedule(self) -> list[ScheduledSequence]:
-        """Pick this step's batch: prefills (and prefill chunks) first, then decodes."""
+    def schedule(self, skip: set[int] = frozenset()) -> list[ScheduledSequence]:
+        """Pick this step's batch: prefills (and prefill chunks) first, then decodes.
+
+        `skip`: ids (`id(request)`) of running requests that need no row this step (they finish when the
+        engine reads their last token).
+        """
         budget = self.max_num_tokens
         batch: list[ScheduledSequence] = []
         scheduled_ids: set[int] = set()
         # 1. Requests already running keep going (decodes and unfinished prefill chunks).
         for req in list(self.running):
-            if req.status is not RequestStatus.RUNNING:  # preempted while making room for an older one
+            if req.status is not RequestStatus.RUNNING or id(req) in skip:  # preempted while making room, or done
                 continue
             n = req.num_pending_tokens
             if n > budget:

@@ -236,6 +236,16 @@ class SequenceInfo:
         self._num_seqs, self._num_tokens, self._num_rows = b, t, rows
         self._copy_to_device(rows)
 
+    def resolve_future_tokens(self, future: torch.Tensor) -> None:
+        """Replace placeholder ids -(row + 1) of this step's tokens by `future[row]`, on the device.
+
+        Overlapped scheduling feeds a token sampled by the previous step before the host has read it; this
+        runs after the step's input copy and before the model (or a CUDA-graph replay) reads input_ids.
+        """
+        ids = self._dev_view("input_ids", self._num_tokens)
+        rows = (-ids - 1).clamp_(min=0, max=future.numel() - 1)
+        torch.where(ids < 0, future.index_select(0, rows), ids, out=ids)
+
     def _fill_padding(self, b: int, rows: int, t: int) -> None:
         """Dummy decode rows b..rows-1: one token at position 0 on the scratch page (CUDA-graph padding)."""
         a, ps, mp, sp = self._np, self.page_size, self.max_pages_per_seq, self.scratch_page

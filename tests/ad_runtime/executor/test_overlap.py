@@ -1,0 +1,121 @@
+"""Overlapped scheduling: the same tokens as the synchronous engine, under batching, chunking, preemption, stops, aborts."""
+
+import random
+
+import pytest
+import torch
+from ad_runtime.executor.engine import Engine
+from ad_runtime.executor.request import RequestStatus
+from ad_runtime.executor.scheduler import Scheduler
+from ad_runtime.kv_cache.page_pool import PagePool
+from ad_runtime.sampling_params import SamplingParams
+
+VOCAB = 97
+
+
+class FuturePagedRunner:
+    """A paged fake model that, like GraphRunner, resolves placeholders -(row + 1) from the previous step's tokens."""
+
+    def __init__(self, num_pages: int, page_size: int):
+        self.device = torch.device("cpu")
+        self.page_size = page_size
+        self.cache = torch.full((num_pages, page_size), -1, dtype=torch.long)
+        self.placeholders = 0  # how many inputs came from the device (proves overlap really ran)
+
+    def forward(self, batch, num_prefill, future=None):
+        logits = torch.full((len(batch), VOCAB), -10.0)
+        for i, s in enumerate(batch):
+            for j, t in enumerate(s.token_ids):
+                if t < 0:
+                    assert future is not None, "a placeholder without the previous step's tokens"
+                    t = int(future[-t - 1])
+                    self.placeholders += 1
+                pos = s.input_pos + j
+                self.cache[s.pages[pos // self.page_size], pos % self.page_size] = t
+            n = s.input_pos + len(s.token_ids)
+            hist = [int(self.cache[s.pages[p // self.page_size], p % self.page_size]) for p in range(n)]
+            assert -1 not in hist, "read a cache slot nobody wrote"
+            h = sum(x * (k + 1) for k, x in enumerate(hist)) * 31 + n
+            logits[i] = torch.sin(torch.arange(VOCAB) * 0.37 + h)  # a spread distribution, argmax depends on history
+        return logits
+
+
+def _engine(overlap, num_pages=64, page=4, bs=4, tokens=64, chunked=False, max_seq_len=256, eos=()):
+    pool = PagePool(num_pages, page)
+    sched = Scheduler(pool, bs, tokens, chunked, num_pages)
+    return Engine(FuturePagedRunner(num_pages, page), sched, None, max_seq_len, list(eos), overlap=overlap)
+
+
+def _prompts(n, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 30))] for _ in range(n)]
+
+
+def _run(engine, prompts, params):
+    reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    engine.run_until_done(reqs)
+    return reqs
+
+
+def _clean(eng):
+    assert not eng.has_unfinished
+    assert eng.scheduler.pool.num_free_pages == eng.scheduler.num_pages and not eng.scheduler.pool.seq_ids()
+    assert sorted(eng.scheduler._free_slots) == list(range(eng.scheduler.max_batch_size))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_overlap_equals_sync_with_preemption_and_chunking(chunked):
+    prompts = _prompts(24)
+    params = [SamplingParams(max_tokens=3 + i % 9, temperature=0.0, ignore_eos=True) for i in range(24)]
+    kw = dict(num_pages=12, page=4, bs=4, tokens=24 if chunked else 64, chunked=chunked)
+    sync = _run(_engine(False, **kw), prompts, params)
+    eng = _engine(True, **kw)
+    over = _run(eng, prompts, params)
+    assert [r.output_token_ids for r in over] == [r.output_token_ids for r in sync]
+    assert all(r.finish_reason == "length" for r in over)
+    assert sum(r.num_preemptions for r in over) > 0, "the small pool should force preemption"
+    assert eng.runner.placeholders > 0, "no input came from the device: overlap did not run"
+    _clean(eng)
+
+
+def test_overlap_equals_sync_for_end_tokens_stop_ids_seeds_and_max_seq_len():
+    prompts = _prompts(12, seed=3)
+    first = _run(_engine(False), prompts[:1], [SamplingParams(max_tokens=8, temperature=0.0)])[0].output_token_ids
+    params = [
+        SamplingParams(max_tokens=40, temperature=0.0),  # runs into max_seq_len 48 for long prompts
+        SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[first[2]]),
+        SamplingParams(max_tokens=12, temperature=0.9, seed=11),  # seeded: its own generator, same draws
+        SamplingParams(max_tokens=6, temperature=0.7, top_k=5, seed=5),
+    ] * 3
+    eos = (first[4],)
+    sync = _run(_engine(False, max_seq_len=48, eos=eos), prompts, params)
+    eng = _engine(True, max_seq_len=48, eos=eos)
+    over = _run(eng, prompts, params)
+    assert [(r.output_token_ids, r.finish_reason) for r in over] == [(r.output_token_ids, r.finish_reason) for r in sync]
+    assert {r.finish_reason for r in over} == {"stop", "length"}
+    _clean(eng)
+
+
+def test_abort_while_a_step_is_in_flight_frees_everything():
+    eng = _engine(True)
+    long = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    a, b = eng.add_request([1, 2, 3], long), eng.add_request([4, 5], long)
+    for _ in range(4):
+        eng.step()
+    assert a.future, "a's latest token is still on the device"
+    eng.abort(a, "caller left")
+    eng.run_until_done([b])
+    assert a.status == RequestStatus.FAILED and not a.future
+    alone = _run(_engine(False), [[4, 5]], [long])[0]
+    assert b.output_token_ids == alone.output_token_ids
+    _clean(eng)
+
+
+def test_outputs_never_show_placeholders_between_steps():
+    eng = _engine(True)
+    reqs = [eng.add_request(p, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)) for p in _prompts(4)]
+    while eng.has_unfinished:
+        for r in eng.step():
+            assert all(t >= 0 for t in r.output_token_ids)
+    assert all(len(r.output_token_ids) == 10 for r in reqs)
+    _clean(eng)
