@@ -8,8 +8,9 @@ memory-bandwidth roofline of a decode step (weights + KV bytes over the measured
     python benchmarks/gpu/throughput.py --preset llama3.1-8b --dtype bfloat16 \
         --workload 128/128/1024 --workload 1024/128/32 --workload 1000/1000/256
 A workload is ISL/OSL/NUM: NUM prompts of ISL random tokens, OSL new tokens each (ignore_eos), given to
-generate() together. --overlap on|off|both compares the engine with and without overlapped scheduling
-where the engine supports it (greedy tokens must match).
+generate() together. --overlap on|off|both: overlapped scheduling on, off, or each workload without and then
+with it on the same engine, with the number of requests whose greedy tokens are equal. Host phases: with
+overlap, "post" holds the wait for the previous step's tokens; without, the wait for this step's.
 """
 
 import argparse
@@ -52,12 +53,12 @@ def kv_bytes_per_token(llm) -> int:
     return cm.bytes_per_page() // cm.page_size
 
 
-def run_workload(llm, isl: int, osl: int, num: int, rng: random.Random) -> dict:
+def run_workload(llm, prompts: list[list[int]], osl: int, overlap: bool) -> dict:
     from ad_runtime import SamplingParams
     from ad_runtime.executor.step_timer import StepTimer
 
-    vocab = llm.vocab_size
-    prompts = [[rng.randrange(100, vocab) for _ in range(isl)] for _ in range(num)]
+    isl, num = len(prompts[0]), len(prompts)
+    llm.engine.set_overlap(overlap)
     llm.generate(prompts[: min(num, 64)], SamplingParams(max_tokens=min(osl, 8), temperature=0.0, ignore_eos=True))
     sp = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True)
     timer = StepTimer(llm.engine.runner.device)
@@ -69,12 +70,13 @@ def run_workload(llm, isl: int, osl: int, num: int, rng: random.Random) -> dict:
     dt = time.perf_counter() - t
     llm.engine.timer = None
     assert all(len(o.outputs[0].token_ids) == osl for o in outs), "every request must produce OSL tokens"
-    return {"isl": isl, "osl": osl, "num": num, "seconds": dt, "out_tok_s": num * osl / dt,
+    return {"isl": isl, "osl": osl, "num": num, "overlap": overlap, "seconds": dt, "out_tok_s": num * osl / dt,
             "steps": timer.summary(), "tokens": [o.outputs[0].token_ids for o in outs]}
 
 
 def print_row(r: dict, bw: float, wbytes: int, kv_tok: int) -> None:
-    print(f"\nISL {r['isl']} / OSL {r['osl']} x {r['num']}: {r['out_tok_s']:,.0f} output tok/s ({r['seconds']:.2f} s)")
+    print(f"\nISL {r['isl']} / OSL {r['osl']} x {r['num']}, overlap {'on' if r['overlap'] else 'off'}: "
+          f"{r['out_tok_s']:,.0f} output tok/s ({r['seconds']:.2f} s)")
     for kind, s in r["steps"].items():
         phases = " ".join(f"{p} {s[f'{p}_ms']:.2f}" for p in ("schedule", "forward", "sample", "post"))
         line = f"  {kind:6s} steps {int(s['steps']):5d} rows {s['rows']:6.1f} | host ms: {phases} (sum {s['host_ms']:.2f})"
@@ -96,6 +98,8 @@ def main() -> None:
     p.add_argument("--max-num-tokens", type=int, default=8192)
     p.add_argument("--compile-backend", default="auto")
     p.add_argument("--attn-backend", default="auto")
+    p.add_argument("--overlap", choices=["on", "off", "both"], default="on",
+                   help="overlapped scheduling; both: run each workload without, then with, and compare tokens")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     workloads = [tuple(int(x) for x in w.split("/")) for w in (args.workload or ["128/128/1024", "1024/128/32"])]
@@ -116,10 +120,16 @@ def main() -> None:
         wbytes, kv_tok = weight_bytes(llm), kv_bytes_per_token(llm)
         print(f"machine: {machine_name()} | model: {args.preset} ({wbytes / 1e9:.2f} GB of weights) | {args.dtype}"
               f" | copy bandwidth {bw / 1e12:.2f} TB/s | batch-1 decode roofline {wbytes / bw * 1e3:.2f} ms")
+        modes = {"on": [True], "off": [False], "both": [False, True]}[args.overlap]
         for isl, osl, num in workloads:
-            r = run_workload(llm, isl, osl, num, rng)
-            print_row(r, bw, wbytes, kv_tok)
-            rows.append({k: v for k, v in r.items() if k != "tokens"})
+            prompts = [[rng.randrange(100, llm.vocab_size) for _ in range(isl)] for _ in range(num)]
+            results = [run_workload(llm, prompts, osl, overlap) for overlap in modes]
+            for r in results:
+                print_row(r, bw, wbytes, kv_tok)
+                rows.append({k: v for k, v in r.items() if k != "tokens"})
+            if len(results) == 2:
+                same = sum(a == b for a, b in zip(results[0]["tokens"], results[1]["tokens"]))
+                print(f"  greedy tokens equal with and without overlap: {same} of {num} requests")
         llm.shutdown()
     if args.json:
         Path(args.json).write_text(json.dumps(dict(machine=machine_name(), preset=args.preset, rows=rows), indent=2))

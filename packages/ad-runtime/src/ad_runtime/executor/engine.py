@@ -168,6 +168,13 @@ class Engine:
             timer.end_step()
         return changed
 
+    def set_overlap(self, on: bool) -> None:
+        """Switch overlapped scheduling between steps (reads a step still in flight first)."""
+        if self._inflight is not None:
+            self._resolve(self._inflight)
+            self._inflight = None
+        self.overlap = on
+
     def _reaches_limit(self, req: Request) -> bool:
         n_out = len(req.output_token_ids) + len(req.future)
         return n_out >= req.params.max_tokens or req.num_tokens >= self.max_seq_len
