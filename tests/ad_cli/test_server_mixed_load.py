@@ -113,10 +113,10 @@ BAD: list[Bad] = [
     _bad("body_not_an_object", CHAT, "[1, 2]", 400, None, "JSON object"),
     _bad("chat_without_messages", CHAT, '{"max_tokens": 4}', 400, "messages", "messages"),
     _bad("message_without_role", CHAT, '{"messages": [{"content": "hi"}]}', 400, "messages.0.role", "role"),
-    # Longer than max_seq_len: refused by the engine at submission, before any step.
-    _bad("prompt_over_max_seq_len_ids", COMPLETIONS, json.dumps({"prompt": [7] * 200, "max_tokens": 4}), 400, None,
-         "max_seq_len"),
-    _bad("prompt_over_max_seq_len_text", COMPLETIONS, json.dumps({"prompt": "word " * 300}), 400, None,
+    # Longer than max_seq_len: refused by the server after tokenising, before the engine (streams too).
+    _bad("prompt_over_max_seq_len_ids", COMPLETIONS, json.dumps({"prompt": [7] * 200, "max_tokens": 4}), 400,
+         "prompt", "max_seq_len"),
+    _bad("prompt_over_max_seq_len_text", COMPLETIONS, json.dumps({"prompt": "word " * 300}), 400, "prompt",
          "max_seq_len"),
     _bad("body_over_limit", COMPLETIONS, json.dumps({"prompt": "x" * (MAX_BODY_BYTES + 1000)}), 413, None,
          "larger than the server's limit"),
@@ -375,12 +375,8 @@ def test_64_clients_mixing_good_and_bad_requests(server: SimpleNamespace) -> Non
     assert _idle(_engine_state(llm), max_batch), _engine_state(llm)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: a streamed request whose prompt is longer than max_seq_len gets 200 and an event stream "
-    "whose only event is an error, not a 400; the server checks max_tokens against max_seq_len before "
-    "answering but leaves the prompt length to the engine, whose rejection arrives after the stream started"))
 def test_a_streamed_prompt_over_max_seq_len_gets_400(server: SimpleNamespace) -> None:
     with httpx.Client(base_url=server.base, timeout=REQUEST_TIMEOUT_S) as client:
         r = client.post(COMPLETIONS, json={"prompt": [7] * 200, "max_tokens": 4, "stream": True})
         print(r.status_code, r.text[:300])
-        _check_error(r, _bad("prompt_over_max_seq_len_stream", COMPLETIONS, b"", 400, None, "max_seq_len"))
+        _check_error(r, _bad("prompt_over_max_seq_len_stream", COMPLETIONS, b"", 400, "prompt", "max_seq_len"))

@@ -184,6 +184,7 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
     state: dict[str, Any] = {"in_flight": 0, "preparing": 0}
     max_batch = _arg(llm, "max_batch_size") or 0
     max_seq_len = _arg(llm, "max_seq_len")
+    max_input_len = _arg(llm, "max_input_len") or max_seq_len
     try:
         vocab = int(llm.vocab_size)
     except Exception:  # noqa: BLE001 - a backend that does not say: the engine checks ids itself
@@ -286,6 +287,12 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
             bad = next((t for t in ids if t >= vocab), None)
             if bad is not None:
                 raise BadRequest(400, f"prompt: token id {bad} is outside the vocabulary (size {vocab})", "prompt")
+        # Checked here, not only by the engine: a stream's 200 is sent before the engine sees the request.
+        if max_seq_len and len(ids) >= max_seq_len:
+            raise BadRequest(400, f"prompt: the prompt has {len(ids)} tokens, max_seq_len is {max_seq_len}", "prompt")
+        if max_input_len and len(ids) > max_input_len:
+            raise BadRequest(400, f"prompt: the prompt has {len(ids)} tokens, max_input_len is {max_input_len}",
+                             "prompt")
         return ids, text
 
     async def _run(ids: list[int], text: str | None, req: _Sampling, chat: bool, http: Request):
