@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     try:
         serve(app, sock, limits)
+    except KeyboardInterrupt:
+        # uvicorn shuts down gracefully on SIGINT and then raises the signal again: a stop asked for, not a crash.
+        pass
     finally:
         llm.shutdown()
     return 0
