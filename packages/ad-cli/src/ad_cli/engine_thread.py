@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ad_runtime import SamplingParams
-from ad_runtime.build import ABORT_MESSAGE
 from ad_runtime.executor.errors import one_line
+from ad_runtime.executor.request_loop import RequestLoop
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ def failed_update(message: str) -> Update:
 
 
 class EngineThread:
-    """Drives a local engine core on one background thread: submissions arrive on a queue; updates go back to
-    each caller's asyncio queue.
+    """Drives a local engine core with the request loop on one background thread: submissions arrive on a
+    queue; updates go back to each caller's asyncio queue.
 
     The same contract as DistributedEngine: submit(...) -> asyncio.Queue of Update, abort(queue), health(), close().
     """
@@ -54,8 +54,10 @@ class EngineThread:
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._crash: str | None = None  # why the thread ended, if it did by an error
+        self._loops: dict[asyncio.Queue, asyncio.AbstractEventLoop] = {}  # each request's caller's event loop
         self._pending_adds = 0  # submissions in the inbox not yet taken by the engine thread
         self._count_lock = threading.Lock()
+        self._requests = RequestLoop(self.core, self._receive, self._publish)
         self._thread = threading.Thread(target=self._run, name="ad-engine", daemon=True)
         self._thread.start()
 
@@ -66,9 +68,10 @@ class EngineThread:
         if self._crash is not None:
             out.put_nowait(failed_update(f"the engine stopped: {self._crash}"))
             return out
+        self._loops[out] = loop
         with self._count_lock:
             self._pending_adds += 1
-        self._inbox.put(("add", token_ids, params, prompt, stream, loop, out))
+        self._inbox.put(("add", out, token_ids, params, prompt, stream))
         return out
 
     def abort(self, out: asyncio.Queue) -> None:
@@ -88,67 +91,51 @@ class EngineThread:
             return "the engine thread is not running"
         return None
 
-    def _run(self) -> None:
-        watchers: dict[int, tuple[Any, bool, asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+    def _receive(self, block: bool) -> list[tuple]:
+        msgs = []
         try:
-            self._loop(watchers)
+            # A short wait when idle, so that close() is seen promptly.
+            msgs.append(self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait())
+            while True:
+                msgs.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        adds = sum(m[0] == "add" for m in msgs)
+        if adds:
+            with self._count_lock:
+                self._pending_adds -= adds
+        if self._stop.is_set():
+            msgs.append(("stop",))
+        return msgs
+
+    def _publish(self, out: asyncio.Queue, req: Any) -> bool:
+        """Hand an update to the caller's event loop; False if that loop has closed (the caller went away)."""
+        loop = self._loops.get(out)
+        delivered = loop is not None and _put(loop, out, update_of(req, self.core.decode))
+        if req.is_finished or not delivered:
+            self._loops.pop(out, None)
+        return delivered
+
+    def _run(self) -> None:
+        try:
+            self._requests.run()
         except BaseException as e:  # noqa: BLE001 - a bug here must not leave callers waiting forever
             logger.exception("the engine thread failed")
             self._crash = one_line(e)
-            for req, _, loop, out in watchers.values():
-                self.core.abort(req, f"the engine stopped: {self._crash}")
-                _put(loop, out, failed_update(f"the engine stopped: {self._crash}"))
-            self._fail_inbox()
+            for out, _ in self._requests.fail_all(f"the engine stopped: {self._crash}"):
+                self._tell_failed(out)
+            while True:  # submissions that raced the crash
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    return
+                if item[0] == "add":
+                    self._tell_failed(item[1])
 
-    def _fail_inbox(self) -> None:
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if item[0] == "add":
-                _put(item[5], item[6], failed_update(f"the engine stopped: {self._crash}"))
-
-    def _loop(self, watchers: dict[int, tuple[Any, bool, asyncio.AbstractEventLoop, asyncio.Queue]]) -> None:
-        by_queue: dict[asyncio.Queue, int] = {}
-        while not self._stop.is_set():
-            block = not self.core.has_unfinished
-            try:
-                while True:
-                    item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
-                    block = False
-                    if item[0] == "abort":
-                        rid = by_queue.pop(item[1], None)
-                        if rid is not None:
-                            self.core.abort(watchers.pop(rid)[0], ABORT_MESSAGE)
-                        continue
-                    _, ids, params, prompt, stream, loop, out = item
-                    req = self.core.submit(ids, params, prompt)
-                    with self._count_lock:
-                        self._pending_adds -= 1
-                    if req.is_finished:  # rejected at once (too long, ...)
-                        self._publish(req, loop, out)
-                    else:
-                        watchers[req.request_id], by_queue[out] = (req, stream, loop, out), req.request_id
-            except queue.Empty:
-                pass
-            if not self.core.has_unfinished:
-                continue
-            # The core contains failures: a request's error fails it alone and comes back as a changed request.
-            for req in self.core.step():
-                w = watchers.get(req.request_id)
-                if w is None:
-                    continue
-                delivered = self._publish(req, w[2], w[3]) if w[1] or req.is_finished else not w[2].is_closed()
-                if not delivered and not req.is_finished:
-                    self.core.abort(req, ABORT_MESSAGE)  # its caller's event loop is gone: nobody is listening
-                if req.is_finished:
-                    watchers.pop(req.request_id)
-                    by_queue.pop(w[3], None)
-
-    def _publish(self, req: Any, loop: asyncio.AbstractEventLoop, out: asyncio.Queue) -> bool:
-        """Hand an update to the caller's event loop; False if that loop has closed (the caller went away)."""
-        return _put(loop, out, update_of(req, self.core.decode))
+    def _tell_failed(self, out: asyncio.Queue) -> None:
+        loop = self._loops.pop(out, None)
+        if loop is not None:
+            _put(loop, out, failed_update(f"the engine stopped: {self._crash}"))
 
     def close(self) -> None:
         self._stop.set()

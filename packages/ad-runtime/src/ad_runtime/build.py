@@ -10,14 +10,12 @@ import torch.nn as nn
 from .executor.core import EngineCore
 from .executor.engine import Engine, StepSequence
 from .executor.request import Request
+from .executor.request_loop import ABORT_MESSAGE  # re-exported: the server and the ranks abort with it
 from .executor.scheduler import Scheduler
 from .kv_cache.interface import CachedSequenceInterface, ScheduledSequence
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-# Why a request ended when its caller stopped listening (a closed stream, a client that went away).
-ABORT_MESSAGE = "aborted: the caller stopped listening"
 
 
 def resolve_device(device: str, rank: int = 0) -> torch.device:

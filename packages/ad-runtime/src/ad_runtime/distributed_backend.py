@@ -33,10 +33,11 @@ from typing import Any
 
 import torch
 
-from .build import ABORT_MESSAGE
+from .executor.core import EngineCore
 from .executor.detokenizer import Detokenizer
 from .executor.engine import StepSequence
 from .executor.request import Request
+from .executor.request_loop import RequestLoop
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -94,48 +95,56 @@ def _snapshot(req: Request) -> Request:
 
 
 def _serve(engine: Any, conn: Any) -> None:
-    """Rank 0's loop: take requests between steps, step while any is unfinished, send back what changed."""
-    clients: dict[int, tuple[int, bool]] = {}  # engine request id -> (client id, stream)
-    requests: dict[int, Request] = {}  # client id -> its unfinished request
-    while True:
-        # Block only when idle; while requests run, whatever arrived joins the next step (continuous batching).
-        msgs = [] if engine.has_unfinished else [conn.recv()]
+    """Rank 0's loop: the request loop over this rank's engine, with messages and updates on the pipe."""
+
+    def receive(block: bool) -> list[tuple]:
+        raw = [conn.recv()] if block else []
         while conn.poll():
-            msgs.append(conn.recv())
-        for msg in msgs:
-            if msg[0] == "shutdown":
-                return
-            if msg[0] == "add":
-                for cid, ids, params, text, stream in msg[1]:
-                    req = engine.add_request(ids, params, text)
-                    if req.is_finished:  # rejected at once (too long, ...)
-                        conn.send(("update", cid, _snapshot(req)))
-                    else:
-                        clients[req.request_id], requests[cid] = (cid, stream), req
-            elif msg[0] == "abort":
-                req = requests.pop(msg[1], None)
-                if req is not None:
-                    del clients[req.request_id]
-                    engine.abort(req, ABORT_MESSAGE)
+            raw.append(conn.recv())
+        msgs: list[tuple] = []
+        for msg in raw:
+            if msg[0] == "add":  # one message per call, so a caller's requests start in the same step
+                msgs += [("add", cid, ids, params, text, stream) for cid, ids, params, text, stream in msg[1]]
+            elif msg[0] == "shutdown":
+                msgs.append(("stop",))
             else:
-                raise ValueError(f"rank 0 got an unknown message {msg[0]!r}")
-        if not engine.has_unfinished:
-            continue
-        for req in engine.step():
-            cid, stream = clients[req.request_id]
-            if stream or req.is_finished:
-                conn.send(("update", cid, _snapshot(req)))
-            if req.is_finished:
-                del clients[req.request_id], requests[cid]
+                msgs.append(msg)
+        return msgs
+
+    def publish(cid: int, req: Request) -> bool:
+        conn.send(("update", cid, _snapshot(req)))
+        return True  # the user's process tells rank 0 itself when a caller leaves (an "abort" message)
+
+    RequestLoop(EngineCore(engine), receive, publish).run()
 
 
-def _worker(ctx: Any, args_dump: dict[str, Any], conn: Any) -> None:
+def _quiet_like_parent(level: int) -> None:
+    """A spawned rank starts with default logging: give it the parent's level and, unless that is debug, silence
+    the libraries below us as the parent did (their warnings would otherwise print once per rank)."""
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if level <= logging.DEBUG:
+        return
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    for name in ("torch", "torch._dynamo", "torch._inductor", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _worker(ctx: Any, args_dump: dict[str, Any], conn: Any, log_level: int = logging.WARNING) -> None:
     """Body of every rank (runs in the spawned process)."""
     import torch.distributed as dist
     from ad_config import load_llm_args
 
     from .build import build_engine
 
+    _quiet_like_parent(log_level)
     args = load_llm_args(**args_dump)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)  # steps travel as pickles over CPU
     pids: list[Any] = [None] * ctx.world_size
@@ -197,10 +206,12 @@ class DistributedBackend:
         self._error: BaseException | None = None
         self._stopping = False
         dump = args.model_dump(mode="json", exclude={"yaml_default", "yaml_extra"})
+        level = logging.getLogger().getEffectiveLevel()  # the ranks log (and stay quiet) like this process
 
         def run() -> None:
             try:
-                launch(_worker, args.world_size, args=(dump, child), timeout_s=10**9, dist_timeout=args.dist_timeout)
+                launch(_worker, args.world_size, args=(dump, child, level), timeout_s=10**9,
+                       dist_timeout=args.dist_timeout)
             except BaseException as e:  # noqa: BLE001 - surfaced to the callers by the reader thread
                 self._error = e
 
