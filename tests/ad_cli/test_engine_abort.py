@@ -99,7 +99,7 @@ class FakeBackend:
     """DistributedBackend's request API, recorded."""
 
     def __init__(self) -> None:
-        self.detok = SimpleNamespace(decode=lambda ids, skip: " ".join(map(str, ids)))
+        self.detok = SimpleNamespace(stream_text=lambda req: " ".join(map(str, req.output_token_ids)))
         self.callbacks: dict[int, Any] = {}
         self.aborted: list[int] = []
 

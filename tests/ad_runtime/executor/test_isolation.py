@@ -82,7 +82,8 @@ def test_a_huge_seed_smuggled_past_validation_fails_its_request_alone():
 def test_a_stop_check_that_raises_fails_its_request_alone_in_a_shared_batch():
     eng = _engine()
     broken = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, stop=["x"])
-    broken.stop = [None]  # the detokenizer's stop check now raises TypeError
+    broken.stop = [None]  # smuggled past validation: the detokenizer's stop check raises TypeError on it
+    eng.detok.tokenizer = type("Tok", (), {"decode": lambda self, ids, skip_special_tokens=True: "text"})()
     reqs = [eng.add_request([1, 2], GREEDY), eng.add_request([5], broken), eng.add_request([8, 8, 8], GREEDY)]
     eng.run_until_done(reqs)
     assert reqs[1].status == RequestStatus.FAILED and reqs[1].error.startswith("post-processing failed: TypeError")

@@ -48,7 +48,7 @@ class DistributedEngine:
             if isinstance(item, BaseException):
                 upd = self._failed(item)
             else:
-                upd = update_of(item, self.backend.detok.decode)
+                upd = update_of(item, self.backend.detok.stream_text)
             if upd.finished:
                 with self._lock:
                     self._clients.pop(out, None)

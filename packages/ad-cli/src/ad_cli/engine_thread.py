@@ -27,12 +27,9 @@ class Update:
     internal: bool = False  # the server failed (a step, a rank), not the request: a 500, not a 400
 
 
-def update_of(req: Any, decode: Callable[[list[int], bool], str]) -> Update:
-    """The Update of an engine request; the engine fills `text` only when it ends or has stop strings."""
-    text = req.text
-    if not req.is_finished and not req.params.stop:
-        text = decode(req.output_token_ids, req.params.skip_special_tokens)
-    return Update(list(req.output_token_ids), text, req.is_finished, req.finish_reason, req.error)
+def update_of(req: Any, text_of: Callable[[Any], str]) -> Update:
+    """The Update of an engine request; `text_of` (Detokenizer.stream_text) decides what text it shows."""
+    return Update(list(req.output_token_ids), text_of(req), req.is_finished, req.finish_reason, req.error)
 
 
 def failed_update(message: str) -> Update:
@@ -111,7 +108,7 @@ class EngineThread:
     def _publish(self, out: asyncio.Queue, req: Any) -> bool:
         """Hand an update to the caller's event loop; False if that loop has closed (the caller went away)."""
         loop = self._loops.get(out)
-        delivered = loop is not None and _put(loop, out, update_of(req, self.core.decode))
+        delivered = loop is not None and _put(loop, out, update_of(req, self.core.stream_text))
         if req.is_finished or not delivered:
             self._loops.pop(out, None)
         return delivered

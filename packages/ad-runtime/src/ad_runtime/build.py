@@ -166,8 +166,8 @@ class LocalBackend:
         req = self.core.submit(prompt, params, text)
 
         def refresh_text(r: Request) -> None:
-            if not r.is_finished and not params.stop:
-                r.text = self.core.decode(r.output_token_ids, params.skip_special_tokens)
+            if not r.is_finished:
+                r.text = self.core.stream_text(r)
 
         try:
             yield from self.core.stream(req, refresh_text)

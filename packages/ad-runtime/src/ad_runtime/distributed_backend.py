@@ -374,9 +374,9 @@ class DistributedBackend:
                     finished = True  # nothing to abort
                     raise _raised(item)
                 finished = item.is_finished
-                if not finished and not params.stop:
+                if not finished:
                     # Decoded here, not on rank 0: the text costs the caller's thread, not the shared step loop.
-                    item.text = self.detok.decode(item.output_token_ids, params.skip_special_tokens)
+                    item.text = self.detok.stream_text(item)
                 yield item
         finally:
             if not finished:  # a caller that stops listening early frees the request's batch slot

@@ -35,6 +35,10 @@ class EngineCore:
         """Text of token ids (the tokenizer is read-only, so no lock)."""
         return self.engine.detok.decode(token_ids, skip_special_tokens)
 
+    def stream_text(self, req: Request) -> str:
+        """The text a stream of `req` may show now (Detokenizer.stream_text)."""
+        return self.engine.detok.stream_text(req)
+
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Request:
         """Queue one request; a request that can never run comes back failed, with its reason."""
         with self._lock:

@@ -271,12 +271,13 @@ class Engine:
             req.output_token_ids.pop()  # the end token is not part of the answer
         elif token in p.stop_token_ids:
             reason = "stop"
-        if reason is None and p.stop and self.detok.update(req) is not None:
+        stop_string = reason is None and bool(p.stop) and self.detok.update(req) is not None  # sets req.text
+        if stop_string:
             reason = "stop"
         if reason is None and (len(req.output_token_ids) >= p.max_tokens or req.num_known_tokens >= self.max_seq_len):
             reason = "length"
         if reason is not None:
-            if not p.stop:
+            if not stop_string:
                 req.text = self.detok.decode(req.output_token_ids, p.skip_special_tokens)
             req.finish(reason)
             req.future.clear()  # a token sampled after this one (overlap) is not part of the answer
