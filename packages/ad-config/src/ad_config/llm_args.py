@@ -59,8 +59,9 @@ class AutoDeployConfig(DynamicYamlMixInForSettings):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     dtype: Dtype = Field(default="auto", description="auto: the checkpoint's dtype.")
     kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16", "fp8"] = "auto"
-    mode: Literal["graph", "transformers"] = Field(
-        default="graph", description="graph: export and optimize; transformers: run the HF model as is."
+    mode: Literal["graph"] = Field(
+        default="graph",
+        description="graph: export the model with torch.export and optimize its graph (the only mode for now).",
     )
 
     # ---- pipeline ------------------------------------------------------------------------------

@@ -188,8 +188,8 @@ KernelBackend = Literal["auto", "torch", "triton", "flashinfer"]
 @register_transform_config("fuse_rmsnorm")
 class FuseRmsnormConfig(TransformConfig):
     stage: Stage = Stage.POST_LOAD_FUSION
-    # auto: triton on a GPU, torch on a CPU.
-    backend: KernelBackend = "auto"
+    # auto: triton on a GPU, torch on a CPU (there is no FlashInfer RMSNorm kernel here).
+    backend: Literal["auto", "torch", "triton"] = "auto"
 
 
 @register_transform_config("optimize_rope")

@@ -91,8 +91,6 @@ def build_graph(args: Any, rank: int = 0, world_size: int = 1) -> tuple[nn.Modul
 
     from .device_checks import check_backends_for_device
 
-    if args.mode != "graph":
-        raise ValueError(f"mode={args.mode!r} is not available yet: only mode 'graph' (export + transforms) runs")
     device = resolve_device(args.device, rank)
     check_backends_for_device(args, device)
     torch.manual_seed(args.seed)
