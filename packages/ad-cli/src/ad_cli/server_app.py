@@ -142,7 +142,7 @@ def start_engine(llm: Any) -> EngineThread | DistributedEngine:
     """A local engine on a background thread; with world_size > 1 the engine lives in rank 0's process."""
     if llm.engine is not None:
         return EngineThread(llm)
-    return DistributedEngine(llm._backend)  # LLM has no public handle on its backend yet
+    return DistributedEngine(llm.backend)
 
 
 async def _last_update(q: asyncio.Queue, engine: Any, http: Request) -> Update | None:

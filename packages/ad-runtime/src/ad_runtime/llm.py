@@ -48,6 +48,12 @@ class LLM:
         return self._backend.engine
 
     @property
+    def backend(self) -> Any:
+        """The request-level backend: LocalBackend (one process) or DistributedBackend (world_size > 1, its
+        submit/abort/health talk to rank 0)."""
+        return self._backend
+
+    @property
     def core(self) -> Any:
         """The thread-safe engine core (submit, abort, step) of a single-process run; None with world_size > 1."""
         return getattr(self._backend, "core", None)
