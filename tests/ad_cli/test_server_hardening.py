@@ -115,7 +115,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     cmd = [sys.executable, "-m", "ad_cli.serve", "--port", "0", "--header-timeout", str(HEADER_TIMEOUT),
            "--max-connections", str(IDLE_CONNECTIONS + 2000), "--max-queued-requests", "1",
            # Two layers of the bundled model: quick to build; the answers need not be right here.
-           "--args.device=cpu", "--args.model-kwargs.num-hidden-layers=2", "--args.max-seq-len=256",
+           # max_seq_len 4096: the queue test's first request must still run (thousands of tokens) however slowly
+           # a loaded machine admits the next ones.
+           "--args.device=cpu", "--args.model-kwargs.num-hidden-layers=2", "--args.max-seq-len=4096",
            "--args.max-batch-size=1"]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -310,7 +312,9 @@ def test_bad_requests_do_not_disturb_a_running_one_and_the_largest_seed_works(se
 @pytest.mark.slow
 def test_max_queued_requests_answers_503_and_frees_up(served: Served) -> None:
     # max_batch_size 1 and --max-queued-requests 1: one request runs, one waits, the third is refused.
-    long = {"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True, "temperature": 0, "stream": True}
+    # 4000 tokens: minutes on this CPU, so the first still runs when the third arrives (the streams are closed,
+    # and their requests aborted, right after the check).
+    long = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True, "temperature": 0, "stream": True}
     clients = [httpx.Client(base_url=served.base, timeout=120) for _ in range(3)]
     try:
         with clients[0].stream("POST", "/v1/completions", json=long) as running:
