@@ -22,7 +22,7 @@ def test_help_prints_server_then_configuration_options(flag: str) -> None:
     proc, _ = _serve(flag)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for option in ("--host", "--port", "--served-model-name", "--max-body-bytes", "--header-timeout",
+    for option in ("--host", "--port", "--served-model-name", "--api-key", "--max-body-bytes", "--header-timeout",
                    "--body-timeout", "--max-connections", "--max-queued-requests"):
         assert option in out, option
     assert "127.0.0.1" in out  # the default bind host is said

@@ -96,7 +96,8 @@ class _Gone(Exception):
     pass
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
+def header_value(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of a request header (`name` in lower case), or None."""
     for k, v in scope.get("headers", ()):
         if k.lower() == name:
             return v
@@ -121,8 +122,8 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = _header(scope, b"content-length")
-        chunked = _header(scope, b"transfer-encoding") is not None
+        length = header_value(scope, b"content-length")
+        chunked = header_value(scope, b"transfer-encoding") is not None
         if length is None and not chunked:  # no body (GET /health): nothing to read
             await self.app(scope, receive, send)
             return

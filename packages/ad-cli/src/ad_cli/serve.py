@@ -4,6 +4,7 @@ import argparse
 import gc
 import logging
 import math
+import os
 import sys
 from typing import NoReturn
 
@@ -11,6 +12,9 @@ from ad_cli.errors import report
 from ad_cli.http_limits import ServerLimits
 
 PROG = "ad-serve"
+# Where --api-key's default comes from (not AD_-prefixed: the configuration loader reads AD_* variables as
+# settings). The environment keeps the key out of the process list, where a command-line argument shows.
+API_KEY_ENV = "SERVE_API_KEY"
 _DEFAULTS = ServerLimits()
 
 
@@ -52,13 +56,19 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _api_key(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def server_parser() -> argparse.ArgumentParser:
     """The server's own options; everything else on the command line is build_and_run_ad's configuration."""
     p = _Parser(
         prog=PROG, add_help=False, allow_abbrev=False,
         usage=f"{PROG} [server options] [configuration options]",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
-                    "/v1/models, /health).",
+                    "/v1/models, /tokenize, /detokenize, /version, /health).",
     )
     g = p.add_argument_group("server options")
     g.add_argument("-h", "--help", action="store_true", help="show this help (server options, then the "
@@ -69,6 +79,9 @@ def server_parser() -> argparse.ArgumentParser:
                    "port and logs it)")
     g.add_argument("--served-model-name", default=None, metavar="NAME", help="model name reported by /v1/models "
                    "and in answers (default: the configured model)")
+    g.add_argument("--api-key", type=_api_key, default=os.environ.get(API_KEY_ENV) or None, metavar="KEY",
+                   help="require the header 'Authorization: Bearer KEY' on every route but /health and /version "
+                        f"(401 otherwise); default: the {API_KEY_ENV} environment variable, else no key")
     g.add_argument("--max-body-bytes", type=_positive_int, default=_DEFAULTS.max_body_bytes, metavar="N",
                    help="largest request body; a larger one gets 413 before it is read (default: %(default)s)")
     g.add_argument("--header-timeout", type=_seconds, default=_DEFAULTS.header_timeout, metavar="S",
@@ -143,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     name = own.served_model_name or (config.args.model or "SmolLM2-135M-Instruct")
     app = build_app(llm, name, default_max_tokens=int(config.prompt.sp_kwargs.get("max_tokens", 256)),
-                    limits=limits)
+                    limits=limits, api_key=own.api_key)
+    if own.api_key:
+        logging.getLogger("ad_cli.http").info("an API key is required on every route but /health and /version")
     # The model, torch and transformers leave ~400,000 long-lived objects: a full garbage collection over them
     # stops the event loop for ~0.3 s (seen as /health outliers under 10,000 connections). Frozen, the
     # collector skips them; what the server allocates from here on is collected as usual.

@@ -1,102 +1,44 @@
-"""An OpenAI-compatible HTTP API (completions, chat completions, models) over one shared engine."""
+"""An OpenAI-compatible HTTP API (completions, chat completions, models, tokenize) over one shared engine."""
 
 import asyncio
+import importlib.metadata
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
 import anyio
 import anyio.to_thread
-from ad_runtime import SamplingParams
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .distributed_engine import DistributedEngine
 from .engine_thread import EngineThread, Update
+from .http_auth import ApiKeyMiddleware
 from .http_limits import BodyLimitMiddleware, EventTally, ServerLimits, one_line
+from .openai_protocol import (
+    BadRequest,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    RequestBody,
+    SamplingRequest,
+    TokenizeRequest,
+    first_error,
+    parse_request,
+)
 
 logger = logging.getLogger("ad_cli.http")
 
 # How often a non-streaming request checks whether its client is still there (to abort it if not).
 DISCONNECT_POLL_S = 1.0
-# Mirrors ad_runtime.sampling_params (checked here too, so the error names the request's field).
-MAX_SEED = 2**64 - 1
-MAX_COUNT = 2**31 - 1
-
-
-def _valid_text(text: str) -> str:
-    """Text must encode as UTF-8: a lone surrogate ("\\ud800", legal in JSON) breaks the tokenizer."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"not valid Unicode text ({e.reason} at position {e.start})") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_valid_text)]
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_COUNT)
-    temperature: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int | None = Field(default=None, ge=0, le=MAX_COUNT)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    stop: list[Annotated[Text, Field(min_length=1)]] | None = None
-    stream: bool = False
-    ignore_eos: bool = False
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _one_stop(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
-    def params(self, default_max: int) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=self.max_tokens or default_max, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos,
-        )
-
-
-class CompletionRequest(_Sampling):
-    # Checked by hand, not as a union: pydantic would name both union members in its error.
-    prompt: Any
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: Any) -> str | list[int]:
-        if isinstance(v, str):
-            return _valid_text(v)
-        if isinstance(v, list) and v and all(type(t) is int and 0 <= t <= MAX_COUNT for t in v):
-            return v
-        raise ValueError("must be a string or a non-empty list of token ids (ints >= 0)")
-
-
-class ChatMessage(BaseModel):
-    role: Text
-    content: Text
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-class BadRequest(Exception):
-    """A request the server refuses before it reaches the engine: status, message and the field to blame."""
-
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+# Turns a parsed request into its prompt's token ids and text (None for a token-id prompt).
+Encoder = Callable[[Any], tuple[list[int], str | None]]
 
 
 def _error(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -106,36 +48,15 @@ def _error(status: int, message: str, param: str | None = None, headers: dict[st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _first_error(errors: list[Any]) -> tuple[str, str | None]:
-    """The first problem as `field: reason` (clients show one line best)."""
-    if not errors:
-        return "invalid request", None
-    err = errors[0]
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
-    msg = str(err.get("msg", "invalid"))
-    msg = msg.removeprefix("Value error, ")
-    return (f"{param}: {msg}" if param else msg), param
-
-
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    return _first_error(list(exc.errors()))
+    return first_error(list(exc.errors()))
 
 
-def parse_request(body: bytes, model: type[BaseModel]) -> Any:
-    """The request from its JSON body, validated; BadRequest naming the field otherwise. Runs off the loop."""
+def _version() -> str:
     try:
-        data = json.loads(body)
-    except RecursionError:
-        raise BadRequest(400, "the request body nests too deeply") from None
-    except ValueError as e:  # bad JSON, bad UTF-8, an integer of thousands of digits
-        raise BadRequest(400, f"the request body is not valid JSON: {one_line(str(e))}") from None
-    if not isinstance(data, dict):
-        raise BadRequest(400, "the request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise BadRequest(400, *_first_error(e.errors(include_url=False))) from None
+        return importlib.metadata.version("ad-cli")
+    except importlib.metadata.PackageNotFoundError:  # run from PYTHONPATH, not installed
+        return "unknown"
 
 
 def start_engine(llm: Any) -> EngineThread | DistributedEngine:
@@ -178,8 +99,17 @@ def _arg(llm: Any, name: str) -> Any:
     return getattr(getattr(llm, "args", None), name, None)
 
 
-def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: ServerLimits | None = None) -> FastAPI:
-    """The app over `llm`; its engine runs on one background thread (or on rank 0) while the app is up."""
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: ServerLimits | None = None,
+              api_key: str | None = None) -> FastAPI:
+    """The app over `llm`; its engine runs on one background thread (or on rank 0) while the app is up.
+
+    With `api_key`, every route but /health and /version asks for `Authorization: Bearer <api_key>`.
+    """
     limits = limits or ServerLimits()
     state: dict[str, Any] = {"in_flight": 0, "preparing": 0}
     max_batch = _arg(llm, "max_batch_size") or 0
@@ -204,6 +134,8 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
 
     app = FastAPI(title="ad inference server", lifespan=lifespan)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=limits.max_body_bytes, body_timeout=limits.body_timeout)
+    if api_key is not None:  # added last, so it runs first: a refused request's body is never read
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
 
     # OpenAI answers every malformed request with 400 and an `error` object; do the same.
     @app.exception_handler(RequestValidationError)
@@ -258,7 +190,11 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "ad"}]}
 
-    async def admit(http: Request, model: type[BaseModel], encode: Callable[[Any], tuple[list[int], str | None]]):
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": _version()}
+
+    async def admit(http: Request, model: type[SamplingRequest], encode: Encoder):
         """Check the server can take a request, then parse, validate and tokenise it, all off the event loop."""
         reason = engine_problem()
         if reason:
@@ -270,15 +206,16 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
         try:
             body = await http.body()  # already read (and size-checked) by BodyLimitMiddleware
             req = await anyio.to_thread.run_sync(parse_request, body, model)
-            if max_seq_len and req.max_tokens is not None and req.max_tokens > max_seq_len:
-                raise BadRequest(400, f"max_tokens: {req.max_tokens} is more than the server's max_seq_len "
-                                      f"({max_seq_len})", "max_tokens")
+            limit = req.max_new_tokens
+            if max_seq_len and limit is not None and limit > max_seq_len:
+                raise BadRequest(400, f"{req.max_tokens_param}: {limit} is more than the server's max_seq_len "
+                                      f"({max_seq_len})", req.max_tokens_param)
             ids, text = await anyio.to_thread.run_sync(tokenize, encode, req, limiter=state["tokenizer_lock"])
         finally:
             state["preparing"] -= 1
         return req, ids, text
 
-    def tokenize(encode: Callable[[Any], tuple[list[int], str | None]], req: Any) -> tuple[list[int], str | None]:
+    def tokenize(encode: Encoder, req: Any) -> tuple[list[int], str | None]:
         """The request's token ids (and text), checked against the vocabulary; in a worker thread."""
         ids, text = encode(req)
         if not ids:
@@ -295,7 +232,8 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
                              "prompt")
         return ids, text
 
-    async def _run(ids: list[int], text: str | None, req: _Sampling, chat: bool, http: Request):
+    async def _run(ids: list[int], text: str | None, req: SamplingRequest, chat: bool, http: Request):
+        echo = req._echo_text if isinstance(req, CompletionRequest) and req.echo else ""
         try:
             params = req.params(default_max_tokens)
         except ValueError as e:
@@ -303,7 +241,7 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         engine = state["engine"]
-        q = engine.submit(ids, params, text, stream=req.stream)
+        q = engine.submit(ids, params, text, stream=bool(req.stream))
         state["in_flight"] += 1
         done = False
 
@@ -319,7 +257,8 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
                     engine.abort(q)
                 release()
 
-            return _Stream(_stream(q, rid, created, chat, release), close, media_type="text/event-stream")
+            chunks = _stream(q, rid, created, chat, release, echo, len(ids) if req.include_usage else None)
+            return _Stream(chunks, close, media_type="text/event-stream")
         try:
             upd = await _last_update(q, engine, http)
         finally:
@@ -328,21 +267,29 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
             return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
         if upd.error:
             raise BadRequest(500 if upd.internal else 400, upd.error)
-        usage = {"prompt_tokens": len(ids), "completion_tokens": len(upd.token_ids),
-                 "total_tokens": len(ids) + len(upd.token_ids)}
+        usage = _usage(len(ids), len(upd.token_ids))
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": upd.text},
                       "finish_reason": upd.finish_reason}
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": upd.text, "finish_reason": upd.finish_reason}
+            choice = {"index": 0, "text": echo + upd.text, "finish_reason": upd.finish_reason}
             obj = "text_completion"
         return JSONResponse({"id": rid, "object": obj, "created": created, "model": model_name,
                              "choices": [choice], "usage": usage})
 
-    async def _stream(q: asyncio.Queue, rid: str, created: int, chat: bool, release: Callable[[], None]):
+    async def _stream(q: asyncio.Queue, rid: str, created: int, chat: bool, release: Callable[[], None], echo: str,
+                      prompt_tokens: int | None):
+        """The request's chunks as server-sent events; with `prompt_tokens` (include_usage) a last chunk with
+        the usage and no choices, as OpenAI sends it."""
         sent = ""
         obj = "chat.completion.chunk" if chat else "text_completion"
+        head = {"id": rid, "object": obj, "created": created, "model": model_name}
+        if prompt_tokens is not None:
+            head["usage"] = None  # OpenAI: null in every chunk but the last
+        if echo:
+            yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'text': echo, 'finish_reason': None}]})}\n\n"
+        role = {"role": "assistant"}  # in the first chunk of a chat
         while True:
             upd = await q.get()
             if upd.finished:
@@ -355,16 +302,21 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
             delta, sent = text[len(sent):], text if text.startswith(sent) else sent
             if delta or upd.finished:
                 if chat:
-                    choice = {"index": 0, "delta": {"content": delta}, "finish_reason": upd.finish_reason}
+                    choice = {"index": 0, "delta": {**role, "content": delta}, "finish_reason": upd.finish_reason}
+                    role = {}
                 else:
                     choice = {"index": 0, "text": delta, "finish_reason": upd.finish_reason}
-                chunk = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice]}
-                yield f"data: {json.dumps(chunk)}\n\n"
+                yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
             if upd.finished:
+                if prompt_tokens is not None:
+                    usage = _usage(prompt_tokens, len(upd.token_ids))
+                    yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
                 break
         yield "data: [DONE]\n\n"
 
     def encode_completion(req: CompletionRequest) -> tuple[list[int], str | None]:
+        if req.echo:
+            req._echo_text = req.prompt if isinstance(req.prompt, str) else decode(list(req.prompt), "echo")
         if not isinstance(req.prompt, str):
             return list(req.prompt), None
         try:
@@ -372,9 +324,19 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
         except ValueError as e:  # no tokenizer for a text prompt, text it cannot take
             raise BadRequest(400, f"prompt: {e}", "prompt") from None
 
+    def decode(ids: list[int], param: str) -> str:
+        """The text of token ids, special tokens included; in a worker thread."""
+        tokenizer = getattr(llm, "tokenizer", None)
+        if tokenizer is None:
+            raise BadRequest(400, f"{param}: the server has no tokenizer to turn token ids into text", param)
+        return tokenizer.decode(ids)
+
+    def messages_of(req: ChatRequest | TokenizeRequest) -> list[dict[str, str]]:
+        return [m.model_dump() for m in req.messages or ()]
+
     def encode_chat(req: ChatRequest) -> tuple[list[int], str | None]:
         try:
-            return llm.encode([m.model_dump() for m in req.messages])
+            return llm.encode(messages_of(req))
         except Exception as e:  # noqa: BLE001 - the chat template refuses the conversation (roles, order)
             raise BadRequest(400, f"messages: {one_line(str(e)) or type(e).__name__}", "messages") from None
 
@@ -387,5 +349,44 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
     async def chat(http: Request):
         req, ids, text = await admit(http, ChatRequest, encode_chat)
         return await _run(ids, text, req, chat=True, http=http)
+
+    async def parse_and(http: Request, model: type[RequestBody], work: Callable[[Any], Any]) -> Any:
+        """Parse a request and run `work` on it, both off the event loop (`work` holding the tokenizer)."""
+        req = await anyio.to_thread.run_sync(parse_request, await http.body(), model)
+        return await anyio.to_thread.run_sync(work, req, limiter=state["tokenizer_lock"])
+
+    def token_ids(req: TokenizeRequest) -> list[int]:
+        """A text as /v1/completions tokenises it, or messages as chat does, unless add_special_tokens is given."""
+        if req.messages is not None:
+            ids, text = encode_chat(req)  # type: ignore[arg-type] - reads only .messages
+            if not req.add_special_tokens:
+                return ids
+            prompt = text
+        elif req.add_special_tokens is None:
+            try:
+                return llm.encode(req.prompt)[0]
+            except ValueError as e:  # no tokenizer, text it cannot take
+                raise BadRequest(400, f"prompt: {e}", "prompt") from None
+        else:
+            prompt = req.prompt
+        tokenizer = getattr(llm, "tokenizer", None)
+        if tokenizer is None:
+            raise BadRequest(400, "add_special_tokens: the server has no tokenizer", "add_special_tokens")
+        return tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens)
+
+    @app.post("/tokenize")
+    async def tokenize_route(http: Request) -> dict[str, Any]:
+        ids = await parse_and(http, TokenizeRequest, token_ids)
+        return {"tokens": ids, "count": len(ids), "max_model_len": max_seq_len}
+
+    def detokenize(req: DetokenizeRequest) -> str:
+        bad = next((t for t in req.tokens if t >= vocab), None) if vocab else None
+        if bad is not None:
+            raise BadRequest(400, f"tokens: token id {bad} is outside the vocabulary (size {vocab})", "tokens")
+        return decode(req.tokens, "tokens")
+
+    @app.post("/detokenize")
+    async def detokenize_route(http: Request) -> dict[str, str]:
+        return {"prompt": await parse_and(http, DetokenizeRequest, detokenize)}
 
     return app

@@ -1,0 +1,60 @@
+"""`--api-key`: every route but /health and /version asks for `Authorization: Bearer KEY` (401 otherwise)."""
+
+import hmac
+import json
+from typing import Any
+
+from .http_limits import Receive, Scope, Send, header_value
+
+# Open without a key: probes (load balancers, orchestrators) and what a client checks before it has a key.
+OPEN_PATHS = frozenset({"/health", "/version"})
+
+
+def bearer_token(scope: Scope) -> bytes | None:
+    """The token of an `Authorization: Bearer <token>` header (the scheme in any case), or None."""
+    value = header_value(scope, b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else None
+
+
+class ApiKeyMiddleware:
+    """Refuses a request to a protected route without the right bearer token, before its body is read.
+
+    Every route is protected but OPEN_PATHS (an allow-list: a route added later, or one FastAPI adds such as
+    /docs, is protected too). Keys are compared in constant time.
+    """
+
+    def __init__(self, app: Any, api_key: str):
+        if not api_key:
+            raise ValueError("the API key must not be empty")
+        self.app = app
+        self._key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        token = bearer_token(scope)
+        if token is not None and hmac.compare_digest(token, self._key):
+            await self.app(scope, receive, send)
+            return
+        if token is None:
+            message = "no API key: send the header 'Authorization: Bearer <key>'"
+        else:
+            message = "invalid API key"
+        await _unauthorized(scope, send, message)
+
+
+async def _unauthorized(scope: Scope, send: Send, message: str) -> None:
+    """401 with OpenAI's error body; the connection closes when a request body may follow (it is not read)."""
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": "invalid_api_key"}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"www-authenticate", b"Bearer")]
+    length = header_value(scope, b"content-length")
+    if header_value(scope, b"transfer-encoding") is not None or (length is not None and length.strip() != b"0"):
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": 401, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,361 @@
+"""The request bodies the server takes: the OpenAI fields it honours, those it refuses by name, and their parsing.
+
+The rule: no field is ignored silently. A field the server honours is validated and used; a known OpenAI (or
+vLLM) field it does not implement is accepted only at the value that means "off" (clients send their
+defaults: `presence_penalty: 0`, `logprobs: null`), anything else there is a 400 naming it; an unknown field
+is a 400 naming it.
+"""
+
+import json
+from typing import Annotated, Any, ClassVar
+
+from ad_runtime import SamplingParams
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from .http_limits import one_line
+
+# Mirrors ad_runtime.sampling_params (checked here too, so the error names the request's field).
+MAX_SEED = 2**64 - 1
+MAX_COUNT = 2**31 - 1
+# A field name echoed in an error is cut to this length (a body may hold a key of megabytes).
+_MAX_NAME = 64
+
+
+class BadRequest(Exception):
+    """A request the server refuses before it reaches the engine: status, message and the field to blame."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def _valid_text(text: str) -> str:
+    """Text must encode as UTF-8: a lone surrogate ("\\ud800", legal in JSON) breaks the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text ({e.reason} at position {e.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+
+
+def _name(key: str) -> str:
+    return key if len(key) <= _MAX_NAME else key[: _MAX_NAME - 3] + "..."
+
+
+def _is_off(value: Any, off: Any) -> bool:
+    """`value` is the "off" value `off`, type included (logprobs 0 is not logprobs false)."""
+    if off is None or isinstance(off, bool):
+        return value is off
+    if isinstance(off, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == off
+    return type(value) is type(off) and value == off
+
+
+def _refuse_unless_off(key: str, value: Any, offs: tuple, where: str = "") -> None:
+    if not any(_is_off(value, off) for off in offs):
+        shown = " or ".join(json.dumps(o) for o in offs)
+        raise BadRequest(400, f"{where}{_name(key)}: not supported yet (only {shown} is accepted)", where + _name(key))
+
+
+# Fields of OpenAI's API and vLLM's extensions that the server does not implement yet, with the values that
+# mean "off" (accepted). The same for every route that takes sampling fields.
+_SAMPLING_NOT_YET: dict[str, tuple] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "prompt_logprobs": (None,),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1),
+    "logit_bias": (None, {}),
+    "min_tokens": (None, 0),
+    "min_p": (None, 0),
+    "best_of": (None, 1),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1),
+    "response_format": (None, {"type": "text"}),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "truncate_prompt_tokens": (None,),
+    "store": (None, False),
+    "metadata": (None, {}),
+    "service_tier": (None, "auto", "default"),
+}
+_COMPLETION_NOT_YET: dict[str, tuple] = {**_SAMPLING_NOT_YET, "suffix": (None, ""), "add_special_tokens": (None, True)}
+_CHAT_NOT_YET: dict[str, tuple] = {
+    **_SAMPLING_NOT_YET,
+    # Without tools there is nothing to call: "auto" and "none" both mean plain text, which is what runs.
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    "verbosity": (None,),
+    "moderation": (None,),
+    "prompt_cache_key": (None,),
+    "prompt_cache_retention": (None,),
+    "prompt_cache_options": (None,),
+    "echo": (None, False),
+    "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False),
+    "add_special_tokens": (None, False),
+    "chat_template": (None,),
+    "chat_template_kwargs": (None, {}),
+    "documents": (None,),
+}
+# Keys of a chat message besides role and content, accepted when "off" (an assistant message sent back as the
+# client received it carries tool_calls: null, refusal: null, ...).
+_MESSAGE_NOT_YET: dict[str, tuple] = {
+    "name": (None,),
+    "tool_calls": (None, []),
+    "tool_call_id": (None,),
+    "function_call": (None,),
+    "refusal": (None,),
+    "audio": (None,),
+    "annotations": (None, []),
+    "reasoning_content": (None,),
+}
+
+
+class RequestBody(BaseModel):
+    """A request body: its own fields, plus fields it knows but refuses unless they are off (`_not_yet`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    _not_yet: ClassVar[dict[str, tuple]] = {}
+
+    @classmethod
+    def precheck(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """The body without its "off" fields; BadRequest naming the first field it cannot honour."""
+        out = {}
+        for key, value in data.items():
+            if key in cls.model_fields:
+                out[key] = value
+            elif key in cls._not_yet:
+                _refuse_unless_off(key, value, cls._not_yet[key])
+            else:
+                raise BadRequest(400, f"{_name(key)}: unknown field", _name(key))
+        return out
+
+    def check(self) -> None:
+        """Checks across fields, after validation."""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = None
+
+
+class SamplingRequest(RequestBody):
+    model: str | None = None  # any name: the server answers with its own
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    # The newer name of max_tokens (chat); both given, they must agree.
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    temperature: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=0, le=MAX_COUNT)  # 0: off
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    stop: list[Annotated[Text, Field(min_length=1)]] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    # Accepted and unused: OpenAI's end-user id for abuse monitoring (and its newer name).
+    user: str | None = None
+    safety_identifier: str | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
+            raise ValueError("only 1 is supported")
+        return v
+
+    def check(self) -> None:
+        if self.max_completion_tokens is not None and self.max_tokens not in (None, self.max_completion_tokens):
+            raise BadRequest(400, f"max_completion_tokens: {self.max_completion_tokens} differs from max_tokens "
+                                  f"({self.max_tokens}); give one of them", "max_completion_tokens")
+        if self.stream_options is not None and not self.stream:
+            raise BadRequest(400, "stream_options: only allowed with stream: true", "stream_options")
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        """The field that set the limit, for errors."""
+        return "max_tokens" if self.max_tokens is not None else "max_completion_tokens"
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def params(self, default_max: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.max_new_tokens or default_max,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k, seed=self.seed, stop=self.stop,
+            stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
+        )
+
+
+def _prompt(v: Any) -> str | list[int]:
+    # Checked by hand, not as a union: pydantic would name both union members in its error.
+    if isinstance(v, str):
+        return _valid_text(v)
+    if isinstance(v, list) and v and all(type(t) is int and 0 <= t <= MAX_COUNT for t in v):
+        return v
+    raise ValueError("must be a string or a non-empty list of token ids (ints >= 0)")
+
+
+class CompletionRequest(SamplingRequest):
+    _not_yet: ClassVar[dict[str, tuple]] = _COMPLETION_NOT_YET
+    prompt: Any
+    echo: bool = False  # the prompt's text comes first in the answer (the first chunk of a stream)
+    _echo_text: str = PrivateAttr("")  # filled when the prompt is tokenised
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: Any) -> str | list[int]:
+        return _prompt(v)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Text
+    content: Text
+
+
+def _check_messages(messages: Any) -> Any:
+    """Chat messages with content given as text parts joined into one string (with "\\n", as vLLM does), and
+    their "off" keys dropped; BadRequest naming a part that is not text or a key that is not supported."""
+    if not isinstance(messages, list):
+        return messages  # the model's validation says what is wrong
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            out.append(m)
+            continue
+        where = f"messages.{i}."
+        m = dict(m)
+        for key in list(m):
+            if key in ("role", "content"):
+                continue
+            if key not in _MESSAGE_NOT_YET:
+                raise BadRequest(400, f"{where}{_name(key)}: unknown field", where + _name(key))
+            _refuse_unless_off(key, m.pop(key), _MESSAGE_NOT_YET[key], where)
+        if isinstance(m.get("content"), list):
+            m["content"] = _join_parts(m["content"], f"{where}content")
+        out.append(m)
+    return out
+
+
+def _join_parts(parts: list, where: str) -> str:
+    if not parts:
+        raise BadRequest(400, f"{where}: must be a string or a non-empty list of text parts", where)
+    texts = []
+    for j, part in enumerate(parts):
+        at = f"{where}.{j}"
+        if not isinstance(part, dict):
+            raise BadRequest(400, f"{at}: must be an object like {{\"type\": \"text\", \"text\": ...}}", at)
+        kind = part.get("type")
+        if kind != "text":
+            raise BadRequest(400, f"{at}.type: only text parts are supported, got {json.dumps(kind)[:40]}",
+                             f"{at}.type")
+        for key in part:
+            if key not in ("type", "text"):
+                raise BadRequest(400, f"{at}.{_name(key)}: unknown field", f"{at}.{_name(key)}")
+        if not isinstance(part.get("text"), str):
+            raise BadRequest(400, f"{at}.text: must be a string", f"{at}.text")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+class ChatRequest(SamplingRequest):
+    _not_yet: ClassVar[dict[str, tuple]] = _CHAT_NOT_YET
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    @classmethod
+    def precheck(cls, data: dict[str, Any]) -> dict[str, Any]:
+        data = super().precheck(data)
+        if "messages" in data:
+            data["messages"] = _check_messages(data["messages"])
+        return data
+
+
+class TokenizeRequest(RequestBody):
+    """/tokenize: a text prompt (tokenised as /v1/completions does) or chat messages (as chat does)."""
+
+    model: str | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool | None = None
+
+    @classmethod
+    def precheck(cls, data: dict[str, Any]) -> dict[str, Any]:
+        data = super().precheck(data)
+        if "messages" in data:
+            data["messages"] = _check_messages(data["messages"])
+        return data
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise BadRequest(400, "give either prompt (a string) or messages (a chat), not both or neither")
+
+
+class DetokenizeRequest(RequestBody):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+def first_error(errors: list[Any]) -> tuple[str, str | None]:
+    """The first problem as `field: reason` (clients show one line best)."""
+    if not errors:
+        return "invalid request", None
+    err = errors[0]
+    loc = [_name(str(x)) for x in err.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    msg = "unknown field" if err.get("type") == "extra_forbidden" else str(err.get("msg", "invalid"))
+    msg = msg.removeprefix("Value error, ")
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def parse_request(body: bytes, model: type[RequestBody]) -> Any:
+    """The request from its JSON body, validated; BadRequest naming the field otherwise. Runs off the loop."""
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise BadRequest(400, "the request body nests too deeply") from None
+    except ValueError as e:  # bad JSON, bad UTF-8, an integer of thousands of digits
+        raise BadRequest(400, f"the request body is not valid JSON: {one_line(str(e))}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(400, "the request body must be a JSON object")
+    data = model.precheck(data)
+    try:
+        req = model.model_validate(data)
+    except ValidationError as e:
+        raise BadRequest(400, *first_error(e.errors(include_url=False))) from None
+    req.check()
+    return req
