@@ -293,32 +293,29 @@ def _join_parts(parts: list, where: str) -> str:
     return "\n".join(texts)
 
 
-class ChatRequest(SamplingRequest):
-    _not_yet: ClassVar[dict[str, tuple]] = _CHAT_NOT_YET
-    messages: list[ChatMessage] = Field(min_length=1)
+class _MessagesPrecheck:
+    """For bodies with chat `messages`: their keys are checked (refused by name) before parsing."""
 
     @classmethod
     def precheck(cls, data: dict[str, Any]) -> dict[str, Any]:
-        data = super().precheck(data)
+        data = super().precheck(data)  # type: ignore[misc]
         if "messages" in data:
             data["messages"] = _check_messages(data["messages"])
         return data
 
 
-class TokenizeRequest(RequestBody):
+class ChatRequest(_MessagesPrecheck, SamplingRequest):
+    _not_yet: ClassVar[dict[str, tuple]] = _CHAT_NOT_YET
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class TokenizeRequest(_MessagesPrecheck, RequestBody):
     """/tokenize: a text prompt (tokenised as /v1/completions does) or chat messages (as chat does)."""
 
     model: str | None = None
     prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool | None = None
-
-    @classmethod
-    def precheck(cls, data: dict[str, Any]) -> dict[str, Any]:
-        data = super().precheck(data)
-        if "messages" in data:
-            data["messages"] = _check_messages(data["messages"])
-        return data
 
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
