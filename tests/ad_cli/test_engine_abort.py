@@ -144,3 +144,28 @@ def test_a_non_streaming_request_is_aborted_when_its_client_leaves(monkeypatch: 
 
     out, q = asyncio.run(run())
     assert out is None and aborted == [q]
+
+
+def test_engine_thread_counts_a_request_as_waiting_until_the_scheduler_has_it() -> None:
+    # The server refuses requests by num_waiting; a request the engine thread has taken from its inbox but not yet
+    # handed to the scheduler must still count (missing it let a request past --max-queued-requests).
+    engine = Engine(StepByStepRunner(), Scheduler(PagePool(128, 4), 4, 64, False, 128), None, 256, [])
+    core = EngineCore(engine)
+    seen: list[int] = []
+    submit = core.submit
+
+    def watched_submit(*args: Any, **kwargs: Any) -> Any:
+        seen.append(thread.num_waiting)  # the request is neither in the scheduler nor in the inbox here
+        return submit(*args, **kwargs)
+
+    core.submit = watched_submit  # type: ignore[method-assign]
+    thread = EngineThread(SimpleNamespace(core=core))
+
+    async def run() -> Any:
+        return await thread.submit([1, 2], SamplingParams(max_tokens=1, temperature=0.0), None, stream=False).get()
+
+    try:
+        assert asyncio.run(run()).token_ids == [3]
+        assert seen == [1] and thread.num_waiting == 0
+    finally:
+        thread.close()

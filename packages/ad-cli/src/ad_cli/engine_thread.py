@@ -4,7 +4,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +88,7 @@ class EngineThread:
             return "the engine thread is not running"
         return None
 
-    def _receive(self, block: bool) -> list[tuple]:
+    def _receive(self, block: bool) -> Iterator[tuple]:
         msgs = []
         try:
             # A short wait when idle, so that close() is seen promptly.
@@ -97,13 +97,16 @@ class EngineThread:
                 msgs.append(self._inbox.get_nowait())
         except queue.Empty:
             pass
-        adds = sum(m[0] == "add" for m in msgs)
-        if adds:
-            with self._count_lock:
-                self._pending_adds -= adds
         if self._stop.is_set():
             msgs.append(("stop",))
-        return msgs
+        for msg in msgs:
+            yield msg
+            # Counted out only once the loop has handed the add to the scheduler (it resumes us after handling
+            # it): dropping the count earlier left a moment in which num_waiting missed the request, and a
+            # request that should have got 503 was admitted.
+            if msg[0] == "add":
+                with self._count_lock:
+                    self._pending_adds -= 1
 
     def _publish(self, out: asyncio.Queue, req: Any) -> bool:
         """Hand an update to the caller's event loop; False if that loop has closed (the caller went away)."""

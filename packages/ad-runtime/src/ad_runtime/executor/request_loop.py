@@ -12,7 +12,7 @@ request ends (also when it is refused at once). `publish` returns False when nob
 request is then aborted.
 """
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 
 from .core import EngineCore
 from .request import Request
@@ -20,7 +20,7 @@ from .request import Request
 # Why a request ended when its caller stopped listening (a closed stream, a client that went away).
 ABORT_MESSAGE = "aborted: the caller stopped listening"
 
-Receive = Callable[[bool], list[tuple]]  # receive(block) -> the messages that arrived (waits for one if block)
+Receive = Callable[[bool], Iterable[tuple]]  # receive(block) -> the messages that arrived (waits for one if block)
 Publish = Callable[[Hashable, Request], bool]
 
 
