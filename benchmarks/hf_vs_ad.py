@@ -26,6 +26,12 @@ PRESETS = {
                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         tie_word_embeddings=False,
     ),
+    # Shapes of HuggingFaceTB/SmolLM2-135M (the bundled model's architecture) with random weights.
+    "smollm2-135m": dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=True,
+    ),
     "llama-tiny": dict(
         vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run here (not on the GPU machine) once per checkout: fills the git-ignored folders a GPU call carries.
-#   .whl/      wheels the GPU machine lacks (pydantic, omegaconf, gguf, flashinfer 0.6.1, ...)
+#   .whl/      wheels the GPU machine lacks (pydantic, omegaconf, gguf, flashinfer 0.6.1, fastapi, ...)
 #   .gpu/tok/  the bundled SmolLM2 tokenizer, used by make_models.py's random-weight stand-ins
 #   .gguf_a/, .gguf_b/  the bundled SmolLM2 GGUF in two pieces (94 MiB: more than one call may carry)
 # Then each device call: carry [".whl", ".gpu"] and start with `source benchmarks/gpu/setup.sh`. For tests
@@ -10,6 +10,9 @@ set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
 bash ../shared/device/wheels.sh
+# ad-serve and serve_bench.py (served_8b.sh): the HTTP stack, which the GPU machine lacks too.
+bash ../shared/device/wheels.sh fastapi starlette uvicorn httpx httpcore h11 anyio sniffio idna certifi click \
+  annotated-doc opentelemetry-api
 grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
 mkdir -p .gpu/tok
 dir=$(python -m uv run python -c "from ad_compiler.models.bundled import bundled_model_dir; print(bundled_model_dir())")

@@ -42,17 +42,40 @@ def test_bf16_mixed_steps_on_gpu(kw, n_heads, n_kv_heads):
         torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
 
 
+# Ten sequences: decodes of 10 rows go to FlashInfer's decode, those of fewer than 8 rows to the split-KV
+# Triton kernel; a mixed step has both a prefill chunk and a small decode.
+WIDE_PREFILL = [9, 21, 4, 17, 12, 30, 7, 16, 25, 11]
+WIDE_SCHEDULE = [
+    [(i, n) for i, n in enumerate(WIDE_PREFILL)],
+    [(i, 1) for i in range(10)],
+    [(i, 1) for i in range(10)],
+    [(9, 7), (0, 1), (3, 1), (5, 1)],
+]
+WIDE_SEQ_LENS = [n + 2 + (i in (0, 3, 5)) + 7 * (i == 9) for i, n in enumerate(WIDE_PREFILL)]
+
+
 @pytest.mark.gpu
 @needs_flashinfer
-def test_cuda_graph_decode_replays_with_new_plan():
+@pytest.mark.parametrize("kw", [{}, {"sliding_window": 5}, {"sinks": True, "logit_cap": 5.0}])
+def test_bf16_large_and_small_decode_batches_on_gpu(kw):
+    res = run_paged_steps("flashinfer", WIDE_SEQ_LENS, WIDE_SCHEDULE, n_heads=8, n_kv_heads=2, head_dim=64,
+                          page_size=16, dtype=torch.bfloat16, device="cuda", **kw)
+    for out, ref in res:
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_flashinfer
+@pytest.mark.parametrize("rows", [2, 9])  # the split-KV Triton decode, FlashInfer's planned decode
+def test_cuda_graph_decode_replays_with_new_plan(rows):
     """Capture one decode step, then replay it on later steps after host_prepare re-plans (no re-capture)."""
     torch.manual_seed(0)
     desc = AttentionRegistry.get("flashinfer")
     ref_desc = AttentionRegistry.get("torch")
     n, n_kv, d, ps, pages, dev, dt = 8, 2, 64, 16, 32, "cuda", torch.bfloat16
-    info = SequenceInfo(max_batch_size=2, max_seq_len=64, page_size=ps, max_num_tokens=64, device=dev)
+    info = SequenceInfo(max_batch_size=rows, max_seq_len=64, page_size=ps, max_num_tokens=256, device=dev)
     info.scratch_page = pages
-    info.cuda_graph_batch_sizes = [2]  # steps after the capture plan the graph wrapper in host_prepare
+    info.cuda_graph_batch_sizes = [rows]  # steps after the capture plan the graph wrapper in host_prepare
     pool = PagePool(pages, ps)
     k_cache = torch.zeros(pages + 1, ps, n_kv, d, dtype=dt, device=dev)
     v_cache = torch.zeros_like(k_cache)
@@ -63,21 +86,21 @@ def test_cuda_graph_decode_replays_with_new_plan():
         meta = [named[name] for name in d_.metadata_names()]
         return d_.cached_op()(q, k, v, *meta, kc, vc, None, None, None, None)
 
-    # prefill two sequences eagerly (this also tells the backend the layer configuration)
-    lens = [20, 9]
+    # prefill the sequences eagerly (this also tells the backend the layer configuration)
+    lens = [20, 9] + [5 + 3 * i for i in range(rows - 2)]
     for i, s in enumerate(lens):
         pool.ensure_capacity(i, s)
-    info.nest_sequences([[0] * s for s in lens], [0, 0], [pool.page_table(i) for i in range(2)])
+    info.nest_sequences([[0] * s for s in lens], [0] * rows, [pool.page_table(i) for i in range(rows)])
     desc.host_prepare(info)
     q, k, v = (torch.randn(1, sum(lens), h, d, device=dev, dtype=dt) for h in (n, n_kv, n_kv))
     call(desc, q, k, v, k_cache, v_cache)
 
-    static = [torch.zeros(1, 2, h, d, device=dev, dtype=dt) for h in (n, n_kv, n_kv)]
+    static = [torch.zeros(1, rows, h, d, device=dev, dtype=dt) for h in (n, n_kv, n_kv)]
     graph, done = None, list(lens)
     for step in range(4):
-        for i in range(2):
+        for i in range(rows):
             pool.ensure_capacity(i, done[i] + 1)
-        info.nest_sequences([[0], [0]], done, [pool.page_table(i) for i in range(2)])
+        info.nest_sequences([[0]] * rows, done, [pool.page_table(i) for i in range(rows)])
         desc.host_prepare(info)
         new = [torch.randn_like(t) for t in static]
         for s_, n_ in zip(static, new):

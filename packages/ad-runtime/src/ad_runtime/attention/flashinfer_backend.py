@@ -11,6 +11,8 @@ try:
 except ImportError as e:  # the registry turns this into a CompileError naming the backend
     raise ImportError("flashinfer is not installed") from e  # the registry adds the install hint, once
 
+from ad_runtime.kernels.triton import paged_attention as _pa
+
 from .descriptor import AttentionDescriptor
 from .registry import AttentionRegistry
 from .torch_backend import write_paged_kv
@@ -21,6 +23,10 @@ _WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended float workspace
 # a layer at batch 256 against 264 us with the FA2 kernel, 97% of the roofline; batch 64: 267 vs 72 us;
 # benchmarks/gpu/attention_decode_bench.py). At batch 1 the default is a little faster (20 vs 24 us).
 _FA2_DECODE_MIN_ROWS = 8
+# Below this many decode rows FlashInfer's decode kernels leave most SMs idle (one program per sequence and KV
+# head: 19 us a layer at batch 1 against a 1 us KV roofline); our split-KV Triton kernel spreads each sequence
+# over the GPU instead (6 us at batch 1, 8 us at batch 4). Same benchmark as above, small_batch_kernels.py.
+_SPLIT_KV_DECODE_MAX_ROWS = 8
 _LN2 = math.log(2.0)
 
 
@@ -159,6 +165,15 @@ def _plan_decode(w: _Wrapper, key: _LayerKey, batch: _Batch) -> None:
     w.planned = (_STATE.step, batch.fingerprint)
 
 
+def _split_kv_decode(key: _LayerKey, rows: int) -> bool:
+    """Whether a decode batch of `rows` goes to the split-KV Triton kernel (no FlashInfer plan then)."""
+    return 0 < rows < _SPLIT_KV_DECODE_MAX_ROWS and key.q_dtype == key.kv_dtype
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _use_graph_wrapper(batch: _Batch) -> bool:
     """Decode-only batches of a captured size go through wrappers with fixed buffers; so do those being
     captured and their warm-up runs, which by torch's capture recipe run on a side stream (the warm-up
@@ -181,6 +196,11 @@ def _ready(w: _Wrapper, key: _LayerKey, batch: _Batch, plan) -> None:
     plan(w, key, batch)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    # The Triton kernels index rows and heads by stride but need the head dim contiguous.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> None:
     # A sink adds exp(sink) to the softmax denominator: out scales by S / (S + e^sink) = sigmoid(ln S - sink).
     # FlashInfer's lse is base 2.
@@ -199,6 +219,9 @@ def flashinfer_cached_attention(
     cu_seqlen_host: torch.Tensor,
     page_indices: torch.Tensor,
     slot_mapping: torch.Tensor,
+    seq_len: torch.Tensor,
+    input_pos: torch.Tensor,
+    page_table: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     sinks: torch.Tensor | None,
@@ -208,8 +231,12 @@ def flashinfer_cached_attention(
 ) -> torch.Tensor:
     """Write the step's k/v into the paged cache, then FlashInfer prefill + decode: [1, T, n, d] -> [1, T, n, d]."""
     t = q.shape[1]
-    write_paged_kv(k_cache, slot_mapping[:t], k[0])
-    write_paged_kv(v_cache, slot_mapping[:t], v[0])
+    if k_cache.dtype == k.dtype and v_cache.dtype == v.dtype:
+        # One kernel for keys and values (two index_copy kernels before: 2 x 2.2 us a layer at batch 1).
+        _pa.write_paged_kv(_rows(k[0]), _rows(v[0]), k_cache, v_cache, slot_mapping[:t])
+    else:  # a cast into an fp8 cache
+        write_paged_kv(k_cache, slot_mapping[:t], k[0])
+        write_paged_kv(v_cache, slot_mapping[:t], v[0])
     head_dim = q.shape[-1]
     key = _LayerKey(
         n_heads=q.shape[2], n_kv_heads=k_cache.shape[2], head_dim=head_dim, page_size=k_cache.shape[1],
@@ -234,7 +261,16 @@ def flashinfer_cached_attention(
         res = w.impl.run(q3[:npt], caches, out=out[:npt], return_lse=want_lse)
         if want_lse:
             _apply_sinks(out[:npt], res[1], sinks)
-    if nd > 0:
+    if nd > 0 and _split_kv_decode(key, nd):
+        rows = slice(batch.num_prefill, batch.num_prefill + nd)
+        max_kv = page_table.shape[1] * key.page_size
+        _pa.decode_attention(
+            q3[npt : npt + nd], k_cache, v_cache, seq_len[rows], input_pos[rows], page_table[rows],
+            scale=key.scale, sliding_window=sliding_window if sliding_window and sliding_window > 0 else None,
+            logit_cap=logit_cap or None, sinks=sinks, out=out[npt : npt + nd],
+            num_splits=_pa.occupancy_num_splits(nd, key.n_kv_heads, max_kv, _num_sms(q.device)),
+        )
+    elif nd > 0:
         w = _STATE.decode_wrapper(key, nd, q.device, graph=_use_graph_wrapper(batch))
         _ready(w, key, batch, _plan_decode)
         res = w.impl.run(q3[npt : npt + nd], caches, out=out[npt : npt + nd], return_lse=want_lse)
@@ -254,6 +290,9 @@ def _flashinfer_cached_attention_fake(
     cu_seqlen_host: torch.Tensor,
     page_indices: torch.Tensor,
     slot_mapping: torch.Tensor,
+    seq_len: torch.Tensor,
+    input_pos: torch.Tensor,
+    page_table: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     sinks: torch.Tensor | None,
@@ -275,7 +314,9 @@ class FlashInferAttentionDescriptor(AttentionDescriptor):
 
     @classmethod
     def metadata_names(cls) -> tuple[str, ...]:
-        return ("batch_info_host", "seq_len_host", "input_pos_host", "cu_seqlen_host", "page_indices", "slot_mapping")
+        # seq_len, input_pos and page_table: the split-KV Triton decode of small batches reads them on the device.
+        return ("batch_info_host", "seq_len_host", "input_pos_host", "cu_seqlen_host", "page_indices", "slot_mapping",
+                "seq_len", "input_pos", "page_table")
 
     @classmethod
     def host_prepare(cls, info: Any) -> None:
@@ -296,7 +337,7 @@ class FlashInferAttentionDescriptor(AttentionDescriptor):
                 continue
             if batch.num_prefill > 0:
                 _plan_prefill(_STATE.prefill_wrapper(key, device), key, batch)
-            if batch.num_decode > 0:
+            if batch.num_decode > 0 and not _split_kv_decode(key, batch.num_decode):
                 w = _STATE.decode_wrapper(key, batch.num_decode, device, graph=_use_graph_wrapper(batch))
                 _plan_decode(w, key, batch)
 
