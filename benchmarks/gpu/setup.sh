@@ -7,6 +7,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && [ ! -f /tmp/site/.installed ]
 fi
 [ -f /tmp/site/.installed ] || { echo "no wheels: carry .whl (this machine is fresh)"; return 1; }
 export PYTHONPATH=/tmp/site:$(ls -d "$PWD"/packages/*/src | paste -sd:)
+export AD_PLUGINS=ad_runtime  # the packages run from source here: no entry points, so name the compiler plugin
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/gpumodels

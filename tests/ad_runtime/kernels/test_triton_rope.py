@@ -1,6 +1,6 @@
-"""auto_deploy::triton_rope_* against the canonical torch_rope_with_explicit_cos_sin (HF rotate_half)."""
+"""auto_deploy::triton_rope_with_cos_sin_cache against the canonical torch_rope_with_cos_sin_cache."""
 
-import ad_compiler.custom_ops  # noqa: F401 - registers torch_rope_with_explicit_cos_sin
+import ad_compiler.custom_ops  # noqa: F401 - registers torch_rope_with_cos_sin_cache
 import ad_runtime.kernels  # noqa: F401 - registers triton_rope_* and the "triton" kernel backends
 import pytest
 import torch
@@ -13,34 +13,6 @@ def _cos_sin(position_ids: torch.Tensor, head_dim: int, dtype: torch.dtype) -> t
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)  # HF layout [b, s, d]
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
-@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_explicit_cos_sin(unsqueeze_dim, dtype, atol):
-    g = torch.Generator().manual_seed(0)
-    b, s, n, n_kv, d = 2, 5, 4, 2, 16
-    pos = torch.randint(0, 100, (b, s), generator=g).to(DEVICE)
-    cos, sin = _cos_sin(pos, d, dtype)
-    qs, ks = ((b, n, s, d), (b, n_kv, s, d)) if unsqueeze_dim == 1 else ((b, s, n, d), (b, s, n_kv, d))
-    q = torch.randn(*qs, generator=g).to(DEVICE, dtype)
-    k = torch.randn(*ks, generator=g).to(DEVICE, dtype)
-    out = torch.ops.auto_deploy.triton_rope_with_explicit_cos_sin(q, k, cos, sin, unsqueeze_dim)
-    ref = torch.ops.auto_deploy.torch_rope_with_explicit_cos_sin(q, k, cos, sin, unsqueeze_dim)
-    for o, r in zip(out, ref):
-        assert o.shape == r.shape and o.dtype == r.dtype
-        torch.testing.assert_close(o, r, atol=atol, rtol=atol)
-
-
-def test_explicit_cos_sin_broadcast_batch_and_strided_q():
-    b, s, n, d = 3, 4, 2, 8
-    cos, sin = _cos_sin(torch.arange(s, device=DEVICE)[None], d, torch.float32)  # batch 1, broadcast
-    q = torch.randn(b, s, n * d, device=DEVICE).view(b, s, n, d).transpose(1, 2)  # bnsd view of bsnd memory
-    k = torch.randn(b, n, s, d, device=DEVICE)
-    out = torch.ops.auto_deploy.triton_rope_with_explicit_cos_sin(q, k, cos, sin, 1)
-    ref = torch.ops.auto_deploy.torch_rope_with_explicit_cos_sin(q, k, cos, sin, 1)
-    torch.testing.assert_close(out[0], ref[0])
-    torch.testing.assert_close(out[1], ref[1])
 
 
 @pytest.mark.parametrize("unsqueeze_dim", [1, 2])
@@ -80,10 +52,11 @@ def test_fake_impls():
 def test_bf16_llama_shapes_on_gpu():
     b, s, n, n_kv, d = 2, 37, 32, 8, 128
     pos = torch.arange(s, device="cuda")[None].expand(b, -1)
-    cos, sin = _cos_sin(pos, d, torch.bfloat16)
+    all_cos, all_sin = _cos_sin(torch.arange(64, device="cuda"), d, torch.float32)
+    cache = torch.cat([all_cos[:, : d // 2], all_sin[:, : d // 2]], dim=-1).to(torch.bfloat16)
     q = torch.randn(b, s, n, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(b, s, n_kv, d, device="cuda", dtype=torch.bfloat16)
-    out = torch.ops.auto_deploy.triton_rope_with_explicit_cos_sin(q, k, cos, sin, 2)
-    ref = torch.ops.auto_deploy.torch_rope_with_explicit_cos_sin(q, k, cos, sin, 2)
+    out = torch.ops.auto_deploy.triton_rope_with_cos_sin_cache(q, k, pos, cache, 2)
+    ref = torch.ops.auto_deploy.torch_rope_with_cos_sin_cache(q, k, pos, cache, 2)
     torch.testing.assert_close(out[0], ref[0], atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out[1], ref[1], atol=2e-2, rtol=2e-2)

@@ -78,10 +78,12 @@ def run(argv: list[str]) -> int:
     from .transform.interface import SharedConfig
 
     if until.order >= Stage.CACHE_INIT.order:
-        try:
-            import ad_runtime  # noqa: F401 - registers the cache_init / compile transforms
-        except ImportError:
-            raise ValueError(f"--until {until.value} needs ad-runtime installed") from None
+        from .plugins import PLUGINS_ENV, load_plugins
+
+        # The cache_init / compile transforms come from a plugin (ad-runtime registers them on import).
+        if not load_plugins():
+            raise ValueError(f"--until {until.value} needs ad-runtime installed (or importable, with "
+                             f"{PLUGINS_ENV}=ad_runtime)")
     device = resolve_device(getattr(args, "device", None))
     factory = factory_from_args(args, device=device)
     start = time.perf_counter()

@@ -110,17 +110,20 @@ def _type_name(annotation: Any) -> str:
     return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
 
 
-def help_lines(model: type[BaseModel], prefix: str = "") -> list[str]:
-    """One line per option: `--args.world-size  int = 1  Number of ranks ...`."""
+def help_lines(model: type[BaseModel], prefix: str = "", skip: frozenset[str] = frozenset(),
+               indent: str = "  ") -> list[str]:
+    """One line per option: `--args.world-size  int = 1  Number of ranks ...` (fields in `skip` left out)."""
     lines: list[str] = []
     for name, field in model.model_fields.items():
+        if name in skip:
+            continue
         flag = f"{prefix}{name.replace('_', '-')}"
         if is_model(field.annotation):
-            lines += help_lines(unwrap(field.annotation), f"{flag}.")
+            lines += help_lines(unwrap(field.annotation), f"{flag}.", indent=indent)
             continue
         default = field.get_default(call_default_factory=True)
         shown = f" = {default!r}" if not (isinstance(default, (dict, list)) and len(repr(default)) > 40) else ""
         hint = ".<key>" if is_mapping(field.annotation) else ""
         desc = f"  {field.description}" if field.description else ""
-        lines.append(f"  --{flag}{hint}  {_type_name(field.annotation)}{shown}{desc}")
+        lines.append(f"{indent}--{flag}{hint}  {_type_name(field.annotation)}{shown}{desc}")
     return lines

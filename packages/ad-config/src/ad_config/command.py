@@ -12,6 +12,7 @@ from .errors import ConfigError
 from .experiment import ExperimentConfig
 from .llm_args import LlmArgs
 from .origins import format_origins
+from .transform_config import TRANSFORM_CONFIGS, TransformConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,21 @@ def _usage(prog: str) -> str:
         "  --show-origin  print where each value came from (instead of the YAML or the run), then exit",
         "  --log-level    log verbosity on stderr (default warning)",
     ]
-    return "\n".join(head + help_lines(ExperimentConfig)) + "\n"
+    return "\n".join(head + help_lines(ExperimentConfig) + _transform_help()) + "\n"
+
+
+def _transform_help() -> list[str]:
+    """Every transform's own options, then the keys all of them take."""
+    common = frozenset(TransformConfig.model_fields)
+    lines = ["", "Transforms (--args.transforms.<name>.<key>=VALUE; default.yaml lists them in pipeline order):"]
+    for name, cls in TRANSFORM_CONFIGS.items():
+        stage = cls.model_fields["stage"].default
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        lines.append(f"  {name} [{getattr(stage, 'value', stage)}]  {doc}")
+        lines += help_lines(cls, f"args.transforms.{name.replace('_', '-')}.", skip=common, indent="    ")
+    lines += ["", "Keys every transform takes (its stage, in brackets above, is fixed by the pipeline):"]
+    lines += help_lines(TransformConfig, "args.transforms.<name>.", skip=frozenset({"stage"}), indent="  ")
+    return lines
 
 
 def run_command(

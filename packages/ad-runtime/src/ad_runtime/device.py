@@ -3,10 +3,6 @@
 import torch
 
 
-def is_cuda(device: str | torch.device) -> bool:
-    return torch.device(device).type == "cuda" and torch.cuda.is_available()
-
-
 def free_and_total_memory(device: str | torch.device) -> tuple[int, int]:
     """(free, total) bytes on a CUDA device, after returning the allocator's unused blocks to the driver."""
     torch.cuda.synchronize(device)

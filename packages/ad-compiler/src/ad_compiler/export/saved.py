@@ -19,9 +19,3 @@ def save_program(module: nn.Module, example_inputs: dict[str, torch.Tensor], pat
     torch.export.save(ep, str(path))
     return path
 
-
-def load_program(path: str | Path) -> nn.Module:
-    """The saved program as a callable module: module(input_ids=..., position_ids=...) -> logits."""
-    from .. import custom_ops  # noqa: F401 - the graph calls torch.ops.auto_deploy.*
-
-    return torch.export.load(str(path)).module()

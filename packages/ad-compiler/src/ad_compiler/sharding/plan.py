@@ -92,9 +92,6 @@ class ShardingPlan:
     def kinds(self) -> dict[str, ShardKind]:
         return {n: e.kind for n, e in self.entries.items()}
 
-    def by_module(self) -> dict[str, ShardKind]:
-        return {e.module: e.kind for e in self.entries.values() if e.module}
-
     def sources(self) -> dict[str, str]:
         return {n: e.source for n, e in self.entries.items()}
 

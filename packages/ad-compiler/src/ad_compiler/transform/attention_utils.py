@@ -1,6 +1,5 @@
 """Node-level helpers shared by the attention matchers: repeat_kv, no-op skipping and causal-mask recognition."""
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -8,48 +7,13 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .. import custom_ops  # noqa: F401 - registers torch.ops.auto_deploy.*
-from ..utils.graph_utils import get_attr_tensor, is_op
+from ..utils.graph_utils import OPEN_END, arg, fake, get_attr_tensor, is_op, same_size, set_fake_val
 
 aten = torch.ops.aten
 torch_attention = torch.ops.auto_deploy.torch_attention.default
 
-_END = sys.maxsize  # what export writes for an open-ended slice `x[a:]`
 # Masked-out logits are at most this (HF uses finfo(dtype).min, older code -1e4 or -inf).
 _NEG_BIG = -1e4
-
-
-def arg(node: Node, idx: int, name: str, default: Any = None) -> Any:
-    """Positional-or-keyword argument of a call node."""
-    if len(node.args) > idx:
-        return node.args[idx]
-    return node.kwargs.get(name, default)
-
-
-def fake(node: Any) -> torch.Tensor | None:
-    """The fake tensor export recorded for `node` (None if unknown)."""
-    v = node.meta.get("val") if isinstance(node, Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
-def same_size(a: Any, b: Any) -> bool:
-    """Static equality of two sizes; symbolic sizes are equal only if they are the same expression."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    return str(a) == str(b)
-
-
-def set_fake_val(node: Node) -> None:
-    """Fill `meta['val']` of a new node by running its target on the inputs' fake tensors."""
-    fakes = [fake(n) for n in node.all_input_nodes]
-    mode = next((v.fake_mode for v in fakes if isinstance(v, torch._subclasses.FakeTensor)), None)
-    if mode is None or any(v is None for v in fakes):
-        return
-    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
-    try:
-        with mode:
-            node.meta["val"] = node.target(*args, **kwargs)
-    except Exception:  # noqa: BLE001 - meta is a convenience; shape prop can refresh it later
-        pass
 
 
 def is_noop_slice(node: Node) -> bool:
@@ -57,7 +21,7 @@ def is_noop_slice(node: Node) -> bool:
     if not is_op(node, aten.slice):
         return False
     start, end, step = arg(node, 2, "start", None), arg(node, 3, "end", None), arg(node, 4, "step", 1)
-    return start in (None, 0) and end in (None, _END) and step == 1
+    return start in (None, 0) and end in (None, OPEN_END) and step == 1
 
 
 def _is_same_dtype_cast(node: Node) -> bool:
@@ -301,22 +265,6 @@ def insert_torch_attention(
     node.meta.update({k_: v_ for k_, v_ in before.meta.items() if k_ in ("nn_module_stack", "stack_trace")})
     set_fake_val(node)
     return node
-
-
-def erase_dead(gm: GraphModule, node: Node) -> None:
-    """Erase `node` and then every input left without users.
-
-    Needed because dead-code elimination keeps random ops such as aten.dropout (impure), and with
-    them the whole softmax chain they read.
-    """
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n.op != "call_function" or n.users:
-            continue
-        inputs = n.all_input_nodes
-        gm.graph.erase_node(n)
-        stack.extend(inputs)
 
 
 ATTN_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "sinks", "sliding_window",

@@ -1,14 +1,21 @@
-"""FX graph helpers used by every transform: op checks, clean-up and shape propagation."""
+"""The FX toolkit every transform uses: op checks, node and argument helpers, clean-up, shape propagation and
+graph inputs (one copy of each; transforms never import helpers from each other)."""
 
+import sys
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import GraphModule, Node
+from torch.fx.graph import _PyTreeCodeGen
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from ..errors import CompileError
+
 OpLike = Any  # an OpOverloadPacket, OpOverload or a python callable
+aten = torch.ops.aten
 
 
 def _targets(ops: OpLike | Iterable[OpLike]) -> set:
@@ -110,3 +117,189 @@ def get_attr_tensor(gm: GraphModule, target: str) -> torch.Tensor:
 
 def placeholder_names(gm: GraphModule) -> list[str]:
     return [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+# ---- node helpers (every transform's matchers use these; one copy each) ---------------------------
+
+OPEN_END = sys.maxsize  # what export writes for an open-ended slice `x[a:]`
+
+
+def arg(node: Node, idx: int, name: str, default: Any = None) -> Any:
+    """Positional-or-keyword argument of a call node."""
+    if len(node.args) > idx:
+        return node.args[idx]
+    return node.kwargs.get(name, default)
+
+
+def val(node: Any) -> Any:
+    """The fake tensor export recorded for `node` (None if unknown)."""
+    return node.meta.get("val") if isinstance(node, Node) else None
+
+
+def static_shape(node: Any) -> tuple[int, ...] | None:
+    """The shape of `node` with symbolic sizes as None; None when the node has no tensor meta."""
+    v = val(node)
+    if not isinstance(v, torch.Tensor):
+        return None
+    return tuple(s if isinstance(s, int) else None for s in v.shape)
+
+
+def set_fake_val(node: Node) -> None:
+    """Fill `meta['val']` of a new node by running its target on the inputs' fake tensors."""
+    fakes = [val(n) for n in node.all_input_nodes]
+    if any(v is None for v in fakes):
+        return
+    leaves = torch.utils._pytree.tree_leaves(fakes)
+    mode = next((v.fake_mode for v in leaves if isinstance(v, torch._subclasses.FakeTensor)), None)
+    if mode is None:
+        return
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: val(n))
+    try:
+        with mode:
+            node.meta["val"] = node.target(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - meta is a convenience; shape prop can refresh it later
+        pass
+
+
+def eliminate_dead_code(gm: GraphModule) -> None:
+    """DCE that also drops `_assert_tensor_metadata` checks on tensors nothing else uses any more.
+
+    Export leaves those asserts on every cast; as side-effecting nodes they would keep a replaced
+    subgraph alive.
+    """
+    def is_assert(n: Node) -> bool:
+        return is_op(n, aten._assert_tensor_metadata)
+
+    changed = True
+    while changed:
+        gm.graph.eliminate_dead_code()
+        changed = False
+        for n in list(gm.graph.nodes):
+            if is_assert(n) and isinstance(n.args[0], Node) and all(is_assert(u) for u in n.args[0].users):
+                gm.graph.erase_node(n)
+                changed = True
+
+
+def operands(node: Node, op: Any) -> tuple[Node, Node] | None:
+    """The two tensor operands of a binary `op` node (mul/add/sub), or None."""
+    if not is_op(node, op) or len(node.args) < 2 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = node.args[0], node.args[1]
+    return (a, b) if isinstance(a, Node) and isinstance(b, Node) else None
+
+
+def slice_args(node: Node) -> tuple[Node, int, int, int, int] | None:
+    """(input, dim, start, end, step) of an aten.slice node with int bounds; dim normalised."""
+    if not is_op(node, aten.slice):
+        return None
+    x = node.args[0]
+    shape = static_shape(x)
+    if shape is None:
+        return None
+    dim, start = arg(node, 1, "dim", 0), arg(node, 2, "start", None)
+    end, step = arg(node, 3, "end", None), arg(node, 4, "step", 1)
+    start = 0 if start is None else start
+    end = OPEN_END if end is None else end
+    if not all(isinstance(v, int) for v in (dim, start, end, step)):
+        return None
+    return x, dim % len(shape), start, end, step
+
+
+def is_last_dim(dim: Any, node: Node) -> bool:
+    shape = static_shape(node)
+    return shape is not None and isinstance(dim, int) and dim % len(shape) == len(shape) - 1
+
+
+def strip_full_slices(node: Node) -> Node:
+    """Walk up through `x[:, :]`-style slices that keep every element."""
+    while (s := slice_args(node)) is not None:
+        x, dim, start, end, step = s
+        size = static_shape(x)[dim]
+        if not (start == 0 and step == 1 and (end == OPEN_END or (size is not None and end >= size))):
+            break
+        node = x
+    return node
+
+
+def unsqueezed(node: Node) -> tuple[Node, int] | None:
+    """(source, dim) for `source.unsqueeze(dim)` (full slices around it ignored), dim normalised."""
+    node = strip_full_slices(node)
+    if not is_op(node, aten.unsqueeze):
+        return None
+    src, dim = node.args[0], arg(node, 1, "dim")
+    src = strip_full_slices(src)
+    shape = static_shape(src)
+    if shape is None or not isinstance(dim, int):
+        return None
+    return src, dim % (len(shape) + 1)
+
+
+def fake(node: Any) -> torch.Tensor | None:
+    """The fake tensor export recorded for `node` (None if unknown)."""
+    v = node.meta.get("val") if isinstance(node, Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """Static equality of two sizes; symbolic sizes are equal only if they are the same expression."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return str(a) == str(b)
+
+
+def erase_dead(gm: GraphModule, node: Node) -> None:
+    """Erase `node` and then every input left without users.
+
+    Needed because dead-code elimination keeps random ops such as aten.dropout (impure), and with
+    them the whole softmax chain they read.
+    """
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.op != "call_function" or n.users:
+            continue
+        inputs = n.all_input_nodes
+        gm.graph.erase_node(n)
+        stack.extend(inputs)
+
+
+# ---- graph inputs ----------------------------------------------------------------------------------
+
+
+def add_graph_inputs(gm: GraphModule, names: list[str], vals: list[torch.Tensor] | None = None) -> list[Node]:
+    """Append keyword placeholders `names` to gm and keep its pytree calling convention in sync.
+
+    `vals` (meta tensors) become the placeholders' `meta["val"]`, so shape propagation keeps working.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    existing = {n.target for n in placeholders}
+    clash = [n for n in names if n in existing]
+    if clash:
+        raise CompileError(f"graph already has inputs named {clash}")
+    new: list[Node] = []
+    anchor = placeholders[-1]
+    for i, name in enumerate(names):
+        with gm.graph.inserting_after(anchor):
+            anchor = gm.graph.placeholder(name)
+        if vals is not None:
+            anchor.meta["val"] = vals[i]
+        new.append(anchor)
+    codegen = gm.graph._codegen
+    if isinstance(codegen, _PyTreeCodeGen):
+        # torch.export's module takes (args, kwargs) through a pytree spec; we call it with keywords only.
+        all_names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        in_spec = pytree.tree_structure(((), dict.fromkeys(all_names, 0)))
+        codegen.pytree_info = codegen.pytree_info._replace(orig_args=all_names, in_spec=in_spec)
+        gm._in_spec = in_spec
+    gm.recompile()
+    return new
+
+
+def graph_inputs(gm: GraphModule, names: list[str], vals: list[torch.Tensor]) -> list[Node]:
+    """Placeholders `names` of gm: the existing ones (another cached-op transform added them) and new ones."""
+    existing = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    missing = [(n, v) for n, v in zip(names, vals) if n not in existing]
+    if missing:
+        added = add_graph_inputs(gm, [n for n, _ in missing], [v for _, v in missing])
+        existing.update(zip([n for n, _ in missing], added))
+    return [existing[n] for n in names]

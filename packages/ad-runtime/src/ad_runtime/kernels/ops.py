@@ -1,4 +1,4 @@
-"""Custom ops `auto_deploy::triton_rmsnorm` and `auto_deploy::triton_rope_*` over the Triton kernels."""
+"""Custom ops `auto_deploy::triton_rmsnorm` and `auto_deploy::triton_rope_with_cos_sin_cache` over the Triton kernels."""
 
 import torch
 
@@ -18,21 +18,6 @@ def triton_rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 @triton_rmsnorm.register_fake
 def _triton_rmsnorm_fake(input: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return input.new_empty(input.shape, dtype=torch.result_type(weight, input))
-
-
-@torch.library.custom_op("auto_deploy::triton_rope_with_explicit_cos_sin", mutates_args=())
-def triton_rope_with_explicit_cos_sin(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as auto_deploy::torch_rope_with_explicit_cos_sin."""
-    return _rope.rope_with_explicit_cos_sin(q, k, cos, sin, unsqueeze_dim)
-
-
-@triton_rope_with_explicit_cos_sin.register_fake
-def _explicit_fake(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return q.new_empty(q.shape, dtype=torch.result_type(q, cos)), k.new_empty(k.shape, dtype=torch.result_type(k, cos))
 
 
 @torch.library.custom_op("auto_deploy::triton_rope_with_cos_sin_cache", mutates_args=())

@@ -13,12 +13,11 @@ from typing import Any
 
 import torch
 from ad_compiler.errors import CompileError
-from ad_compiler.utils.graph_utils import nodes_calling, run_shape_prop
+from ad_compiler.utils.graph_utils import graph_inputs, nodes_calling, run_shape_prop
 from torch.fx import GraphModule, Node
 
 from ..kv_cache.interface import CachedSequenceInterface, StateSpec
 from ..state.runner import STATE_METADATA
-from .library.insert_cached_attention import graph_inputs
 
 
 def state_metadata_inputs(gm: GraphModule, cm: CachedSequenceInterface) -> list[Any]:

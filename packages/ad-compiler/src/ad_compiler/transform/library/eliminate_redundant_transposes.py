@@ -5,8 +5,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from ...utils.graph_utils import is_op, nodes_calling
-from ..attention_utils import fake, is_noop_slice
+from ...utils.graph_utils import fake, is_op, nodes_calling
+from ..attention_utils import is_noop_slice
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten

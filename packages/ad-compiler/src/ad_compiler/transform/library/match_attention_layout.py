@@ -5,8 +5,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from ...utils.graph_utils import nodes_calling
-from ..attention_utils import attention_args, insert_torch_attention, set_fake_val
+from ...utils.graph_utils import nodes_calling, set_fake_val
+from ..attention_utils import attention_args, insert_torch_attention
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten

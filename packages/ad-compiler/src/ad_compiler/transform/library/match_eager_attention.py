@@ -6,8 +6,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from ...utils.graph_utils import is_op, nodes_calling
-from ..attention_utils import arg, classify_mask, erase_dead, fake, insert_torch_attention, skip_noops
+from ...utils.graph_utils import arg, erase_dead, fake, is_op, nodes_calling
+from ..attention_utils import classify_mask, insert_torch_attention, skip_noops
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten

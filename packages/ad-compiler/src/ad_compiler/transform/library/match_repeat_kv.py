@@ -5,7 +5,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from ..attention_utils import repeat_kv_source, set_fake_val
+from ...utils.graph_utils import set_fake_val
+from ..attention_utils import repeat_kv_source
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten

@@ -6,9 +6,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ... import custom_ops  # noqa: F401 - registers torch.ops.auto_deploy.*
-from ...utils.graph_utils import is_op
+from ...utils.graph_utils import arg, eliminate_dead_code, is_op, operands, set_fake_val, static_shape, val
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
-from .match_rope_pattern import arg, eliminate_dead_code, operands, set_fake_val, static_shape, val
 
 aten = torch.ops.aten
 _CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as)

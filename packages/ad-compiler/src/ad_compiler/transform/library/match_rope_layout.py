@@ -7,9 +7,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ... import custom_ops  # noqa: F401 - registers torch.ops.auto_deploy.*
-from ...utils.graph_utils import is_op, nodes_calling
+from ...utils.graph_utils import arg, eliminate_dead_code, is_op, nodes_calling, set_fake_val, static_shape
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
-from .match_rope_pattern import arg, eliminate_dead_code, set_fake_val, static_shape
 
 aten = torch.ops.aten
 ad = torch.ops.auto_deploy

@@ -1,7 +1,6 @@
 """Match RoPE subgraphs (rotate-half, DeepSeek interleaved, complex) and replace them by torch_rope_* ops."""
 
 import operator
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,124 +9,22 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ... import custom_ops  # noqa: F401 - registers torch.ops.auto_deploy.*
-from ...utils.graph_utils import is_op
+from ...utils.graph_utils import (
+    OPEN_END,
+    arg,
+    eliminate_dead_code,
+    is_last_dim,
+    is_op,
+    operands,
+    set_fake_val,
+    slice_args,
+    static_shape,
+    unsqueezed,
+    val,
+)
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten
-_END = sys.maxsize  # what export writes for an open-ended slice `x[a:]`
-
-
-# ---- small node helpers (also used by match_rope_layout and optimize_rope) ----------------------
-
-
-def arg(node: Node, idx: int, name: str, default: Any = None) -> Any:
-    """Positional-or-keyword argument of a call node."""
-    if len(node.args) > idx:
-        return node.args[idx]
-    return node.kwargs.get(name, default)
-
-
-def val(node: Any) -> Any:
-    """The fake tensor export recorded for `node` (None if unknown)."""
-    return node.meta.get("val") if isinstance(node, Node) else None
-
-
-def static_shape(node: Any) -> tuple[int, ...] | None:
-    """The shape of `node` with symbolic sizes as None; None when the node has no tensor meta."""
-    v = val(node)
-    if not isinstance(v, torch.Tensor):
-        return None
-    return tuple(s if isinstance(s, int) else None for s in v.shape)
-
-
-def set_fake_val(node: Node) -> None:
-    """Fill `meta['val']` of a new node by running its target on the inputs' fake tensors."""
-    fakes = [val(n) for n in node.all_input_nodes]
-    if any(v is None for v in fakes):
-        return
-    leaves = torch.utils._pytree.tree_leaves(fakes)
-    mode = next((v.fake_mode for v in leaves if isinstance(v, torch._subclasses.FakeTensor)), None)
-    if mode is None:
-        return
-    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: val(n))
-    try:
-        with mode:
-            node.meta["val"] = node.target(*args, **kwargs)
-    except Exception:  # noqa: BLE001 - meta is a convenience; shape prop can refresh it later
-        pass
-
-
-def eliminate_dead_code(gm: GraphModule) -> None:
-    """DCE that also drops `_assert_tensor_metadata` checks on tensors nothing else uses any more.
-
-    Export leaves those asserts on every cast; as side-effecting nodes they would keep a replaced
-    subgraph alive.
-    """
-    def is_assert(n: Node) -> bool:
-        return is_op(n, aten._assert_tensor_metadata)
-
-    changed = True
-    while changed:
-        gm.graph.eliminate_dead_code()
-        changed = False
-        for n in list(gm.graph.nodes):
-            if is_assert(n) and isinstance(n.args[0], Node) and all(is_assert(u) for u in n.args[0].users):
-                gm.graph.erase_node(n)
-                changed = True
-
-
-def operands(node: Node, op: Any) -> tuple[Node, Node] | None:
-    """The two tensor operands of a binary `op` node (mul/add/sub), or None."""
-    if not is_op(node, op) or len(node.args) < 2 or node.kwargs.get("alpha", 1) != 1:
-        return None
-    a, b = node.args[0], node.args[1]
-    return (a, b) if isinstance(a, Node) and isinstance(b, Node) else None
-
-
-def slice_args(node: Node) -> tuple[Node, int, int, int, int] | None:
-    """(input, dim, start, end, step) of an aten.slice node with int bounds; dim normalised."""
-    if not is_op(node, aten.slice):
-        return None
-    x = node.args[0]
-    shape = static_shape(x)
-    if shape is None:
-        return None
-    dim, start = arg(node, 1, "dim", 0), arg(node, 2, "start", None)
-    end, step = arg(node, 3, "end", None), arg(node, 4, "step", 1)
-    start = 0 if start is None else start
-    end = _END if end is None else end
-    if not all(isinstance(v, int) for v in (dim, start, end, step)):
-        return None
-    return x, dim % len(shape), start, end, step
-
-
-def is_last_dim(dim: Any, node: Node) -> bool:
-    shape = static_shape(node)
-    return shape is not None and isinstance(dim, int) and dim % len(shape) == len(shape) - 1
-
-
-def strip_full_slices(node: Node) -> Node:
-    """Walk up through `x[:, :]`-style slices that keep every element."""
-    while (s := slice_args(node)) is not None:
-        x, dim, start, end, step = s
-        size = static_shape(x)[dim]
-        if not (start == 0 and step == 1 and (end == _END or (size is not None and end >= size))):
-            break
-        node = x
-    return node
-
-
-def unsqueezed(node: Node) -> tuple[Node, int] | None:
-    """(source, dim) for `source.unsqueeze(dim)` (full slices around it ignored), dim normalised."""
-    node = strip_full_slices(node)
-    if not is_op(node, aten.unsqueeze):
-        return None
-    src, dim = node.args[0], arg(node, 1, "dim")
-    src = strip_full_slices(src)
-    shape = static_shape(src)
-    if shape is None or not isinstance(dim, int):
-        return None
-    return src, dim % (len(shape) + 1)
 
 
 # ---- the three RoPE patterns ----------------------------------------------------------------------
@@ -221,7 +118,7 @@ def match_interleaved(cat: Node) -> RopeMatch | None:
     x1, x2 = None, None
     for cand in prods[0]:
         s = slice_args(cand)
-        if s is not None and s[2:] == (0, _END, 2) and s[1] == len(static_shape(s[0])) - 1:
+        if s is not None and s[2:] == (0, OPEN_END, 2) and s[1] == len(static_shape(s[0])) - 1:
             x1 = cand
     if x1 is None:
         return None
@@ -229,7 +126,7 @@ def match_interleaved(cat: Node) -> RopeMatch | None:
     d = static_shape(x)[-1]
     for cand in prods[1]:
         s = slice_args(cand)
-        if s is not None and s[0] is x and s[1:] == (len(static_shape(x)) - 1, 1, _END, 2):
+        if s is not None and s[0] is x and s[1:] == (len(static_shape(x)) - 1, 1, OPEN_END, 2):
             x2 = cand
     if x2 is None or d is None or d % 2:
         return None

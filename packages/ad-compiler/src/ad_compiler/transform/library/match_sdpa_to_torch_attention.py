@@ -5,8 +5,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from ...utils.graph_utils import nodes_calling
-from ..attention_utils import arg, classify_mask, insert_torch_attention
+from ...utils.graph_utils import arg, nodes_calling
+from ..attention_utils import classify_mask, insert_torch_attention
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten

@@ -7,9 +7,8 @@ from torch.fx import Graph, GraphModule, Node
 
 from ... import custom_ops  # noqa: F401 - registers torch.ops.auto_deploy.*
 from ...kernels_registry import get_kernel
-from ...utils.graph_utils import get_attr_tensor, nodes_calling
+from ...utils.graph_utils import eliminate_dead_code, get_attr_tensor, nodes_calling, set_fake_val, val
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
-from .match_rope_pattern import eliminate_dead_code, set_fake_val, val
 
 DEFAULT_MAX_POS = 4096
 

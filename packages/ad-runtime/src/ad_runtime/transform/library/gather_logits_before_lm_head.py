@@ -10,11 +10,10 @@ import torch
 import torch.nn as nn
 from ad_compiler.errors import CompileError
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
-from ad_compiler.utils.graph_utils import is_op
+from ad_compiler.utils.graph_utils import add_graph_inputs, is_op
 from torch.fx import GraphModule, Node
 
 from ...kv_cache.interface import CachedSequenceInterface
-from .insert_cached_attention import add_graph_inputs
 
 INPUT_NAME = "last_token_idx"
 

@@ -11,56 +11,15 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.utils._pytree as pytree
 from ad_compiler.errors import CompileError
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
-from ad_compiler.utils.graph_utils import nodes_calling
+from ad_compiler.utils.graph_utils import add_graph_inputs, graph_inputs, nodes_calling
 from ad_compiler.utils.unmatched_attention import find_unmatched_attention
 from torch.fx import GraphModule, Node
-from torch.fx.graph import _PyTreeCodeGen
 
 from ...attention import AttentionRegistry, resolve_attention_backend
 from ...attention.descriptor import attention_constants, source_op_args
 from ...kv_cache.interface import CachedSequenceInterface
-
-
-def add_graph_inputs(gm: GraphModule, names: list[str], vals: list[torch.Tensor] | None = None) -> list[Node]:
-    """Append keyword placeholders `names` to gm and keep its pytree calling convention in sync.
-
-    `vals` (meta tensors) become the placeholders' `meta["val"]`, so shape propagation keeps working.
-    """
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    existing = {n.target for n in placeholders}
-    clash = [n for n in names if n in existing]
-    if clash:
-        raise CompileError(f"graph already has inputs named {clash}")
-    new: list[Node] = []
-    anchor = placeholders[-1]
-    for i, name in enumerate(names):
-        with gm.graph.inserting_after(anchor):
-            anchor = gm.graph.placeholder(name)
-        if vals is not None:
-            anchor.meta["val"] = vals[i]
-        new.append(anchor)
-    codegen = gm.graph._codegen
-    if isinstance(codegen, _PyTreeCodeGen):
-        # torch.export's module takes (args, kwargs) through a pytree spec; we call it with keywords only.
-        all_names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        in_spec = pytree.tree_structure(((), dict.fromkeys(all_names, 0)))
-        codegen.pytree_info = codegen.pytree_info._replace(orig_args=all_names, in_spec=in_spec)
-        gm._in_spec = in_spec
-    gm.recompile()
-    return new
-
-
-def graph_inputs(gm: GraphModule, names: list[str], vals: list[torch.Tensor]) -> list[Node]:
-    """Placeholders `names` of gm: the existing ones (another cached-op transform added them) and new ones."""
-    existing = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
-    missing = [(n, v) for n, v in zip(names, vals) if n not in existing]
-    if missing:
-        added = add_graph_inputs(gm, [n for n, _ in missing], [v for _, v in missing])
-        existing.update(zip([n for n, _ in missing], added))
-    return [existing[n] for n in names]
 
 
 def _check_supported(node: Node) -> str:

@@ -1,0 +1,113 @@
+"""Typed configs of the runtime's transforms (stages cache_init and compile): one explicit class per transform."""
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from .limits import MAX_BATCH
+from .transform_config import Stage, TransformConfig, register_transform_config
+
+
+# ---- cache and compile -------------------------------------------------------------------------------
+
+
+KernelBackend = Literal["auto", "torch", "triton", "flashinfer"]
+
+
+@register_transform_config("insert_cached_attention")
+class InsertCachedAttentionConfig(TransformConfig):
+    """Swap each torch_attention for the backend's paged-KV-cache attention op."""
+
+    stage: Stage = Stage.CACHE_INIT
+    backend: KernelBackend = Field(default="auto", description="Attention kernels: auto is flashinfer (when "
+                                   "installed) or triton on a GPU, torch on a CPU.")
+
+
+# Per-sequence state caches (Mamba2 SSM and conv, gated delta rule, linear attention): "torch" is the only
+# implementation today (plain torch, CPU and GPU).
+StateBackend = Literal["torch"]
+
+
+class StateCacheConfig(TransformConfig):
+    """Keys of every transform that swaps a state op for its cached version."""
+
+    stage: Stage = Stage.CACHE_INIT
+    backend: StateBackend = Field(default="torch", description="State-cache kernels: torch (plain torch, CPU "
+                                  "and GPU) is the only one today.")
+
+
+@register_transform_config("insert_cached_ssm_attention")
+class InsertCachedSsmAttentionConfig(StateCacheConfig):
+    """Swap torch_ssm (Mamba2 selective scan) for its cached op with per-sequence state."""
+
+
+@register_transform_config("insert_cached_causal_conv")
+class InsertCachedCausalConvConfig(StateCacheConfig):
+    """Swap torch_causal_conv1d for its cached op with per-sequence conv state."""
+
+
+@register_transform_config("insert_cached_gated_delta_rule")
+class InsertCachedGatedDeltaRuleConfig(StateCacheConfig):
+    """Swap torch_gated_delta_rule for its cached op with per-sequence state."""
+
+
+@register_transform_config("insert_cached_linear_attention")
+class InsertCachedLinearAttentionConfig(StateCacheConfig):
+    """Swap torch_linear_attention for its cached op with per-sequence state."""
+
+
+
+
+@register_transform_config("initialize_cache")
+class InitializeCacheConfig(TransformConfig):
+    """Allocate the paged KV cache and the per-sequence state caches the graph now reads."""
+
+    stage: Stage = Stage.CACHE_INIT
+
+
+@register_transform_config("gather_logits_before_lm_head")
+class GatherLogitsBeforeLmHeadConfig(TransformConfig):
+    """Compute the LM head only for each sequence's last token (not every prefill token)."""
+
+    stage: Stage = Stage.CACHE_INIT
+
+
+
+@register_transform_config("verify_cached_decode")
+class VerifyCachedDecodeConfig(TransformConfig):
+    """Check once, at build time, that a cached decode step matches a full prefill of the same tokens."""
+
+    stage: Stage = Stage.CACHE_INIT
+    tolerance: float | None = Field(default=None, gt=0.0, allow_inf_nan=False, description="Largest allowed "
+                                    "max |decode - prefill| / max |prefill| of the last token's logits; None: by "
+                                    "dtype (1e-4 float32, 0.05 float16, 0.1 bfloat16, 0.25 fp8 caches).")
+
+
+@register_transform_config("resize_kv_cache")
+class ResizeKvCacheConfig(TransformConfig):
+    """Size the KV cache to the memory left after the model is built."""
+
+    stage: Stage = Stage.CACHE_INIT
+    free_mem_ratio: float = Field(default=0.8, ge=0.0, le=1.0, allow_inf_nan=False, description="Share of the "
+                                  "free GPU memory given to the KV cache.")
+
+
+CompileBackend = Literal["auto", "torch-simple", "torch-compile", "torch-cudagraph", "torch-opt"]
+
+
+@register_transform_config("compile_model")
+class CompileModelConfig(TransformConfig):
+    """Compile the cached graph: torch.compile and/or CUDA graphs of decode steps."""
+
+    stage: Stage = Stage.COMPILE
+    backend: CompileBackend = Field(default="auto", description="auto is torch-opt (torch.compile + CUDA graphs) "
+                                    "on a GPU, torch-simple (eager graph) on a CPU.")
+    cuda_graph_batch_sizes: list[int] | None = Field(default=None, description="Decode batch sizes captured as "
+                                                     "CUDA graphs; None: powers of two up to max_batch_size.")
+
+    @field_validator("cuda_graph_batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(not 0 < b <= MAX_BATCH for b in v):
+            raise ValueError(f"batch sizes must be in [1, {MAX_BATCH}]")
+        return sorted(set(v)) if v is not None else None
