@@ -85,3 +85,35 @@ def test_the_import_reader_sees_what_it_must() -> None:
     assert "ad_compiler.utils.graph_utils" in found and "ad_runtime.kv_cache.interface" in found
     main = {mod for _, mod in _imports("ad_compiler", SOURCES["ad_compiler"] / "__main__.py")}
     assert "ad_compiler.plugins" in main  # an import inside a function
+
+
+def test_every_registry_is_the_one_generic_registry() -> None:
+    from ad_compiler.export.patches import ExportPatchRegistry
+    from ad_compiler.kernels_registry import _BACKENDS
+    from ad_compiler.models.factory import ModelFactoryRegistry
+    from ad_compiler.registry import Registry
+    from ad_compiler.transform.interface import TransformRegistry
+    from ad_runtime.attention.registry import AttentionRegistry
+    from ad_runtime.compile.backends import CompileBackendRegistry
+
+    registries = [ExportPatchRegistry, ModelFactoryRegistry, TransformRegistry, AttentionRegistry,
+                  CompileBackendRegistry, *_BACKENDS.values()]
+    assert all(isinstance(r, Registry) for r in registries)
+    assert all(r.names() for r in registries)  # the built-ins and the runtime plugin registered themselves
+
+
+# The modules that define a registry: none may import an implementation of what it registers.
+REGISTRY_MODULES = {
+    ("ad_compiler", "transform/interface.py"): "ad_compiler.transform.library",
+    ("ad_compiler", "models/factory.py"): "ad_compiler.models.hf",
+    ("ad_compiler", "export/patches/__init__.py"): "ad_compiler.export.patches.",
+    ("ad_compiler", "registry.py"): "ad_compiler.transform.library",
+}
+
+
+@pytest.mark.parametrize("where", sorted(REGISTRY_MODULES))
+def test_registry_modules_import_no_implementation(where: tuple[str, str]) -> None:
+    package, rel = where
+    forbidden = REGISTRY_MODULES[where]
+    found = [mod for _, mod in _imports(package, SOURCES[package] / rel)]
+    assert not [m for m in found if m.startswith(forbidden)], found

@@ -13,23 +13,23 @@ def test_torch_backends_registered_by_the_compiler() -> None:
 
 def test_auto_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = torch.ops.auto_deploy.torch_rmsnorm.default
-    monkeypatch.setitem(kr._BACKENDS["rmsnorm"], "triton", fake)
+    monkeypatch.setitem(kr._BACKENDS["rmsnorm"].entries, "triton", fake)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert kr.resolve_backend("rmsnorm") == "torch"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert kr.get_kernel("rmsnorm", "auto") is fake
-    monkeypatch.delitem(kr._BACKENDS["rmsnorm"], "triton")
+    monkeypatch.delitem(kr._BACKENDS["rmsnorm"].entries, "triton")
     assert kr.resolve_backend("rmsnorm") == "torch"  # GPU but no triton registered
 
 
 def test_missing_backend_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(kr._BACKENDS["rope"], "flashinfer", raising=False)
+    monkeypatch.delitem(kr._BACKENDS["rope"].entries, "flashinfer", raising=False)
     with pytest.raises(MissingBackendError, match=r"install ad-runtime and `import ad_runtime`"):
         kr.get_kernel("rope", "flashinfer")
 
 
 def test_registration_rules(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(kr._BACKENDS, "rmsnorm", dict(kr._BACKENDS["rmsnorm"]))
+    monkeypatch.setattr(kr._BACKENDS["rmsnorm"], "entries", dict(kr._BACKENDS["rmsnorm"].entries))
     with pytest.raises(ValueError, match="unknown kernel"):
         kr.register_kernel("softmax", "torch", abs)
     with pytest.raises(ValueError, match="auto"):

@@ -123,7 +123,7 @@ def test_unrecognised_attention_is_an_error_not_wrong_tokens(tmp_path, monkeypat
     from ad_compiler.export.patches import ExportPatchRegistry
 
     ExportPatchRegistry.names()  # import the built-in patches before replacing one
-    monkeypatch.setitem(ExportPatchRegistry._registry, "hf_gpt_oss_attention", contextlib.nullcontext)
+    monkeypatch.setitem(ExportPatchRegistry.entries, "hf_gpt_oss_attention", contextlib.nullcontext)
     _save("gpt_oss", tmp_path)
     with pytest.raises(CompileError, match="not recognised as attention"):
         _llm(tmp_path)
@@ -137,7 +137,7 @@ def test_uncached_linear_attention_is_an_error_not_wrong_tokens(tmp_path, monkey
     from ad_compiler.export.patches import ExportPatchRegistry
 
     ExportPatchRegistry.names()  # import the built-in patches before replacing one
-    monkeypatch.setitem(ExportPatchRegistry._registry, "hf_minimax_lightning", contextlib.nullcontext)
+    monkeypatch.setitem(ExportPatchRegistry.entries, "hf_minimax_lightning", contextlib.nullcontext)
     _save("minimax", tmp_path)
     with pytest.raises(CompileError, match="cached decoding disagrees with prefill"):
         _llm(tmp_path)

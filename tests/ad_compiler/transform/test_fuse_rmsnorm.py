@@ -55,7 +55,7 @@ def test_torch_backend(backend: str, dtype: torch.dtype) -> None:
 
 
 def test_unregistered_backend_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(_BACKENDS["rmsnorm"], "triton", raising=False)
+    monkeypatch.delitem(_BACKENDS["rmsnorm"].entries, "triton", raising=False)
     gm, _ = exported(torch.float32)
     with pytest.raises(MissingBackendError, match="ad-runtime"):
         fuse(gm, backend="triton")
@@ -63,7 +63,7 @@ def test_unregistered_backend_says_what_to_install(monkeypatch: pytest.MonkeyPat
 
 def test_registered_backend_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     # Stand in for ad_runtime's triton kernel: any op with the rmsnorm signature.
-    monkeypatch.setitem(_BACKENDS["rmsnorm"], "triton", ad.torch_rmsnorm.default)
+    monkeypatch.setitem(_BACKENDS["rmsnorm"].entries, "triton", ad.torch_rmsnorm.default)
     gm, x = exported(torch.float32)
     ref = gm(x)
     gm, n = fuse(gm, backend="triton")
@@ -72,7 +72,7 @@ def test_registered_backend_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_graph_without_norms_needs_no_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(_BACKENDS["rmsnorm"], "triton", raising=False)  # not installed: never asked for
+    monkeypatch.delitem(_BACKENDS["rmsnorm"].entries, "triton", raising=False)  # not installed: never asked for
     gm = torch_export_to_gm(torch.nn.ReLU(), (torch.randn(3),))
     _, n = fuse(gm, backend="triton")
     assert n == 0

@@ -90,7 +90,7 @@ def test_cos_sin_not_from_positions_is_left_alone() -> None:
 
 
 def test_missing_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(_BACKENDS["rope"], "triton", raising=False)
+    monkeypatch.delitem(_BACKENDS["rope"].entries, "triton", raising=False)
     gm = matched(LlamaConfig(**SMALL), torch.float32)
     with pytest.raises(MissingBackendError, match="ad-runtime"):
         optimize(gm, backend="triton")

@@ -78,7 +78,7 @@ def test_missing_backend_package_names_the_install_hint_once(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "flashinfer", None)  # import flashinfer -> ImportError
     monkeypatch.delitem(sys.modules, "ad_runtime.attention.flashinfer_backend", raising=False)
-    monkeypatch.delitem(AttentionRegistry._registry, "flashinfer", raising=False)
+    monkeypatch.delitem(AttentionRegistry.entries, "flashinfer", raising=False)
     with pytest.raises(CompileError) as err:
         AttentionRegistry.get("flashinfer")
     assert str(err.value).count("pip install") == 1 and "not installed" in str(err.value)

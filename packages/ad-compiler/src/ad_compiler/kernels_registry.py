@@ -14,9 +14,11 @@ from collections.abc import Callable
 import torch
 
 from .errors import MissingBackendError
+from .registry import Registry
 
 KERNELS: tuple[str, ...] = ("rmsnorm", "rope")
-_BACKENDS: dict[str, dict[str, Callable]] = {k: {} for k in KERNELS}
+# One registry of backends per kernel.
+_BACKENDS: dict[str, Registry[Callable]] = {k: Registry(f"{k} kernel backend") for k in KERNELS}
 
 
 def register_kernel(kernel: str, backend: str, impl: Callable, *, replace: bool = False) -> None:
@@ -25,20 +27,20 @@ def register_kernel(kernel: str, backend: str, impl: Callable, *, replace: bool 
         raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
     if backend == "auto":
         raise ValueError("'auto' is resolved at lookup time and cannot be registered")
-    if not replace and backend in _BACKENDS[kernel] and _BACKENDS[kernel][backend] is not impl:
+    if not replace and _BACKENDS[kernel].entries.get(backend, impl) is not impl:
         raise ValueError(f"{kernel!r} already has a {backend!r} backend; pass replace=True to override it")
-    _BACKENDS[kernel][backend] = impl
+    _BACKENDS[kernel].add(backend, impl, replace=True)
 
 
 def available_backends(kernel: str) -> list[str]:
-    return sorted(_BACKENDS.get(kernel, {}))
+    return sorted(_BACKENDS[kernel].entries) if kernel in _BACKENDS else []
 
 
 def resolve_backend(kernel: str, backend: str = "auto") -> str:
     """'auto' means triton when CUDA is available and triton is registered, else torch."""
     if backend != "auto":
         return backend
-    if torch.cuda.is_available() and "triton" in _BACKENDS.get(kernel, {}):
+    if torch.cuda.is_available() and "triton" in available_backends(kernel):
         return "triton"
     return "torch"
 
@@ -49,7 +51,7 @@ def get_kernel(kernel: str, backend: str = "auto") -> Callable:
         raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
     name = resolve_backend(kernel, backend)
     try:
-        return _BACKENDS[kernel][name]
+        return _BACKENDS[kernel].entries[name]
     except KeyError:
         raise MissingBackendError(
             f"kernel backend {name!r} for {kernel!r} is not registered (have: "

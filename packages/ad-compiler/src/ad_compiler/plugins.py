@@ -1,9 +1,14 @@
-"""Packages that extend the compiler (later stages' transforms, kernels) register themselves on import; this
-finds them through the `ad_compiler.plugins` entry-point group, so the compiler never names them."""
+"""Where registry entries come from: the compiler's built-ins (named here and nowhere else) and the packages that
+extend it (later stages' transforms, kernels, backends), found through the `ad_compiler.plugins` entry-point
+group so that the compiler never names them. Every module registers its entries when imported."""
 
 import importlib
 import importlib.metadata
+import logging
 import os
+import pkgutil
+
+logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "ad_compiler.plugins"
 # Module names to import as plugins, comma-separated: for packages on PYTHONPATH but not installed (no
@@ -23,3 +28,26 @@ def load_plugins() -> list[str]:
             raise ImportError(f"the compiler plugin {name!r} could not be imported: {e}") from e
         loaded.append(name)
     return loaded
+
+
+# The compiler's own providers: canonical ops, torch kernel backends, transforms, model factories, export patches.
+_BUILTINS = ("ad_compiler.custom_ops", "ad_compiler.kernels_registry", "ad_compiler.transform.library",
+             "ad_compiler.models.hf", "ad_compiler.export.patches")
+_state = {"loaded": False}
+
+
+def load_builtins_and_plugins() -> None:
+    """Import the built-in providers and every plugin, once (registries call this before a lookup)."""
+    if _state["loaded"]:
+        return
+    _state["loaded"] = True  # first: a plugin that looks something up while it imports must not re-enter
+    for name in _BUILTINS:
+        module = importlib.import_module(name)
+        if name == "ad_compiler.export.patches":  # one module a patch
+            for m in pkgutil.iter_modules(module.__path__):
+                importlib.import_module(f"{name}.{m.name}")
+    try:
+        load_plugins()
+    except ImportError as e:
+        # The compiler's own stages still work; a lookup of what the plugin provides fails with its name.
+        logger.warning("%s", e)

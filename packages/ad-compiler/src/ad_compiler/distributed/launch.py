@@ -26,8 +26,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import CompileError
-
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
@@ -53,7 +51,7 @@ EXIT_GRACE_S = 10.0
 EXIT_READ_WAIT_S = 5.0
 
 
-class DistributedError(CompileError):
+class DistributedError(RuntimeError):
     """A rank failed, died or stopped answering (`rank` says which), or the ranks did not finish in time.
 
     The message is one line; for a rank that raised, the rank's own traceback is the `__cause__`.

@@ -1,7 +1,7 @@
 """The model factory contract and its registry: how the pipeline gets a model, weights and tokenizer."""
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -9,6 +9,7 @@ from ad_config import ConfigError
 from ad_config.limits import MODEL_COUNT_KEYS, is_model_count
 
 from ..errors import CompileError
+from ..registry import Registry
 
 
 class ModelConfigError(CompileError, ConfigError):
@@ -133,29 +134,5 @@ class ModelFactory(ABC):
         return None
 
 
-class ModelFactoryRegistry:
-    """Factories by `model_factory` name."""
-
-    _registry: ClassVar[dict[str, type[ModelFactory]]] = {}
-
-    @classmethod
-    def register(cls, name: str):
-        def wrap(f: type[ModelFactory]) -> type[ModelFactory]:
-            cls._registry[name] = f
-            return f
-
-        return wrap
-
-    @classmethod
-    def get(cls, name: str) -> type[ModelFactory]:
-        from . import hf  # noqa: F401 - registers the built-in factories
-
-        if name not in cls._registry:
-            raise CompileError(f"unknown model_factory {name!r}; known: {sorted(cls._registry)}")
-        return cls._registry[name]
-
-    @classmethod
-    def names(cls) -> list[str]:
-        from . import hf  # noqa: F401
-
-        return sorted(cls._registry)
+# Factories by `model_factory` name (the built-ins register in models/hf.py).
+ModelFactoryRegistry: Registry[type[ModelFactory]] = Registry("model_factory")

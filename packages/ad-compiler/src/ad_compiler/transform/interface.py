@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from torch.fx import GraphModule
 
 from ..errors import CompileError
+from ..registry import Registry
 from ..utils.graph_utils import canonicalize_graph, run_shape_prop
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,23 @@ class TransformInfo(BaseModel):
     seconds: float = 0.0
     error: str | None = None
     reason: str | None = None  # why it was skipped, when it was
+
+
+@dataclass
+class _GraphState:
+    """Whether a GraphModule is canonical and its shape metadata current. A transform that reports matches has
+    changed the graph (both become stale); one that matched nothing left it as it was, so the next transform
+    need not canonicalise or propagate shapes again. A graph seen for the first time is treated as stale."""
+
+    clean: bool = False
+    shapes_valid: bool = False
+
+    @staticmethod
+    def of(gm: GraphModule) -> "_GraphState":
+        state = gm.meta.get("ad_graph_state")
+        if not isinstance(state, _GraphState):
+            state = gm.meta["ad_graph_state"] = _GraphState()
+        return state
 
 
 class BaseTransform(ABC):
@@ -82,22 +100,32 @@ class BaseTransform(ABC):
         start = time.perf_counter()
         try:
             if isinstance(mod, GraphModule):
-                if self.config.requires_clean_graph:
+                # Only when the graph changed since it was last cleaned / shape-propagated (see _GraphState).
+                state = _GraphState.of(mod)
+                if self.config.requires_clean_graph and not state.clean:
                     canonicalize_graph(mod)
-                if self.config.requires_shape_prop:
+                    state.clean = True
+                if self.config.requires_shape_prop and not state.shapes_valid:
                     run_shape_prop(mod)
+                    state.shapes_valid = True
             mod, applied = self._apply(mod, cm, factory, shared_config)
             info.num_matches = applied.num_matches
             info.skipped = applied.skipped
             info.reason = applied.reason
             if isinstance(mod, GraphModule) and not applied.skipped:
+                state = _GraphState.of(mod)
+                if applied.num_matches > 0:
+                    state.clean = state.shapes_valid = False
                 if self.config.run_graph_cleanup and applied.num_matches > 0:
                     canonicalize_graph(mod)
-                    info.is_clean = True
-                if self.config.run_shape_prop:
+                    state.clean = info.is_clean = True
+                if self.config.run_shape_prop and not state.shapes_valid:
                     run_shape_prop(mod)
-                    info.has_valid_shapes = True
+                    state.shapes_valid = True
+                info.has_valid_shapes = state.shapes_valid
         except Exception as e:  # noqa: BLE001 - re-raised with context or skipped on request
+            if isinstance(mod, GraphModule):
+                _GraphState.of(mod).clean = _GraphState.of(mod).shapes_valid = False  # maybe half an edit left
             info.error = f"{type(e).__name__}: {e}"
             if not self.config.skip_on_error:
                 info.seconds = time.perf_counter() - start
@@ -133,53 +161,24 @@ class BaseTransform(ABC):
         """Rewrite `mod`; return it with what was done (num_matches, or skipped with a reason)."""
 
 
-class TransformRegistry:
-    """Transforms by name; `register(name)` is the decorator every transform class uses."""
+def _set_registry_key(name: str, transform: type[BaseTransform]) -> None:
+    transform.registry_key = name
 
-    _registry: ClassVar[dict[str, type[BaseTransform]]] = {}
 
-    @classmethod
-    def register(cls, name: str):
-        def wrap(t: type[BaseTransform]) -> type[BaseTransform]:
-            if name in cls._registry and cls._registry[name] is not t:
-                raise ValueError(f"transform {name!r} registered twice")
-            t.registry_key = name
-            cls._registry[name] = t
-            return t
+def _provided_by_runtime(name: str) -> str | None:
+    """For a transform of the cache_init or compile stage: which package provides it."""
+    try:
+        stage = transform_config_class(name)().stage
+    except Exception:  # noqa: BLE001 - no config by that name: no hint
+        return None
+    if Stage(stage).order >= Stage.CACHE_INIT.order:
+        return "it is provided by ad-runtime: install it"
+    return None
 
-        return wrap
 
-    @classmethod
-    def get(cls, name: str) -> type[BaseTransform]:
-        from . import library  # noqa: F401 - registers every built-in transform
-
-        if name not in cls._registry:
-            from ad_config.transform_config import closest_name
-
-            hint = closest_name(name, sorted(cls._registry))
-            runtime_hint = ""
-            try:
-                transform_config_class(name)
-                stage = transform_config_class(name)().stage
-                if Stage(stage).order >= Stage.CACHE_INIT.order:
-                    runtime_hint = " (it is provided by ad-runtime: install it and `import ad_runtime`)"
-            except Exception:  # noqa: BLE001
-                pass
-            extra = f" (did you mean {hint!r}?)" if hint and not runtime_hint else ""
-            raise CompileError(f"no transform registered as {name!r}{runtime_hint}{extra}")
-        return cls._registry[name]
-
-    @classmethod
-    def has(cls, name: str) -> bool:
-        from . import library  # noqa: F401
-
-        return name in cls._registry
-
-    @classmethod
-    def names(cls) -> list[str]:
-        from . import library  # noqa: F401
-
-        return sorted(cls._registry)
+# Transforms by name; `TransformRegistry.register(name)` is the decorator every transform class uses.
+TransformRegistry: Registry[type[BaseTransform]] = Registry("transform", on_register=_set_registry_key,
+                                                           missing_hint=_provided_by_runtime)
 
 
 __all__ = ["BaseTransform", "SharedConfig", "TransformInfo", "TransformRegistry"]

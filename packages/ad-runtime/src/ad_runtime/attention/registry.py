@@ -3,10 +3,10 @@
 import importlib
 import importlib.util
 import logging
-from typing import ClassVar
 
 import torch
 from ad_compiler.errors import CompileError
+from ad_compiler.registry import Registry
 
 from .descriptor import AttentionDescriptor
 
@@ -27,38 +27,31 @@ _INSTALL_HINTS = {
 GPU_ONLY = {"flashinfer"}
 
 
-class AttentionRegistry:
-    """`register("name")` decorates an AttentionDescriptor subclass; `get("name")` returns it."""
+def _set_name(name: str, descriptor: type[AttentionDescriptor]) -> None:
+    descriptor.name = name
 
-    _registry: ClassVar[dict[str, type[AttentionDescriptor]]] = {}
 
-    @classmethod
-    def register(cls, name: str):
-        def wrap(d: type[AttentionDescriptor]) -> type[AttentionDescriptor]:
-            if name in cls._registry and cls._registry[name] is not d:
-                raise ValueError(f"attention backend {name!r} registered twice")
-            d.name = name
-            cls._registry[name] = d
-            return d
+class _AttentionBackends(Registry[type[AttentionDescriptor]]):
+    """The generic registry, plus lazy import of the backends that live in their own module."""
 
-        return wrap
-
-    @classmethod
-    def get(cls, name: str) -> type[AttentionDescriptor]:
-        if name not in cls._registry and name in _LAZY_MODULES:
+    def get(self, name: str) -> type[AttentionDescriptor]:
+        if name not in self.entries and name in _LAZY_MODULES:
             try:
                 importlib.import_module(_LAZY_MODULES[name])
             except ImportError as e:
                 hint = _INSTALL_HINTS.get(name, "check that ad-runtime is fully installed")
                 raise CompileError(f"attention backend {name!r} is not available ({e}); {hint}") from e
-        if name not in cls._registry:
-            known = sorted(set(cls._registry) | set(_LAZY_MODULES))
+        if name not in self.entries:
+            known = sorted(set(self.entries) | set(_LAZY_MODULES))
             raise CompileError(f"unknown attention backend {name!r}; choose one of {known} or 'auto'")
-        return cls._registry[name]
+        return self.entries[name]
 
-    @classmethod
-    def names(cls) -> list[str]:
-        return sorted(set(cls._registry) | set(_LAZY_MODULES))
+    def names(self) -> list[str]:
+        return sorted(set(self.entries) | set(_LAZY_MODULES))
+
+
+# `AttentionRegistry.register("name")` decorates an AttentionDescriptor subclass; `get("name")` returns it.
+AttentionRegistry = _AttentionBackends("attention backend", on_register=_set_name)
 
 
 def _usable(name: str) -> bool:

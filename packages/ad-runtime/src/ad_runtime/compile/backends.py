@@ -2,11 +2,11 @@
 
 import logging
 from collections.abc import Callable
-from typing import ClassVar
 
 import torch
 import torch.nn as nn
 from ad_compiler.errors import CompileError
+from ad_compiler.registry import Registry
 
 from ..kv_cache.interface import CachedSequenceInterface
 
@@ -16,26 +16,8 @@ logger = logging.getLogger(__name__)
 Compiler = Callable[[nn.Module, CachedSequenceInterface, list[int] | None], nn.Module]
 
 
-class CompileBackendRegistry:
-    _registry: ClassVar[dict[str, Compiler]] = {}
-
-    @classmethod
-    def register(cls, name: str):
-        def wrap(fn: Compiler) -> Compiler:
-            cls._registry[name] = fn
-            return fn
-
-        return wrap
-
-    @classmethod
-    def get(cls, name: str) -> Compiler:
-        if name not in cls._registry:
-            raise CompileError(f"unknown compile backend {name!r}; choose one of {sorted(cls._registry)} or 'auto'")
-        return cls._registry[name]
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return sorted(cls._registry)
+# Compile backends by name (registered below and in cuda_graph.py).
+CompileBackendRegistry: Registry[Compiler] = Registry("compile backend")
 
 
 def resolve_compile_backend(name: str, device: str | torch.device) -> str:
