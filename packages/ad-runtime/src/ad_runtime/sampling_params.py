@@ -3,6 +3,8 @@
 import math
 from dataclasses import dataclass, field
 
+from .structured_output import StructuredOutputParams
+
 # torch.Generator.manual_seed takes any value that fits 64 bits unsigned.
 MAX_SEED = 2**64 - 1
 # Temperatures below this sample from a distribution that is argmax in all but name; dividing logits by
@@ -39,6 +41,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # Keep stop strings in the returned text (they are cut by default).
     include_stop_str_in_output: bool = False
+    # The output follows a JSON schema, a regex, ... (StructuredOutputParams or a dict of its fields).
+    structured_output: StructuredOutputParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,6 +70,11 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.structured_output is not None:
+            try:
+                self.structured_output = StructuredOutputParams.coerce(self.structured_output)
+            except ValueError as e:
+                raise ValueError(f"structured_output: {e}") from None
 
     @property
     def greedy(self) -> bool:
