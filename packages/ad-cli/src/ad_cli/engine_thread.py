@@ -4,6 +4,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,11 +26,22 @@ class Update:
     finish_reason: str | None
     error: str | None = None
     internal: bool = False  # the server failed (a step, a rank), not the request: a 500, not a 400
+    # For metrics: the engine's times (time.perf_counter of the engine's process), preemptions, prompt tokens the
+    # prefix cache supplied, and when this update was made (perf_counter here; gaps between a stream's updates).
+    arrival_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+    num_cached_tokens: int = 0
+    made_at: float = 0.0
 
 
 def update_of(req: Any, text_of: Callable[[Any], str]) -> Update:
     """The Update of an engine request; `text_of` (Detokenizer.stream_text) decides what text it shows."""
-    return Update(list(req.output_token_ids), text_of(req), req.is_finished, req.finish_reason, req.error)
+    return Update(list(req.output_token_ids), text_of(req), req.is_finished, req.finish_reason, req.error,
+                  arrival_time=req.arrival_time, first_token_time=req.first_token_time, finish_time=req.finish_time,
+                  num_preemptions=req.num_preemptions, num_cached_tokens=getattr(req, "num_cached_tokens", 0),
+                  made_at=time.perf_counter())
 
 
 def failed_update(message: str) -> Update:
@@ -79,6 +91,17 @@ class EngineThread:
     def num_waiting(self) -> int:
         """Requests submitted but not yet taken by the engine thread plus those the engine has not scheduled."""
         return self._pending_adds + len(self.core.engine.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Requests the scheduler runs (read without the engine's lock: a count, possibly one step old)."""
+        return len(self.core.engine.scheduler.running)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Share of KV-cache pages in use (pages the prefix cache could evict on demand count as free)."""
+        pool = self.core.engine.scheduler.pool
+        return pool.num_used_pages / pool.num_pages if pool.num_pages else 0.0
 
     def health(self) -> str | None:
         """None while the engine thread serves; else why it cannot."""

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP API (completions, chat completions, models, tokenize) over one shared engine."""
+"""An OpenAI-compatible HTTP API (completions, chat completions, models, tokenize, metrics) over one shared engine."""
 
 import asyncio
 import importlib.metadata
@@ -21,6 +21,8 @@ from .distributed_engine import DistributedEngine
 from .engine_thread import EngineThread, Update
 from .http_auth import ApiKeyMiddleware
 from .http_limits import BodyLimitMiddleware, EventTally, ServerLimits, one_line
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import RequestTracker, ServerMetrics
 from .openai_protocol import (
     BadRequest,
     ChatRequest,
@@ -108,7 +110,7 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
               api_key: str | None = None) -> FastAPI:
     """The app over `llm`; its engine runs on one background thread (or on rank 0) while the app is up.
 
-    With `api_key`, every route but /health and /version asks for `Authorization: Bearer <api_key>`.
+    With `api_key`, every route but /health, /version and /metrics asks for `Authorization: Bearer <api_key>`.
     """
     limits = limits or ServerLimits()
     state: dict[str, Any] = {"in_flight": 0, "preparing": 0}
@@ -179,6 +181,25 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
             waiting = max(0, state["in_flight"] - max_batch)
         return waiting + state["preparing"]
 
+    def num_running() -> int:
+        engine = state.get("engine")
+        running = getattr(engine, "num_running", None)
+        if running is None:  # rank 0's engine is in another process: what is in flight and not waiting
+            return max(0, state["in_flight"] - max(0, num_waiting() - state["preparing"]))
+        return int(running)
+
+    def kv_cache_usage() -> float:
+        return float(getattr(state.get("engine"), "kv_cache_usage", 0.0))
+
+    # Engine internals are visible only with the engine in this process (EngineThread), not over several ranks.
+    local = getattr(llm, "engine", None) is not None
+    metrics = ServerMetrics(model_name, num_running, lambda: num_waiting() if "engine" in state else 0,
+                            kv_cache_usage if local else None)
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
     @app.get("/health")
     async def health() -> Any:
         reason = engine_problem()
@@ -243,6 +264,7 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
         engine = state["engine"]
         q = engine.submit(ids, params, text, stream=bool(req.stream))
         state["in_flight"] += 1
+        tracker = metrics.track(len(ids))
         done = False
 
         def release() -> None:
@@ -255,16 +277,19 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
             def close() -> None:
                 if not done:  # the client went away before the last update: stop the request
                     engine.abort(q)
+                    tracker.aborted()
                 release()
 
-            chunks = _stream(q, rid, created, chat, release, echo, len(ids) if req.include_usage else None)
+            chunks = _stream(q, rid, created, chat, release, echo, len(ids) if req.include_usage else None, tracker)
             return _Stream(chunks, close, media_type="text/event-stream")
         try:
             upd = await _last_update(q, engine, http)
         finally:
             release()
         if upd is None:
+            tracker.aborted()
             return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+        tracker.update(upd)
         if upd.error:
             raise BadRequest(500 if upd.internal else 400, upd.error)
         usage = _usage(len(ids), len(upd.token_ids))
@@ -279,7 +304,7 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
                              "choices": [choice], "usage": usage})
 
     async def _stream(q: asyncio.Queue, rid: str, created: int, chat: bool, release: Callable[[], None], echo: str,
-                      prompt_tokens: int | None):
+                      prompt_tokens: int | None, tracker: RequestTracker):
         """The request's chunks as server-sent events; with `prompt_tokens` (include_usage) a last chunk with
         the usage and no choices, as OpenAI sends it."""
         sent = ""
@@ -292,6 +317,7 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
         role = {"role": "assistant"}  # in the first chunk of a chat
         while True:
             upd = await q.get()
+            tracker.update(upd)
             if upd.finished:
                 release()
             if upd.error:
