@@ -116,7 +116,7 @@ def test_guided_choice_regex_and_json(client: Any) -> None:
 def test_json_object_answers_are_json_objects(client: Any) -> None:
     """The 2-layer model rarely closes a JSON string, so answers are sampled (seeded): every one that ends parses."""
     jobs = [{"chat": c, "stream": s, "response_format": {"type": "json_object"}, "temperature": 1.0, "seed": seed,
-             "max_tokens": 24} for c, s in MODES for seed in range(6)]
+             "max_tokens": 24} for c, s in MODES for seed in range(3)]
     answers = _all(client, jobs)
     ended = [text for text, reason in answers if reason == "stop"]
     assert ended, answers

@@ -6,6 +6,7 @@ makes it valid.
 """
 
 import json
+import pickle
 import random
 import re
 import string
@@ -41,8 +42,8 @@ def tokenizer():
 class NoiseRunner:
     """A paged fake model: logits depend on the whole history, read back from its cache (placeholders resolved)."""
 
-    def __init__(self, num_pages: int, page_size: int):
-        self.device = torch.device("cpu")
+    def __init__(self, num_pages: int, page_size: int, device: str = "cpu"):
+        self.device = torch.device(device)
         self.page_size = page_size
         self.cache = torch.full((num_pages, page_size), -1, dtype=torch.long)
 
@@ -59,13 +60,13 @@ class NoiseRunner:
             h = sum(x * (k + 1) for k, x in enumerate(hist)) * 31 + n
             logits[i] = torch.sin(torch.arange(LOGITS) * 0.37 + h)
             logits[i, LOGITS - 1] = 5.0  # padding the model likes best: never allowed under a grammar
-        return logits
+        return logits.to(self.device)
 
 
-def _engine(tokenizer, overlap=False, num_pages=64, page=4, bs=4):
+def _engine(tokenizer, overlap=False, num_pages=64, page=4, bs=4, device="cpu"):
     pool = PagePool(num_pages, page)
     sched = Scheduler(pool, bs, 256, False, num_pages)
-    return Engine(NoiseRunner(num_pages, page), sched, tokenizer, 512, [EOS], vocab_size=LOGITS, overlap=overlap)
+    return Engine(NoiseRunner(num_pages, page, device), sched, tokenizer, 512, [EOS], vocab_size=LOGITS, overlap=overlap)
 
 
 def _prompts(n, seed=0):
@@ -97,10 +98,15 @@ def _constrained(spec: dict, max_tokens=120) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, structured_output=StructuredOutputParams(**spec))
 
 
-def test_outputs_follow_schema_regex_and_choice_where_the_noise_alone_does_not(tokenizer):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_outputs_follow_schema_regex_and_choice_where_the_noise_alone_does_not(tokenizer, device):
+    """On a GPU the mask is applied to the logits there (xgrammar's kernel), from a pinned host bitmask."""
     specs = [{"json_schema": s} for s in SCHEMAS] + [
         {"regex": r"[a-c]{2,4}-[0-9]+\.[0-9]"}, {"choice": ["yes", "no", "it depends"]}]
-    eng = _engine(tokenizer)
+    eng = _engine(tokenizer, device=device)
     prompts = _prompts(len(specs))
     reqs = _run(eng, prompts, [_constrained(s) for s in specs])
     for spec, r in zip(specs, reqs):
@@ -124,14 +130,15 @@ def test_json_object_gives_an_object(tokenizer):
     _clean(eng)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pages", [64, 12])
-def test_overlap_forced_on_gives_the_sync_tokens_for_mixed_batches(tokenizer, pages):
+def test_overlap_forced_on_gives_the_sync_tokens_for_mixed_batches(tokenizer, pages, device):
     """Constrained and free requests together, overlap on: the same tokens as without it (12 pages: preemption)."""
     prompts = _prompts(12, seed=1)
     params = [_constrained({"json_schema": SCHEMAS[i % 4]}, max_tokens=32) if i % 3 == 0
               else SamplingParams(max_tokens=4 + i, temperature=0.0, ignore_eos=True) for i in range(12)]
-    sync = _run(_engine(tokenizer, num_pages=pages), prompts, params)
-    eng = _engine(tokenizer, overlap=True, num_pages=pages)
+    sync = _run(_engine(tokenizer, num_pages=pages, device=device), prompts, params)
+    eng = _engine(tokenizer, overlap=True, num_pages=pages, device=device)
     over = _run(eng, prompts, params)
     assert [(r.output_token_ids, r.finish_reason) for r in over] == [(r.output_token_ids, r.finish_reason) for r in sync]
     for i, r in enumerate(over):
@@ -208,6 +215,11 @@ def test_bad_constraints_are_refused_when_made_naming_the_field(kw, words):
     for w in words:
         assert w in str(e.value), str(e.value)
     assert "/project/" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_params_survive_pickling_to_another_rank():
+    sp = SamplingParams(structured_output={"regex": "[a-z]+"})
+    assert pickle.loads(pickle.dumps(sp)) == sp
 
 
 def test_params_from_a_dict_and_equal_keys():

@@ -7,6 +7,7 @@ process, so there running is estimated from the requests in flight and KV-cache 
 """
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -32,11 +33,18 @@ class ServerMetrics:
         def gauge(name: str, doc: str, fn: Callable[[], float]) -> None:
             Gauge(PREFIX + name, doc, label, registry=reg).labels(model_name).set_function(fn)
 
-        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
-            return Counter(PREFIX + name, doc, [*label, *extra], registry=reg)
+        # Every series exists from the first scrape, at 0 (a series that appears later breaks rate()).
+        def counter(name: str, doc: str) -> Any:
+            return Counter(PREFIX + name, doc, label, registry=reg).labels(model_name)
 
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(PREFIX + name, doc, label, buckets=buckets, registry=reg)
+        def by_reason(name: str, doc: str, key: str, reasons: tuple[str, ...]) -> Counter:
+            family = Counter(PREFIX + name, doc, [*label, key], registry=reg)
+            for reason in reasons:
+                family.labels(model_name, reason)
+            return family
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(PREFIX + name, doc, label, buckets=buckets, registry=reg).labels(model_name)
 
         gauge("num_requests_running", "Requests the engine runs now.", running)
         gauge("num_requests_waiting", "Requests admitted and waiting to run.", waiting)
@@ -49,10 +57,10 @@ class ServerMetrics:
         self.preemptions = counter("num_preemptions", "Times a finished request was preempted (recomputed later).")
         self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens of finished requests (cache lookups).")
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens of finished requests found in the prefix cache.")
-        self.success = counter("request_success", "Requests that ended with an answer, by finish reason.",
-                               ("finished_reason",))
-        self.failure = counter("request_failure", "Requests that ended without an answer: error or abort "
-                                                  "(the client went away).", ("reason",))
+        self.success = by_reason("request_success", "Requests that ended with an answer, by finish reason.",
+                                 "finished_reason", ("stop", "length"))
+        self.failure = by_reason("request_failure", "Requests that ended without an answer: error or abort "
+                                 "(the client went away).", "reason", ("error", "abort"))
         self.ttft = histogram("time_to_first_token_seconds", "From the engine's arrival to the first token.",
                               TTFT_BUCKETS)
         self.tpot = histogram("time_per_output_token_seconds", "Per request: (last token - first token) / "
@@ -91,18 +99,18 @@ class RequestTracker:
         """Count what `upd` adds; a streamed request's updates come one per step, a plain request's only last."""
         if self.done:
             return
-        m, name = self.m, self.m.model_name
+        m = self.m
         new = len(upd.token_ids) - self.tokens
         if new > 0:
             if self.tokens == 0:
-                m.prompt_tokens.labels(name).inc(self.prompt_tokens)
+                m.prompt_tokens.inc(self.prompt_tokens)
                 if upd.first_token_time is not None and upd.arrival_time is not None:
-                    m.ttft.labels(name).observe(max(0.0, upd.first_token_time - upd.arrival_time))
+                    m.ttft.observe(max(0.0, upd.first_token_time - upd.arrival_time))
             elif self.last_made_at is not None:
                 gap = max(0.0, upd.made_at - self.last_made_at) / new
                 for _ in range(new):
-                    m.itl.labels(name).observe(gap)
-            m.generation_tokens.labels(name).inc(new)
+                    m.itl.observe(gap)
+            m.generation_tokens.inc(new)
             self.tokens = len(upd.token_ids)
             self.last_made_at = upd.made_at
         if upd.finished:
@@ -118,16 +126,16 @@ class RequestTracker:
         self.done = True
         m, name = self.m, self.m.model_name
         if upd.num_preemptions:
-            m.preemptions.labels(name).inc(upd.num_preemptions)
+            m.preemptions.inc(upd.num_preemptions)
         if upd.error:
             m.failure.labels(name, "error").inc()
             return
         m.success.labels(name, upd.finish_reason or "unknown").inc()
         if upd.finish_time is not None and upd.arrival_time is not None:
-            m.e2e.labels(name).observe(max(0.0, upd.finish_time - upd.arrival_time))
+            m.e2e.observe(max(0.0, upd.finish_time - upd.arrival_time))
         if self.tokens >= 2 and upd.finish_time is not None and upd.first_token_time is not None:
-            m.tpot.labels(name).observe(max(0.0, upd.finish_time - upd.first_token_time) / (self.tokens - 1))
-        m.prefix_queries.labels(name).inc(self.prompt_tokens)
-        m.prefix_hits.labels(name).inc(min(upd.num_cached_tokens, self.prompt_tokens))
+            m.tpot.observe(max(0.0, upd.finish_time - upd.first_token_time) / (self.tokens - 1))
+        m.prefix_queries.inc(self.prompt_tokens)
+        m.prefix_hits.inc(min(upd.num_cached_tokens, self.prompt_tokens))
         m._queries += self.prompt_tokens
         m._hits += min(upd.num_cached_tokens, self.prompt_tokens)
