@@ -1,4 +1,4 @@
-"""A server shared by the test files that only send requests to it (structured output, metrics): built once a session."""
+"""A server shared by the test files that only send requests to it (structured output, metrics), built once a session."""
 
 import threading
 import time

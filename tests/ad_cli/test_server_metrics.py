@@ -48,15 +48,16 @@ def test_metrics_move_as_requests_run(client: Any, shared_server: Any) -> None:
         assert (name, ()) in before, name
     plain = client.completions.create(model="m", prompt=PROMPT, max_tokens=5, temperature=0,
                                       extra_body={"ignore_eos": True})
-    chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPT}],
-                                                 max_tokens=6, temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    chunks = list(client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": PROMPT}], max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     chat_prompt = chunks[-1].usage.prompt_tokens
     after = _scrape(url)
     assert _delta(before, after, "ad_prompt_tokens_total") == plain.usage.prompt_tokens + chat_prompt
     assert _delta(before, after, "ad_generation_tokens_total") == 5 + 6
     assert _delta(before, after, "ad_request_success_total", ("finished_reason", "length")) == 2
-    for hist in ("ad_time_to_first_token_seconds", "ad_e2e_request_latency_seconds", "ad_time_per_output_token_seconds"):
+    for hist in ("ad_time_to_first_token_seconds", "ad_e2e_request_latency_seconds",
+                 "ad_time_per_output_token_seconds"):
         assert _delta(before, after, f"{hist}_count") == 2, hist
         assert _delta(before, after, f"{hist}_sum") > 0, hist
         assert after[(f"{hist}_bucket", (("le", "+Inf"),))] == after[(f"{hist}_count", ())]

@@ -66,7 +66,8 @@ class NoiseRunner:
 def _engine(tokenizer, overlap=False, num_pages=64, page=4, bs=4, device="cpu"):
     pool = PagePool(num_pages, page)
     sched = Scheduler(pool, bs, 256, False, num_pages)
-    return Engine(NoiseRunner(num_pages, page, device), sched, tokenizer, 512, [EOS], vocab_size=LOGITS, overlap=overlap)
+    runner = NoiseRunner(num_pages, page, device)
+    return Engine(runner, sched, tokenizer, 512, [EOS], vocab_size=LOGITS, overlap=overlap)
 
 
 def _prompts(n, seed=0):
@@ -140,7 +141,8 @@ def test_overlap_forced_on_gives_the_sync_tokens_for_mixed_batches(tokenizer, pa
     sync = _run(_engine(tokenizer, num_pages=pages, device=device), prompts, params)
     eng = _engine(tokenizer, overlap=True, num_pages=pages, device=device)
     over = _run(eng, prompts, params)
-    assert [(r.output_token_ids, r.finish_reason) for r in over] == [(r.output_token_ids, r.finish_reason) for r in sync]
+    assert [(r.output_token_ids, r.finish_reason) for r in over] == [
+        (r.output_token_ids, r.finish_reason) for r in sync]
     for i, r in enumerate(over):
         if i % 3 == 0:
             assert r.finish_reason == "stop", r.text

@@ -1,4 +1,4 @@
-"""What a request's output must look like (a JSON schema, any JSON object, a regex, one of some strings), checked when made.
+"""A constraint on the form of a request's output (JSON schema, any JSON object, regex, choice), checked when made.
 
 The constraint is turned into a grammar by xgrammar, imported only when a request carries one. It is checked
 in full here (the grammar is built once and dropped), so a bad schema or regex fails in its caller's hands with
