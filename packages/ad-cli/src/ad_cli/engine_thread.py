@@ -4,7 +4,6 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,22 +25,11 @@ class Update:
     finish_reason: str | None
     error: str | None = None
     internal: bool = False  # the server failed (a step, a rank), not the request: a 500, not a 400
-    # For metrics: the engine's times (time.perf_counter of the engine's process), preemptions, prompt tokens the
-    # prefix cache supplied, and when this update was made (perf_counter here; gaps between a stream's updates).
-    arrival_time: float | None = None
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    num_preemptions: int = 0
-    num_cached_tokens: int = 0
-    made_at: float = 0.0
 
 
 def update_of(req: Any, text_of: Callable[[Any], str]) -> Update:
     """The Update of an engine request; `text_of` (Detokenizer.stream_text) decides what text it shows."""
-    return Update(list(req.output_token_ids), text_of(req), req.is_finished, req.finish_reason, req.error,
-                  arrival_time=req.arrival_time, first_token_time=req.first_token_time, finish_time=req.finish_time,
-                  num_preemptions=req.num_preemptions, num_cached_tokens=getattr(req, "num_cached_tokens", 0),
-                  made_at=time.perf_counter())
+    return Update(list(req.output_token_ids), text_of(req), req.is_finished, req.finish_reason, req.error)
 
 
 def failed_update(message: str) -> Update:
@@ -56,8 +44,10 @@ class EngineThread:
     The same contract as DistributedEngine: submit(...) -> asyncio.Queue of Update, abort(queue), health(), close().
     """
 
-    def __init__(self, llm: Any):
+    def __init__(self, llm: Any, metrics: Any = None):
         self.core = llm.core
+        self._metrics = metrics  # ServerMetrics: each request's progress goes to its tracker (None: no metrics)
+        self._trackers: dict[asyncio.Queue, Any] = {}
         if self.core is None:
             raise ValueError("EngineThread needs the engine in this process (world_size 1); use DistributedEngine")
         self._inbox: queue.Queue = queue.Queue()
@@ -66,7 +56,8 @@ class EngineThread:
         self._loops: dict[asyncio.Queue, asyncio.AbstractEventLoop] = {}  # each request's caller's event loop
         self._pending_adds = 0  # submissions in the inbox not yet taken by the engine thread
         self._count_lock = threading.Lock()
-        self._requests = RequestLoop(self.core, self._receive, self._publish)
+        self._requests = RequestLoop(self.core, self._receive, self._publish,
+                                     self._observe if metrics is not None else None)
         self._thread = threading.Thread(target=self._run, name="ad-engine", daemon=True)
         self._thread.start()
 
@@ -78,6 +69,8 @@ class EngineThread:
             out.put_nowait(failed_update(f"the engine stopped: {self._crash}"))
             return out
         self._loops[out] = loop
+        if self._metrics is not None:
+            self._trackers[out] = self._metrics.track(len(token_ids))
         with self._count_lock:
             self._pending_adds += 1
         self._inbox.put(("add", out, token_ids, params, prompt, stream))
@@ -85,6 +78,9 @@ class EngineThread:
 
     def abort(self, out: asyncio.Queue) -> None:
         """Stop the request whose updates go to `out` (its client went away); no more updates come."""
+        tracker = self._trackers.pop(out, None)
+        if tracker is not None:
+            tracker.aborted()
         self._inbox.put(("abort", out))
 
     @property
@@ -137,7 +133,18 @@ class EngineThread:
         delivered = loop is not None and _put(loop, out, update_of(req, self.core.stream_text))
         if req.is_finished or not delivered:
             self._loops.pop(out, None)
+            tracker = self._trackers.pop(out, None)
+            if tracker is not None:
+                tracker.update(req)  # a request refused at once was never observed
+                if not delivered:
+                    tracker.aborted()  # nobody listens: the loop aborts the request
         return delivered
+
+    def _observe(self, out: asyncio.Queue, req: Any) -> None:
+        """After every step that changed the request (streamed or not): its tracker counts the new tokens."""
+        tracker = self._trackers.get(out)
+        if tracker is not None:
+            tracker.update(req)
 
     def _run(self) -> None:
         try:
@@ -156,6 +163,9 @@ class EngineThread:
                     self._tell_failed(item[1])
 
     def _tell_failed(self, out: asyncio.Queue) -> None:
+        tracker = self._trackers.pop(out, None)
+        if tracker is not None:
+            tracker.failed()
         loop = self._loops.pop(out, None)
         if loop is not None:
             _put(loop, out, failed_update(f"the engine stopped: {self._crash}"))

@@ -1,18 +1,19 @@
 """The server's Prometheus metrics: load, tokens, latencies, KV-cache use, preemptions, outcomes, prefix-cache hits.
 
-Most values come from what the HTTP layer sees of each request (its Updates carry the engine's times and counts),
-so they are the same with one process or several ranks. The engine's own state (requests running, KV-cache use) is
-read at scrape time from whatever the engine wrapper offers; a multi-rank server's engine lives in rank 0's
-process, so there running is estimated from the requests in flight and KV-cache use is not exported.
+Per-request values come from the engine wrapper, which hands each engine request it sees change (with the engine's
+times and counts) to that request's RequestTracker: after every step with one process (EngineThread), after every
+step of a streamed request and at the end of any other with several ranks (DistributedEngine, whose engine lives in
+rank 0's process). The engine's state (requests running, KV-cache use) is read at scrape time where the wrapper
+offers it; over several ranks, running is estimated from the requests in flight and KV-cache use is not exported.
 """
 
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
-from .engine_thread import Update
 
 PREFIX = "ad_"
 # Seconds; from a few milliseconds (a GPU decode step) to minutes (a long answer on a CPU).
@@ -26,7 +27,12 @@ class ServerMetrics:
     """The metrics of one app, in a registry of its own (several apps may live in one process, as in tests)."""
 
     def __init__(self, model_name: str, running: Callable[[], float], waiting: Callable[[], float],
-                 kv_cache_usage: Callable[[], float] | None = None):
+                 kv_cache_usage: Callable[[], float] | None = None, clock: Callable[[], float] = time.perf_counter):
+        self.model_name = model_name
+        self.clock = clock  # when the server sees a token (gaps between a request's tokens)
+        self._queries = 0  # prompt tokens of finished requests, and how many of them the prefix cache held
+        self._hits = 0
+        self._prefix_lock = threading.Lock()
         self.registry = CollectorRegistry()
         reg, label = self.registry, ["model_name"]
 
@@ -65,16 +71,19 @@ class ServerMetrics:
                               TTFT_BUCKETS)
         self.tpot = histogram("time_per_output_token_seconds", "Per request: (last token - first token) / "
                               "(tokens - 1).", TOKEN_GAP_BUCKETS)
-        self.itl = histogram("inter_token_latency_seconds", "Gaps between tokens of streamed requests (a gap of "
-                             "several tokens counts once per token).", TOKEN_GAP_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Gaps between a request's tokens as the server sees them "
+                             "(a gap of k tokens counts k times, each 1/k of it); over several ranks, streamed "
+                             "requests only.", TOKEN_GAP_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "From the engine's arrival to the last token.",
                              E2E_BUCKETS)
-        self.model_name = model_name
-        self._queries = 0
-        self._hits = 0
 
     def _hit_rate(self) -> float:
         return self._hits / self._queries if self._queries else 0.0
+
+    def count_prefix(self, queries: int, hits: int) -> None:
+        with self._prefix_lock:
+            self._queries += queries
+            self._hits += hits
 
     def render(self) -> bytes:
         """The text exposition format; gauges read the engine now."""
@@ -86,56 +95,72 @@ class ServerMetrics:
 
 
 class RequestTracker:
-    """Turns one request's Updates into metric observations; ends once (finished, failed or aborted)."""
+    """Turns one engine request's progress into observations; ends once (finished, failed or aborted).
+
+    `update` takes the engine's Request (or the snapshot a multi-rank backend sends) whenever the engine wrapper
+    sees it change; it may come from the engine's thread while `aborted` comes from the event loop, hence the lock.
+    """
 
     def __init__(self, metrics: ServerMetrics, prompt_tokens: int):
         self.m = metrics
         self.prompt_tokens = prompt_tokens
         self.tokens = 0  # output tokens counted so far
-        self.last_made_at: float | None = None
+        self.last_seen: float | None = None  # when the newest of them was seen
         self.done = False
+        self._lock = threading.Lock()
 
-    def update(self, upd: Update) -> None:
-        """Count what `upd` adds; a streamed request's updates come one per step, a plain request's only last."""
-        if self.done:
-            return
-        m = self.m
-        new = len(upd.token_ids) - self.tokens
-        if new > 0:
-            if self.tokens == 0:
-                m.prompt_tokens.inc(self.prompt_tokens)
-                if upd.first_token_time is not None and upd.arrival_time is not None:
-                    m.ttft.observe(max(0.0, upd.first_token_time - upd.arrival_time))
-            elif self.last_made_at is not None:
-                gap = max(0.0, upd.made_at - self.last_made_at) / new
-                for _ in range(new):
-                    m.itl.observe(gap)
-            m.generation_tokens.inc(new)
-            self.tokens = len(upd.token_ids)
-            self.last_made_at = upd.made_at
-        if upd.finished:
-            self._finish(upd)
+    def update(self, req: Any) -> None:
+        """Count what the request has added since the last call; after the end, nothing."""
+        now = self.m.clock()
+        with self._lock:
+            if self.done:
+                return
+            m = self.m
+            n = len(req.output_token_ids)
+            new = n - self.tokens
+            if new > 0:
+                if self.tokens == 0:
+                    m.prompt_tokens.inc(self.prompt_tokens)
+                    if req.first_token_time is not None:
+                        m.ttft.observe(max(0.0, req.first_token_time - req.arrival_time))
+                elif self.last_seen is not None:
+                    gap = (now - self.last_seen) / new
+                    for _ in range(new):
+                        m.itl.observe(gap)
+                m.generation_tokens.inc(new)
+                self.tokens, self.last_seen = n, now
+            if req.is_finished:
+                self._finish(req)
 
     def aborted(self) -> None:
-        """The client went away before the last update."""
-        if not self.done:
-            self.done = True
-            self.m.failure.labels(self.m.model_name, "abort").inc()
+        """The client went away before the end."""
+        self._end("abort")
 
-    def _finish(self, upd: Update) -> None:
+    def failed(self) -> None:
+        """The server could not finish the request (its engine or ranks stopped)."""
+        self._end("error")
+
+    def _end(self, reason: str) -> None:
+        with self._lock:
+            if not self.done:
+                self.done = True
+                self.m.failure.labels(self.m.model_name, reason).inc()
+
+    def _finish(self, req: Any) -> None:
         self.done = True
-        m, name = self.m, self.m.model_name
-        if upd.num_preemptions:
-            m.preemptions.inc(upd.num_preemptions)
-        if upd.error:
-            m.failure.labels(name, "error").inc()
+        m = self.m
+        if req.num_preemptions:
+            m.preemptions.inc(req.num_preemptions)
+        if req.error:
+            m.failure.labels(m.model_name, "error").inc()
             return
-        m.success.labels(name, upd.finish_reason or "unknown").inc()
-        if upd.finish_time is not None and upd.arrival_time is not None:
-            m.e2e.observe(max(0.0, upd.finish_time - upd.arrival_time))
-        if self.tokens >= 2 and upd.finish_time is not None and upd.first_token_time is not None:
-            m.tpot.observe(max(0.0, upd.finish_time - upd.first_token_time) / (self.tokens - 1))
+        m.success.labels(m.model_name, req.finish_reason or "unknown").inc()
+        if req.finish_time is not None:
+            m.e2e.observe(max(0.0, req.finish_time - req.arrival_time))
+            if self.tokens >= 2 and req.first_token_time is not None:
+                m.tpot.observe(max(0.0, req.finish_time - req.first_token_time) / (self.tokens - 1))
+        # Read defensively: requests carry num_cached_tokens only where the engine has a prefix cache.
+        hits = min(int(getattr(req, "num_cached_tokens", 0) or 0), self.prompt_tokens)
         m.prefix_queries.inc(self.prompt_tokens)
-        m.prefix_hits.inc(min(upd.num_cached_tokens, self.prompt_tokens))
-        m._queries += self.prompt_tokens
-        m._hits += min(upd.num_cached_tokens, self.prompt_tokens)
+        m.prefix_hits.inc(hits)
+        m.count_prefix(self.prompt_tokens, hits)

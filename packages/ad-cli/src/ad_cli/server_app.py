@@ -22,7 +22,7 @@ from .engine_thread import EngineThread, Update
 from .http_auth import ApiKeyMiddleware
 from .http_limits import BodyLimitMiddleware, EventTally, ServerLimits, one_line
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import RequestTracker, ServerMetrics
+from .metrics import ServerMetrics
 from .openai_protocol import (
     BadRequest,
     ChatRequest,
@@ -61,11 +61,11 @@ def _version() -> str:
         return "unknown"
 
 
-def start_engine(llm: Any) -> EngineThread | DistributedEngine:
+def start_engine(llm: Any, metrics: ServerMetrics | None = None) -> EngineThread | DistributedEngine:
     """A local engine on a background thread; with world_size > 1 the engine lives in rank 0's process."""
     if llm.engine is not None:
-        return EngineThread(llm)
-    return DistributedEngine(llm.backend)
+        return EngineThread(llm, metrics)
+    return DistributedEngine(llm.backend, metrics)
 
 
 async def _last_update(q: asyncio.Queue, engine: Any, http: Request) -> Update | None:
@@ -128,7 +128,7 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
         # Tokenisation runs in worker threads, one at a time: fast tokenizers are not safe to share between
         # threads ("Already borrowed"), and one at a time is all two CPU cores give anyway.
         state["tokenizer_lock"] = anyio.CapacityLimiter(1)
-        state["engine"] = start_engine(llm)
+        state["engine"] = start_engine(llm, metrics)
         try:
             yield
         finally:
@@ -182,8 +182,7 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
         return waiting + state["preparing"]
 
     def num_running() -> int:
-        engine = state.get("engine")
-        running = getattr(engine, "num_running", None)
+        running = getattr(state.get("engine"), "num_running", None)
         if running is None:  # rank 0's engine is in another process: what is in flight and not waiting
             return max(0, state["in_flight"] - max(0, num_waiting() - state["preparing"]))
         return int(running)
@@ -191,10 +190,9 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
     def kv_cache_usage() -> float:
         return float(getattr(state.get("engine"), "kv_cache_usage", 0.0))
 
-    # Engine internals are visible only with the engine in this process (EngineThread), not over several ranks.
-    local = getattr(llm, "engine", None) is not None
+    # Engine internals (running, KV-cache use) are visible only with the engine in this process (EngineThread).
     metrics = ServerMetrics(model_name, num_running, lambda: num_waiting() if "engine" in state else 0,
-                            kv_cache_usage if local else None)
+                            kv_cache_usage if getattr(llm, "engine", None) is not None else None)
 
     @app.get("/metrics")
     async def metrics_route() -> Response:
@@ -264,7 +262,6 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
         engine = state["engine"]
         q = engine.submit(ids, params, text, stream=bool(req.stream))
         state["in_flight"] += 1
-        tracker = metrics.track(len(ids))
         done = False
 
         def release() -> None:
@@ -277,19 +274,16 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
             def close() -> None:
                 if not done:  # the client went away before the last update: stop the request
                     engine.abort(q)
-                    tracker.aborted()
                 release()
 
-            chunks = _stream(q, rid, created, chat, release, echo, len(ids) if req.include_usage else None, tracker)
+            chunks = _stream(q, rid, created, chat, release, echo, len(ids) if req.include_usage else None)
             return _Stream(chunks, close, media_type="text/event-stream")
         try:
             upd = await _last_update(q, engine, http)
         finally:
             release()
         if upd is None:
-            tracker.aborted()
             return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
-        tracker.update(upd)
         if upd.error:
             raise BadRequest(500 if upd.internal else 400, upd.error)
         usage = _usage(len(ids), len(upd.token_ids))
@@ -304,7 +298,7 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
                              "choices": [choice], "usage": usage})
 
     async def _stream(q: asyncio.Queue, rid: str, created: int, chat: bool, release: Callable[[], None], echo: str,
-                      prompt_tokens: int | None, tracker: RequestTracker):
+                      prompt_tokens: int | None):
         """The request's chunks as server-sent events; with `prompt_tokens` (include_usage) a last chunk with
         the usage and no choices, as OpenAI sends it."""
         sent = ""
@@ -317,7 +311,6 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
         role = {"role": "assistant"}  # in the first chunk of a chat
         while True:
             upd = await q.get()
-            tracker.update(upd)
             if upd.finished:
                 release()
             if upd.error:
