@@ -71,8 +71,6 @@ class Engine:
         self.vocab_size = vocab_size
         self.eos_token_ids = set(eos_token_ids)
         self.sampler = Sampler(runner.device)
-        # Structured output: grammar matchers of constrained requests (xgrammar is loaded on the first one).
-        self.grammars = GrammarMasks(tokenizer, vocab_size, eos_token_ids, scheduler.max_batch_size)
         self._ids = itertools.count()
         self.num_steps = 0
         self.timer: StepTimer | None = None  # set by benchmarks: per-phase step times and GPU idle share
@@ -80,6 +78,8 @@ class Engine:
         self.overlap = overlap
         self._inflight: _Launched | None = None
         self._host_tokens = _HostTokens(scheduler.max_batch_size, torch.device(runner.device))
+        # Structured output: grammar matchers of constrained requests (xgrammar is loaded on the first one).
+        self.grammars = GrammarMasks(tokenizer, vocab_size, eos_token_ids, scheduler.max_batch_size)
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Request:
         """Queue a request; one that can never run fails alone, at once, with a clear message."""
