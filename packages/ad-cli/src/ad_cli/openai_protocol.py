@@ -187,15 +187,15 @@ class SamplingRequest(StructuredOutputFields, RequestBody):
         return v
 
     def check(self) -> None:
+        try:
+            self.check_structured_output()
+        except FieldError as e:
+            raise BadRequest(400, str(e), e.param) from None
         if self.max_completion_tokens is not None and self.max_tokens not in (None, self.max_completion_tokens):
             raise BadRequest(400, f"max_completion_tokens: {self.max_completion_tokens} differs from max_tokens "
                                   f"({self.max_tokens}); give one of them", "max_completion_tokens")
         if self.stream_options is not None and not self.stream:
             raise BadRequest(400, "stream_options: only allowed with stream: true", "stream_options")
-        try:
-            self.check_structured_output()
-        except FieldError as e:
-            raise BadRequest(400, str(e), e.param) from None
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -216,9 +216,9 @@ class SamplingRequest(StructuredOutputFields, RequestBody):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k, seed=self.seed, stop=self.stop,
+            structured_output=self.structured_output,
             stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
-            structured_output=self.structured_output,
         )
 
 
