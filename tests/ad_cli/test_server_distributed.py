@@ -75,3 +75,17 @@ def test_rejected_request_is_400(client: TestClient) -> None:
     # Rank 0 rejects it at once; the reason travels back through the pipe.
     r = client.post("/v1/completions", json={"prompt": [7] * 200, "max_tokens": 4})
     assert r.status_code == 400 and "max_seq_len" in r.json()["error"]["message"]
+
+
+def test_structured_output_and_metrics_over_two_ranks(client: TestClient) -> None:
+    """Rank 0's engine masks by the grammar; /metrics counts from what reaches this process (no KV-cache view)."""
+    pytest.importorskip("xgrammar")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = client.post("/v1/completions", json={"prompt": COMPLETIONS[0], "temperature": 0,
+                                             "guided_choice": ["Paris", "Lyon"]})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] in ("Paris", "Lyon"), r.text
+    m = {s.name: s.value for fam in text_string_to_metric_families(client.get("/metrics").text) for s in fam.samples
+         if set(s.labels) == {"model_name"}}
+    assert m["ad_generation_tokens_total"] >= 1 and m["ad_time_to_first_token_seconds_count"] >= 1
+    assert m["ad_num_requests_running"] == 0 and "ad_kv_cache_usage_perc" not in m

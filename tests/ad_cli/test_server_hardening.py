@@ -386,7 +386,7 @@ def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
     def start(limits: ServerLimits) -> tuple[int, FakeEngine]:
         engine = FakeEngine()
-        monkeypatch.setattr(server_app, "start_engine", lambda llm: engine)
+        monkeypatch.setattr(server_app, "start_engine", lambda llm, metrics=None: engine)
         app = server_app.build_app(SlowTokenizerLLM(), "fake", default_max_tokens=4, limits=limits)
         sock = bind_socket("127.0.0.1", 0)
         server = make_server(app, limits, log_level="warning")

@@ -19,10 +19,13 @@ class DistributedEngine:
     backend's reader thread and are handed to each request's event loop.
     """
 
-    def __init__(self, backend: Any):
+    def __init__(self, backend: Any, metrics: Any = None):
         self.backend = backend
+        # ServerMetrics: each request's tracker sees what reaches this process (a stream's every step, else the end).
+        self._metrics = metrics
         self._lock = threading.Lock()  # guards _clients, which the reader thread also touches
         self._clients: dict[asyncio.Queue, int] = {}  # the unfinished requests: their queue -> client id
+        self._trackers: dict[asyncio.Queue, Any] = {}  # their metrics trackers (with metrics)
         self._log_lock = threading.Lock()
         self._logged_failure = False  # the ranks' failure goes to the log once, with its traceback
 
@@ -43,15 +46,21 @@ class DistributedEngine:
         """Send a request to rank 0; returns the asyncio queue that receives its Updates (only the last unless `stream`)."""
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
+        tracker = self._metrics.track(len(token_ids)) if self._metrics is not None else None
 
         def on_update(_: int, item: Any) -> None:
             if isinstance(item, BaseException):
                 upd = self._failed(item)
+                if tracker is not None:
+                    tracker.failed()
             else:
                 upd = update_of(item, self.backend.detok.stream_text)
+                if tracker is not None:
+                    tracker.update(item)
             if upd.finished:
                 with self._lock:
                     self._clients.pop(out, None)
+                    self._trackers.pop(out, None)
             try:
                 loop.call_soon_threadsafe(out.put_nowait, upd)
             except RuntimeError:  # the caller's event loop has closed: nobody listens, stop the request
@@ -62,21 +71,28 @@ class DistributedEngine:
         with self._lock:
             try:
                 [self._clients[out]] = self.backend.submit([token_ids], [params], [prompt], stream, on_update)
+                if tracker is not None:
+                    self._trackers[out] = tracker
             except Exception as e:  # noqa: BLE001 - the ranks are gone: this request fails, the server answers
                 out.put_nowait(self._failed(e))
+                if tracker is not None:
+                    tracker.failed()
         return out
 
     def abort(self, out: asyncio.Queue) -> None:
         """Stop the request whose updates go to `out` (its client went away) on rank 0."""
         with self._lock:
             cid = self._clients.pop(out, None)
+            tracker = self._trackers.pop(out, None)
+        if tracker is not None:
+            tracker.aborted()  # a no-op when the request has ended
         if cid is not None:
             self.backend.abort(cid)
 
     def close(self) -> None:
         """Abort what is still running: nobody will read it. The ranks belong to the LLM, which shuts them down."""
         with self._lock:
-            cids, self._clients = list(self._clients.values()), {}
+            cids, self._clients, self._trackers = list(self._clients.values()), {}, {}
         for cid in cids:
             self.backend.abort(cid)
 

@@ -44,8 +44,10 @@ class EngineThread:
     The same contract as DistributedEngine: submit(...) -> asyncio.Queue of Update, abort(queue), health(), close().
     """
 
-    def __init__(self, llm: Any):
+    def __init__(self, llm: Any, metrics: Any = None):
         self.core = llm.core
+        self._metrics = metrics  # ServerMetrics: each request's progress goes to its tracker (None: no metrics)
+        self._trackers: dict[asyncio.Queue, Any] = {}
         if self.core is None:
             raise ValueError("EngineThread needs the engine in this process (world_size 1); use DistributedEngine")
         self._inbox: queue.Queue = queue.Queue()
@@ -54,7 +56,8 @@ class EngineThread:
         self._loops: dict[asyncio.Queue, asyncio.AbstractEventLoop] = {}  # each request's caller's event loop
         self._pending_adds = 0  # submissions in the inbox not yet taken by the engine thread
         self._count_lock = threading.Lock()
-        self._requests = RequestLoop(self.core, self._receive, self._publish)
+        self._requests = RequestLoop(self.core, self._receive, self._publish,
+                                     self._observe if metrics is not None else None)
         self._thread = threading.Thread(target=self._run, name="ad-engine", daemon=True)
         self._thread.start()
 
@@ -66,6 +69,8 @@ class EngineThread:
             out.put_nowait(failed_update(f"the engine stopped: {self._crash}"))
             return out
         self._loops[out] = loop
+        if self._metrics is not None:
+            self._trackers[out] = self._metrics.track(len(token_ids))
         with self._count_lock:
             self._pending_adds += 1
         self._inbox.put(("add", out, token_ids, params, prompt, stream))
@@ -73,12 +78,26 @@ class EngineThread:
 
     def abort(self, out: asyncio.Queue) -> None:
         """Stop the request whose updates go to `out` (its client went away); no more updates come."""
+        tracker = self._trackers.pop(out, None)
+        if tracker is not None:
+            tracker.aborted()
         self._inbox.put(("abort", out))
 
     @property
     def num_waiting(self) -> int:
         """Requests submitted but not yet taken by the engine thread plus those the engine has not scheduled."""
         return self._pending_adds + len(self.core.engine.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Requests the scheduler runs (read without the engine's lock: a count, possibly one step old)."""
+        return len(self.core.engine.scheduler.running)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Share of KV-cache pages in use (pages the prefix cache could evict on demand count as free)."""
+        pool = self.core.engine.scheduler.pool
+        return pool.num_used_pages / pool.num_pages if pool.num_pages else 0.0
 
     def health(self) -> str | None:
         """None while the engine thread serves; else why it cannot."""
@@ -114,7 +133,18 @@ class EngineThread:
         delivered = loop is not None and _put(loop, out, update_of(req, self.core.stream_text))
         if req.is_finished or not delivered:
             self._loops.pop(out, None)
+            tracker = self._trackers.pop(out, None)
+            if tracker is not None:
+                tracker.update(req)  # a request refused at once was never observed
+                if not delivered:
+                    tracker.aborted()  # nobody listens: the loop aborts the request
         return delivered
+
+    def _observe(self, out: asyncio.Queue, req: Any) -> None:
+        """After every step that changed the request (streamed or not): its tracker counts the new tokens."""
+        tracker = self._trackers.get(out)
+        if tracker is not None:
+            tracker.update(req)
 
     def _run(self) -> None:
         try:
@@ -133,6 +163,9 @@ class EngineThread:
                     self._tell_failed(item[1])
 
     def _tell_failed(self, out: asyncio.Queue) -> None:
+        tracker = self._trackers.pop(out, None)
+        if tracker is not None:
+            tracker.failed()
         loop = self._loops.pop(out, None)
         if loop is not None:
             _put(loop, out, failed_update(f"the engine stopped: {self._crash}"))

@@ -1,4 +1,4 @@
-"""`--api-key`: every route but /health and /version asks for `Authorization: Bearer KEY` (401 otherwise)."""
+"""`--api-key`: every route but /health, /version and /metrics asks for `Authorization: Bearer KEY` (401 otherwise)."""
 
 import hmac
 import json
@@ -6,8 +6,9 @@ from typing import Any
 
 from .http_limits import Receive, Scope, Send, header_value
 
-# Open without a key: probes (load balancers, orchestrators) and what a client checks before it has a key.
-OPEN_PATHS = frozenset({"/health", "/version"})
+# Open without a key: probes (load balancers, orchestrators), what a client checks before it has a key, and the
+# Prometheus scrape (as vLLM's, whose key guards /v1 only; scrapers are configured apart from API clients).
+OPEN_PATHS = frozenset({"/health", "/version", "/metrics"})
 
 
 def bearer_token(scope: Scope) -> bytes | None:

@@ -13,6 +13,7 @@ from ad_runtime import SamplingParams
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .http_limits import one_line
+from .structured_request import FieldError, StructuredOutputFields
 
 # Mirrors ad_runtime.sampling_params (checked here too, so the error names the request's field).
 MAX_SEED = 2**64 - 1
@@ -76,10 +77,6 @@ _SAMPLING_NOT_YET: dict[str, tuple] = {
     "best_of": (None, 1),
     "use_beam_search": (None, False),
     "length_penalty": (None, 1),
-    "response_format": (None, {"type": "text"}),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
     "guided_grammar": (None,),
     "truncate_prompt_tokens": (None,),
     "store": (None, False),
@@ -156,7 +153,7 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-class SamplingRequest(RequestBody):
+class SamplingRequest(StructuredOutputFields, RequestBody):
     model: str | None = None  # any name: the server answers with its own
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     # The newer name of max_tokens (chat); both given, they must agree.
@@ -190,6 +187,10 @@ class SamplingRequest(RequestBody):
         return v
 
     def check(self) -> None:
+        try:
+            self.check_structured_output()
+        except FieldError as e:
+            raise BadRequest(400, str(e), e.param) from None
         if self.max_completion_tokens is not None and self.max_tokens not in (None, self.max_completion_tokens):
             raise BadRequest(400, f"max_completion_tokens: {self.max_completion_tokens} differs from max_tokens "
                                   f"({self.max_tokens}); give one of them", "max_completion_tokens")
@@ -215,6 +216,7 @@ class SamplingRequest(RequestBody):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k, seed=self.seed, stop=self.stop,
+            structured_output=self.structured_output,
             stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
         )

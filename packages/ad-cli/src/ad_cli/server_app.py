@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP API (completions, chat completions, models, tokenize) over one shared engine."""
+"""An OpenAI-compatible HTTP API (completions, chat completions, models, tokenize, metrics) over one shared engine."""
 
 import asyncio
 import importlib.metadata
@@ -21,6 +21,8 @@ from .distributed_engine import DistributedEngine
 from .engine_thread import EngineThread, Update
 from .http_auth import ApiKeyMiddleware
 from .http_limits import BodyLimitMiddleware, EventTally, ServerLimits, one_line
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import ServerMetrics
 from .openai_protocol import (
     BadRequest,
     ChatRequest,
@@ -59,11 +61,11 @@ def _version() -> str:
         return "unknown"
 
 
-def start_engine(llm: Any) -> EngineThread | DistributedEngine:
+def start_engine(llm: Any, metrics: ServerMetrics | None = None) -> EngineThread | DistributedEngine:
     """A local engine on a background thread; with world_size > 1 the engine lives in rank 0's process."""
     if llm.engine is not None:
-        return EngineThread(llm)
-    return DistributedEngine(llm.backend)
+        return EngineThread(llm, metrics)
+    return DistributedEngine(llm.backend, metrics)
 
 
 async def _last_update(q: asyncio.Queue, engine: Any, http: Request) -> Update | None:
@@ -108,7 +110,7 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
               api_key: str | None = None) -> FastAPI:
     """The app over `llm`; its engine runs on one background thread (or on rank 0) while the app is up.
 
-    With `api_key`, every route but /health and /version asks for `Authorization: Bearer <api_key>`.
+    With `api_key`, every route but /health, /version and /metrics asks for `Authorization: Bearer <api_key>`.
     """
     limits = limits or ServerLimits()
     state: dict[str, Any] = {"in_flight": 0, "preparing": 0}
@@ -126,7 +128,7 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
         # Tokenisation runs in worker threads, one at a time: fast tokenizers are not safe to share between
         # threads ("Already borrowed"), and one at a time is all two CPU cores give anyway.
         state["tokenizer_lock"] = anyio.CapacityLimiter(1)
-        state["engine"] = start_engine(llm)
+        state["engine"] = start_engine(llm, metrics)
         try:
             yield
         finally:
@@ -178,6 +180,23 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
         except Exception:  # noqa: BLE001 - engines without the count: estimate from what is in flight
             waiting = max(0, state["in_flight"] - max_batch)
         return waiting + state["preparing"]
+
+    def num_running() -> int:
+        running = getattr(state.get("engine"), "num_running", None)
+        if running is None:  # rank 0's engine is in another process: what is in flight and not waiting
+            return max(0, state["in_flight"] - max(0, num_waiting() - state["preparing"]))
+        return int(running)
+
+    def kv_cache_usage() -> float:
+        return float(getattr(state.get("engine"), "kv_cache_usage", 0.0))
+
+    # Engine internals (running, KV-cache use) are visible only with the engine in this process (EngineThread).
+    metrics = ServerMetrics(model_name, num_running, lambda: num_waiting() if "engine" in state else 0,
+                            kv_cache_usage if getattr(llm, "engine", None) is not None else None)
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/health")
     async def health() -> Any:

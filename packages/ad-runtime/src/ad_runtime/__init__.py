@@ -10,5 +10,6 @@ from . import state as _state  # noqa: F401 - registers the cached Mamba2 conv/S
 from .llm import LLM  # noqa: E402
 from .outputs import CompletionOutput, RequestOutput  # noqa: E402
 from .sampling_params import SamplingParams  # noqa: E402
+from .structured_output import StructuredOutputParams  # noqa: E402
 
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "StructuredOutputParams"]

@@ -3,6 +3,8 @@
 import math
 from dataclasses import dataclass, field
 
+from .structured_output import StructuredOutputParams
+
 # torch.Generator.manual_seed takes any value that fits 64 bits unsigned.
 MAX_SEED = 2**64 - 1
 # Temperatures below this sample from a distribution that is argmax in all but name; dividing logits by
@@ -37,6 +39,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # The output follows a JSON schema, a regex, ... (StructuredOutputParams or a dict of its fields).
+    structured_output: StructuredOutputParams | None = None
     # Keep stop strings in the returned text (they are cut by default).
     include_stop_str_in_output: bool = False
 
@@ -63,6 +67,11 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise ValueError(f"seed must be an int in [0, 2**64-1] or None, got {self.seed!r}")
+        if self.structured_output is not None:
+            try:
+                self.structured_output = StructuredOutputParams.coerce(self.structured_output)
+            except ValueError as e:
+                raise ValueError(f"structured_output: {e}") from None
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

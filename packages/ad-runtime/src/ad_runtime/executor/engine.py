@@ -20,6 +20,7 @@ from .request import Request, RequestStatus
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .step_timer import StepTimer
+from .structured_output import GrammarMasks
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class Engine:
         self.overlap = overlap
         self._inflight: _Launched | None = None
         self._host_tokens = _HostTokens(scheduler.max_batch_size, torch.device(runner.device))
+        # Structured output: grammar matchers of constrained requests (xgrammar is loaded on the first one).
+        self.grammars = GrammarMasks(tokenizer, vocab_size, eos_token_ids, scheduler.max_batch_size)
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Request:
         """Queue a request; one that can never run fails alone, at once, with a clear message."""
@@ -86,12 +89,15 @@ class Engine:
             if problem is None:
                 # A seeded generator is made now, so a seed torch refuses fails this request, not a later step.
                 self.sampler.generator_for(req.request_id, params.seed)
+                if params.structured_output is not None:
+                    self.grammars.add(req.request_id, params.structured_output)
         except Exception as e:  # noqa: BLE001 - whatever is wrong with one request fails that request only
             problem = f"invalid request: {one_line(e)}"
         if problem is None:
             self.scheduler.add(req)
         else:
             self.sampler.release(req.request_id)
+            self.grammars.release(req.request_id)
             req.fail(problem)
         return req
 
@@ -142,12 +148,19 @@ class Engine:
         timer = self.timer
         if timer is not None:
             timer.begin()
+        changed: list[Request] = []
         prev = self._inflight
+        if prev is not None and self.grammars.active:
+            # A constrained row's mask needs every earlier token in its matcher, so the step in flight is read
+            # before this one is scheduled: while constrained requests run, steps do not overlap (all rows wait,
+            # which keeps one simple rule: the mask of step N+1 always sees step N's token).
+            self._inflight = None
+            changed += self._resolve(prev)
+            prev = None
         # A request whose last sampled token reaches its length limit finishes when that token is read: it
         # needs no further row. (Stops and end tokens cannot be foreseen: such a row is computed and dropped.)
         done = set() if prev is None else {id(r) for r in prev.reqs if self._reaches_limit(r)}
         batch = self.scheduler.schedule(skip=done)
-        changed: list[Request] = []
         launched = None
         if batch:
             launched = self._launch(batch, prev, changed)
@@ -156,8 +169,8 @@ class Engine:
             # that grew past max_num_tokens without chunked prefill): it never will, so it fails alone.
             req = self.scheduler.waiting[0]
             self.abort(req, "the request no longer fits one step (max_num_tokens) or the KV cache")
-            return [req]
-        if self.overlap:
+            return changed + [req]
+        if self.overlap and not self.grammars.active:
             self._inflight = launched
             if prev is not None:
                 changed += self._resolve(prev)
@@ -226,6 +239,8 @@ class Engine:
 
     def _sample(self, rows: torch.Tensor, reqs: list[Request], failed: list[Request]) -> "_Launched":
         """Start sampling one token per row; a row whose sampling fails fails its request alone."""
+        if self.grammars.active:
+            rows = self._mask(rows, reqs, failed)
         try:
             tokens = self.sampler(rows, [r.params for r in reqs], [r.request_id for r in reqs])
             return _Launched.start(reqs, tokens, self._host_tokens)
@@ -241,6 +256,20 @@ class Engine:
                 failed.append(req)
         tokens = torch.cat(picked) if picked else torch.empty(0, dtype=torch.long, device=rows.device)
         return _Launched.start(good, tokens, self._host_tokens)
+
+    def _mask(self, rows: torch.Tensor, reqs: list[Request], failed: list[Request]) -> torch.Tensor:
+        """Mask what constrained rows' grammars forbid (on the device); a row whose mask fails fails alone."""
+        try:
+            return self.grammars.apply(rows, [r.request_id for r in reqs])
+        except Exception:  # noqa: BLE001 - find the culprit by masking each row alone
+            logger.exception("structured-output masking failed; masking row by row")
+        for i, req in enumerate(reqs):
+            try:
+                self.grammars.apply(rows[i : i + 1], [req.request_id])
+            except Exception as e:  # noqa: BLE001 - its token is dropped when the step is read (it has failed)
+                self.abort(req, f"structured output failed: {one_line(e)}")
+                failed.append(req)
+        return rows
 
     def _resolve(self, launched: "_Launched") -> list[Request]:
         """Read a launched step's tokens (waits for that step only) and post-process its requests."""
@@ -271,6 +300,10 @@ class Engine:
             req.output_token_ids.pop()  # the end token is not part of the answer
         elif token in p.stop_token_ids:
             reason = "stop"
+        elif self.grammars.accept(req.request_id, token):  # the grammar has ended: nothing may follow
+            reason = "stop"
+            if token in self.eos_token_ids:  # ignore_eos: the grammar's end token still ends it, unseen
+                req.output_token_ids.pop()
         stop_string = reason is None and bool(p.stop) and self.detok.update(req) is not None  # sets req.text
         if stop_string:
             reason = "stop"
@@ -283,6 +316,7 @@ class Engine:
             req.future.clear()  # a token sampled after this one (overlap) is not part of the answer
             self.scheduler.finish(req)
             self.sampler.release(req.request_id)
+            self.grammars.release(req.request_id)
 
     def abort(self, req: Request, message: str) -> None:
         """End an unfinished request: free its pages, state slot and generator; it fails with `message`."""
@@ -292,6 +326,7 @@ class Engine:
             self.scheduler.waiting.remove(req)
         self.scheduler.finish(req)
         self.sampler.release(req.request_id)
+        self.grammars.release(req.request_id)
         req.fail(message)
 
     def abort_all(self, message: str) -> list[Request]:

@@ -9,7 +9,8 @@ Messages (from `receive`):
     ("stop",)                                        end the loop
 Updates (to `publish(key, request)`): after every step that changed a streaming request, and once when any
 request ends (also when it is refused at once). `publish` returns False when nobody listens any more: the
-request is then aborted.
+request is then aborted. An optional `observe(key, request)` sees every watched request a step changed, streaming
+or not (the server's metrics), before it is published.
 """
 
 from collections.abc import Callable, Hashable, Iterable
@@ -22,15 +23,17 @@ ABORT_MESSAGE = "aborted: the caller stopped listening"
 
 Receive = Callable[[bool], Iterable[tuple]]  # receive(block) -> the messages that arrived (waits for one if block)
 Publish = Callable[[Hashable, Request], bool]
+Observe = Callable[[Hashable, Request], None]
 
 
 class RequestLoop:
     """Runs an EngineCore on the caller's thread until a "stop" message (or `receive` raises)."""
 
-    def __init__(self, core: EngineCore, receive: Receive, publish: Publish):
+    def __init__(self, core: EngineCore, receive: Receive, publish: Publish, observe: Observe | None = None):
         self.core = core
         self.receive = receive
         self.publish = publish
+        self.observe = observe
         self.watchers: dict[int, tuple[Hashable, bool, Request]] = {}  # request id -> (key, stream, request)
         self.by_key: dict[Hashable, int] = {}  # key -> request id, for aborts
 
@@ -67,6 +70,8 @@ class RequestLoop:
         if w is None:
             return
         key, stream, _ = w
+        if self.observe is not None:
+            self.observe(key, req)
         if (stream or req.is_finished) and not self.publish(key, req) and not req.is_finished:
             self.core.abort(req, ABORT_MESSAGE)  # nobody listens any more
         if req.is_finished:
