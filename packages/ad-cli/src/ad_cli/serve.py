@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ad_cli.errors import report
 from ad_cli.http_limits import ServerLimits
@@ -80,8 +80,8 @@ def server_parser() -> argparse.ArgumentParser:
     g.add_argument("--served-model-name", default=None, metavar="NAME", help="model name reported by /v1/models "
                    "and in answers (default: the configured model)")
     g.add_argument("--api-key", type=_api_key, default=os.environ.get(API_KEY_ENV) or None, metavar="KEY",
-                   help="require the header 'Authorization: Bearer KEY' on every route but /health and /version "
-                        f"(401 otherwise); default: the {API_KEY_ENV} environment variable, else no key")
+                   help="require the header 'Authorization: Bearer KEY' on every route but /health, /version and "
+                        f"/metrics (401 otherwise); default: the {API_KEY_ENV} environment variable, else no key")
     g.add_argument("--max-body-bytes", type=_positive_int, default=_DEFAULTS.max_body_bytes, metavar="N",
                    help="largest request body; a larger one gets 413 before it is read (default: %(default)s)")
     g.add_argument("--header-timeout", type=_seconds, default=_DEFAULTS.header_timeout, metavar="S",
@@ -139,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    return _build_and_serve(own, config, sock, limits)
+
+
+def _build_and_serve(own: argparse.Namespace, config: Any, sock: Any, limits: ServerLimits) -> int:
+    """Build the model, then serve on the bound socket until stopped; returns the exit code."""
     # A server says where it listens and logs requests, so INFO here; library chatter stays off.
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     from ad_runtime import LLM
@@ -158,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     app = build_app(llm, name, default_max_tokens=int(config.prompt.sp_kwargs.get("max_tokens", 256)),
                     limits=limits, api_key=own.api_key)
     if own.api_key:
-        logging.getLogger("ad_cli.http").info("an API key is required on every route but /health and /version")
+        logging.getLogger("ad_cli.http").info("an API key is required on every route but /health, /version and "
+                                              "/metrics")
     # The model, torch and transformers leave ~400,000 long-lived objects: a full garbage collection over them
     # stops the event loop for ~0.3 s (seen as /health outliers under 10,000 connections). Frozen, the
     # collector skips them; what the server allocates from here on is collected as usual.

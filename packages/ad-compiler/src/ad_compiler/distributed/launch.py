@@ -7,7 +7,6 @@ interpreter lock, stops stamping, so the launcher, which watches the stamps and 
 and kills every rank. A rank alive but waiting forever in a collective is ended by the collective's timeout.
 """
 
-import datetime
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -26,18 +25,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .process_group import (
+    DEFAULT_DIST_TIMEOUT_S,
+    MIN_PG_TIMEOUT_S,
+    PG_TIMEOUT_SLACK_S,
+    default_backend,
+    init_process_group,
+    loopback_listener,
+)
+
 logger = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"
-# Seconds a rank may stop answering before the run ends (LlmArgs.dist_timeout's default).
-DEFAULT_DIST_TIMEOUT_S = 60.0
-# Collectives wait this much longer than dist_timeout before they raise, so that for a stopped or dead
-# peer the watchdog, which names the culprit, speaks first; the timeout remains for ranks alive but stuck.
-PG_TIMEOUT_SLACK_S = 10.0
-# ...and never less than this: a live peer may legitimately arrive late (one rank still exporting or
-# compiling while the other waits), which a collective cannot tell from a hang; the heartbeat can.
-MIN_PG_TIMEOUT_S = 60.0
-DEFAULT_PG_TIMEOUT_S = DEFAULT_DIST_TIMEOUT_S + PG_TIMEOUT_SLACK_S
 # A spawned rank imports torch (and the caller's modules) before its heartbeat starts: on a loaded machine
 # that can take longer than a short dist_timeout.
 STARTUP_ALLOWANCE_S = 60.0
@@ -67,90 +65,6 @@ class RankTraceback(Exception):
 
     def __str__(self) -> str:
         return "\n" + str(self.args[0]).rstrip()
-
-
-@dataclass(frozen=True)
-class RankContext:
-    """Who this process is in the group."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    backend: str
-
-    @property
-    def device(self) -> torch.device:
-        if self.backend == "nccl":
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
-
-
-def default_backend() -> str:
-    """NCCL where there are GPUs, gloo on CPUs."""
-    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-
-
-def free_port() -> int:
-    """An unused TCP port on localhost (bind 0 asks the kernel for one)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
-def loopback_listener(port: int = 0) -> socket.socket:
-    """A listening socket on 127.0.0.1 only, for rank 0's rendezvous store (port 0: the kernel picks one)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind((LOOPBACK, port))
-        s.listen(128)
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
-def torchrun_context() -> RankContext | None:
-    """The rank this process was given by torchrun (RANK/WORLD_SIZE/MASTER_ADDR set), else None."""
-    env = os.environ
-    if not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
-        return None
-    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    local = int(env.get("LOCAL_RANK", rank))
-    return RankContext(rank=rank, world_size=world, local_rank=local, backend=default_backend())
-
-
-def init_process_group(
-    rank: int,
-    world_size: int,
-    port: int | None = None,
-    backend: str | None = None,
-    timeout_s: float = DEFAULT_PG_TIMEOUT_S,
-    listener: socket.socket | None = None,
-) -> RankContext:
-    """Join the default process group: env:// when torchrun set it up, else a store at 127.0.0.1:port.
-
-    Rank 0 hosts that store on `listener` (a socket bound to the loopback interface; made here when None),
-    so the rendezvous is never reachable from other machines. `timeout_s` bounds every collective.
-    """
-    backend = backend or default_backend()
-    ctx = RankContext(rank=rank, world_size=world_size, local_rank=rank, backend=backend)
-    if dist.is_initialized():
-        return ctx
-    if backend == "nccl":
-        torch.cuda.set_device(ctx.local_rank)
-    timeout = datetime.timedelta(seconds=timeout_s)
-    if port is None:
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
-                                timeout=timeout)
-        return ctx
-    if rank == 0:
-        # TCPStore's own server listens on every interface; on a socket we bound, it listens where we said.
-        fd = (listener or loopback_listener(port)).detach()  # the store owns (and closes) the fd from here
-        store = dist.TCPStore(LOOPBACK, port, world_size, True, timeout, master_listen_fd=fd)
-    else:
-        store = dist.TCPStore(LOOPBACK, port, world_size, False, timeout)
-    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-    return ctx
 
 
 def _summary(e: BaseException) -> str:

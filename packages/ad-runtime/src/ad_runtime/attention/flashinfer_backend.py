@@ -208,6 +208,42 @@ def _apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> N
     out.mul_(factor[..., None].to(out.dtype))
 
 
+def _write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              slots: torch.Tensor) -> None:
+    if k_cache.dtype == k.dtype and v_cache.dtype == v.dtype:
+        # One kernel for keys and values (two index_copy kernels before: 2 x 2.2 us a layer at batch 1).
+        _pa.write_paged_kv(_rows(k), _rows(v), k_cache, v_cache, slots)
+    else:  # a cast into an fp8 cache
+        write_paged_kv(k_cache, slots, k)
+        write_paged_kv(v_cache, slots, v)
+
+
+def _layer_key(q: torch.Tensor, k_cache: torch.Tensor, scale: float | None, sliding_window: int | None,
+               logit_cap: float | None) -> _LayerKey:
+    head_dim = q.shape[-1]
+    return _LayerKey(
+        n_heads=q.shape[2], n_kv_heads=k_cache.shape[2], head_dim=head_dim, page_size=k_cache.shape[1],
+        q_dtype=q.dtype, kv_dtype=k_cache.dtype,
+        # our window w admits pos - w < j <= pos; FlashInfer's window_left counts keys left of pos
+        window_left=sliding_window - 1 if sliding_window is not None and sliding_window > 0 else -1,
+        logit_cap=float(logit_cap or 0.0),
+        scale=scale if scale is not None else 1.0 / math.sqrt(head_dim),
+    )
+
+
+def _split_kv_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_len: torch.Tensor,
+                        input_pos: torch.Tensor, page_table: torch.Tensor, key: _LayerKey, sliding_window: int | None,
+                        logit_cap: float | None, sinks: torch.Tensor | None, out: torch.Tensor) -> None:
+    """A small decode batch through the split-KV Triton kernel (see _SPLIT_KV_DECODE_MAX_ROWS)."""
+    max_kv = page_table.shape[1] * key.page_size
+    _pa.decode_attention(
+        q, k_cache, v_cache, seq_len, input_pos, page_table, scale=key.scale,
+        sliding_window=sliding_window if sliding_window and sliding_window > 0 else None,
+        logit_cap=logit_cap or None, sinks=sinks, out=out,
+        num_splits=_pa.occupancy_num_splits(q.shape[0], key.n_kv_heads, max_kv, _num_sms(q.device)),
+    )
+
+
 @torch.library.custom_op("auto_deploy::flashinfer_cached_attention", mutates_args=("k_cache", "v_cache"))
 def flashinfer_cached_attention(
     q: torch.Tensor,
@@ -230,22 +266,8 @@ def flashinfer_cached_attention(
     logit_cap: float | None,
 ) -> torch.Tensor:
     """Write the step's k/v into the paged cache, then FlashInfer prefill + decode: [1, T, n, d] -> [1, T, n, d]."""
-    t = q.shape[1]
-    if k_cache.dtype == k.dtype and v_cache.dtype == v.dtype:
-        # One kernel for keys and values (two index_copy kernels before: 2 x 2.2 us a layer at batch 1).
-        _pa.write_paged_kv(_rows(k[0]), _rows(v[0]), k_cache, v_cache, slot_mapping[:t])
-    else:  # a cast into an fp8 cache
-        write_paged_kv(k_cache, slot_mapping[:t], k[0])
-        write_paged_kv(v_cache, slot_mapping[:t], v[0])
-    head_dim = q.shape[-1]
-    key = _LayerKey(
-        n_heads=q.shape[2], n_kv_heads=k_cache.shape[2], head_dim=head_dim, page_size=k_cache.shape[1],
-        q_dtype=q.dtype, kv_dtype=k_cache.dtype,
-        # our window w admits pos - w < j <= pos; FlashInfer's window_left counts keys left of pos
-        window_left=sliding_window - 1 if sliding_window is not None and sliding_window > 0 else -1,
-        logit_cap=float(logit_cap or 0.0),
-        scale=scale if scale is not None else 1.0 / math.sqrt(head_dim),
-    )
+    _write_kv(k[0], v[0], k_cache, v_cache, slot_mapping[: q.shape[1]])
+    key = _layer_key(q, k_cache, scale, sliding_window, logit_cap)
     _STATE.keys.add(key)
     batch = _Batch.from_host(batch_info_host, seq_len_host, input_pos_host, cu_seqlen_host, page_indices,
                              key.page_size)
@@ -263,13 +285,8 @@ def flashinfer_cached_attention(
             _apply_sinks(out[:npt], res[1], sinks)
     if nd > 0 and _split_kv_decode(key, nd):
         rows = slice(batch.num_prefill, batch.num_prefill + nd)
-        max_kv = page_table.shape[1] * key.page_size
-        _pa.decode_attention(
-            q3[npt : npt + nd], k_cache, v_cache, seq_len[rows], input_pos[rows], page_table[rows],
-            scale=key.scale, sliding_window=sliding_window if sliding_window and sliding_window > 0 else None,
-            logit_cap=logit_cap or None, sinks=sinks, out=out[npt : npt + nd],
-            num_splits=_pa.occupancy_num_splits(nd, key.n_kv_heads, max_kv, _num_sms(q.device)),
-        )
+        _split_kv_attention(q3[npt : npt + nd], k_cache, v_cache, seq_len[rows], input_pos[rows], page_table[rows],
+                            key, sliding_window, logit_cap, sinks, out[npt : npt + nd])
     elif nd > 0:
         w = _STATE.decode_wrapper(key, nd, q.device, graph=_use_graph_wrapper(batch))
         _ready(w, key, batch, _plan_decode)

@@ -331,14 +331,9 @@ def default_num_splits(max_kv_len: int) -> int:
 
 
 def occupancy_num_splits(batch: int, n_kv_heads: int, max_kv_len: int, num_sms: int) -> int:
-    """Split count that fills the GPU when few sequences decode: about two programs per SM, a power of two in
-    [1, 32], and never splits shorter than 64 keys.
-
-    A small batch has few (sequence, KV head) programs, so each must be split for the KV reads to use the whole
-    GPU (H200, Llama-3.1-8B layer, 1024 keys: 11.4 us with 4 splits, 6.1-6.2 us with 16-32 at batch 1, against
-    10.0 us for FlashInfer's best decode; benchmarks/gpu/small_batch_kernels.py). Depends only on shapes, so a
-    captured CUDA graph keeps a fixed grid.
-    """
+    """Splits that fill the GPU when few sequences decode: ~2 programs per SM, a power of two in [1, 32], none
+    under 64 keys (H200, 8B layer, 1024 keys, batch 1: 11.4 us with 4 splits, 6.1 us with 16; small_batch_kernels.py).
+    Depends only on shapes, so a captured CUDA graph keeps a fixed grid."""
     want = triton.next_power_of_2(max(1, triton.cdiv(2 * num_sms, max(1, batch * n_kv_heads))))
     longest = triton.next_power_of_2(max(1, triton.cdiv(max_kv_len, 64)))
     return max(1, min(32, want, longest))
