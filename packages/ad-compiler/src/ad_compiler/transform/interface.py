@@ -17,6 +17,17 @@ from ..utils.graph_utils import canonicalize_graph, run_shape_prop
 logger = logging.getLogger(__name__)
 
 
+# gm.meta key: True while the graph is as canonicalize_graph left it. A transform that reports matches changes the
+# graph (0 matches means no change: the contract of `_apply`), so it clears the mark unless it cleans up itself;
+# then the next transform that needs a clean graph canonicalises it, and one whose predecessor left it clean does not.
+CLEAN_META_KEY = "ad_graph_is_clean"
+
+
+def _canonicalize(gm: GraphModule) -> None:
+    canonicalize_graph(gm)
+    gm.meta[CLEAN_META_KEY] = True
+
+
 @dataclass
 class SharedConfig:
     """Facts every transform may read: where we run and how many ranks share the model."""
@@ -82,8 +93,8 @@ class BaseTransform(ABC):
         start = time.perf_counter()
         try:
             if isinstance(mod, GraphModule):
-                if self.config.requires_clean_graph:
-                    canonicalize_graph(mod)
+                if self.config.requires_clean_graph and not mod.meta.get(CLEAN_META_KEY):
+                    _canonicalize(mod)
                 if self.config.requires_shape_prop:
                     run_shape_prop(mod)
             mod, applied = self._apply(mod, cm, factory, shared_config)
@@ -92,12 +103,16 @@ class BaseTransform(ABC):
             info.reason = applied.reason
             if isinstance(mod, GraphModule) and not applied.skipped:
                 if self.config.run_graph_cleanup and applied.num_matches > 0:
-                    canonicalize_graph(mod)
+                    _canonicalize(mod)
                     info.is_clean = True
+                elif applied.num_matches > 0:
+                    mod.meta[CLEAN_META_KEY] = False
                 if self.config.run_shape_prop:
                     run_shape_prop(mod)
                     info.has_valid_shapes = True
         except Exception as e:  # noqa: BLE001 - re-raised with context or skipped on request
+            if isinstance(mod, GraphModule):
+                mod.meta[CLEAN_META_KEY] = False  # a failed transform may have left half an edit behind
             info.error = f"{type(e).__name__}: {e}"
             if not self.config.skip_on_error:
                 info.seconds = time.perf_counter() - start
