@@ -1,5 +1,7 @@
 """The build cache: a warm build skips export and the graph transforms and answers exactly as a cold one; every key
-ingredient changed alone misses; damaged entries are rebuilt with a warning; concurrent builders and ranks each succeed."""
+ingredient changed alone misses; damaged entries are rebuilt with a warning; concurrent builders and ranks each succeed.
+And the memory plan made at the cache's cut: its figures match what the build allocates; a rank that cannot fit fails
+before any weight is read."""
 
 import json
 import logging
@@ -18,6 +20,7 @@ from ad_runtime import LLM, SamplingParams, build_key
 from ad_runtime.build import build_graph
 from ad_runtime.build_cache import BuildCacheEntry
 from ad_runtime.kv_cache.interface import ScheduledSequence
+from ad_runtime.memory_plan import weight_bytes
 
 # A tiny Llama with random weights saved as a checkpoint: weights load from the file as for a real model.
 COMMON = dict(skip_tokenizer_init=True, device="cpu", dtype="float32", max_seq_len=64, attn_page_size=8,
@@ -53,7 +56,11 @@ def cold(tmp_path_factory: pytest.TempPathFactory) -> dict:
     with LLM(model=str(folder), build_cache_dir=str(cache), **COMMON) as llm:
         (report,) = llm.build_reports
         logits, tokens = _logits_and_tokens(llm)
-    return {"folder": folder, "cache": cache, "report": report, "logits": logits, "tokens": tokens}
+        runner = llm.engine.runner
+        allocated = {"weights": weight_bytes(runner.module),
+                     "kv": sum(t.numel() * t.element_size() for t in runner.cm.caches.values())}
+    return {"folder": folder, "cache": cache, "report": report, "logits": logits, "tokens": tokens,
+            "allocated": allocated}
 
 
 def _entry(args: LlmArgs, rank: int = 0) -> BuildCacheEntry:
@@ -191,3 +198,29 @@ def _single_rank_module(cold: dict) -> torch.nn.Module:
 
 def _split_dim(shard: torch.Tensor, full: torch.Tensor) -> int:
     return next(d for d, (a, b) in enumerate(zip(shard.shape, full.shape)) if a != b)
+
+
+def test_the_memory_plan_matches_what_the_build_allocates(cold: dict) -> None:
+    plan = cold["report"].memory
+    assert plan is not None and plan.weight_bytes > 0 and plan.kv_bytes > 0
+    # Weights within 5%: later transforms add small tables (optimize_rope's cos/sin cache). KV pages: exact.
+    assert plan.weight_bytes <= cold["allocated"]["weights"] <= 1.05 * plan.weight_bytes
+    assert plan.kv_bytes == cold["allocated"]["kv"]
+    # 2 layers x (k + v) x 2 KV heads x head_dim 16 x 4 bytes (float32)
+    assert plan.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
+
+
+def test_a_rank_that_cannot_fit_fails_before_any_weight_is_read(cold: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ad_compiler.errors import CompileError
+    from ad_compiler.models.hf import AutoModelForCausalLMFactory
+    from ad_runtime import memory_plan
+
+    monkeypatch.setattr(memory_plan, "device_free_bytes", lambda device: 64 * 1024)
+    monkeypatch.setattr(AutoModelForCausalLMFactory, "load_or_random_init",
+                        lambda *a, **k: pytest.fail("weights were read"))
+    args = LlmArgs(model=str(cold["folder"]), build_cache_dir=str(cold["cache"]), **COMMON)
+    with pytest.raises(CompileError) as err:
+        build_graph(args)
+    message = str(err.value)
+    assert "\n" not in message and "rank 0 needs" in message and "GiB short" in message, message
+    assert "world_size" in message and "max_seq_len" in message

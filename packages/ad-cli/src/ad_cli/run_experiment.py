@@ -98,6 +98,8 @@ def run_experiment(config: Any) -> dict[str, Any]:
     start = time.perf_counter()
     with LLM.from_args(config.args) as llm:
         print(build_line(time.perf_counter() - start, llm.build_reports), flush=True)
+        if llm.build_reports[0].memory is not None:
+            print(f"memory plan (rank 0): {llm.build_reports[0].memory.summary()}", flush=True)
         has_template = bool(getattr(llm.tokenizer, "chat_template", None))
         outs = llm.generate([as_chat(q, has_template) for q in queries], sp)
         pairs = []

@@ -17,6 +17,7 @@ from .executor.request import Request
 from .executor.request_loop import ABORT_MESSAGE  # re-exported: the server and the ranks abort with it
 from .executor.scheduler import Scheduler
 from .kv_cache.interface import CachedSequenceInterface, ScheduledSequence
+from .memory_plan import MemoryPlan, check_fits, plan_memory
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class BuildReport:
     seconds: float
     cache: str
     entry: Path | None = None
+    memory: MemoryPlan | None = None  # weights and KV cache of this rank, as planned before loading
 
     def summary(self) -> str:
         where = f" ({self.entry})" if self.entry is not None and self.cache != "off" else ""
@@ -148,26 +150,32 @@ def build_graph(
     optimizer = InferenceOptimizer(factory, args.transforms)
     entry = BuildCacheEntry.for_build(args, factory, device, rank, world_size) if args.build_cache else None
     cached = entry.load() if entry is not None else None
+    snapshot = skip = None
     if cached is not None:
         optimizer.history.update(cached.history)
         progress = _stage_progress(len(optimizer.selected(CACHE_CUT.order + 1)), rank)
         skip = {name: "passed in the build that wrote the build cache entry" for name in PASSED_WHEN_STORED}
-        module = optimizer(cm=cm, mod=cached.graph, shared_config=shared, after=CACHE_CUT, skip=skip, progress=progress)
+        module = cached.graph
         status = "hit"
     else:
         progress = _stage_progress(len(optimizer.config), rank)
         module = optimizer(cm=cm, shared_config=shared, until=CACHE_CUT, progress=progress)
         snapshot = entry.snapshot(module) if entry is not None else None  # before weight loading changes it
-        module = optimizer(cm=cm, mod=module, shared_config=shared, after=CACHE_CUT, progress=progress)
         status = "off" if entry is None else "miss"
-        if snapshot is not None:
-            made_it = {n: optimizer.history[n] for n, _ in optimizer.selected(0, CACHE_CUT.order) if n in optimizer.history}
-            if not entry.store(snapshot, made_it):
-                status = "miss (not stored)"
+    # Sharded, still on meta: what this rank will hold is known now, before any weight is read.
+    plan = plan_memory(module, cm, args)
+    if plan is not None:
+        logger.info("memory plan (rank %d): %s", rank, plan.summary())
+        check_fits(plan, rank, device)
+    module = optimizer(cm=cm, mod=module, shared_config=shared, after=CACHE_CUT, skip=skip, progress=progress)
+    if snapshot is not None:
+        made_it = {n: optimizer.history[n] for n, _ in optimizer.selected(0, CACHE_CUT.order) if n in optimizer.history}
+        if not entry.store(snapshot, made_it):
+            status = "miss (not stored)"
     failed = [n for n, h in optimizer.history.items() if h.error]
     if failed:
         logger.warning("transforms skipped after errors: %s", failed)
-    report = BuildReport(time.perf_counter() - start, status, entry.path if entry is not None else None)
+    report = BuildReport(time.perf_counter() - start, status, entry.path if entry is not None else None, plan)
     logger.info("rank %d: %s", rank, report.summary())
     return module, cm, factory, report
 

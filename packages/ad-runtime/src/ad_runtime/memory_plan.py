@@ -22,18 +22,20 @@ class MemoryPlan:
 
     weight_bytes: int
     kv_bytes_per_token: int  # all attention layers, K and V, in the cache dtype
-    kv_tokens: int  # the tokens the cache holds as configured (pages x page size; resize_kv_cache may grow it on a GPU)
+    kv_pages: int  # usable pages as configured (resize_kv_cache may grow them on a GPU)
+    page_size: int
     min_kv_tokens: int  # one sequence of max_seq_len: below that nothing can be served
     available_bytes: int | None  # free memory of the device now (None: unknown)
 
     @property
     def kv_bytes(self) -> int:
-        return self.kv_bytes_per_token * self.kv_tokens
+        """What the cache allocates: the usable pages and the scratch page that padded rows write to."""
+        return self.kv_bytes_per_token * (self.kv_pages + 1) * self.page_size
 
     def summary(self) -> str:
         free = f", {self.available_bytes / GIB:.2f} GiB free" if self.available_bytes is not None else ""
         return (f"weights {self.weight_bytes / MIB:.1f} MiB, KV cache {self.kv_bytes / MIB:.1f} MiB "
-                f"({self.kv_tokens} tokens x {self.kv_bytes_per_token} B){free}")
+                f"({self.kv_pages} pages of {self.page_size} tokens, {self.kv_bytes_per_token} B per token){free}")
 
 
 def weight_bytes(module: nn.Module) -> int:
@@ -76,15 +78,24 @@ def device_free_bytes(device: torch.device) -> int | None:
 
 
 def plan_memory(gm: nn.Module, cm: Any, args: Any) -> MemoryPlan | None:
-    """The plan for the graph at the cache cut (sharded, weights still on meta); None for a graph without a GraphModule."""
-    if not isinstance(gm, GraphModule):
+    """The plan for the graph at the cache cut (sharded, weights still on meta).
+
+    None, with a warning saying why, where the graph does not tell (not a GraphModule, attention without shapes).
+    Attention KV pages only: per-sequence state caches (Mamba, linear attention) are small and not counted.
+    """
+    try:
+        if not isinstance(gm, GraphModule):
+            raise TypeError(f"the pipeline gave a {type(gm).__name__}, not a GraphModule")
+        cfg = args.transforms.get("insert_cached_attention")
+        per_token = kv_bytes_per_token(gm, cm, cfg.backend) if cfg is not None and cfg.enabled else 0
+    except Exception as e:  # noqa: BLE001 - the plan informs; a graph it cannot read still builds
+        logger.warning("no memory plan: %s: %s", type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
         return None
-    cfg = args.transforms.get("insert_cached_attention")
-    per_token = kv_bytes_per_token(gm, cm, cfg.backend if cfg is not None else "auto") if cfg is not None else 0
     return MemoryPlan(
         weight_bytes=weight_bytes(gm),
         kv_bytes_per_token=per_token,
-        kv_tokens=cm.num_pages * cm.page_size,
+        kv_pages=cm.num_pages,
+        page_size=cm.page_size,
         min_kv_tokens=args.max_seq_len,
         available_bytes=device_free_bytes(cm.device),
     )
