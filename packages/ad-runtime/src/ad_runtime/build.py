@@ -97,6 +97,11 @@ CACHE_CUT = Stage.SHARDING
 PASSED_WHEN_STORED = ("verify_cached_decode",)
 
 
+def _passed(info: Any) -> bool:
+    """The transform ran and did its work (a check that was disabled, skipped or failed did not pass)."""
+    return info is not None and not info.skipped and info.error is None and info.num_matches > 0
+
+
 @dataclass
 class BuildReport:
     """How one rank's graph was built: seconds, and what the build cache did (hit, miss, off)."""
@@ -152,9 +157,11 @@ def build_graph(
     cached = entry.load() if entry is not None else None
     snapshot = skip = None
     if cached is not None:
-        optimizer.history.update(cached.history)
+        made_it = {n for n, _ in optimizer.selected(0, CACHE_CUT.order)}
+        optimizer.history.update({n: info for n, info in cached.history.items() if n in made_it})
         progress = _stage_progress(len(optimizer.selected(CACHE_CUT.order + 1)), rank)
-        skip = {name: "passed in the build that wrote the build cache entry" for name in PASSED_WHEN_STORED}
+        skip = {name: "passed in the build that wrote the build cache entry" for name in PASSED_WHEN_STORED
+                if _passed(cached.history.get(name))}
         module = cached.graph
         status = "hit"
     else:
@@ -168,10 +175,8 @@ def build_graph(
         logger.info("memory plan (rank %d): %s", rank, plan.summary())
         check_fits(plan, rank, device)
     module = optimizer(cm=cm, mod=module, shared_config=shared, after=CACHE_CUT, skip=skip, progress=progress)
-    if snapshot is not None:
-        made_it = {n: optimizer.history[n] for n, _ in optimizer.selected(0, CACHE_CUT.order) if n in optimizer.history}
-        if not entry.store(snapshot, made_it):
-            status = "miss (not stored)"
+    if snapshot is not None and not entry.store(snapshot, optimizer.history):
+        status = "miss (not stored)"
     failed = [n for n, h in optimizer.history.items() if h.error]
     if failed:
         logger.warning("transforms skipped after errors: %s", failed)

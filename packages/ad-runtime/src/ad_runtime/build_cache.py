@@ -24,7 +24,8 @@ SUFFIX = ".adbuild"
 
 @dataclass
 class CachedBuild:
-    """What an entry gives back: the graph at the cut and the history of the transforms that made it."""
+    """What an entry gives back: the graph at the cut and the history of the build that wrote it (every transform,
+    those after the cut too: whether its checks passed)."""
 
     graph: GraphModule
     history: dict[str, TransformInfo]
