@@ -137,6 +137,17 @@ def test_a_truncated_entry_is_rebuilt_with_a_warning(cold: dict, tmp_path: Path,
     assert _entry(LlmArgs(model=str(cold["folder"]), build_cache_dir=str(cache), **COMMON)).load() is not None
 
 
+def test_an_unwritable_cache_is_a_warning_and_the_build_goes_on(cold: dict, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with caplog.at_level(logging.WARNING, logger="ad_runtime"):
+        *_, report = build_graph(LlmArgs(model=str(cold["folder"]), build_cache_dir=str(not_a_folder), **COMMON))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "could not write build cache entry" in warnings[0] and str(not_a_folder) in warnings[0]
+    assert report.cache == "miss (not stored)"
+
+
 BUILD_SCRIPT = textwrap.dedent("""
     import json, sys
     from ad_config import LlmArgs

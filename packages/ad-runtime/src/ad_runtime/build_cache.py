@@ -52,7 +52,7 @@ class BuildCacheEntry:
         """The entry this build reads and writes; None (with a warning saying why) where none can be keyed."""
         try:
             ingredients = key_ingredients(args, factory, device, rank, world_size)
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # no checkpoint folder to fingerprint, or a file in it unreadable
             logger.warning("build cache not used: %s", e)
             return None
         name = f"{digest(ingredients)[:32]}-rank{rank}of{world_size}{SUFFIX}"
@@ -86,13 +86,13 @@ class BuildCacheEntry:
     def store(self, graph_bytes: bytes, history: dict[str, TransformInfo]) -> bool:
         """Write the entry atomically (a temporary file renamed over the entry: concurrent builders of one entry
         both succeed and the last rename wins). A failure is a warning naming the entry; the build goes on."""
-        payload = pickle.dumps(
-            {"ingredients": self.ingredients, "history": {n: i.model_dump() for n, i in history.items()},
-             "graph": graph_bytes},
-            protocol=pickle.HIGHEST_PROTOCOL,
-        )
         tmp: str | None = None
         try:
+            payload = pickle.dumps(
+                {"ingredients": self.ingredients, "history": {n: i.model_dump() for n, i in history.items()},
+                 "graph": graph_bytes},
+                protocol=pickle.HIGHEST_PROTOCOL,
+            )
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
             with os.fdopen(fd, "wb") as f:
@@ -102,9 +102,9 @@ class BuildCacheEntry:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
             tmp = None
-        except OSError as e:
-            logger.warning("could not write build cache entry %s (%s); the next build runs in full again", self.path,
-                           _first_line(e))
+        except Exception as e:  # noqa: BLE001 - a full disk or an unpicklable history costs the entry, not the build
+            logger.warning("could not write build cache entry %s (%s: %s); the next build runs in full again",
+                           self.path, type(e).__name__, _first_line(e))
             return False
         finally:
             if tmp is not None:
