@@ -29,3 +29,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # its CPU interpreter can run kernels; choose it before any test module imports triton.
 if "triton" not in sys.modules and _cuda_count() == 0:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The build cache stays off in tests unless a test turns it on with its own folder: a hit would skip transforms
+# that tests patch or inspect, and tests must not fill the user's cache. Subprocesses inherit the setting.
+os.environ.setdefault("AD_BUILD_CACHE", "false")

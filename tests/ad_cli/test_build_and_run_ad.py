@@ -83,6 +83,7 @@ def test_first_run_on_a_pipe_leaves_stderr_empty(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", proc.stderr  # the 2-layer cut drops checkpoint tensors: an info line, not a warning
     assert "[0] prompt: Hi" in proc.stdout
+    assert "(build cache miss)" in proc.stdout and list((tmp_path / "cache" / "builds").glob("*.adbuild"))
 
 
 def test_missing_model_path_is_one_line_and_exit_1(tmp_path: Path) -> None:

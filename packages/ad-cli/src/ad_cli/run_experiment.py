@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,14 @@ def _print_benchmark(stats: dict[str, Any]) -> None:
         print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}", flush=True)
 
 
+def build_line(seconds: float, reports: list[Any]) -> str:
+    """`build: 4.2 s (build cache hit)`: the time until the model could answer, and what the build cache did
+    (per rank where the ranks differ)."""
+    states = [r.cache for r in reports]
+    cache = states[0] if len(set(states)) == 1 else ", ".join(f"rank {i}: {s}" for i, s in enumerate(states))
+    return f"build: {seconds:.1f} s (build cache {cache})"
+
+
 def run_experiment(config: Any) -> dict[str, Any]:
     """Run an ExperimentConfig; prints each prompt with its answer; returns what it stored."""
     quiet_libraries()
@@ -86,7 +95,11 @@ def run_experiment(config: Any) -> dict[str, Any]:
 
     queries, sp = _prompts_and_params(config)
     results: dict[str, Any] = {}
+    start = time.perf_counter()
     with LLM.from_args(config.args) as llm:
+        print(build_line(time.perf_counter() - start, llm.build_reports), flush=True)
+        if llm.build_reports[0].memory is not None:
+            print(f"memory plan (rank 0): {llm.build_reports[0].memory.summary()}", flush=True)
         has_template = bool(getattr(llm.tokenizer, "chat_template", None))
         outs = llm.generate([as_chat(q, has_template) for q in queries], sp)
         pairs = []

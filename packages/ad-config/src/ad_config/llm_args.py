@@ -52,6 +52,15 @@ class AutoDeployConfig(DynamicYamlMixInForSettings):
         description="Folder for converted checkpoints (a .gguf file or the bundled model, dequantised once); "
         "None: $AD_CACHE_DIR, else ~/.cache/ad_autodeploy.",
     )
+    build_cache: bool = Field(
+        default=True,
+        description="Reuse the exported, transformed and sharded graph of an earlier build with the same "
+        "configuration, checkpoint files, rank, device kind and package versions: export and the graph transforms "
+        "are skipped, weights still load from the checkpoint. false: always build from scratch.",
+    )
+    build_cache_dir: str | None = Field(
+        default=None, description="Folder of the build cache's entries (one file per rank); None: <cache_dir>/builds."
+    )
 
     # ---- placement -----------------------------------------------------------------------------
     world_size: int = Field(default=1, ge=1, le=MAX_WORLD_SIZE, description="Number of ranks (one process per GPU).")

@@ -1,11 +1,15 @@
 """Compose an engine from LlmArgs: factory -> cache interface -> transform pipeline -> scheduler."""
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from ad_config.transform_config import Stage
 
 from .executor.core import EngineCore
 from .executor.engine import Engine, StepSequence
@@ -13,6 +17,7 @@ from .executor.request import Request
 from .executor.request_loop import ABORT_MESSAGE  # re-exported: the server and the ranks abort with it
 from .executor.scheduler import Scheduler
 from .kv_cache.interface import CachedSequenceInterface, ScheduledSequence
+from .memory_plan import MemoryPlan, check_fits, plan_memory
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -83,14 +88,47 @@ def _stage_progress(total: int, rank: int) -> Any:
     return step
 
 
-def build_graph(args: Any, rank: int = 0, world_size: int = 1) -> tuple[nn.Module, CachedSequenceInterface, Any]:
-    """Run the whole transform pipeline; returns (compiled module, cache interface, factory)."""
+# The build cache holds the graph after this stage: export and the graph rewrites are done (they depend only on the
+# configuration, the model's structure and the rank); weights are not loaded yet, so entries hold no weights and a
+# warm build loads them from the checkpoint as a cold one does (through the sharding load hooks).
+CACHE_CUT = Stage.SHARDING
+# Checks that a warm build does not repeat: an entry is written only after they passed in the build that made it,
+# and every input they depend on (configuration, checkpoint, code) is part of the entry's key.
+PASSED_WHEN_STORED = ("verify_cached_decode",)
+
+
+def _passed(info: Any) -> bool:
+    """The transform ran and did its work (a check that was disabled, skipped or failed did not pass)."""
+    return info is not None and not info.skipped and info.error is None and info.num_matches > 0
+
+
+@dataclass
+class BuildReport:
+    """How one rank's graph was built: seconds, and what the build cache did (hit, miss, off)."""
+
+    seconds: float
+    cache: str
+    entry: Path | None = None
+    memory: MemoryPlan | None = None  # weights and KV cache of this rank, as planned before loading
+
+    def summary(self) -> str:
+        where = f" ({self.entry})" if self.entry is not None and self.cache != "off" else ""
+        return f"build: {self.seconds:.1f} s, build cache {self.cache}{where}"
+
+
+def build_graph(
+    args: Any, rank: int = 0, world_size: int = 1
+) -> tuple[nn.Module, CachedSequenceInterface, Any, BuildReport]:
+    """Run the transform pipeline (from the build cache's entry when there is one);
+    returns (compiled module, cache interface, factory, report)."""
     import ad_runtime  # noqa: F401 - registers runtime transforms and backends
     from ad_compiler.export.pipeline import factory_from_args
     from ad_compiler.transform import InferenceOptimizer, SharedConfig
 
+    from .build_cache import BuildCacheEntry
     from .device_checks import check_backends_for_device
 
+    start = time.perf_counter()
     device = resolve_device(args.device, rank)
     check_backends_for_device(args, device)
     torch.manual_seed(args.seed)
@@ -115,16 +153,43 @@ def build_graph(args: Any, rank: int = 0, world_size: int = 1) -> tuple[nn.Modul
         extras={"max_seq_len": args.max_seq_len, "max_batch_size": args.max_batch_size},
     )
     optimizer = InferenceOptimizer(factory, args.transforms)
-    module = optimizer(cm=cm, shared_config=shared, progress=_stage_progress(len(optimizer.config), rank))
+    entry = BuildCacheEntry.for_build(args, factory, device, rank, world_size) if args.build_cache else None
+    cached = entry.load() if entry is not None else None
+    snapshot = skip = None
+    if cached is not None:
+        made_it = {n for n, _ in optimizer.selected(0, CACHE_CUT.order)}
+        optimizer.history.update({n: info for n, info in cached.history.items() if n in made_it})
+        progress = _stage_progress(len(optimizer.selected(CACHE_CUT.order + 1)), rank)
+        skip = {name: "passed in the build that wrote the build cache entry" for name in PASSED_WHEN_STORED
+                if _passed(cached.history.get(name))}
+        module = cached.graph
+        status = "hit"
+    else:
+        progress = _stage_progress(len(optimizer.config), rank)
+        module = optimizer(cm=cm, shared_config=shared, until=CACHE_CUT, progress=progress)
+        snapshot = entry.snapshot(module) if entry is not None else None  # before weight loading changes it
+        status = "off" if entry is None else "miss"
+    # Sharded, still on meta: what this rank will hold is known now, before any weight is read.
+    plan = plan_memory(module, cm, args)
+    if plan is not None:
+        logger.info("memory plan (rank %d): %s", rank, plan.summary())
+        check_fits(plan, rank, device)
+    module = optimizer(cm=cm, mod=module, shared_config=shared, after=CACHE_CUT, skip=skip, progress=progress)
+    if snapshot is not None and not entry.store(snapshot, optimizer.history):
+        status = "miss (not stored)"
     failed = [n for n, h in optimizer.history.items() if h.error]
     if failed:
         logger.warning("transforms skipped after errors: %s", failed)
-    return module, cm, factory
+    report = BuildReport(time.perf_counter() - start, status, entry.path if entry is not None else None, plan)
+    logger.info("rank %d: %s", rank, report.summary())
+    return module, cm, factory, report
 
 
-def build_engine(args: Any, rank: int = 0, world_size: int = 1, runner_wrapper: Any = None) -> tuple[Engine, Any, Any]:
-    """(engine, tokenizer, factory) for one rank."""
-    module, cm, factory = build_graph(args, rank, world_size)
+def build_engine(
+    args: Any, rank: int = 0, world_size: int = 1, runner_wrapper: Any = None
+) -> tuple[Engine, Any, Any, BuildReport]:
+    """(engine, tokenizer, factory, build report) for one rank."""
+    module, cm, factory, report = build_graph(args, rank, world_size)
     runner = GraphRunner(module, cm)
     if runner_wrapper is not None:
         runner = runner_wrapper(runner)
@@ -139,14 +204,15 @@ def build_engine(args: Any, rank: int = 0, world_size: int = 1, runner_wrapper: 
         runner, scheduler, tokenizer, args.max_seq_len, eos_token_ids(factory, tokenizer),
         max_input_len=args.max_input_len, vocab_size=factory.vocab_size, overlap=overlap and world_size == 1,
     )
-    return engine, tokenizer, factory
+    return engine, tokenizer, factory, report
 
 
 class LocalBackend:
     """One process, one device; safe to call from many threads (they share the engine's batches)."""
 
     def __init__(self, args: Any):
-        self.engine, self.tokenizer, self.factory = build_engine(args)
+        self.engine, self.tokenizer, self.factory, report = build_engine(args)
+        self.build_reports = [report]
         self.core = EngineCore(self.engine)
         self.vocab_size = int(self.factory.vocab_size)
 

@@ -158,7 +158,9 @@ def _worker(ctx: Any, args_dump: dict[str, Any], conn: Any, log_level: int = log
         holder["runner"] = runner
         return runner
 
-    engine, _, factory = build_engine(args, ctx.rank, ctx.world_size, runner_wrapper=wrap)
+    engine, _, factory, report = build_engine(args, ctx.rank, ctx.world_size, runner_wrapper=wrap)
+    reports: list[Any] = [None] * ctx.world_size  # every rank's build report, for rank 0 to hand to the caller
+    dist.all_gather_object(reports, report, group=control)
     if ctx.rank != 0:
         while True:
             box: list[Any] = [None]
@@ -167,7 +169,7 @@ def _worker(ctx: Any, args_dump: dict[str, Any], conn: Any, log_level: int = log
                 return
             batch, num_prefill = box[0]
             holder["runner"].forward(batch, num_prefill)
-    conn.send(("ready", int(factory.vocab_size), pids))
+    conn.send(("ready", int(factory.vocab_size), pids, reports))
     try:
         _serve(engine, conn)
     except BaseException as e:
@@ -198,6 +200,7 @@ class DistributedBackend:
         self.world_size = args.world_size
         self.engine = None  # lives in rank 0's process
         self.rank_pids: list[int] = []
+        self.build_reports: list[Any] = []  # one BuildReport per rank, in rank order
         # Before any rank starts: a failure here must not leave ranks behind.
         self.tokenizer = factory_from_args(args, device="cpu").init_tokenizer()
         self.detok = Detokenizer(self.tokenizer)
@@ -218,7 +221,7 @@ class DistributedBackend:
         self._thread = threading.Thread(target=run, name="ad-ranks", daemon=True)
         self._thread.start()
         try:
-            kind, self.vocab_size, self.rank_pids = self._recv_ready()
+            kind, self.vocab_size, self.rank_pids, self.build_reports = self._recv_ready()
         finally:
             # The ranks hold their own copies of this end; without ours, rank 0's death reads as EOF.
             child.close()

@@ -54,6 +54,11 @@ class LLM:
         return self._backend
 
     @property
+    def build_reports(self) -> list[Any]:
+        """How each rank's graph was built (`build.BuildReport`: seconds, build cache hit/miss/off), in rank order."""
+        return list(self._backend.build_reports)
+
+    @property
     def core(self) -> Any:
         """The thread-safe engine core (submit, abort, step) of a single-process run; None with world_size > 1."""
         return getattr(self._backend, "core", None)

@@ -91,7 +91,7 @@ class InsertCachedAttention(BaseTransform):
                             device="meta")
                 for sp in specs.values()
             ]
-            caches = add_graph_inputs(gm, names, cache_vals)
+            caches = add_graph_inputs(gm, names, cache_vals, recompile=False)  # recompiled once below
             args = source_op_args(node)
             consts = attention_constants(node)
             with gm.graph.inserting_before(node):

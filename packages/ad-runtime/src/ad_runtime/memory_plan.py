@@ -1,0 +1,118 @@
+"""The memory plan: weight and KV-cache bytes of one rank, read off the sharded meta graph before any weight loads."""
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from ad_compiler.errors import CompileError
+from ad_compiler.utils.graph_utils import nodes_calling
+from torch.fx import GraphModule
+
+logger = logging.getLogger(__name__)
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes one rank will hold: its weights (sharded) and the paged KV cache of the attention layers."""
+
+    weight_bytes: int
+    kv_bytes_per_token: int  # all attention layers, K and V, in the cache dtype
+    kv_pages: int  # usable pages as configured (resize_kv_cache may grow them on a GPU)
+    page_size: int
+    min_kv_tokens: int  # one sequence of max_seq_len: below that nothing can be served
+    available_bytes: int | None  # free memory of the device now (None: unknown)
+
+    @property
+    def kv_bytes(self) -> int:
+        """What the cache allocates: the usable pages and the scratch page that padded rows write to."""
+        return self.kv_bytes_per_token * (self.kv_pages + 1) * self.page_size
+
+    def summary(self) -> str:
+        free = f", {self.available_bytes / GIB:.2f} GiB free" if self.available_bytes is not None else ""
+        return (f"weights {self.weight_bytes / MIB:.1f} MiB, KV cache {self.kv_bytes / MIB:.1f} MiB "
+                f"({self.kv_pages} pages of {self.page_size} tokens, {self.kv_bytes_per_token} B per token){free}")
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer (tied ones once), at their final dtype and shard shape."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def kv_bytes_per_token(gm: GraphModule, cm: Any, backend: str) -> int:
+    """K and V bytes per cached token over all attention layers, as the attention backend will lay them out."""
+    from .attention.registry import AttentionRegistry, resolve_attention_backend
+
+    desc = AttentionRegistry.get(resolve_attention_backend(backend, cm.device))
+    total = 0
+    for node in nodes_calling(gm, desc.source_op()):
+        for spec in desc.cache_specs(node).values():
+            total += spec.n_kv_heads * spec.head_dim * torch.empty((), dtype=cm.cache_dtype(spec)).element_size()
+    return total
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        # Linux's own estimate of what can be allocated without swapping (free plus reclaimable page cache).
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def plan_memory(gm: nn.Module, cm: Any, args: Any) -> MemoryPlan | None:
+    """The plan for the graph at the cache cut (sharded, weights still on meta).
+
+    None, with a warning saying why, where the graph does not tell (not a GraphModule, attention without shapes).
+    Attention KV pages only: per-sequence state caches (Mamba, linear attention) are small and not counted.
+    """
+    try:
+        if not isinstance(gm, GraphModule):
+            raise TypeError(f"the pipeline gave a {type(gm).__name__}, not a GraphModule")
+        cfg = args.transforms.get("insert_cached_attention")
+        per_token = kv_bytes_per_token(gm, cm, cfg.backend) if cfg is not None and cfg.enabled else 0
+    except Exception as e:  # noqa: BLE001 - the plan informs; a graph it cannot read still builds
+        logger.warning("no memory plan: %s: %s", type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
+        return None
+    return MemoryPlan(
+        weight_bytes=weight_bytes(gm),
+        kv_bytes_per_token=per_token,
+        kv_pages=cm.num_pages,
+        page_size=cm.page_size,
+        min_kv_tokens=args.max_seq_len,
+        available_bytes=device_free_bytes(cm.device),
+    )
+
+
+def check_fits(plan: MemoryPlan, rank: int, device: torch.device) -> None:
+    """Refuse, in one line and before any weight is read, a rank whose weights and one sequence's KV cache exceed
+    the device's free memory."""
+    if plan.available_bytes is None:
+        return
+    need = plan.weight_bytes + plan.kv_bytes_per_token * plan.min_kv_tokens
+    if need <= plan.available_bytes:
+        return
+    short = need - plan.available_bytes
+    raise CompileError(
+        f"rank {rank} needs {need / GIB:.2f} GiB on {device} ({plan.weight_bytes / GIB:.2f} GiB of weights + "
+        f"{plan.kv_bytes_per_token * plan.min_kv_tokens / GIB:.2f} GiB of KV cache for one {plan.min_kv_tokens}-token "
+        f"sequence) but {plan.available_bytes / GIB:.2f} GiB are free, {short / GIB:.2f} GiB short: raise world_size, "
+        "lower max_seq_len, use a smaller dtype or kv_cache_dtype"
+    )
