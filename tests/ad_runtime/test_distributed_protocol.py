@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from ad_runtime.distributed_backend import _serve
+from ad_runtime.rank_worker import _serve
 from ad_runtime.executor.engine import Engine
 from ad_runtime.executor.request import RequestStatus
 from ad_runtime.executor.scheduler import Scheduler

@@ -170,29 +170,11 @@ class SequenceInfo:
         one (decode). Page tables must cover input_pos + len(tokens) tokens.
         """
         b = len(token_ids)
-        if not (len(input_pos) == len(page_tables) == b):
-            raise ValueError("token_ids, input_pos and page_tables must have one entry per sequence")
-        if b == 0 or b > self.max_batch_size:
-            raise ValueError(f"a step needs 1..{self.max_batch_size} sequences, got {b}")
+        seq_len, pos0, num_decode = self._checked_lengths(token_ids, input_pos, page_tables)
         ps, mp = self.page_size, self.max_pages_per_seq
-        seq_len = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=b)
-        pos0 = np.asarray(input_pos, dtype=np.int64)
         total = pos0 + seq_len
         t = int(seq_len.sum())
-        if seq_len.min() < 1:
-            raise ValueError("every scheduled sequence needs at least one new token")
-        if t > self.max_num_tokens:
-            raise ValueError(f"{t} tokens in one step exceed max_num_tokens={self.max_num_tokens}")
-        if total.max() > self.max_seq_len:
-            raise ValueError(f"a sequence reaches {int(total.max())} tokens, above max_seq_len={self.max_seq_len}")
-        is_decode = seq_len == 1
-        num_decode = int(is_decode.sum())
-        if not is_decode[b - num_decode :].all():
-            raise ValueError("order the batch prefills first (more than one new token), then decodes")
         n_pages = -(-total // ps)
-        for pt, need in zip(page_tables, n_pages):
-            if len(pt) < need or len(pt) > mp:
-                raise ValueError(f"a page table has {len(pt)} pages; needs {int(need)} (at most {mp})")
 
         pad_to = self.padded_batch_size(b) if num_decode == b and self.scratch_page is not None else None
         rows = pad_to or b
@@ -235,6 +217,35 @@ class SequenceInfo:
         self.batch_info_host[2] = num_decode
         self._num_seqs, self._num_tokens, self._num_rows = b, t, rows
         self._copy_to_device(rows)
+
+    def _checked_lengths(self, token_ids: Sequence[Sequence[int]], input_pos: Sequence[int],
+                         page_tables: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, int]:
+        """(new tokens, cached tokens) per sequence and the number of decodes; ValueError for a step this buffer
+        cannot hold or the graph cannot run."""
+        b = len(token_ids)
+        if not (len(input_pos) == len(page_tables) == b):
+            raise ValueError("token_ids, input_pos and page_tables must have one entry per sequence")
+        if b == 0 or b > self.max_batch_size:
+            raise ValueError(f"a step needs 1..{self.max_batch_size} sequences, got {b}")
+        seq_len = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=b)
+        pos0 = np.asarray(input_pos, dtype=np.int64)
+        total = pos0 + seq_len
+        t = int(seq_len.sum())
+        if seq_len.min() < 1:
+            raise ValueError("every scheduled sequence needs at least one new token")
+        if t > self.max_num_tokens:
+            raise ValueError(f"{t} tokens in one step exceed max_num_tokens={self.max_num_tokens}")
+        if total.max() > self.max_seq_len:
+            raise ValueError(f"a sequence reaches {int(total.max())} tokens, above max_seq_len={self.max_seq_len}")
+        is_decode = seq_len == 1
+        num_decode = int(is_decode.sum())
+        if not is_decode[b - num_decode :].all():
+            raise ValueError("order the batch prefills first (more than one new token), then decodes")
+        mp = self.max_pages_per_seq
+        for pt, need in zip(page_tables, -(-total // self.page_size)):
+            if len(pt) < need or len(pt) > mp:
+                raise ValueError(f"a page table has {len(pt)} pages; needs {int(need)} (at most {mp})")
+        return seq_len, pos0, num_decode
 
     def resolve_future_tokens(self, future: torch.Tensor) -> None:
         """Replace placeholder ids -(row + 1) of this step's tokens by `future[row]`, on the device.
