@@ -50,6 +50,7 @@ class PrefixCache:
         self._key_of: dict[int, bytes] = {}
         # Cached pages nobody uses, least recently released first: eviction takes from the front.
         self._lru: OrderedDict[int, None] = OrderedDict()
+        self.num_evictions = 0  # cached pages dropped to make room (for metrics)
 
     @property
     def num_evictable(self) -> int:
@@ -109,5 +110,6 @@ class PrefixCache:
     def evict(self) -> int:
         """Drop the least recently released cached page's key and return the page (now free)."""
         page, _ = self._lru.popitem(last=False)
+        self.num_evictions += 1
         del self._page_of[self._key_of.pop(page)]
         return page
