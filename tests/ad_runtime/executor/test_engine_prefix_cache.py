@@ -59,10 +59,19 @@ def _shared_prefix_prompts(n, prefix_len, seed=0, num_prefixes=1):
             for _ in range(n)]
 
 
-def _run(eng, prompts, params=GREEDY):
+def _run(eng, prompts, params=GREEDY, max_steps=2000):
     reqs = [eng.add_request(p, params) for p in prompts]
-    eng.run_until_done(reqs)
+    _until_done(eng, reqs, max_steps)
     return reqs
+
+
+def _until_done(eng, reqs, max_steps=2000):
+    # Bounded, so that broken bookkeeping (a request that can never be admitted) fails instead of hanging.
+    for _ in range(max_steps):
+        if all(r.is_finished for r in reqs):
+            return
+        eng.step()
+    raise AssertionError(f"requests still unfinished after {max_steps} steps")
 
 
 def _assert_clean(eng):
@@ -107,6 +116,16 @@ def test_a_fully_cached_prompt_still_computes_its_last_token_in_a_page_of_its_ow
     _assert_clean(eng)
 
 
+def test_a_request_that_ends_in_the_step_that_filled_its_pages_leaves_them_cached():
+    eng = _engine()
+    prompt = list(range(1, 14))
+    first = _run(eng, [prompt], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))[0]
+    again = _run(eng, [prompt])[0]
+    assert (first.num_cached_tokens, again.num_cached_tokens) == (0, 12)
+    assert again.output_token_ids[:1] == first.output_token_ids
+    _assert_clean(eng)
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 def test_preemption_keeps_refcounts_right_and_tokens_unchanged(chunked):
     prompts = _shared_prefix_prompts(12, 12, seed=1)
@@ -130,7 +149,7 @@ def test_aborting_requests_that_share_pages_leaves_the_others_theirs():
     pool = eng.scheduler.pool
     reqs = [eng.add_request(p, long) for p in prompts]
     # The first computes the prefix in 8-token chunks while the others wait, then they take its pages.
-    while reqs[2].num_computed_tokens <= 16:
+    for _ in range(4):
         eng.step()
     assert reqs[0].output_token_ids and reqs[2].num_computed_tokens < len(prompts[2])  # decoding; mid-prefill
     shared = pool.page_table(reqs[0].request_id)[:4]
@@ -140,7 +159,7 @@ def test_aborting_requests_that_share_pages_leaves_the_others_theirs():
     assert [pool.cache.refcount(p) for p in shared] == [2] * 4
     eng.abort(reqs[2], "caller left")
     assert [pool.cache.refcount(p) for p in shared] == [1] * 4
-    eng.run_until_done(reqs[1:2])
+    _until_done(eng, reqs[1:2])
     assert reqs[0].status == reqs[2].status == RequestStatus.FAILED
     assert reqs[1].output_token_ids == alone
     _assert_clean(eng)
