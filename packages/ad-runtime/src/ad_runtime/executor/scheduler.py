@@ -246,8 +246,9 @@ class Scheduler:
         if not self.prefix_caching:
             return
         n = min(req.num_computed_tokens, req.num_known_tokens) // self.pool.page_size
-        if n:
+        if n > len(req.page_keys):
             self._extend_keys(req, n * self.pool.page_size)
+        if n:
             self.pool.cache_pages(req.request_id, req.page_keys, n)
 
     def _keys_in_flight(self) -> set[bytes]:

@@ -89,10 +89,10 @@ class PagePool:
 
     def cache_pages(self, seq_id: Hashable, keys: Sequence[bytes], num_pages: int) -> None:
         """Offer `seq_id`'s first `num_pages` pages (full, their KV written) to the cache under `keys[i]`."""
-        table = self._tables.get(seq_id)
-        if table is None:
-            return
         done = self._offered.get(seq_id, 0)
+        table = self._tables.get(seq_id)
+        if table is None or done >= num_pages:  # the common case: called every step, nothing new
+            return
         num_pages = min(num_pages, len(table))
         for i in range(done, num_pages):
             self.cache.insert(table[i], keys[i])
