@@ -2,8 +2,8 @@
 
 import logging
 from collections import deque
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from ..kv_cache.prefix_cache import ROOT_HASH, PrefixCacheStats, page_hash
