@@ -220,6 +220,12 @@ class LlmArgs(AutoDeployConfig):
         "host reads them one step late). None: on for a single-process run on a GPU, off on a CPU (no gain there). "
         "Greedy tokens are the same either way. Needs world_size 1.",
     )
+    enable_prefix_caching: bool = Field(
+        default=True,
+        description="Reuse the KV-cache pages of prompt prefixes that earlier requests computed (full pages, "
+        "least recently used evicted first). Models with recurrent state (Mamba, linear attention) run without "
+        "reuse. Greedy tokens are the same either way.",
+    )
     trust_remote_code: bool = False
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
     kv_cache_config: KvCacheConfig = Field(default_factory=KvCacheConfig)

@@ -195,7 +195,8 @@ def build_engine(
         runner = runner_wrapper(runner)
     tokenizer = factory.init_tokenizer() if rank == 0 else None
     scheduler = Scheduler(
-        cm.pool, args.max_batch_size, cm.info.max_num_tokens, args.enable_chunked_prefill, cm.num_pages
+        cm.pool, args.max_batch_size, cm.info.max_num_tokens, args.enable_chunked_prefill, cm.num_pages,
+        enable_prefix_caching=args.enable_prefix_caching, has_state=bool(cm.state_specs),
     )
     overlap = args.overlap_scheduler
     if overlap is None:  # auto: where it helps, a single process on a GPU (CPU ops run synchronously anyway)

@@ -73,6 +73,10 @@ class Engine:
         self.sampler = Sampler(runner.device)
         self._ids = itertools.count()
         self.num_steps = 0
+        # Prompt tokens the model computed (a preempted request's count again); the prefix cache's hits are not.
+        self.num_prompt_tokens_computed = 0
+        # Prompt tokens looked up in the prefix cache and found there (hit rate), for metrics.
+        self.prefix_cache_stats = scheduler.prefix_stats
         self.timer: StepTimer | None = None  # set by benchmarks: per-phase step times and GPU idle share
         # Overlapped scheduling: prepare and launch step N+1 before reading step N's tokens (see step()).
         self.overlap = overlap
@@ -222,7 +226,10 @@ class Engine:
             timer.mark("forward")
         sample_rows = [i for i, s in enumerate(batch) if s.completes_prompt]
         for s in batch:
-            s.request.num_computed_tokens += s.num_new_tokens
+            r = s.request
+            self.num_prompt_tokens_computed += max(
+                0, min(r.num_computed_tokens + s.num_new_tokens, len(r.prompt_token_ids)) - r.num_computed_tokens)
+            r.num_computed_tokens += s.num_new_tokens
         if not sample_rows:
             if timer is not None:
                 timer.device_work_queued()

@@ -36,6 +36,10 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    # Prompt tokens found in the prefix cache at the first admission (reported as cached prompt tokens).
+    num_cached_tokens: int = 0
+    # Prefix caching: keys of the sequence's full pages in token order (a hash chain), extended as pages fill.
+    page_keys: list[bytes] = field(default_factory=list)
     # Row of the per-sequence state caches (Mamba conv/SSM state) while running; None while waiting.
     slot: int | None = None
     # Text of the output (filled by the detokenizer) and how much of it a stream already saw.

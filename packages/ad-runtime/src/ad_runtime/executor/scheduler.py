@@ -2,9 +2,11 @@
 
 import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..kv_cache.prefix_cache import ROOT_HASH, PrefixCacheStats, page_hash
 from .request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -18,9 +20,20 @@ class PagePoolLike(Protocol):
 
     def page_table(self, seq_id: int) -> list[int]: ...
 
+    def num_pages_of(self, seq_id: int) -> int: ...
+
     def ensure_capacity(self, seq_id: int, total_tokens: int) -> list[int]: ...
 
     def free(self, seq_id: int) -> None: ...
+
+    # Prefix caching (see PagePool)
+    def match(self, keys: Sequence[bytes]) -> list[int]: ...
+
+    def num_evictable_in(self, pages: Sequence[int]) -> int: ...
+
+    def attach(self, seq_id: int, pages: Sequence[int]) -> None: ...
+
+    def cache_pages(self, seq_id: int, keys: Sequence[bytes], num_pages: int) -> None: ...
 
 
 @dataclass
@@ -39,7 +52,12 @@ class ScheduledSequence:
 
 
 class Scheduler:
-    """FIFO admission; running requests first; the newest running request is preempted when pages run out."""
+    """FIFO admission; running requests first; the newest running request is preempted when pages run out.
+
+    With prefix caching, a request starts with the cached pages of its longest cached prefix and computes from
+    there; every full page whose KV is written is cached once the step that wrote it has been launched (later
+    steps run after it, on the same stream), and stays cached after its sequences end until evicted.
+    """
 
     def __init__(
         self,
@@ -48,6 +66,8 @@ class Scheduler:
         max_num_tokens: int,
         enable_chunked_prefill: bool,
         num_pages: int,
+        enable_prefix_caching: bool = False,
+        has_state: bool = False,
     ):
         self.pool = pool
         self.max_batch_size = max_batch_size
@@ -59,6 +79,13 @@ class Scheduler:
         # At most max_batch_size requests run, so each holds one of max_batch_size state slots until it
         # finishes or is preempted (a preempted request recomputes from token 0, state included).
         self._free_slots: list[int] = list(range(max_batch_size - 1, -1, -1))
+        # Cached pages hold KV only: a model with per-sequence recurrent state (Mamba, linear attention) would
+        # also need that state as of the page boundary, which its state caches do not keep.
+        self.prefix_caching = enable_prefix_caching and not has_state
+        if enable_prefix_caching and has_state:
+            logger.info("prefix caching is off for this model: its recurrent state (Mamba / linear attention) "
+                        "cannot resume from cached pages, so every prompt is computed in full")
+        self.prefix_stats = PrefixCacheStats()
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -68,7 +95,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _pages_needed(self, req: Request, total_tokens: int) -> int:
-        have = len(self.pool.page_table(req.request_id))
+        have = self.pool.num_pages_of(req.request_id)
         need = -(-total_tokens // self.pool.page_size)
         return max(0, need - have)
 
@@ -81,7 +108,11 @@ class Scheduler:
             req.slot = None
 
     def preempt(self, req: Request) -> None:
-        """Free the request's pages; it will be recomputed (prompt + output so far) later."""
+        """Free the request's pages; it will be recomputed (prompt + output so far) later.
+
+        With prefix caching its full pages stay cached, so it resumes from them unless they are evicted first.
+        """
+        self._cache_computed_pages(req)
         self.pool.free(req.request_id)
         self._release_slot(req)
         req.num_computed_tokens = 0
@@ -92,6 +123,7 @@ class Scheduler:
         logger.info("preempted request %d (out of KV-cache pages)", req.request_id)
 
     def finish(self, req: Request) -> None:
+        self._cache_computed_pages(req)
         self.pool.free(req.request_id)
         self._release_slot(req)
         if req in self.running:
@@ -108,6 +140,9 @@ class Scheduler:
         budget = self.max_num_tokens
         batch: list[ScheduledSequence] = []
         scheduled_ids: set[int] = set()
+        if self.prefix_caching:
+            for req in self.running:
+                self._cache_computed_pages(req)
         # 1. Requests already running keep going (decodes and unfinished prefill chunks).
         for req in list(self.running):
             if req.status is not RequestStatus.RUNNING or id(req) in skip:  # preempted while making room, or done
@@ -123,17 +158,35 @@ class Scheduler:
             batch.append(ScheduledSequence(req, n))
             scheduled_ids.add(req.request_id)
             budget -= n
-        # 2. Admit waiting requests in arrival order (preempted ones are at the front).
-        while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
-            req = self.waiting[0]
-            n = req.num_pending_tokens
+        # 2. Admit waiting requests in arrival order (preempted ones are at the front). A request whose next
+        # uncached page another request is computing now waits for it (it would compute the same KV again).
+        in_flight = self._keys_in_flight() if self.prefix_caching and self.waiting else set()
+        i = 0
+        while i < len(self.waiting) and len(self.running) < self.max_batch_size and budget > 0:
+            req = self.waiting[i]
+            cached = self._cached_prefix(req) if self.prefix_caching else []
+            if in_flight and self._next_key(req, len(cached)) in in_flight:
+                i += 1
+                continue
+            start = len(cached) * self.pool.page_size
+            n = req.num_tokens - start
             if n > budget:
                 if not self.chunked:
                     break
                 n = budget
-            if self._pages_needed(req, req.num_computed_tokens + n) > self.pool.num_free_pages:
+            # Cached pages that nobody uses count as free pages until this request takes them.
+            new_pages = -(-(start + n) // self.pool.page_size) - len(cached)
+            if new_pages + self.pool.num_evictable_in(cached) > self.pool.num_free_pages:
                 break  # never preempt to admit: wait for pages to free up
-            self.waiting.popleft()
+            del self.waiting[i]
+            if self.prefix_caching:
+                self.pool.attach(req.request_id, cached)
+                req.num_computed_tokens = start
+                if req.num_preemptions == 0:  # prompt tokens, counted once per request
+                    req.num_cached_tokens = start
+                    self.prefix_stats.queried_tokens += req.num_tokens
+                    self.prefix_stats.hit_tokens += start
+                in_flight.update(req.page_keys[len(cached):])
             self.pool.ensure_capacity(req.request_id, req.num_computed_tokens + n)
             req.status = RequestStatus.RUNNING
             req.slot = self._free_slots.pop()
@@ -156,3 +209,54 @@ class Scheduler:
                 return False
             self.preempt(victims[0])
         return True
+
+    # ---- prefix caching ------------------------------------------------------------------------------
+
+    def _extend_keys(self, req: Request, num_tokens: int) -> None:
+        """Extend `req.page_keys` over the full pages of its first `num_tokens` known tokens."""
+        ps, keys = self.pool.page_size, req.page_keys
+        prompt, out = req.prompt_token_ids, req.output_token_ids
+        for i in range(len(keys), num_tokens // ps):
+            a, b = i * ps, (i + 1) * ps
+            toks = prompt[a:b] if b <= len(prompt) else prompt[a:] + out[max(0, a - len(prompt)) : b - len(prompt)]
+            keys.append(page_hash(keys[-1] if keys else ROOT_HASH, toks))
+
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """Cached pages of the longest cached prefix of a waiting request, leaving at least one token to compute.
+
+        The token left is the one whose logits give the next token; its KV goes to a page of its own, so a
+        fully cached prompt of whole pages recomputes its last page rather than write into a shared one.
+        """
+        assert req.num_computed_tokens == 0 and not self.pool.num_pages_of(req.request_id)
+        self._extend_keys(req, req.num_known_tokens)
+        limit = min(len(req.page_keys), (req.num_tokens - 1) // self.pool.page_size)
+        return self.pool.match(req.page_keys[:limit])
+
+    def _next_key(self, req: Request, num_cached_pages: int) -> bytes | None:
+        """Key of the first page a waiting request would compute, if it is a full page it could take from the cache."""
+        limit = min(len(req.page_keys), (req.num_tokens - 1) // self.pool.page_size)
+        return req.page_keys[num_cached_pages] if num_cached_pages < limit else None
+
+    def _cache_computed_pages(self, req: Request) -> None:
+        """Offer the request's full pages whose KV a launched step wrote to the cache.
+
+        Only tokens the host has read count: with overlap, a sampled token still on the device is computed but
+        its id is unknown (and may be an end token that is dropped), so its page waits.
+        """
+        if not self.prefix_caching:
+            return
+        n = min(req.num_computed_tokens, req.num_known_tokens) // self.pool.page_size
+        if n > len(req.page_keys):
+            self._extend_keys(req, n * self.pool.page_size)
+        if n:
+            self.pool.cache_pages(req.request_id, req.page_keys, n)
+
+    def _keys_in_flight(self) -> set[bytes]:
+        """Keys of pages that running requests have still to compute (their prompts' pages not yet computed)."""
+        ps = self.pool.page_size
+        out: set[bytes] = set()
+        for req in self.running:
+            done = req.num_computed_tokens // ps
+            if done < len(req.page_keys):
+                out.update(req.page_keys[done:])
+        return out
