@@ -1,16 +1,29 @@
-"""Token sampling on the device: greedy, temperature, top-k and top-p, with per-request seeds."""
+"""Token sampling on the device: logits processing, greedy, temperature, top-k and top-p with per-request seeds,
+and logprobs of what was sampled."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..sampling_params import SamplingParams
+from .logits_processing import LogitsProcessor
+from .logprobs import TokenLogprobs, compute_logprobs
+
+
+@dataclass
+class SamplerOutput:
+    tokens: torch.Tensor  # [B] int64 on the device
+    logprobs: TokenLogprobs | None  # the rows that asked for logprobs; None when none did
 
 
 class Sampler:
     """Samples one token per row of a logits batch, each row with its own parameters."""
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, eos_token_ids: Sequence[int] = ()):
         self.device = torch.device(device)
         self._generators: dict[int, torch.Generator] = {}
+        self.processor = LogitsProcessor(self.device, eos_token_ids)
 
     def generator_for(self, request_id: int, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -24,13 +37,26 @@ class Sampler:
 
     def release(self, request_id: int) -> None:
         self._generators.pop(request_id, None)
+        self.processor.release(request_id)
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[int],
+                 prompts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        """logits [B, V] -> token ids [B] (int64, on the device)."""
+        return self.sample(logits, params, request_ids, prompts).tokens
 
     @torch.inference_mode()
-    def __call__(
-        self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[int]
-    ) -> torch.Tensor:
-        """logits [B, V] -> token ids [B] (int64, on the device)."""
-        logits = logits.float()
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[int],
+               prompts: Sequence[Sequence[int]] | None = None) -> SamplerOutput:
+        """One token per row, and the logprobs of the rows that ask. `prompts` (each row's prompt ids) is needed
+        only by repetition_penalty, for the first sampling of a request."""
+        raw = logits.float()
+        tokens = self._pick(self.processor.apply(raw, params, request_ids, prompts), params, request_ids)
+        logprobs = compute_logprobs(raw, tokens, params)
+        # Counted last: a failure above leaves the counts as they were, so a retry row by row counts once.
+        self.processor.record(params, request_ids, tokens)
+        return SamplerOutput(tokens, logprobs)
+
+    def _pick(self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[int]) -> torch.Tensor:
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         out = torch.argmax(logits, dim=-1)
         if len(greedy_rows) == len(params):
