@@ -429,6 +429,87 @@ def test_sampled_logprobs_are_raw_and_penalties_act_as_defined(served: tuple[str
                 assert int(row.argmax()) == ids[pos], (kw, pos)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_penalties_reach_the_sampler(client: Any, served: tuple[str, Any], stream: bool) -> None:
+    """Each penalty gives the server the answer the Python API gives (whose math the test above checks); the
+    largest presence and frequency penalties make a greedy run that repeats itself never repeat a token."""
+    from ad_runtime import SamplingParams
+
+    llm = served[1]
+    for openai_kw, extra in (({"presence_penalty": 1.5}, {}), ({"frequency_penalty": -0.7}, {}),
+                             ({}, {"repetition_penalty": 1.8})):
+        want = llm.generate([PROMPT], _greedy(8, **openai_kw, **extra), chat_template=False)[0].outputs[0].text
+        got = _complete(client, stream, temperature=0, max_tokens=8, extra_body={"ignore_eos": True, **extra},
+                        **openai_kw)[0]
+        assert got == want, (openai_kw, extra)
+
+    def tokens(max_tokens: int, **kw: Any) -> list[str]:
+        (choice,), _ = _run_choices(client, False, stream, temperature=0, max_tokens=max_tokens, logprobs=0, **kw)
+        return [t for t, _, _ in choice["logprobs"]]
+
+    no_eos = {"ignore_eos": True}
+    assert len(set(tokens(8, extra_body=no_eos))) < 8, "the plain greedy run should repeat tokens"
+    # OpenAI's largest penalties (2) outweigh this model's lead for 8 tokens; an unbounded repetition penalty for 16.
+    assert len(set(tokens(8, presence_penalty=2, frequency_penalty=2, extra_body=no_eos))) == 8
+    assert len(set(tokens(16, extra_body={**no_eos, "repetition_penalty": 100}))) == 16
+    for field, value, param in [("presence_penalty", 2.5, "presence_penalty"), ("frequency_penalty", -3, None),
+                                ("repetition_penalty", 0, None)]:
+        body = {"extra_body": {field: value}} if field == "repetition_penalty" else {field: value}
+        _refused(lambda: client.completions.create(model=MODEL, prompt=PROMPT, stream=stream, **body),
+                 param or field, "")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logit_bias_forces_and_bans_tokens(client: Any, served: tuple[str, Any], token_text: Any, stream: bool
+                                           ) -> None:
+    forced = 28
+    for temperature in (0, 1.0):
+        text = _complete(client, stream, temperature=temperature, seed=3, max_tokens=5,
+                         logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})[0]
+        assert text == token_text(forced) * 5
+    # -100 bans the greedy answer's first token (at temperature 0, the best one): another token comes first
+    (plain,), _ = _run_choices(client, False, stream, **GREEDY, logprobs=0, extra_body={"ignore_eos": True})
+    first = plain["logprobs"][0]
+    best = served[1].generate([PROMPT], _greedy(1), chat_template=False)[0].outputs[0].token_ids[0]
+    assert token_text(best) == first[0]
+    (banned,), _ = _run_choices(client, False, stream, **GREEDY, logprobs=1, logit_bias={str(best): -100},
+                                extra_body={"ignore_eos": True})
+    assert banned["logprobs"][0][0] != first[0]
+    assert banned["logprobs"][0][1] < first[1]  # the raw logprob of the runner-up
+    for bad, param in [({"x1": 1}, "logit_bias"), ({"5": 101}, "logit_bias.5"), ({str(10**7): 1}, "logit_bias")]:
+        _refused(lambda: client.completions.create(model=MODEL, prompt=PROMPT, logit_bias=bad, stream=stream),
+                 param, "")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_min_tokens_holds_back_end_and_stop_tokens(client: Any, served: tuple[str, Any], stream: bool) -> None:
+    eos = min(served[1].engine.eos_token_ids)
+    force_eos = {"logit_bias": {str(eos): 100}}
+    for chat in (False, True):
+        (now,), usage = _run_choices(client, chat, stream, temperature=0, max_tokens=8, **force_eos)
+        assert now["finish_reason"] == "stop" and usage.completion_tokens == 0
+        (later,), usage = _run_choices(client, chat, stream, temperature=0, max_tokens=8, **force_eos,
+                                       extra_body={"min_tokens": 3})
+        assert later["finish_reason"] == "stop" and usage.completion_tokens == 3 and later["text"]
+    # stop_token_ids too: the greedy answer's first token as a stop token ends the run at once, unless min_tokens
+    # holds it back (then it cannot come first, and the run goes on)
+    llm = served[1]
+    first = llm.generate([PROMPT], _greedy(1), chat_template=False)[0].outputs[0].token_ids[0]
+    stopped = _complete(client, stream, temperature=0, max_tokens=6, extra_body={"stop_token_ids": [first]})
+    assert stopped[1] == "stop" and stopped[0] == llm.tokenizer.decode([first])
+    held, _, _ = _complete(client, stream, temperature=0, max_tokens=6,
+                           extra_body={"stop_token_ids": [first], "min_tokens": 4, "ignore_eos": True})
+    assert not held.startswith(stopped[0]) and len(held) > len(stopped[0])
+    _refused(lambda: client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, stream=stream,
+                                               extra_body={"min_tokens": 5}), "min_tokens", "more than max_tokens")
+
+
+def _greedy(n: int, **kw: Any) -> Any:
+    from ad_runtime import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **kw)
+
+
 # ---- fields the server refuses ------------------------------------------------------------------------
 
 
