@@ -429,6 +429,24 @@ def test_sampled_logprobs_are_raw_and_penalties_act_as_defined(served: tuple[str
                 assert int(row.argmax()) == ids[pos], (kw, pos)
 
 
+def test_python_api_streams_n_choices_with_logprobs(served: tuple[str, Any]) -> None:
+    from ad_runtime import SamplingParams
+
+    llm = served[1]
+    sp = SamplingParams(n=2, temperature=1.0, seed=9, max_tokens=6, ignore_eos=True, logprobs=1)
+    (batch,) = llm.generate([PROMPT], sp, chat_template=False)
+    updates = list(llm.generate_stream(PROMPT, sp, chat_template=False))
+    assert [o.index for o in batch.outputs] == [0, 1] and batch.outputs[0].token_ids != batch.outputs[1].token_ids
+    for upd in updates:
+        assert [o.index for o in upd.outputs] == [0, 1]
+        assert all(len(o.logprobs) == len(o.token_ids) for o in upd.outputs)
+    assert len(updates) > 2 and not updates[-2].finished and updates[-1].finished
+    for streamed, whole in zip(updates[-1].outputs, batch.outputs):
+        assert streamed.token_ids == whole.token_ids and streamed.text == whole.text
+        assert [list(d) for d in streamed.logprobs] == [list(d) for d in whole.logprobs]
+        assert all(abs(a[t] - b[t]) < 1e-5 for a, b in zip(streamed.logprobs, whole.logprobs) for t in a)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_penalties_reach_the_sampler(client: Any, served: tuple[str, Any], stream: bool) -> None:
     """Each penalty gives the server the answer the Python API gives (whose math the test above checks); the
