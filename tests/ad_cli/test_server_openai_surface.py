@@ -361,10 +361,9 @@ def test_completion_logprobs_equal_the_models_log_softmax(client: Any, server: s
                               extra_body={"ignore_eos": True})
     _assert_logprobs_match(only["logprobs"], ids, ref, 0, token_text)
     assert all(list(top) == [tok] for tok, _, top in only["logprobs"])
-    # echo: offsets count from the start of the echoed prompt
-    (echoed,), _ = _run_choices(client, False, stream, prompt=PROMPT, echo=True, temperature=0, max_tokens=6,
-                                logprobs=1, extra_body={"ignore_eos": True})
-    assert echoed["offsets"][0] == len(PROMPT)
+    # with echo, OpenAI's answer holds the prompt's logprobs too, which the server does not compute
+    _refused(lambda: client.completions.create(model=MODEL, prompt=PROMPT, echo=True, logprobs=1, stream=stream),
+             "logprobs", "echo")
     for bad in (21, True):
         _refused(lambda: client.completions.create(model=MODEL, prompt=PROMPT, logprobs=bad, stream=stream),
                  "logprobs", "")

@@ -273,6 +273,14 @@ class CompletionRequest(SamplingRequest):
     def _prompt(cls, v: Any) -> str | list[int]:
         return _prompt(v)
 
+    def check(self) -> None:
+        super().check()
+        if self.echo and self.logprobs is not None:
+            # OpenAI's answer would then hold the echoed prompt's logprobs too: the model runner computes the
+            # logits of the last prompt position only, so prompt logprobs are not available.
+            raise BadRequest(400, "logprobs: not supported together with echo (it needs the prompt's logprobs)",
+                             "logprobs")
+
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs

@@ -7,7 +7,8 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -102,6 +103,16 @@ async def _merged(qs: list[asyncio.Queue]) -> AsyncIterator[tuple[int, Update]]:
     finally:
         for fut in waiting:  # a cancelled get takes nothing from its queue
             fut.cancel()
+
+
+@dataclass
+class _Shown:
+    """What one choice of a stream has sent so far."""
+
+    text: str = ""
+    tokens: int = 0  # tokens whose logprobs were sent
+    offset: int = 0  # where the next token starts in the text (completions' text_offset)
+    role: bool = False  # a chat choice names its role in its first chunk
 
 
 class _Stream(StreamingResponse):
@@ -310,15 +321,14 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
             else:
                 choice = {"index": i, "text": echo + upd.text}
             if k is not None:
-                choice["logprobs"] = _logprobs_of(upd.token_ids, upd.logprobs, k, chat, len(echo))
+                choice["logprobs"] = _logprobs_of(upd.token_ids, upd.logprobs or [], k, chat, 0)
             choices.append({**choice, "finish_reason": upd.finish_reason})
         obj = "chat.completion" if chat else "text_completion"
         return JSONResponse({"id": rid, "object": obj, "created": created, "model": model_name,
                              "choices": choices, "usage": usage})
 
-    def _logprobs_of(token_ids: list[int], logprobs: list[dict[int, float]] | None, k: int, chat: bool,
+    def _logprobs_of(token_ids: list[int], logprobs: list[dict[int, float]], k: int, chat: bool,
                      offset: int) -> dict[str, Any]:
-        logprobs = logprobs or [{} for _ in token_ids]
         if chat:
             return chat_logprobs(token_ids, logprobs, k, token_texts)
         return completion_logprobs(token_ids, logprobs, k, token_texts, offset)
@@ -328,50 +338,55 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
         """The request's chunks as server-sent events, each tagged with its choice's index; with `prompt_tokens`
         (include_usage) a last chunk with the usage of all choices and no choices, as OpenAI sends it. With
         logprobs (`k`), a chunk carries those of the tokens that arrived since the choice's previous chunk."""
-        n = len(qs)
         obj = "chat.completion.chunk" if chat else "text_completion"
         head = {"id": rid, "object": obj, "created": created, "model": model_name}
         if prompt_tokens is not None:
             head["usage"] = None  # OpenAI: null in every chunk but the last
         if echo:
-            for i in range(n):
+            for i in range(len(qs)):
                 choice = {"index": i, "text": echo, "finish_reason": None}
                 yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-        sent = [""] * n  # text each choice has shown
-        sent_tokens = [0] * n  # tokens whose logprobs each choice has shown
-        offsets = [len(echo)] * n  # where each choice's next token starts in its text (completions' text_offset)
-        roles = [True] * n  # the first chunk of a chat choice names the role
+        shown = [_Shown() for _ in qs]
         completion_tokens = 0
         failed = False
-        async for i, upd in _merged(qs):
-            if upd.finished:
-                release(i)
-            if upd.error:
-                yield f"data: {json.dumps({'error': {'message': one_line(upd.error)}})}\n\n"
-                failed = True
-                break
-            # Hold back a trailing replacement char: the next token may complete the character.
-            text = upd.text if upd.finished else upd.text.rstrip("\ufffd")
-            delta, sent[i] = text[len(sent[i]):], text if text.startswith(sent[i]) else sent[i]
-            if delta or upd.finished:
-                if chat:
-                    choice = {"index": i, "delta": {**({"role": "assistant"} if roles[i] else {}), "content": delta}}
-                    roles[i] = False
-                else:
-                    choice = {"index": i, "text": delta}
-                if k is not None:
-                    new = upd.token_ids[sent_tokens[i]:]
-                    choice["logprobs"] = _logprobs_of(new, (upd.logprobs or [])[sent_tokens[i]:] or None, k, chat,
-                                                      offsets[i])
-                    sent_tokens[i] = len(upd.token_ids)
-                    offsets[i] += text_length(new, token_texts)
-                yield f"data: {json.dumps({**head, 'choices': [{**choice, 'finish_reason': upd.finish_reason}]})}\n\n"
-            if upd.finished:
-                completion_tokens += len(upd.token_ids)
+        async with aclosing(_merged(qs)) as updates:  # closed at once on an error: its pending gets are cancelled
+            async for i, upd in updates:
+                if upd.finished:
+                    release(i)
+                    completion_tokens += len(upd.token_ids)
+                if upd.error:
+                    yield f"data: {json.dumps({'error': {'message': one_line(upd.error)}})}\n\n"
+                    failed = True
+                    break
+                choice = next_choice(i, shown[i], upd, chat, k)
+                if choice is not None:
+                    yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
         if prompt_tokens is not None and not failed:
             usage = _usage(prompt_tokens, completion_tokens)
             yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
+
+    def next_choice(i: int, shown: "_Shown", upd: Update, chat: bool, k: int | None) -> dict[str, Any] | None:
+        """Choice i's part of the next chunk: what `upd` adds to what it has shown; None when nothing."""
+        # Hold back a trailing replacement char: the next token may complete the character.
+        text = upd.text if upd.finished else upd.text.rstrip("\ufffd")
+        delta = text[len(shown.text):]
+        if text.startswith(shown.text):
+            shown.text = text
+        if not delta and not upd.finished:
+            return None
+        if chat:
+            role = {} if shown.role else {"role": "assistant"}
+            choice = {"index": i, "delta": {**role, "content": delta}}
+            shown.role = True
+        else:
+            choice = {"index": i, "text": delta}
+        if k is not None:  # the logprobs of the tokens that arrived since the choice's previous chunk
+            new = upd.token_ids[shown.tokens:]
+            choice["logprobs"] = _logprobs_of(new, (upd.logprobs or [])[shown.tokens:], k, chat, shown.offset)
+            shown.tokens = len(upd.token_ids)
+            shown.offset += text_length(new, token_texts)
+        return {**choice, "finish_reason": upd.finish_reason}
 
     def encode_completion(req: CompletionRequest) -> tuple[list[int], str | None]:
         if req.echo:

@@ -50,6 +50,8 @@ class Sampler:
         """One token per row, and the logprobs of the rows that ask. `prompts` (each row's prompt ids) is needed
         only by repetition_penalty, for the first sampling of a request."""
         raw = logits.float()
+        if not any(p.processes_logits or p.logprobs is not None for p in params):  # one pass for plain batches
+            return SamplerOutput(self._pick(raw, params, request_ids), None)
         tokens = self._pick(self.processor.apply(raw, params, request_ids, prompts), params, request_ids)
         logprobs = compute_logprobs(raw, tokens, params)
         # Counted last: a failure above leaves the counts as they were, so a retry row by row counts once.
