@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from ..sampling_params import SamplingParams
+from .device_tensor import device_tensor
 
 
 class LogitsProcessor:
@@ -52,11 +53,11 @@ class LogitsProcessor:
             if any(params[i].repetition_penalty != 1 for i in pen) and prompts is None:
                 raise ValueError("repetition_penalty needs the prompts' token ids")
             table = self._table_rows([request_ids[i] for i in pen], [prompts[i] if prompts else () for i in pen], vocab)
-            idx = torch.tensor(pen, device=out.device)
+            idx = device_tensor(pen, out.device)
             out[idx] = apply_penalties(
                 out.index_select(0, idx), self._output_counts.index_select(0, table),
                 self._in_prompt.index_select(0, table),
-                *(torch.tensor([getattr(params[i], name) for i in pen], device=out.device, dtype=out.dtype)
+                *(device_tensor([getattr(params[i], name) for i in pen], out.device, out.dtype)
                   for name in ("repetition_penalty", "presence_penalty", "frequency_penalty")))
         return out
 
@@ -64,8 +65,8 @@ class LogitsProcessor:
         """Count the tokens just sampled (still on the device) for the requests that keep counts."""
         pen = [i for i, p in enumerate(params) if p.has_penalties and request_ids[i] in self._rows]
         if pen:
-            table = torch.tensor([self._rows[request_ids[i]] for i in pen], device=tokens.device)
-            picked = tokens.index_select(0, torch.tensor(pen, device=tokens.device))
+            table = device_tensor([self._rows[request_ids[i]] for i in pen], tokens.device)
+            picked = tokens.index_select(0, device_tensor(pen, tokens.device))
             ones = torch.ones(len(pen), dtype=self._output_counts.dtype, device=tokens.device)
             self._output_counts.index_put_((table, picked), ones, accumulate=True)
         for i, p in enumerate(params):
@@ -81,8 +82,8 @@ class LogitsProcessor:
                 v.append(bias)
         if r:
             dev = logits.device
-            logits.index_put_((torch.tensor(r, device=dev), torch.tensor(t, device=dev)),
-                              torch.tensor(v, device=dev, dtype=logits.dtype), accumulate=True)
+            logits.index_put_((device_tensor(r, dev), device_tensor(t, dev)), device_tensor(v, dev, logits.dtype),
+                              accumulate=True)
 
     def _apply_min_tokens(self, logits: torch.Tensor, rows: list[int], params: Sequence[SamplingParams],
                           request_ids: Sequence[int]) -> None:
@@ -98,8 +99,7 @@ class LogitsProcessor:
                         t.append(tok)
         if r:
             dev = logits.device
-            logits.index_put_((torch.tensor(r, device=dev), torch.tensor(t, device=dev)),
-                              torch.tensor(float("-inf"), device=dev, dtype=logits.dtype))
+            logits.index_put_((device_tensor(r, dev), device_tensor(t, dev)), logits.new_full((), float("-inf")))
 
     def _table_rows(self, request_ids: list[int], prompts: list[Sequence[int]], vocab: int) -> torch.Tensor:
         """Rows of the count tables for these requests; a request's row is made (from its prompt) on first use."""
@@ -112,8 +112,8 @@ class LogitsProcessor:
             self._in_prompt[row].zero_()
             ids = [t for t in prompt if 0 <= t < vocab]
             if ids:
-                self._in_prompt[row, torch.tensor(ids, device=self.device)] = True
-        return torch.tensor([self._rows[rid] for rid in request_ids], device=self.device)
+                self._in_prompt[row, device_tensor(ids, self.device)] = True
+        return device_tensor([self._rows[rid] for rid in request_ids], self.device)
 
     def _grow(self, vocab: int) -> int:
         """Double the tables (rows are reused after release, so this happens a few times per engine at most)."""

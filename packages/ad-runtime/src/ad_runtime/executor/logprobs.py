@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sampling_params import SamplingParams
+from .device_tensor import device_tensor
 
 
 @dataclass
@@ -71,7 +72,7 @@ def compute_logprobs(raw_logits: torch.Tensor, tokens: torch.Tensor, params: Seq
     if not rows:
         return None
     ks = [params[i].logprobs for i in rows]
-    idx = torch.tensor(rows, device=raw_logits.device)
+    idx = device_tensor(rows, raw_logits.device)
     # Always fp32: logprobs of bf16 logits computed in bf16 would be off in the third digit.
     logp = torch.log_softmax(raw_logits.index_select(0, idx).float(), dim=-1)
     sampled = logp.gather(-1, tokens.index_select(0, idx).unsqueeze(-1)).squeeze(-1)

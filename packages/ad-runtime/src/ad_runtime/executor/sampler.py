@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sampling_params import SamplingParams
+from .device_tensor import device_tensor
 from .logits_processing import LogitsProcessor
 from .logprobs import TokenLogprobs, compute_logprobs
 
@@ -64,9 +65,9 @@ class Sampler:
         if len(greedy_rows) == len(params):
             return out
         rows = [i for i, p in enumerate(params) if not p.greedy]
-        idx = torch.tensor(rows, device=logits.device)
+        idx = device_tensor(rows, logits.device)
         sub = logits.index_select(0, idx)
-        temps = torch.tensor([params[i].temperature for i in rows], device=logits.device)
+        temps = device_tensor([params[i].temperature for i in rows], logits.device, torch.float32)
         sub = sub / temps.unsqueeze(-1)
         sub = _apply_top_k(sub, [params[i].top_k for i in rows])
         sub = _apply_top_p(sub, [params[i].top_p for i in rows])
@@ -86,7 +87,7 @@ def _apply_top_k(logits: torch.Tensor, top_ks: list[int | None]) -> torch.Tensor
     ks = [k if k and k > 0 else vocab for k in top_ks]
     if all(k >= vocab for k in ks):
         return logits
-    k_t = torch.tensor([min(k, vocab) for k in ks], device=logits.device)
+    k_t = device_tensor([min(k, vocab) for k in ks], logits.device)
     sorted_vals, _ = torch.sort(logits, dim=-1, descending=True)
     kth = sorted_vals.gather(-1, (k_t - 1).unsqueeze(-1))
     return logits.masked_fill(logits < kth, float("-inf"))
@@ -95,7 +96,7 @@ def _apply_top_k(logits: torch.Tensor, top_ks: list[int | None]) -> torch.Tensor
 def _apply_top_p(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
     if all(p >= 1.0 for p in top_ps):
         return logits
-    p_t = torch.tensor(top_ps, device=logits.device, dtype=logits.dtype).unsqueeze(-1)
+    p_t = device_tensor(top_ps, logits.device, logits.dtype).unsqueeze(-1)
     sorted_vals, sorted_idx = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_vals, dim=-1)
     # Drop a token when the mass strictly before it already reaches top_p (keeps at least one).
