@@ -277,7 +277,8 @@ class Engine:
     def _append(self, req: Request, token: int, now: float, logprobs: dict[int, float] | None = None) -> None:
         req.output_token_ids.append(token)
         if req.logprobs is not None:
-            req.logprobs.append(logprobs or {})
+            assert logprobs is not None, "a request that asked for logprobs got a row without them"
+            req.logprobs.append(logprobs)
         if req.first_token_time is None:
             req.first_token_time = now
         p = req.params
