@@ -29,8 +29,8 @@ GREEDY = {"temperature": 0, "max_tokens": 8}
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    """The base URL of the server (with an API key) over a 2-layer bundled model."""
+def served() -> Iterator[tuple[str, Any]]:
+    """The base URL of the server (with an API key) over a 2-layer bundled model, and the LLM it serves."""
     from ad_cli.http_limits import ServerLimits
     from ad_cli.http_server import bind_socket, make_server
     from ad_cli.server_app import build_app
@@ -48,11 +48,16 @@ def server() -> Iterator[str]:
         while not srv.started and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert srv.started, "the server did not start"
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", llm
     finally:
         srv.should_exit = True
         thread.join(30)
         llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(served: tuple[str, Any]) -> str:
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +224,309 @@ def test_chat_content_parts_equal_a_plain_string(client: Any, stream: bool) -> N
              "messages.0.content.1.type", "only text parts")
 
 
+# ---- n, logprobs, penalties, logit_bias, min_tokens ----------------------------------------------------
+
+
+class _Reference:
+    """Hugging Face's model (fp32, the same 2 layers as the server) on the CPU."""
+
+    def __init__(self) -> None:
+        import torch
+        from ad_compiler.models.bundled import bundled_model_dir
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(bundled_model_dir(), num_hidden_layers=2,
+                                                          dtype=torch.float32).eval()
+
+    def logits(self, ids: list[int]) -> Any:
+        """[len(ids), V]: the logits after each token."""
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.tensor([ids])).logits[0].float()
+
+    def __call__(self, ids: list[int]) -> Any:
+        """[len(ids), V]: the log-softmax after each token."""
+        return self.logits(ids).log_softmax(dim=-1)
+
+
+@pytest.fixture(scope="module")
+def reference() -> _Reference:
+    return _Reference()
+
+
+@pytest.fixture(scope="module")
+def token_text(served: tuple[str, Any]) -> Any:
+    from ad_cli.logprobs_format import TokenTexts
+
+    texts = TokenTexts(served[1].tokenizer)
+    return lambda t: texts(t)[0]
+
+
+def _greedy_reference(reference: Any, prompt: list[int], n: int) -> tuple[list[int], Any]:
+    """Hugging Face's greedy continuation of `prompt` (n tokens) and the log-softmax at each generated position."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(reference(ids)[-1].argmax()))
+    return ids[len(prompt):], reference(ids)[len(prompt) - 1 : -1]
+
+
+def _run_choices(client: Any, chat: bool, stream: bool, **kw: Any) -> tuple[list[dict[str, Any]], Any]:
+    """Each choice of a request (by index) as {text, finish_reason, logprobs: [(token, logprob, {token: logprob})],
+    offsets}, streamed chunks joined, and the usage."""
+    if chat:
+        kw = {"model": MODEL, "messages": CHAT, **kw}
+        create = client.chat.completions.create
+    else:
+        kw = {"model": MODEL, "prompt": PROMPT, **kw}
+        create = client.completions.create
+    out: dict[int, dict[str, Any]] = {}
+
+    def add(choice: Any, text: str | None) -> None:
+        c = out.setdefault(choice.index, {"text": "", "finish_reason": None, "logprobs": None, "offsets": []})
+        assert c["finish_reason"] is None, "a chunk after the choice's last"
+        c["text"] += text or ""
+        c["finish_reason"] = choice.finish_reason
+        lp = choice.logprobs
+        if lp is None:
+            return
+        c["logprobs"] = c["logprobs"] or []
+        if chat:
+            for e in lp.content:
+                assert bytes(e.bytes).decode("utf-8", "replace") == e.token or e.token.startswith("bytes:")
+                c["logprobs"].append((e.token, e.logprob, {t.token: t.logprob for t in e.top_logprobs}))
+        else:
+            c["logprobs"] += list(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
+            c["offsets"] += lp.text_offset
+
+    if not stream:
+        r = create(**kw)
+        assert [c.index for c in r.choices] == list(range(len(r.choices)))
+        for choice in r.choices:
+            add(choice, choice.message.content if chat else choice.text)
+        usage = r.usage
+    else:
+        chunks = list(create(stream=True, stream_options={"include_usage": True}, **kw))
+        for chunk in chunks[:-1]:
+            (choice,) = chunk.choices  # one choice per chunk, tagged with its index
+            add(choice, choice.delta.content if chat else choice.text)
+        assert not chunks[-1].choices
+        usage = chunks[-1].usage
+    return [out[i] for i in sorted(out)], usage
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("chat", [False, True])
+def test_n_choices_differ_when_sampled_and_agree_when_greedy(client: Any, chat: bool, stream: bool) -> None:
+    sampled, usage = _run_choices(client, chat, stream, n=3, temperature=1.0, seed=11, max_tokens=8,
+                                  extra_body={"ignore_eos": True})
+    assert len(sampled) == 3 and len({c["text"] for c in sampled}) == 3, sampled
+    assert usage.completion_tokens == 3 * 8 and usage.total_tokens == usage.prompt_tokens + 24
+    again, _ = _run_choices(client, chat, not stream, n=3, temperature=1.0, seed=11, max_tokens=8,
+                            extra_body={"ignore_eos": True})
+    assert [c["text"] for c in again] == [c["text"] for c in sampled]  # seeds per choice: the same n answers
+    greedy, usage = _run_choices(client, chat, stream, n=2, **GREEDY, extra_body={"ignore_eos": True})
+    one, _ = _run_choices(client, chat, stream, **GREEDY, extra_body={"ignore_eos": True})
+    assert [c["text"] for c in greedy] == [one[0]["text"]] * 2 and usage.completion_tokens == 16
+    assert {c["finish_reason"] for c in greedy} == {"length"}
+    _refused(lambda: client.completions.create(model=MODEL, prompt=PROMPT, n=129, stream=stream), "n",
+             "less than or equal to 128")
+
+
+def _assert_logprobs_match(got: list[tuple], ids: list[int], ref: Any, k: int, token_text: Any) -> None:
+    """Each token's text, logprob and top k equal the reference's (log-softmax of Hugging Face's logits)."""
+    assert len(got) == len(ids)
+    for pos, ((token, logprob, top), tid) in enumerate(zip(got, ids)):
+        assert token == token_text(tid), pos
+        assert abs(logprob - float(ref[pos, tid])) < 1e-4, (pos, logprob, float(ref[pos, tid]))
+        best = ref[pos].topk(k)
+        want = {token_text(int(t)): float(v) for t, v in zip(best.indices, best.values)}
+        assert set(want) <= set(top) and len(top) <= k + 1, (pos, top, want)
+        assert all(abs(top[t] - v) < 1e-4 for t, v in want.items()), (pos, top, want)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_logprobs_equal_the_models_log_softmax(client: Any, server: str, reference: Any, token_text: Any,
+                                                          stream: bool) -> None:
+    prompt = _post(server, "/tokenize", {"prompt": PROMPT}).json()["tokens"]
+    ids, ref = _greedy_reference(reference, prompt, 6)
+    (choice,), _ = _run_choices(client, False, stream, prompt=prompt, temperature=0, max_tokens=6, logprobs=3,
+                                extra_body={"ignore_eos": True})
+    _assert_logprobs_match(choice["logprobs"], ids, ref, 3, token_text)
+    texts = [token_text(t) for t in ids]
+    assert choice["offsets"] == [sum(len(t) for t in texts[:i]) for i in range(len(ids))]
+    assert choice["text"] == "".join(texts)
+    # logprobs 0: the sampled token's own, and nothing else
+    (only,), _ = _run_choices(client, False, stream, prompt=prompt, temperature=0, max_tokens=6, logprobs=0,
+                              extra_body={"ignore_eos": True})
+    _assert_logprobs_match(only["logprobs"], ids, ref, 0, token_text)
+    assert all(list(top) == [tok] for tok, _, top in only["logprobs"])
+    # with echo, OpenAI's answer holds the prompt's logprobs too, which the server does not compute
+    _refused(lambda: client.completions.create(model=MODEL, prompt=PROMPT, echo=True, logprobs=1, stream=stream),
+             "logprobs", "echo")
+    for bad in (21, True):
+        _refused(lambda: client.completions.create(model=MODEL, prompt=PROMPT, logprobs=bad, stream=stream),
+                 "logprobs", "")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_logprobs_equal_the_models_log_softmax(client: Any, server: str, reference: Any, token_text: Any,
+                                                    stream: bool) -> None:
+    prompt = _post(server, "/tokenize", {"messages": CHAT}).json()["tokens"]
+    ids, ref = _greedy_reference(reference, prompt, 6)
+    (choice,), _ = _run_choices(client, True, stream, temperature=0, max_tokens=6, logprobs=True, top_logprobs=4,
+                                extra_body={"ignore_eos": True})
+    _assert_logprobs_match(choice["logprobs"], ids, ref, 4, token_text)
+    assert all(len(top) == 4 for _, _, top in choice["logprobs"])  # chat lists exactly the k best
+    (plain,), _ = _run_choices(client, True, stream, temperature=0, max_tokens=6, logprobs=True,
+                               extra_body={"ignore_eos": True})
+    _assert_logprobs_match(plain["logprobs"], ids, ref, 0, token_text)
+    (off,), _ = _run_choices(client, True, stream, temperature=0, max_tokens=6, extra_body={"ignore_eos": True})
+    assert off["logprobs"] is None
+    _refused(lambda: client.chat.completions.create(model=MODEL, messages=CHAT, top_logprobs=2, stream=stream),
+             "top_logprobs", "needs logprobs: true")
+    _refused(lambda: client.chat.completions.create(model=MODEL, messages=CHAT, logprobs=True, top_logprobs=21,
+                                                    stream=stream), "top_logprobs", "")
+
+
+def test_sampled_logprobs_are_raw_and_penalties_act_as_defined(served: tuple[str, Any], reference: Any) -> None:
+    """Through the Python API of the served LLM (token ids at hand): at temperature 1 with penalties the logprobs
+    are still the model's own log-softmax; greedy with penalties picks the argmax of the penalised logits."""
+    from ad_runtime import SamplingParams
+
+    llm = served[1]
+    prompt = llm.encode(PROMPT, chat_template=False)[0]
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=8, ignore_eos=True, logprobs=2, n=2,
+                            frequency_penalty=0.5, repetition_penalty=1.3, logit_bias={30: -5.0})
+    (out,) = llm.generate([prompt], params, chat_template=False)
+    assert out.outputs[0].token_ids != out.outputs[1].token_ids
+    for choice in out.outputs:
+        ref = reference(prompt + choice.token_ids)[len(prompt) - 1 : -1]
+        for pos, (tid, entries) in enumerate(zip(choice.token_ids, choice.logprobs)):
+            assert abs(entries[tid] - float(ref[pos, tid])) < 1e-4
+            best = ref[pos].topk(2)
+            assert all(abs(entries[int(t)] - float(v)) < 1e-4 for t, v in zip(best.indices, best.values))
+    plain = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+                         chat_template=False)[0].outputs[0].token_ids
+    for kw in ({"presence_penalty": 1.5}, {"frequency_penalty": 0.7}, {"repetition_penalty": 1.8},
+               {"presence_penalty": -0.5, "frequency_penalty": 0.3, "repetition_penalty": 0.8}):
+        sp = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, **kw)
+        ids = llm.generate([prompt], sp, chat_template=False)[0].outputs[0].token_ids
+        assert ids != plain, kw
+        logits = reference.logits(prompt + ids)[len(prompt) - 1 : -1]
+        rp = kw.get("repetition_penalty", 1.0)
+        for pos, row in enumerate(logits):
+            # By hand: the repetition penalty on tokens of the prompt and the output so far (a positive logit
+            # divided, a negative one multiplied), then presence and frequency on the output so far.
+            before = ids[:pos]
+            for t in set(prompt) | set(before):
+                row[t] = row[t] / rp if row[t] > 0 else row[t] * rp
+            for t in set(before):
+                row[t] -= kw.get("frequency_penalty", 0.0) * before.count(t) + kw.get("presence_penalty", 0.0)
+            top2 = row.topk(2).values
+            if top2[0] - top2[1] > 1e-3:  # a near tie could go either way between two implementations
+                assert int(row.argmax()) == ids[pos], (kw, pos)
+
+
+def test_python_api_streams_n_choices_with_logprobs(served: tuple[str, Any]) -> None:
+    from ad_runtime import SamplingParams
+
+    llm = served[1]
+    sp = SamplingParams(n=2, temperature=1.0, seed=9, max_tokens=6, ignore_eos=True, logprobs=1)
+    (batch,) = llm.generate([PROMPT], sp, chat_template=False)
+    updates = list(llm.generate_stream(PROMPT, sp, chat_template=False))
+    assert [o.index for o in batch.outputs] == [0, 1] and batch.outputs[0].token_ids != batch.outputs[1].token_ids
+    for upd in updates:
+        assert [o.index for o in upd.outputs] == [0, 1]
+        assert all(len(o.logprobs) == len(o.token_ids) for o in upd.outputs)
+    assert len(updates) > 2 and not updates[-2].finished and updates[-1].finished
+    for streamed, whole in zip(updates[-1].outputs, batch.outputs):
+        assert streamed.token_ids == whole.token_ids and streamed.text == whole.text
+        assert [list(d) for d in streamed.logprobs] == [list(d) for d in whole.logprobs]
+        assert all(abs(a[t] - b[t]) < 1e-5 for a, b in zip(streamed.logprobs, whole.logprobs) for t in a)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_penalties_reach_the_sampler(client: Any, served: tuple[str, Any], stream: bool) -> None:
+    """Each penalty gives the server the answer the Python API gives (whose math the test above checks); the
+    largest presence and frequency penalties make a greedy run that repeats itself never repeat a token."""
+    from ad_runtime import SamplingParams
+
+    llm = served[1]
+    for openai_kw, extra in (({"presence_penalty": 1.5}, {}), ({"frequency_penalty": -0.7}, {}),
+                             ({}, {"repetition_penalty": 1.8})):
+        want = llm.generate([PROMPT], _greedy(8, **openai_kw, **extra), chat_template=False)[0].outputs[0].text
+        got = _complete(client, stream, temperature=0, max_tokens=8, extra_body={"ignore_eos": True, **extra},
+                        **openai_kw)[0]
+        assert got == want, (openai_kw, extra)
+
+    def tokens(max_tokens: int, **kw: Any) -> list[str]:
+        (choice,), _ = _run_choices(client, False, stream, temperature=0, max_tokens=max_tokens, logprobs=0, **kw)
+        return [t for t, _, _ in choice["logprobs"]]
+
+    no_eos = {"ignore_eos": True}
+    assert len(set(tokens(8, extra_body=no_eos))) < 8, "the plain greedy run should repeat tokens"
+    # OpenAI's largest penalties (2) outweigh this model's lead for 8 tokens; an unbounded repetition penalty for 16.
+    assert len(set(tokens(8, presence_penalty=2, frequency_penalty=2, extra_body=no_eos))) == 8
+    assert len(set(tokens(16, extra_body={**no_eos, "repetition_penalty": 100}))) == 16
+    for field, value, param in [("presence_penalty", 2.5, "presence_penalty"), ("frequency_penalty", -3, None),
+                                ("repetition_penalty", 0, None)]:
+        body = {"extra_body": {field: value}} if field == "repetition_penalty" else {field: value}
+        _refused(lambda: client.completions.create(model=MODEL, prompt=PROMPT, stream=stream, **body),
+                 param or field, "")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logit_bias_forces_and_bans_tokens(client: Any, served: tuple[str, Any], token_text: Any, stream: bool
+                                           ) -> None:
+    forced = 28
+    for temperature in (0, 1.0):
+        text = _complete(client, stream, temperature=temperature, seed=3, max_tokens=5,
+                         logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})[0]
+        assert text == token_text(forced) * 5
+    # -100 bans the greedy answer's first token (at temperature 0, the best one): another token comes first
+    (plain,), _ = _run_choices(client, False, stream, **GREEDY, logprobs=0, extra_body={"ignore_eos": True})
+    first = plain["logprobs"][0]
+    best = served[1].generate([PROMPT], _greedy(1), chat_template=False)[0].outputs[0].token_ids[0]
+    assert token_text(best) == first[0]
+    (banned,), _ = _run_choices(client, False, stream, **GREEDY, logprobs=1, logit_bias={str(best): -100},
+                                extra_body={"ignore_eos": True})
+    assert banned["logprobs"][0][0] != first[0]
+    assert banned["logprobs"][0][1] < first[1]  # the raw logprob of the runner-up
+    for bad, param in [({"x1": 1}, "logit_bias"), ({"5": 101}, "logit_bias.5"), ({str(10**7): 1}, "logit_bias")]:
+        _refused(lambda: client.completions.create(model=MODEL, prompt=PROMPT, logit_bias=bad, stream=stream),
+                 param, "")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_min_tokens_holds_back_end_and_stop_tokens(client: Any, served: tuple[str, Any], stream: bool) -> None:
+    eos = min(served[1].engine.eos_token_ids)
+    force_eos = {"logit_bias": {str(eos): 100}}
+    for chat in (False, True):
+        (now,), usage = _run_choices(client, chat, stream, temperature=0, max_tokens=8, **force_eos)
+        assert now["finish_reason"] == "stop" and usage.completion_tokens == 0
+        (later,), usage = _run_choices(client, chat, stream, temperature=0, max_tokens=8, **force_eos,
+                                       extra_body={"min_tokens": 3})
+        assert later["finish_reason"] == "stop" and usage.completion_tokens == 3 and later["text"]
+    # stop_token_ids too: the greedy answer's first token as a stop token ends the run at once, unless min_tokens
+    # holds it back (then it cannot come first, and the run goes on)
+    llm = served[1]
+    first = llm.generate([PROMPT], _greedy(1), chat_template=False)[0].outputs[0].token_ids[0]
+    stopped = _complete(client, stream, temperature=0, max_tokens=6, extra_body={"stop_token_ids": [first]})
+    assert stopped[1] == "stop" and stopped[0] == llm.tokenizer.decode([first])
+    held, _, _ = _complete(client, stream, temperature=0, max_tokens=6,
+                           extra_body={"stop_token_ids": [first], "min_tokens": 4, "ignore_eos": True})
+    assert not held.startswith(stopped[0]) and len(held) > len(stopped[0])
+    _refused(lambda: client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, stream=stream,
+                                               extra_body={"min_tokens": 5}), "min_tokens", "more than max_tokens")
+
+
+def _greedy(n: int, **kw: Any) -> Any:
+    from ad_runtime import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **kw)
+
+
 # ---- fields the server refuses ------------------------------------------------------------------------
 
 
@@ -226,12 +534,10 @@ def test_chat_content_parts_equal_a_plain_string(client: Any, stream: bool) -> N
 def test_unsupported_fields_are_refused_by_name(client: Any, stream: bool) -> None:
     chat = {"model": MODEL, "messages": CHAT, "stream": stream}
     completion = {"model": MODEL, "prompt": PROMPT, "stream": stream}
-    _refused(lambda: client.chat.completions.create(**chat, n=2), "n", "only 1 is supported")
-    _refused(lambda: client.completions.create(**completion, n=3), "n", "only 1 is supported")
-    _refused(lambda: client.chat.completions.create(**chat, logprobs=True), "logprobs", "not supported yet")
-    _refused(lambda: client.completions.create(**completion, logprobs=1), "logprobs", "not supported yet")
-    _refused(lambda: client.chat.completions.create(**chat, presence_penalty=0.5), "presence_penalty",
+    _refused(lambda: client.completions.create(**completion, best_of=2), "best_of", "not supported yet")
+    _refused(lambda: client.completions.create(**completion, extra_body={"prompt_logprobs": 1}), "prompt_logprobs",
              "not supported yet")
+    _refused(lambda: client.chat.completions.create(**chat, extra_body={"min_p": 0.1}), "min_p", "not supported yet")
     _refused(lambda: client.completions.create(**completion, suffix="!"), "suffix", "not supported yet")
     _refused(lambda: client.chat.completions.create(**chat, extra_body={"frobnicate": 1}), "frobnicate",
              "unknown field")

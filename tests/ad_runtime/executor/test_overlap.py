@@ -119,3 +119,65 @@ def test_outputs_never_show_placeholders_between_steps():
             assert all(t >= 0 for t in r.output_token_ids)
     assert all(len(r.output_token_ids) == 10 for r in reqs)
     _clean(eng)
+
+
+def _runner_logprobs(history: list[int]) -> torch.Tensor:
+    """The log-softmax of FuturePagedRunner's logits after `history` (the same float32 computation)."""
+    h = sum(x * (k + 1) for k, x in enumerate(history)) * 31 + len(history)
+    return torch.log_softmax(torch.sin(torch.arange(VOCAB) * 0.37 + h), dim=-1)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_overlap_equals_sync_for_penalties_bias_min_tokens_and_logprobs(chunked):
+    """Counts for penalties are kept on the device, so a token the host reads a step late still counts; logprobs
+    come back with their token. Preemption (a small pool) must not reset either."""
+    prompts = _prompts(16, seed=5)
+    first = _run(_engine(False), prompts[:1], [SamplingParams(max_tokens=8, temperature=0.0)])[0].output_token_ids
+    eos = (first[1],)
+    params = [
+        SamplingParams(max_tokens=10, temperature=0.0, frequency_penalty=1.5, presence_penalty=0.5, logprobs=3),
+        SamplingParams(max_tokens=9, temperature=0.0, repetition_penalty=1.7, logprobs=0),
+        SamplingParams(max_tokens=8, temperature=0.8, seed=3, logit_bias={7: 3.0, 8: -100.0}, logprobs=2),
+        SamplingParams(max_tokens=12, temperature=0.0, min_tokens=6, logit_bias={eos[0]: 50.0}),
+    ] * 4
+    kw = dict(num_pages=14, page=4, bs=4, tokens=24 if chunked else 64, chunked=chunked, eos=eos)
+    sync = _run(_engine(False, **kw), prompts, params)
+    eng = _engine(True, **kw)
+    over = _run(eng, prompts, params)
+    assert [(r.output_token_ids, r.logprobs, r.finish_reason) for r in over] == \
+        [(r.output_token_ids, r.logprobs, r.finish_reason) for r in sync]
+    assert sum(r.num_preemptions for r in over) > 0, "the small pool should force preemption"
+    for r, p in zip(over, params):
+        out = r.output_token_ids
+        if p.logprobs is None:
+            assert r.logprobs is None
+        else:
+            assert len(r.logprobs) == len(out)
+            for pos, (tid, entries) in enumerate(zip(out, r.logprobs)):
+                ref = _runner_logprobs(r.prompt_token_ids + out[:pos])
+                assert abs(entries[tid] - float(ref[tid])) < 1e-5
+                top = ref.topk(p.logprobs)
+                assert all(abs(entries[int(t)] - float(v)) < 1e-5 for t, v in zip(top.indices, top.values))
+        if p.frequency_penalty:  # a penalty of 1.5 per use on logits in [-1, 1]: no token twice
+            assert len(set(out)) == len(out)
+        if p.logit_bias and 8 in p.logit_bias:
+            assert 8 not in out
+        if p.min_tokens:  # the end token is forced by its bias, but held back for min_tokens
+            assert r.finish_reason == "stop" and len(out) == p.min_tokens
+    _clean(eng)
+    assert not eng.sampler.processor._rows, "finished requests keep no count rows"
+
+
+def test_engine_refuses_n_and_out_of_vocabulary_bias():
+    eng = _engine(False)
+    r = eng.add_request([1, 2], SamplingParams(n=2))
+    assert r.status == RequestStatus.FAILED and "n is 2" in r.error
+    # An engine that does not know its vocabulary finds the bad id when sampling: that request fails alone.
+    bad, good = (eng.add_request([1, 2], SamplingParams(max_tokens=3, logit_bias=b)) for b in ({VOCAB: 1.0}, {3: 1.0}))
+    eng.run_until_done([bad, good])
+    assert bad.status == RequestStatus.FAILED and "logit_bias: token id 97 is outside" in bad.error
+    assert good.finish_reason == "length" and len(good.output_token_ids) == 3
+    eng.vocab_size = VOCAB
+    r = eng.add_request([1, 2], SamplingParams(logit_bias={VOCAB: 1.0}))
+    assert r.status == RequestStatus.FAILED and "logit_bias has token id 97" in r.error
+    _clean(eng)

@@ -25,11 +25,14 @@ class Update:
     finish_reason: str | None
     error: str | None = None
     internal: bool = False  # the server failed (a step, a rank), not the request: a 500, not a 400
+    logprobs: list[dict[int, float]] | None = None  # per token of token_ids, when the request asked for them
 
 
 def update_of(req: Any, text_of: Callable[[Any], str]) -> Update:
     """The Update of an engine request; `text_of` (Detokenizer.stream_text) decides what text it shows."""
-    return Update(list(req.output_token_ids), text_of(req), req.is_finished, req.finish_reason, req.error)
+    logprobs = getattr(req, "logprobs", None)
+    return Update(list(req.output_token_ids), text_of(req), req.is_finished, req.finish_reason, req.error,
+                  logprobs=None if logprobs is None else list(logprobs))
 
 
 def failed_update(message: str) -> Update:

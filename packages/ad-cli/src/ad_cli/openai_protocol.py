@@ -2,7 +2,7 @@
 
 The rule: no field is ignored silently. A field the server honours is validated and used; a known OpenAI (or
 vLLM) field it does not implement is accepted only at the value that means "off" (clients send their
-defaults: `presence_penalty: 0`, `logprobs: null`), anything else there is a 400 naming it; an unknown field
+defaults: `best_of: 1`, `prompt_logprobs: null`), anything else there is a 400 naming it; an unknown field
 is a 400 naming it.
 """
 
@@ -10,6 +10,7 @@ import json
 from typing import Annotated, Any, ClassVar
 
 from ad_runtime import SamplingParams
+from ad_runtime.sampling_params import MAX_BIAS, MAX_LOGPROBS, MAX_N, MAX_PENALTY
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .http_limits import one_line
@@ -65,14 +66,8 @@ def _refuse_unless_off(key: str, value: Any, offs: tuple, where: str = "") -> No
 # Fields of OpenAI's API and vLLM's extensions that the server does not implement yet, with the values that
 # mean "off" (accepted). The same for every route that takes sampling fields.
 _SAMPLING_NOT_YET: dict[str, tuple] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
+    # Logprobs of the prompt need the logits of every prompt position; the runner computes the last one only.
     "prompt_logprobs": (None,),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "repetition_penalty": (None, 1),
-    "logit_bias": (None, {}),
-    "min_tokens": (None, 0),
     "min_p": (None, 0),
     "best_of": (None, 1),
     "use_beam_search": (None, False),
@@ -83,7 +78,11 @@ _SAMPLING_NOT_YET: dict[str, tuple] = {
     "metadata": (None, {}),
     "service_tier": (None, "auto", "default"),
 }
-_COMPLETION_NOT_YET: dict[str, tuple] = {**_SAMPLING_NOT_YET, "suffix": (None, ""), "add_special_tokens": (None, True)}
+_COMPLETION_NOT_YET: dict[str, tuple] = {
+    **_SAMPLING_NOT_YET, "suffix": (None, ""), "add_special_tokens": (None, True),
+    # Chat's name for the count; completions give it as `logprobs: k`.
+    "top_logprobs": (None, 0),
+}
 _CHAT_NOT_YET: dict[str, tuple] = {
     **_SAMPLING_NOT_YET,
     # Without tools there is nothing to call: "auto" and "none" both mean plain text, which is what runs.
@@ -169,7 +168,13 @@ class SamplingRequest(StructuredOutputFields, RequestBody):
     include_stop_str_in_output: bool = False
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    n: int | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    # JSON object keys are strings: token ids as decimal strings; checked against the vocabulary when tokenising.
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS, allow_inf_nan=False)]] | None = None
+    min_tokens: int | None = Field(default=None, ge=0, le=MAX_COUNT)
     # Accepted and unused: OpenAI's end-user id for abuse monitoring (and its newer name).
     user: str | None = None
     safety_identifier: str | None = None
@@ -179,12 +184,22 @@ class SamplingRequest(StructuredOutputFields, RequestBody):
     def _one_stop(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
-    @field_validator("n")
+    @field_validator("logit_bias")
     @classmethod
-    def _one_choice(cls, v: int | None) -> int | None:
-        if v not in (None, 1):
-            raise ValueError("only 1 is supported")
+    def _token_id_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or ():
+            if not (key.isascii() and key.isdigit()) or int(key) > MAX_COUNT:
+                raise ValueError(f"keys must be token ids (decimal strings of ints >= 0), got {json.dumps(key)[:40]}")
         return v
+
+    @property
+    def bias(self) -> dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top logprobs per token the request asks for (0: the sampled token's only); None: no logprobs."""
+        return None
 
     def check(self) -> None:
         try:
@@ -196,6 +211,9 @@ class SamplingRequest(StructuredOutputFields, RequestBody):
                                   f"({self.max_tokens}); give one of them", "max_completion_tokens")
         if self.stream_options is not None and not self.stream:
             raise BadRequest(400, "stream_options: only allowed with stream: true", "stream_options")
+        if self.min_tokens and self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens:
+            raise BadRequest(400, f"min_tokens: {self.min_tokens} is more than {self.max_tokens_param} "
+                                  f"({self.max_new_tokens})", "min_tokens")
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -211,14 +229,22 @@ class SamplingRequest(StructuredOutputFields, RequestBody):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def params(self, default_max: int) -> SamplingParams:
+        max_tokens = self.max_new_tokens or default_max
+        if (self.min_tokens or 0) > max_tokens:
+            raise BadRequest(400, f"min_tokens: {self.min_tokens} is more than the server's default max_tokens "
+                                  f"({max_tokens}); give max_tokens", "min_tokens")
         return SamplingParams(
-            max_tokens=self.max_new_tokens or default_max,
+            max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k, seed=self.seed, stop=self.stop,
             structured_output=self.structured_output,
             stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
+            n=self.n or 1, logprobs=self.num_logprobs,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self.bias or None, min_tokens=self.min_tokens or 0,
         )
 
 
@@ -236,11 +262,30 @@ class CompletionRequest(SamplingRequest):
     prompt: Any
     echo: bool = False  # the prompt's text comes first in the answer (the first chunk of a stream)
     _echo_text: str = PrivateAttr("")  # filled when the prompt is tokenised
+    # The legacy form: top logprobs per token (0: the sampled token's only). Strict: `true` is not a count.
+    logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None = None
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _false_is_off(cls, v: Any) -> Any:
+        return None if v is False else v
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v: Any) -> str | list[int]:
         return _prompt(v)
+
+    def check(self) -> None:
+        super().check()
+        if self.echo and self.logprobs is not None:
+            # OpenAI's answer would then hold the echoed prompt's logprobs too: the model runner computes the
+            # logits of the last prompt position only, so prompt logprobs are not available.
+            raise BadRequest(400, "logprobs: not supported together with echo (it needs the prompt's logprobs)",
+                             "logprobs")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -309,6 +354,17 @@ class _MessagesPrecheck:
 class ChatRequest(_MessagesPrecheck, SamplingRequest):
     _not_yet: ClassVar[dict[str, tuple]] = _CHAT_NOT_YET
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: Annotated[bool, Field(strict=True)] | None = None
+    top_logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.top_logprobs and not self.logprobs:
+            raise BadRequest(400, "top_logprobs: needs logprobs: true", "top_logprobs")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class TokenizeRequest(_MessagesPrecheck, RequestBody):

@@ -7,7 +7,8 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -21,6 +22,7 @@ from .distributed_engine import DistributedEngine
 from .engine_thread import EngineThread, Update
 from .http_auth import ApiKeyMiddleware
 from .http_limits import BodyLimitMiddleware, EventTally, ServerLimits, one_line
+from .logprobs_format import TokenTexts, chat_logprobs, completion_logprobs, text_length
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServerMetrics
 from .openai_protocol import (
@@ -82,6 +84,39 @@ async def _last_update(q: asyncio.Queue, engine: Any, http: Request) -> Update |
             return upd
 
 
+async def _merged(qs: list[asyncio.Queue]) -> AsyncIterator[tuple[int, Update]]:
+    """(choice index, update) from several requests' queues as they arrive, until each has sent its last."""
+    if len(qs) == 1:  # the common case, without a task per update
+        while True:
+            upd = await qs[0].get()
+            yield 0, upd
+            if upd.finished:
+                return
+    waiting = {asyncio.ensure_future(q.get()): i for i, q in enumerate(qs)}
+    try:
+        while waiting:
+            ready, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for fut in sorted(ready, key=waiting.__getitem__):
+                i = waiting.pop(fut)
+                upd = fut.result()
+                yield i, upd
+                if not upd.finished:
+                    waiting[asyncio.ensure_future(qs[i].get())] = i
+    finally:
+        for fut in waiting:  # a cancelled get takes nothing from its queue
+            fut.cancel()
+
+
+@dataclass
+class _Shown:
+    """What one choice of a stream has sent so far."""
+
+    text: str = ""
+    tokens: int = 0  # tokens whose logprobs were sent
+    offset: int = 0  # where the next token starts in the text (completions' text_offset)
+    role: bool = False  # a chat choice names its role in its first chunk
+
+
 class _Stream(StreamingResponse):
     """A streaming response that runs `on_close` however it ends (finished, cancelled, never started)."""
 
@@ -122,6 +157,7 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
     except Exception:  # noqa: BLE001 - a backend that does not say: the engine checks ids itself
         vocab = 0
     tally = EventTally(logger)
+    token_texts = TokenTexts(getattr(llm, "tokenizer", None))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -229,6 +265,10 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
             if max_seq_len and limit is not None and limit > max_seq_len:
                 raise BadRequest(400, f"{req.max_tokens_param}: {limit} is more than the server's max_seq_len "
                                       f"({max_seq_len})", req.max_tokens_param)
+            bad = next((t for t in req.bias if t >= vocab), None) if vocab else None
+            if bad is not None:
+                raise BadRequest(400, f"logit_bias: token id {bad} is outside the vocabulary (size {vocab})",
+                                 "logit_bias")
             ids, text = await anyio.to_thread.run_sync(tokenize, encode, req, limiter=state["tokenizer_lock"])
         finally:
             state["preparing"] -= 1
@@ -260,78 +300,112 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         engine = state["engine"]
-        q = engine.submit(ids, params, text, stream=bool(req.stream))
-        state["in_flight"] += 1
-        done = False
+        # n choices are n requests of the engine, each with its own random stream (SamplingParams.for_choices).
+        qs = [engine.submit(ids, p, text, stream=bool(req.stream)) for p in params.for_choices()]
+        state["in_flight"] += len(qs)
+        done = [False] * len(qs)
 
-        def release() -> None:
-            nonlocal done
-            if not done:
-                done = True
+        def release(i: int) -> None:
+            if not done[i]:
+                done[i] = True
                 state["in_flight"] -= 1
 
-        if req.stream:
-            def close() -> None:
-                if not done:  # the client went away before the last update: stop the request
+        def close() -> None:
+            for i, q in enumerate(qs):
+                if not done[i]:  # the client went away before the last update: stop the request
                     engine.abort(q)
-                release()
+                release(i)
 
-            chunks = _stream(q, rid, created, chat, release, echo, len(ids) if req.include_usage else None)
+        k = params.logprobs
+        if req.stream:
+            chunks = _stream(qs, rid, created, chat, release, echo, len(ids) if req.include_usage else None, k)
             return _Stream(chunks, close, media_type="text/event-stream")
+        upds = []
         try:
-            upd = await _last_update(q, engine, http)
+            for i, q in enumerate(qs):
+                upd = await _last_update(q, engine, http)
+                release(i)
+                if upd is None:
+                    return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+                if upd.error:
+                    raise BadRequest(500 if upd.internal else 400, upd.error)
+                upds.append(upd)
         finally:
-            release()
-        if upd is None:
-            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
-        if upd.error:
-            raise BadRequest(500 if upd.internal else 400, upd.error)
-        usage = _usage(len(ids), len(upd.token_ids))
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": upd.text},
-                      "finish_reason": upd.finish_reason}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": echo + upd.text, "finish_reason": upd.finish_reason}
-            obj = "text_completion"
+            close()
+        usage = _usage(len(ids), sum(len(u.token_ids) for u in upds))
+        choices = []
+        for i, upd in enumerate(upds):
+            if chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": upd.text}}
+            else:
+                choice = {"index": i, "text": echo + upd.text}
+            if k is not None:
+                choice["logprobs"] = _logprobs_of(upd.token_ids, upd.logprobs or [], k, chat, 0)
+            choices.append({**choice, "finish_reason": upd.finish_reason})
+        obj = "chat.completion" if chat else "text_completion"
         return JSONResponse({"id": rid, "object": obj, "created": created, "model": model_name,
-                             "choices": [choice], "usage": usage})
+                             "choices": choices, "usage": usage})
 
-    async def _stream(q: asyncio.Queue, rid: str, created: int, chat: bool, release: Callable[[], None], echo: str,
-                      prompt_tokens: int | None):
-        """The request's chunks as server-sent events; with `prompt_tokens` (include_usage) a last chunk with
-        the usage and no choices, as OpenAI sends it."""
-        sent = ""
+    def _logprobs_of(token_ids: list[int], logprobs: list[dict[int, float]], k: int, chat: bool,
+                     offset: int) -> dict[str, Any]:
+        if chat:
+            return chat_logprobs(token_ids, logprobs, k, token_texts)
+        return completion_logprobs(token_ids, logprobs, k, token_texts, offset)
+
+    async def _stream(qs: list[asyncio.Queue], rid: str, created: int, chat: bool, release: Callable[[int], None],
+                      echo: str, prompt_tokens: int | None, k: int | None):
+        """The request's chunks as server-sent events, each tagged with its choice's index; with `prompt_tokens`
+        (include_usage) a last chunk with the usage of all choices and no choices, as OpenAI sends it. With
+        logprobs (`k`), a chunk carries those of the tokens that arrived since the choice's previous chunk."""
         obj = "chat.completion.chunk" if chat else "text_completion"
         head = {"id": rid, "object": obj, "created": created, "model": model_name}
         if prompt_tokens is not None:
             head["usage"] = None  # OpenAI: null in every chunk but the last
         if echo:
-            yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'text': echo, 'finish_reason': None}]})}\n\n"
-        role = {"role": "assistant"}  # in the first chunk of a chat
-        while True:
-            upd = await q.get()
-            if upd.finished:
-                release()
-            if upd.error:
-                yield f"data: {json.dumps({'error': {'message': one_line(upd.error)}})}\n\n"
-                break
-            # Hold back a trailing replacement char: the next token may complete the character.
-            text = upd.text if upd.finished else upd.text.rstrip("\ufffd")
-            delta, sent = text[len(sent):], text if text.startswith(sent) else sent
-            if delta or upd.finished:
-                if chat:
-                    choice = {"index": 0, "delta": {**role, "content": delta}, "finish_reason": upd.finish_reason}
-                    role = {}
-                else:
-                    choice = {"index": 0, "text": delta, "finish_reason": upd.finish_reason}
+            for i in range(len(qs)):
+                choice = {"index": i, "text": echo, "finish_reason": None}
                 yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-            if upd.finished:
-                if prompt_tokens is not None:
-                    usage = _usage(prompt_tokens, len(upd.token_ids))
-                    yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
-                break
+        shown = [_Shown() for _ in qs]
+        completion_tokens = 0
+        failed = False
+        async with aclosing(_merged(qs)) as updates:  # closed at once on an error: its pending gets are cancelled
+            async for i, upd in updates:
+                if upd.finished:
+                    release(i)
+                    completion_tokens += len(upd.token_ids)
+                if upd.error:
+                    yield f"data: {json.dumps({'error': {'message': one_line(upd.error)}})}\n\n"
+                    failed = True
+                    break
+                choice = next_choice(i, shown[i], upd, chat, k)
+                if choice is not None:
+                    yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+        if prompt_tokens is not None and not failed:
+            usage = _usage(prompt_tokens, completion_tokens)
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
+
+    def next_choice(i: int, shown: "_Shown", upd: Update, chat: bool, k: int | None) -> dict[str, Any] | None:
+        """Choice i's part of the next chunk: what `upd` adds to what it has shown; None when nothing."""
+        # Hold back a trailing replacement char: the next token may complete the character.
+        text = upd.text if upd.finished else upd.text.rstrip("\ufffd")
+        delta = text[len(shown.text):]
+        if text.startswith(shown.text):
+            shown.text = text
+        if not delta and not upd.finished:
+            return None
+        if chat:
+            role = {} if shown.role else {"role": "assistant"}
+            choice = {"index": i, "delta": {**role, "content": delta}}
+            shown.role = True
+        else:
+            choice = {"index": i, "text": delta}
+        if k is not None:  # the logprobs of the tokens that arrived since the choice's previous chunk
+            new = upd.token_ids[shown.tokens:]
+            choice["logprobs"] = _logprobs_of(new, (upd.logprobs or [])[shown.tokens:], k, chat, shown.offset)
+            shown.tokens = len(upd.token_ids)
+            shown.offset += text_length(new, token_texts)
+        return {**choice, "finish_reason": upd.finish_reason}
 
     def encode_completion(req: CompletionRequest) -> tuple[list[int], str | None]:
         if req.echo:

@@ -119,17 +119,37 @@ class LLM:
         params = self._params_for(prompts, sampling_params)
         template = self.uses_chat_template(chat_template)
         encoded = [self.encode(p, template) for p in prompts]
-        reqs = self._backend.generate([e[0] for e in encoded], params, [e[1] for e in encoded])
-        return [self._output(r) for r in reqs]
+        # A prompt with n choices is n requests of the engine, each with its own random stream (see for_choices).
+        choices = [sp.for_choices() for sp in params]
+        flat = [(e, c) for e, cs in zip(encoded, choices) for c in cs]
+        reqs = self._backend.generate([e[0] for e, _ in flat], [c for _, c in flat], [e[1] for e, _ in flat])
+        outs, start = [], 0
+        for (ids, _), cs in zip(encoded, choices):
+            outs.append(self._output(reqs[start : start + len(cs)], ids))
+            start += len(cs)
+        return outs
 
     def generate_stream(
         self, prompt: PromptLike, sampling_params: SamplingParams | None = None, chat_template: bool | None = None
     ) -> Iterator[RequestOutput]:
-        """Yield the growing output of one prompt after every new token (chat template as in `generate`)."""
+        """Yield the growing output of one prompt after every new token (chat template as in `generate`).
+
+        With n > 1 every yield holds all n choices as they stand; the choices advance in the same engine steps.
+        """
         ids, text = self.encode(prompt, self.uses_chat_template(chat_template))
         params = sampling_params or self._params_for([prompt], None)[0]
-        for req in self._backend.stream(ids, params, text):
-            yield self._output(req)
+        streams = [self._backend.stream(ids, sp, text) for sp in params.for_choices()]
+        latest: list[Any] = [None] * len(streams)
+        try:
+            while any(r is None or not r.is_finished for r in latest):
+                for i, stream in enumerate(streams):
+                    if latest[i] is None or not latest[i].is_finished:
+                        # Steps the shared engine until choice i has news; the other choices advance meanwhile.
+                        latest[i] = next(stream)
+                yield self._output(latest, ids)
+        finally:
+            for stream in streams:  # a caller that stops early aborts the choices still running
+                stream.close()
 
     def _as_list(self, prompts: Any) -> list[PromptLike]:
         if isinstance(prompts, str):
@@ -155,18 +175,27 @@ class LLM:
             raise TypeError(f"sampling params must be SamplingParams, got {type(bad).__name__}")
         return sp
 
-    def _output(self, req: Any) -> RequestOutput:
-        text = req.text
-        if not text and req.output_token_ids and self.tokenizer is not None:
-            text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=req.params.skip_special_tokens)
+    def _output(self, reqs: list[Any], prompt_ids: list[int]) -> RequestOutput:
+        """One prompt's output from the engine requests of its choices (index i: the i-th request)."""
+        outputs = []
+        for i, req in enumerate(reqs):
+            text = req.text
+            if not text and req.output_token_ids and self.tokenizer is not None:
+                text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=req.params.skip_special_tokens)
+            logprobs = None if req.logprobs is None else list(req.logprobs)
+            outputs.append(CompletionOutput(i, text, list(req.output_token_ids), req.finish_reason, logprobs))
+        first_times = [r.first_token_time for r in reqs if r.first_token_time is not None]
+        finish_times = [r.finish_time for r in reqs]
         return RequestOutput(
-            request_id=req.request_id,
-            prompt=req.prompt,
-            prompt_token_ids=req.prompt_token_ids,
-            outputs=[CompletionOutput(0, text, list(req.output_token_ids), req.finish_reason)],
-            finished=req.is_finished,
-            error=req.error,
-            metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finish_time, req.num_preemptions),
+            request_id=reqs[0].request_id,
+            prompt=reqs[0].prompt,
+            prompt_token_ids=list(prompt_ids),
+            outputs=outputs,
+            finished=all(r.is_finished for r in reqs),
+            error=next((r.error for r in reqs if r.error), None),
+            metrics=RequestMetrics(
+                min(r.arrival_time for r in reqs), min(first_times, default=None),
+                None if None in finish_times else max(finish_times), sum(r.num_preemptions for r in reqs)),
         )
 
     # ---- lifetime ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""What `LLM.generate` returns: one RequestOutput per prompt, with text and token ids."""
+"""What `LLM.generate` returns: one RequestOutput per prompt, with its n choices (text, token ids, logprobs)."""
 
 from dataclasses import dataclass, field
 
@@ -9,6 +9,9 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length", "error" or None while running
+    # With SamplingParams.logprobs: per token of token_ids, {token id: logprob} holding the sampled token and the
+    # top `logprobs` tokens (log-softmax of the model's raw logits); None when not asked for.
+    logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 from ..sampling_params import SamplingParams
 from .detokenizer import Detokenizer
 from .errors import one_line
+from .logprobs import TokenLogprobs
 from .request import Request, RequestStatus
 from .sampler import Sampler
 from .scheduler import Scheduler
@@ -70,7 +71,7 @@ class Engine:
         self.max_input_len = max_input_len or max_seq_len
         self.vocab_size = vocab_size
         self.eos_token_ids = set(eos_token_ids)
-        self.sampler = Sampler(runner.device)
+        self.sampler = Sampler(runner.device, eos_token_ids)
         self._ids = itertools.count()
         self.num_steps = 0
         # Prompt tokens the model computed (a preempted request's count again); the prefix cache's hits are not.
@@ -88,6 +89,8 @@ class Engine:
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> Request:
         """Queue a request; one that can never run fails alone, at once, with a clear message."""
         req = Request(request_id=next(self._ids), prompt_token_ids=list(prompt_token_ids), params=params, prompt=prompt)
+        if isinstance(params, SamplingParams) and params.logprobs is not None:
+            req.logprobs = []
         try:
             problem = self._admission_problem(req)
             if problem is None:
@@ -110,6 +113,12 @@ class Engine:
         params = req.params
         if not isinstance(params, SamplingParams):
             return f"sampling parameters must be SamplingParams, got {type(params).__name__}"
+        if params.n != 1:
+            return f"n is {params.n}: the engine runs one sequence per request (submit params.for_choices() apiece)"
+        if self.vocab_size is not None and params.logit_bias:
+            bad = next((t for t in params.logit_bias if t >= self.vocab_size), None)
+            if bad is not None:
+                return f"logit_bias has token id {bad}, outside the model's vocabulary of {self.vocab_size}"
         ids = req.prompt_token_ids
         n = len(ids)
         if n == 0:
@@ -249,20 +258,24 @@ class Engine:
         if self.grammars.active:
             rows = self._mask(rows, reqs, failed)
         try:
-            tokens = self.sampler(rows, [r.params for r in reqs], [r.request_id for r in reqs])
-            return _Launched.start(reqs, tokens, self._host_tokens)
+            out = self.sampler.sample(rows, [r.params for r in reqs], [r.request_id for r in reqs],
+                                      [r.prompt_token_ids for r in reqs])
+            return _Launched.start(reqs, out.tokens, self._host_tokens, out.logprobs)
         except Exception:  # noqa: BLE001 - find the culprit by sampling each row alone
             logger.exception("batched sampling failed; sampling row by row")
         good, picked = [], []
         for i, req in enumerate(reqs):
             try:
-                picked.append(self.sampler(rows[i : i + 1], [req.params], [req.request_id]))
+                picked.append(self.sampler.sample(rows[i : i + 1], [req.params], [req.request_id],
+                                                  [req.prompt_token_ids]))
                 good.append(req)
             except Exception as e:  # noqa: BLE001
                 self.abort(req, f"sampling failed: {one_line(e)}")
                 failed.append(req)
-        tokens = torch.cat(picked) if picked else torch.empty(0, dtype=torch.long, device=rows.device)
-        return _Launched.start(good, tokens, self._host_tokens)
+        tokens = torch.cat([p.tokens for p in picked]) if picked else torch.empty(0, dtype=torch.long,
+                                                                                     device=rows.device)
+        logprobs = TokenLogprobs.concat([p.logprobs for p in picked], [1] * len(picked))
+        return _Launched.start(good, tokens, self._host_tokens, logprobs)
 
     def _mask(self, rows: torch.Tensor, reqs: list[Request], failed: list[Request]) -> torch.Tensor:
         """Mask what constrained rows' grammars forbid (on the device); a row whose mask fails fails alone."""
@@ -281,23 +294,27 @@ class Engine:
     def _resolve(self, launched: "_Launched") -> list[Request]:
         """Read a launched step's tokens (waits for that step only) and post-process its requests."""
         tokens = launched.read()
+        logprobs = {} if launched.logprobs is None else launched.logprobs.by_row(tokens)
         now = time.perf_counter()
         changed = []
-        for req, tok in zip(launched.reqs, tokens):
+        for j, (req, tok) in enumerate(zip(launched.reqs, tokens)):
             if req.is_finished:
                 req.future.clear()  # finished or aborted while this step ran: its row is dropped
                 continue
             req.future.pop(0)
             try:
-                self._append(req, tok, now)
+                self._append(req, tok, now, logprobs.get(j))
             except Exception as e:  # noqa: BLE001 - e.g. a tokenizer that cannot decode this output
                 logger.exception("post-processing request %d failed", req.request_id)
                 self.abort(req, f"post-processing failed: {one_line(e)}")
             changed.append(req)
         return changed
 
-    def _append(self, req: Request, token: int, now: float) -> None:
+    def _append(self, req: Request, token: int, now: float, logprobs: dict[int, float] | None = None) -> None:
         req.output_token_ids.append(token)
+        if req.logprobs is not None:
+            assert logprobs is not None, "a request that asked for logprobs got a row without them"
+            req.logprobs.append(logprobs)
         if req.first_token_time is None:
             req.first_token_time = now
         p = req.params
@@ -305,6 +322,8 @@ class Engine:
         if not p.ignore_eos and token in self.eos_token_ids:
             reason = "stop"
             req.output_token_ids.pop()  # the end token is not part of the answer
+            if req.logprobs is not None:
+                req.logprobs.pop()
         elif token in p.stop_token_ids:
             reason = "stop"
         elif self.grammars.accept(req.request_id, token):  # the grammar has ended: nothing may follow
@@ -368,20 +387,23 @@ class _Launched:
     reqs: list[Request]
     tokens: torch.Tensor  # int64 [len(reqs)] on the device: the next step's placeholders index it
     host: torch.Tensor
-    ready: Any  # CUDA event recorded after the copy (None on a CPU, where the copy is synchronous)
+    ready: Any  # CUDA event recorded after the copies (None on a CPU, where the copies are synchronous)
+    logprobs: TokenLogprobs | None = None  # host copies, for the rows that asked
 
     @staticmethod
-    def start(reqs: list[Request], tokens: torch.Tensor, host_tokens: "_HostTokens") -> "_Launched":
+    def start(reqs: list[Request], tokens: torch.Tensor, host_tokens: "_HostTokens",
+              logprobs: TokenLogprobs | None = None) -> "_Launched":
         host = host_tokens.next(len(reqs))
         if tokens.device.type == "cuda":
             # Queued now, before the next step's work: waiting for it later waits for this step only.
             host.copy_(tokens, non_blocking=True)
+            logprobs = None if logprobs is None else logprobs.to_host()
             ready = torch.cuda.Event()
             ready.record()
         else:
             host.copy_(tokens)
             ready = None
-        return _Launched(reqs, tokens, host, ready)
+        return _Launched(reqs, tokens, host, ready, logprobs)
 
     def read(self) -> list[int]:
         if self.ready is not None:

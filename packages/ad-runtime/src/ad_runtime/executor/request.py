@@ -49,6 +49,8 @@ class Request:
     # the newest as a placeholder -(row + 1) that the runner resolves on the device; the host reads them a
     # step late and moves them into output_token_ids.
     future: list[int] = field(default_factory=list)
+    # Per output token, {token id: logprob} (the sampled token and the top params.logprobs); None: not asked for.
+    logprobs: list[dict[int, float]] | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,16 +1,30 @@
-"""Token sampling on the device: greedy, temperature, top-k and top-p, with per-request seeds."""
+"""Token sampling on the device: logits processing, greedy, temperature, top-k and top-p with per-request seeds,
+and logprobs of what was sampled."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..sampling_params import SamplingParams
+from .device_tensor import device_tensor
+from .logits_processing import LogitsProcessor
+from .logprobs import TokenLogprobs, compute_logprobs
+
+
+@dataclass
+class SamplerOutput:
+    tokens: torch.Tensor  # [B] int64 on the device
+    logprobs: TokenLogprobs | None  # the rows that asked for logprobs; None when none did
 
 
 class Sampler:
     """Samples one token per row of a logits batch, each row with its own parameters."""
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, eos_token_ids: Sequence[int] = ()):
         self.device = torch.device(device)
         self._generators: dict[int, torch.Generator] = {}
+        self.processor = LogitsProcessor(self.device, eos_token_ids)
 
     def generator_for(self, request_id: int, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -24,21 +38,36 @@ class Sampler:
 
     def release(self, request_id: int) -> None:
         self._generators.pop(request_id, None)
+        self.processor.release(request_id)
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[int],
+                 prompts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        """logits [B, V] -> token ids [B] (int64, on the device)."""
+        return self.sample(logits, params, request_ids, prompts).tokens
 
     @torch.inference_mode()
-    def __call__(
-        self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[int]
-    ) -> torch.Tensor:
-        """logits [B, V] -> token ids [B] (int64, on the device)."""
-        logits = logits.float()
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[int],
+               prompts: Sequence[Sequence[int]] | None = None) -> SamplerOutput:
+        """One token per row, and the logprobs of the rows that ask. `prompts` (each row's prompt ids) is needed
+        only by repetition_penalty, for the first sampling of a request."""
+        raw = logits.float()
+        if not any(p.processes_logits or p.logprobs is not None for p in params):  # one pass for plain batches
+            return SamplerOutput(self._pick(raw, params, request_ids), None)
+        tokens = self._pick(self.processor.apply(raw, params, request_ids, prompts), params, request_ids)
+        logprobs = compute_logprobs(raw, tokens, params)
+        # Counted last: a failure above leaves the counts as they were, so a retry row by row counts once.
+        self.processor.record(params, request_ids, tokens)
+        return SamplerOutput(tokens, logprobs)
+
+    def _pick(self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[int]) -> torch.Tensor:
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         out = torch.argmax(logits, dim=-1)
         if len(greedy_rows) == len(params):
             return out
         rows = [i for i, p in enumerate(params) if not p.greedy]
-        idx = torch.tensor(rows, device=logits.device)
+        idx = device_tensor(rows, logits.device)
         sub = logits.index_select(0, idx)
-        temps = torch.tensor([params[i].temperature for i in rows], device=logits.device)
+        temps = device_tensor([params[i].temperature for i in rows], logits.device, torch.float32)
         sub = sub / temps.unsqueeze(-1)
         sub = _apply_top_k(sub, [params[i].top_k for i in rows])
         sub = _apply_top_p(sub, [params[i].top_p for i in rows])
@@ -58,7 +87,7 @@ def _apply_top_k(logits: torch.Tensor, top_ks: list[int | None]) -> torch.Tensor
     ks = [k if k and k > 0 else vocab for k in top_ks]
     if all(k >= vocab for k in ks):
         return logits
-    k_t = torch.tensor([min(k, vocab) for k in ks], device=logits.device)
+    k_t = device_tensor([min(k, vocab) for k in ks], logits.device)
     sorted_vals, _ = torch.sort(logits, dim=-1, descending=True)
     kth = sorted_vals.gather(-1, (k_t - 1).unsqueeze(-1))
     return logits.masked_fill(logits < kth, float("-inf"))
@@ -67,7 +96,7 @@ def _apply_top_k(logits: torch.Tensor, top_ks: list[int | None]) -> torch.Tensor
 def _apply_top_p(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
     if all(p >= 1.0 for p in top_ps):
         return logits
-    p_t = torch.tensor(top_ps, device=logits.device, dtype=logits.dtype).unsqueeze(-1)
+    p_t = device_tensor(top_ps, logits.device, logits.dtype).unsqueeze(-1)
     sorted_vals, sorted_idx = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_vals, dim=-1)
     # Drop a token when the mass strictly before it already reaches top_p (keeps at least one).
