@@ -86,7 +86,8 @@ def test_text_completion_plain_and_streaming(client: TestClient) -> None:
 def test_token_id_prompt(client: TestClient) -> None:
     r = client.post("/v1/completions", json={"prompt": [1, 504, 3458], "max_tokens": 3, "temperature": 0})
     assert r.status_code == 200, r.text
-    assert r.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert r.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
+                                 "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 @pytest.mark.parametrize(

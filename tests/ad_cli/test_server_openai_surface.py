@@ -635,3 +635,21 @@ def test_api_key_option_in_help_and_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("SERVE_API_KEY", "from-env")
     assert server_parser().parse_args([]).api_key == "from-env"
     assert server_parser().parse_args(["--api-key", "given"]).api_key == "given"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_supplied(client: Any, stream: bool) -> None:
+    # A prompt of several 64-token pages, sent twice: the second finds the first's full pages in the cache.
+    words = ("streamed " if stream else "plain ") + " ".join(f"word{i}" for i in range(50))
+    extra = {"stream_options": {"include_usage": True}} if stream else {}
+
+    def usage() -> Any:
+        out = client.completions.create(model=MODEL, prompt=words, max_tokens=2, temperature=0, stream=stream,
+                                        **extra)
+        return [c for c in out if c.usage][-1].usage if stream else out.usage
+
+    first, second = usage(), usage()
+    assert first.prompt_tokens == second.prompt_tokens >= 128
+    assert first.prompt_tokens_details.cached_tokens == 0
+    cached = second.prompt_tokens_details.cached_tokens
+    assert cached > 0 and cached % 64 == 0 and cached < second.prompt_tokens, cached

@@ -26,13 +26,15 @@ class Update:
     error: str | None = None
     internal: bool = False  # the server failed (a step, a rank), not the request: a 500, not a 400
     logprobs: list[dict[int, float]] | None = None  # per token of token_ids, when the request asked for them
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache supplied (usage.prompt_tokens_details)
 
 
 def update_of(req: Any, text_of: Callable[[Any], str]) -> Update:
     """The Update of an engine request; `text_of` (Detokenizer.stream_text) decides what text it shows."""
     logprobs = getattr(req, "logprobs", None)
     return Update(list(req.output_token_ids), text_of(req), req.is_finished, req.finish_reason, req.error,
-                  logprobs=None if logprobs is None else list(logprobs))
+                  logprobs=None if logprobs is None else list(logprobs),
+                  num_cached_tokens=int(getattr(req, "num_cached_tokens", 0) or 0))
 
 
 def failed_update(message: str) -> Update:

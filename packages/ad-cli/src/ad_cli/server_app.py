@@ -136,9 +136,11 @@ def _arg(llm: Any, name: str) -> Any:
     return getattr(getattr(llm, "args", None), name, None)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    # cached_tokens: prompt tokens the prefix cache supplied (the n choices of a request share one prompt).
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: ServerLimits | None = None,
@@ -332,7 +334,7 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
                 upds.append(upd)
         finally:
             close()
-        usage = _usage(len(ids), sum(len(u.token_ids) for u in upds))
+        usage = _usage(len(ids), sum(len(u.token_ids) for u in upds), max(u.num_cached_tokens for u in upds))
         choices = []
         for i, upd in enumerate(upds):
             if chat:
@@ -366,13 +368,14 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
                 choice = {"index": i, "text": echo, "finish_reason": None}
                 yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
         shown = [_Shown() for _ in qs]
-        completion_tokens = 0
+        completion_tokens = cached_tokens = 0
         failed = False
         async with aclosing(_merged(qs)) as updates:  # closed at once on an error: its pending gets are cancelled
             async for i, upd in updates:
                 if upd.finished:
                     release(i)
                     completion_tokens += len(upd.token_ids)
+                    cached_tokens = max(cached_tokens, upd.num_cached_tokens)
                 if upd.error:
                     yield f"data: {json.dumps({'error': {'message': one_line(upd.error)}})}\n\n"
                     failed = True
@@ -381,7 +384,7 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
                 if choice is not None:
                     yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
         if prompt_tokens is not None and not failed:
-            usage = _usage(prompt_tokens, completion_tokens)
+            usage = _usage(prompt_tokens, completion_tokens, cached_tokens)
             yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
 
