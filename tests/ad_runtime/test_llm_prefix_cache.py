@@ -122,7 +122,8 @@ def test_the_flag_reaches_the_scheduler(monkeypatch, flag, has_state, expected) 
     cm = CachedSequenceInterface(max_batch_size=2, max_seq_len=16, page_size=4)
     if has_state:
         cm.add_state("ssm_state", StateSpec((2,), torch.float32))
-    monkeypatch.setattr(build, "build_graph", lambda args, rank, world_size: (torch.nn.Identity(), cm, _Factory()))
+    monkeypatch.setattr(build, "build_graph",
+                        lambda args, rank, world_size: (torch.nn.Identity(), cm, _Factory(), None))
     args = load_llm_args(device="cpu", enable_prefix_caching=flag)
-    engine, _, _ = build.build_engine(args)
+    engine, _, _, _ = build.build_engine(args)
     assert engine.scheduler.prefix_caching is expected
