@@ -31,6 +31,7 @@ from ad_cli import server_app  # noqa: E402
 from ad_cli.engine_thread import Update  # noqa: E402
 from ad_cli.http_limits import ServerLimits, one_line  # noqa: E402
 from ad_cli.http_server import bind_socket, make_server  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 HEADER_TIMEOUT = 10.0  # of the ad-serve process: long enough to open 10,000 connections on a busy machine
 IDLE_CONNECTIONS = 10_000
@@ -322,8 +323,13 @@ def test_max_queued_requests_answers_503_and_frees_up(served: Served) -> None:
             next(line for line in lines if line.startswith("data: "))  # it runs
             with clients[1].stream("POST", "/v1/completions", json=long) as waiting:
                 assert waiting.status_code == 200  # submitted (headers come after submission)
-                r = clients[2].post("/v1/completions", json=GOOD)
-                assert r.status_code == 503 and r.headers["retry-after"] == "1"
+                # The engine's own counts, not timing: one running, one waiting, before the third is sent.
+                assert _wait_for_load(clients[2], running=1, waiting=1), _load(clients[2])
+                try:
+                    r = clients[2].post("/v1/completions", json=GOOD, timeout=60)
+                except httpx.TimeoutException:
+                    pytest.fail(f"the third request was admitted instead of refused; load now {_load(clients[2])}")
+                assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
                 err = r.json()["error"]
                 assert err["type"] == "server_error" and "waiting" in err["message"]
                 assert clients[2].get("/health").status_code == 200  # busy is not unhealthy
@@ -335,6 +341,26 @@ def test_max_queued_requests_answers_503_and_frees_up(served: Served) -> None:
     finally:
         for c in clients:
             c.close()
+
+
+def _load(client: httpx.Client) -> dict[str, float]:
+    """The server's running and waiting request counts, from /metrics."""
+    text = client.get("/metrics").text
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for name in ("running", "waiting"):
+            if family.name == f"ad_num_requests_{name}":
+                found[name] = family.samples[0].value
+    return found
+
+
+def _wait_for_load(client: httpx.Client, running: int, waiting: int, timeout_s: float = 60) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _load(client) == {"running": running, "waiting": waiting}:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 # ---- the same HTTP stack in-process, over a fake engine -------------------------------------------------
