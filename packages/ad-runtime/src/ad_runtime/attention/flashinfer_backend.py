@@ -1,5 +1,6 @@
 """The "flashinfer" attention backend: FlashInfer's paged prefill/decode wrappers, planned outside CUDA graphs."""
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,6 +171,7 @@ def _split_kv_decode(key: _LayerKey, rows: int) -> bool:
     return 0 < rows < _SPLIT_KV_DECODE_MAX_ROWS and key.q_dtype == key.kv_dtype
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
