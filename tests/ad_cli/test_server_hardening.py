@@ -6,6 +6,7 @@ controlled engine or small limits.
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -112,6 +113,19 @@ class Served(SimpleNamespace):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with _server(tmp_path_factory) as srv:
+        yield srv
+
+
+@pytest.fixture
+def fresh_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A server of its own: the queue test counts the engine's requests, which must be only its own."""
+    with _server(tmp_path_factory) as srv:
+        yield srv
+
+
+@contextlib.contextmanager
+def _server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     log = tmp_path_factory.mktemp("ad-serve") / "server.log"
     cmd = [sys.executable, "-m", "ad_cli.serve", "--port", "0", "--header-timeout", str(HEADER_TIMEOUT),
            "--max-connections", str(IDLE_CONNECTIONS + 2000), "--max-queued-requests", "1",
@@ -311,7 +325,8 @@ def test_bad_requests_do_not_disturb_a_running_one_and_the_largest_seed_works(se
 
 
 @pytest.mark.slow
-def test_max_queued_requests_answers_503_and_frees_up(served: Served) -> None:
+def test_max_queued_requests_answers_503_and_frees_up(fresh_served: Served) -> None:
+    served = fresh_served
     # max_batch_size 1 and --max-queued-requests 1: one request runs, one waits, the third is refused.
     # 4000 tokens: minutes on this CPU, so the first still runs when the third arrives (the streams are closed,
     # and their requests aborted, right after the check).
