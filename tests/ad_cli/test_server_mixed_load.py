@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import random
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -132,32 +131,17 @@ BAD: list[Bad] = [
 def server() -> Iterator[SimpleNamespace]:
     """ad-serve's HTTP stack on a free port, in a thread of this process, over a 2-layer bundled model."""
     from ad_cli.http_limits import ServerLimits
-    from ad_cli.http_server import bind_socket, make_server
-    from ad_cli.server_app import build_app
     from ad_runtime import LLM
+    from server_harness import serve_in_thread
 
     llm = LLM(device="cpu", max_seq_len=MAX_SEQ_LEN, max_batch_size=8, model_kwargs={"num_hidden_layers": 2})
     # Headroom: 64 clients never fill the queue (256) or the connections (1024); a starved event loop on a busy
     # machine must not turn a slow read into a 408.
     limits = ServerLimits(max_body_bytes=MAX_BODY_BYTES, header_timeout=60, body_timeout=60)
-    app = build_app(llm, MODEL, default_max_tokens=16, limits=limits)
-    sock = bind_socket("127.0.0.1", 0)
-    srv = make_server(app, limits, log_level="warning")
     # Clients reuse their connections at once; a longer keep-alive only rules out a race with its 5 s timer
     # on a machine so busy that a client's next request comes late.
-    srv.config.timeout_keep_alive = 300
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="mixed-load-server", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 120
-        while not srv.started and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert srv.started, "the server did not start"
-        yield SimpleNamespace(llm=llm, base=f"http://127.0.0.1:{sock.getsockname()[1]}")
-    finally:
-        srv.should_exit = True
-        thread.join(30)
-        llm.shutdown()
+    with serve_in_thread(llm, MODEL, limits, "mixed-load-server", keep_alive_s=300, default_max_tokens=16) as url:
+        yield SimpleNamespace(llm=llm, base=url)
 
 
 # ---- requests and checks ------------------------------------------------------------------------------

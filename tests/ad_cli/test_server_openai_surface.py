@@ -7,8 +7,6 @@ key, and the key's own tests send none or a wrong one. Every field is checked st
 """
 
 import importlib.metadata
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,27 +30,13 @@ GREEDY = {"temperature": 0, "max_tokens": 8}
 def served() -> Iterator[tuple[str, Any]]:
     """The base URL of the server (with an API key) over a 2-layer bundled model, and the LLM it serves."""
     from ad_cli.http_limits import ServerLimits
-    from ad_cli.http_server import bind_socket, make_server
-    from ad_cli.server_app import build_app
     from ad_runtime import LLM
+    from server_harness import serve_in_thread
 
     llm = LLM(device="cpu", max_seq_len=MAX_SEQ_LEN, max_batch_size=4, model_kwargs={"num_hidden_layers": 2})
     limits = ServerLimits(header_timeout=60, body_timeout=60)  # a busy machine must not turn a slow read into 408
-    app = build_app(llm, MODEL, default_max_tokens=16, limits=limits, api_key=KEY)
-    sock = bind_socket("127.0.0.1", 0)
-    srv = make_server(app, limits, log_level="warning")
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="surface-server", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 120
-        while not srv.started and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert srv.started, "the server did not start"
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", llm
-    finally:
-        srv.should_exit = True
-        thread.join(30)
-        llm.shutdown()
+    with serve_in_thread(llm, MODEL, limits, "surface-server", default_max_tokens=16, api_key=KEY) as url:
+        yield url, llm
 
 
 @pytest.fixture(scope="module")
