@@ -66,3 +66,14 @@ def test_taken_port_fails_before_the_model_is_built() -> None:
 def test_unresolvable_host_fails_at_once() -> None:
     proc, _ = _serve("--host", "no-such-host.invalid", "--port", "0")
     assert proc.returncode == 2 and "cannot resolve host" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_the_servers_batch_is_exactly_max_batch_size(size: int) -> None:
+    # build_and_run_ad raises max_batch_size to prompt.batch_size (2 by default) to run its prompts together; a
+    # server runs no prompts, so --args.max-batch-size=1 must mean one request at a time (it once meant 2).
+    import yaml
+
+    proc, _ = _serve(f"--args.max-batch-size={size}", "--args.device=cpu", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["args"]["max_batch_size"] == size

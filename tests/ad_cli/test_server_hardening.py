@@ -117,13 +117,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         yield srv
 
 
-@pytest.fixture
-def fresh_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """A server of its own: the queue test counts the engine's requests, which must be only its own."""
-    with _server(tmp_path_factory) as srv:
-        yield srv
-
-
 @contextlib.contextmanager
 def _server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     log = tmp_path_factory.mktemp("ad-serve") / "server.log"
@@ -325,14 +318,15 @@ def test_bad_requests_do_not_disturb_a_running_one_and_the_largest_seed_works(se
 
 
 @pytest.mark.slow
-def test_max_queued_requests_answers_503_and_frees_up(fresh_served: Served) -> None:
-    served = fresh_served
+def test_max_queued_requests_answers_503_and_frees_up(served: Served) -> None:
     # max_batch_size 1 and --max-queued-requests 1: one request runs, one waits, the third is refused.
     # 4000 tokens: minutes on this CPU, so the first still runs when the third arrives (the streams are closed,
     # and their requests aborted, right after the check).
     long = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True, "temperature": 0, "stream": True}
     clients = [httpx.Client(base_url=served.base, timeout=120) for _ in range(3)]
     try:
+        # Requests of earlier tests (aborted streams) are gone before this one counts the engine's requests.
+        assert _wait_for_load(clients[2], running=0, waiting=0), _load(clients[2])
         with clients[0].stream("POST", "/v1/completions", json=long) as running:
             lines = running.iter_lines()  # kept: a closed line iterator would close the connection
             next(line for line in lines if line.startswith("data: "))  # it runs

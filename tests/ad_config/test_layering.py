@@ -194,3 +194,12 @@ def test_text_fields_keep_text_and_flags() -> None:
     assert resolve("--args.model-kwargs.rope-scaling={type: linear, factor: 2.0}").args.model_kwargs == {
         "rope_scaling": {"type": "linear", "factor": 2.0}
     }
+
+
+def test_a_command_that_runs_no_prompts_keeps_max_batch_size() -> None:
+    from ad_config import load_experiment_config
+
+    argv = ["--args.max-batch-size=1", "--prompt.batch-size=4"]
+    assert load_experiment_config(argv).args.max_batch_size == 4  # build_and_run_ad runs 4 prompts together
+    assert load_experiment_config(argv, runs_prompts=False).args.max_batch_size == 1  # ad-serve
+    assert load_experiment_config(argv).args.max_batch_size == 4  # the setting does not outlive the call

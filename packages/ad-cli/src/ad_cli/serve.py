@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from ad_config import ConfigError, load_experiment_config
 
     try:
-        config = load_experiment_config(rest)
+        config = load_experiment_config(rest, runs_prompts=False)  # a server's batch is args.max_batch_size
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

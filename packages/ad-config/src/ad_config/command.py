@@ -9,7 +9,7 @@ import yaml
 
 from .cli_parse import CliOptions, help_lines, parse_argv
 from .errors import ConfigError
-from .experiment import ExperimentConfig
+from .experiment import ExperimentConfig, prompts_not_run
 from .llm_args import LlmArgs
 from .origins import format_origins
 from .transform_config import TRANSFORM_CONFIGS, TransformConfig
@@ -26,10 +26,17 @@ _NOT_PRINTED: dict[str, Any] = {
 }
 
 
-def load_experiment_config(argv: list[str] | None = None) -> ExperimentConfig:
-    """Resolve build_and_run_ad's arguments (default: sys.argv[1:]) into an ExperimentConfig."""
-    config, _ = parse_command_line(sys.argv[1:] if argv is None else argv)
-    return config
+def load_experiment_config(argv: list[str] | None = None, runs_prompts: bool = True) -> ExperimentConfig:
+    """Resolve build_and_run_ad's arguments (default: sys.argv[1:]) into an ExperimentConfig.
+
+    `runs_prompts=False` (ad-serve): the prompt section runs nothing, so prompt.batch_size does not raise
+    args.max_batch_size (a server given --args.max_batch_size=1 runs one request at a time).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if runs_prompts:
+        return parse_command_line(argv)[0]
+    with prompts_not_run():
+        return parse_command_line(argv)[0]
 
 
 def load_llm_args(**kwargs: Any) -> LlmArgs:

@@ -1,5 +1,8 @@
 """ExperimentConfig of build_and_run_ad: the LLM args, the prompts to run and the benchmark."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
@@ -19,6 +22,21 @@ DEFAULT_QUERIES: list[str] = [
     "How to fix slicing in golf? ",
     "Where is the capital of Iceland? ",
 ]
+
+# False while a configuration is resolved for a command that runs no prompts (ad-serve): its prompt section then
+# leaves max_batch_size alone, so a server's batch is exactly args.max_batch_size.
+_RUNS_PROMPTS: ContextVar[bool] = ContextVar("ad_config_runs_prompts", default=True)
+
+
+@contextmanager
+def prompts_not_run() -> Iterator[None]:
+    """Resolve configurations, inside this block, for a command that runs no prompts (prompt.* raises nothing)."""
+    token = _RUNS_PROMPTS.set(False)
+    try:
+        yield
+    finally:
+        _RUNS_PROMPTS.reset(token)
+
 
 # A query is a plain string, a chat (list of {role, content} messages) or a dict with `prompt` or `messages`.
 Query = str | list[dict[str, str]] | dict[str, Any]
@@ -140,7 +158,7 @@ class ExperimentConfig(DynamicYamlMixInForSettings):
         elif self.args.model is not None:
             self.model = self.args.model
 
-        raises = [(self.prompt.batch_size, "prompt.batch_size")]
+        raises = [(self.prompt.batch_size, "prompt.batch_size")] if _RUNS_PROMPTS.get() else []
         if self.benchmark.enabled:
             raises.append((self.benchmark.bs, "benchmark.bs"))
         for size, why in raises:
