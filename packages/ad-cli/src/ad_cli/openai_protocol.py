@@ -3,7 +3,7 @@
 The rule: no field is ignored silently. A field the server honours is validated and used; a known OpenAI (or
 vLLM) field it does not implement is accepted only at the value that means "off" (clients send their
 defaults: `best_of: 1`, `prompt_logprobs: null`), anything else there is a 400 naming it; an unknown field
-is a 400 naming it.
+is a 400 naming it. The known fields and their "off" values are listed in unsupported_fields.py.
 """
 
 import json
@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, 
 
 from .http_limits import one_line
 from .structured_request import FieldError, StructuredOutputFields
+from .unsupported_fields import CHAT_NOT_YET, COMPLETION_NOT_YET, MESSAGE_NOT_YET
 
 # Mirrors ad_runtime.sampling_params (checked here too, so the error names the request's field).
 MAX_SEED = 2**64 - 1
@@ -61,66 +62,6 @@ def _refuse_unless_off(key: str, value: Any, offs: tuple, where: str = "") -> No
     if not any(_is_off(value, off) for off in offs):
         shown = " or ".join(json.dumps(o) for o in offs)
         raise BadRequest(400, f"{where}{_name(key)}: not supported yet (only {shown} is accepted)", where + _name(key))
-
-
-# Fields of OpenAI's API and vLLM's extensions that the server does not implement yet, with the values that
-# mean "off" (accepted). The same for every route that takes sampling fields.
-_SAMPLING_NOT_YET: dict[str, tuple] = {
-    # Logprobs of the prompt need the logits of every prompt position; the runner computes the last one only.
-    "prompt_logprobs": (None,),
-    "min_p": (None, 0),
-    "best_of": (None, 1),
-    "use_beam_search": (None, False),
-    "length_penalty": (None, 1),
-    "guided_grammar": (None,),
-    "truncate_prompt_tokens": (None,),
-    "store": (None, False),
-    "metadata": (None, {}),
-    "service_tier": (None, "auto", "default"),
-}
-_COMPLETION_NOT_YET: dict[str, tuple] = {
-    **_SAMPLING_NOT_YET, "suffix": (None, ""), "add_special_tokens": (None, True),
-    # Chat's name for the count; completions give it as `logprobs: k`.
-    "top_logprobs": (None, 0),
-}
-_CHAT_NOT_YET: dict[str, tuple] = {
-    **_SAMPLING_NOT_YET,
-    # Without tools there is nothing to call: "auto" and "none" both mean plain text, which is what runs.
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "parallel_tool_calls": (None, True, False),
-    "functions": (None, []),
-    "function_call": (None, "none", "auto"),
-    "modalities": (None, ["text"]),
-    "audio": (None,),
-    "prediction": (None,),
-    "reasoning_effort": (None,),
-    "web_search_options": (None,),
-    "verbosity": (None,),
-    "moderation": (None,),
-    "prompt_cache_key": (None,),
-    "prompt_cache_retention": (None,),
-    "prompt_cache_options": (None,),
-    "echo": (None, False),
-    "add_generation_prompt": (None, True),
-    "continue_final_message": (None, False),
-    "add_special_tokens": (None, False),
-    "chat_template": (None,),
-    "chat_template_kwargs": (None, {}),
-    "documents": (None,),
-}
-# Keys of a chat message besides role and content, accepted when "off" (an assistant message sent back as the
-# client received it carries tool_calls: null, refusal: null, ...).
-_MESSAGE_NOT_YET: dict[str, tuple] = {
-    "name": (None,),
-    "tool_calls": (None, []),
-    "tool_call_id": (None,),
-    "function_call": (None,),
-    "refusal": (None,),
-    "audio": (None,),
-    "annotations": (None, []),
-    "reasoning_content": (None,),
-}
 
 
 class RequestBody(BaseModel):
@@ -258,7 +199,7 @@ def _prompt(v: Any) -> str | list[int]:
 
 
 class CompletionRequest(SamplingRequest):
-    _not_yet: ClassVar[dict[str, tuple]] = _COMPLETION_NOT_YET
+    _not_yet: ClassVar[dict[str, tuple]] = COMPLETION_NOT_YET
     prompt: Any
     echo: bool = False  # the prompt's text comes first in the answer (the first chunk of a stream)
     _echo_text: str = PrivateAttr("")  # filled when the prompt is tokenised
@@ -310,9 +251,9 @@ def _check_messages(messages: Any) -> Any:
         for key in list(m):
             if key in ("role", "content"):
                 continue
-            if key not in _MESSAGE_NOT_YET:
+            if key not in MESSAGE_NOT_YET:
                 raise BadRequest(400, f"{where}{_name(key)}: unknown field", where + _name(key))
-            _refuse_unless_off(key, m.pop(key), _MESSAGE_NOT_YET[key], where)
+            _refuse_unless_off(key, m.pop(key), MESSAGE_NOT_YET[key], where)
         if isinstance(m.get("content"), list):
             m["content"] = _join_parts(m["content"], f"{where}content")
         out.append(m)
@@ -352,7 +293,7 @@ class _MessagesPrecheck:
 
 
 class ChatRequest(_MessagesPrecheck, SamplingRequest):
-    _not_yet: ClassVar[dict[str, tuple]] = _CHAT_NOT_YET
+    _not_yet: ClassVar[dict[str, tuple]] = CHAT_NOT_YET
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: Annotated[bool, Field(strict=True)] | None = None
     top_logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None = None

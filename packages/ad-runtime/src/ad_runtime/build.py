@@ -116,6 +116,26 @@ class BuildReport:
         return f"build: {self.seconds:.1f} s, build cache {self.cache}{where}"
 
 
+def _cache_interface(args: Any, device: torch.device) -> CachedSequenceInterface:
+    """The cache interface the pipeline builds against, sized by the args (kv_cache_config.max_tokens caps it)."""
+    max_num_tokens = args.max_num_tokens or args.max_batch_size * args.max_seq_len
+    num_pages = None
+    kv = getattr(args, "kv_cache_config", None)
+    if kv is not None and kv.max_tokens:
+        num_pages = -(-kv.max_tokens // args.attn_page_size)
+    cm = CachedSequenceInterface(
+        max_batch_size=args.max_batch_size,
+        max_seq_len=args.max_seq_len,
+        page_size=args.attn_page_size,
+        max_num_tokens=max_num_tokens,
+        num_pages=num_pages,
+        device=device,
+        kv_cache_dtype=args.kv_cache_dtype,
+    )
+    cm.max_num_pages = num_pages  # resize_kv_cache never grows the cache past kv_cache_config.max_tokens
+    return cm
+
+
 def build_graph(
     args: Any, rank: int = 0, world_size: int = 1
 ) -> tuple[nn.Module, CachedSequenceInterface, Any, BuildReport]:
@@ -133,21 +153,7 @@ def build_graph(
     check_backends_for_device(args, device)
     torch.manual_seed(args.seed)
     factory = factory_from_args(args, device=str(device))
-    max_num_tokens = args.max_num_tokens or args.max_batch_size * args.max_seq_len
-    num_pages = None
-    kv = getattr(args, "kv_cache_config", None)
-    if kv is not None and kv.max_tokens:
-        num_pages = -(-kv.max_tokens // args.attn_page_size)
-    cm = CachedSequenceInterface(
-        max_batch_size=args.max_batch_size,
-        max_seq_len=args.max_seq_len,
-        page_size=args.attn_page_size,
-        max_num_tokens=max_num_tokens,
-        num_pages=num_pages,
-        device=device,
-        kv_cache_dtype=args.kv_cache_dtype,
-    )
-    cm.max_num_pages = num_pages  # resize_kv_cache never grows the cache past kv_cache_config.max_tokens
+    cm = _cache_interface(args, device)
     shared = SharedConfig(
         local_rank=rank, world_size=world_size, device=str(device),
         extras={"max_seq_len": args.max_seq_len, "max_batch_size": args.max_batch_size},

@@ -16,6 +16,7 @@ import torch
 from ..sampling_params import SamplingParams
 from .detokenizer import Detokenizer
 from .errors import one_line
+from .launched_step import HostTokens, LaunchedStep
 from .logprobs import TokenLogprobs
 from .request import Request, RequestStatus
 from .sampler import Sampler
@@ -81,8 +82,8 @@ class Engine:
         self.timer: StepTimer | None = None  # set by benchmarks: per-phase step times and GPU idle share
         # Overlapped scheduling: prepare and launch step N+1 before reading step N's tokens (see step()).
         self.overlap = overlap
-        self._inflight: _Launched | None = None
-        self._host_tokens = _HostTokens(scheduler.max_batch_size, torch.device(runner.device))
+        self._inflight: LaunchedStep | None = None
+        self._host_tokens = HostTokens(scheduler.max_batch_size, torch.device(runner.device))
         # Structured output: grammar matchers of constrained requests (xgrammar is loaded on the first one).
         self.grammars = GrammarMasks(tokenizer, vocab_size, eos_token_ids, scheduler.max_batch_size)
 
@@ -205,7 +206,7 @@ class Engine:
         n_out = len(req.output_token_ids) + len(req.future)
         return n_out >= req.params.max_tokens or req.num_tokens >= self.max_seq_len
 
-    def _launch(self, batch: list, prev: "_Launched | None", failed: list[Request]) -> "_Launched | None":
+    def _launch(self, batch: list, prev: LaunchedStep | None, failed: list[Request]) -> LaunchedStep | None:
         """Run the model on `batch` and start sampling; tokens stay on the device (read in `_resolve`)."""
         timer = self.timer
         pool = self.scheduler.pool
@@ -253,14 +254,14 @@ class Engine:
             req.future.append(j)
         return launched
 
-    def _sample(self, rows: torch.Tensor, reqs: list[Request], failed: list[Request]) -> "_Launched":
+    def _sample(self, rows: torch.Tensor, reqs: list[Request], failed: list[Request]) -> LaunchedStep:
         """Start sampling one token per row; a row whose sampling fails fails its request alone."""
         if self.grammars.active:
             rows = self._mask(rows, reqs, failed)
         try:
             out = self.sampler.sample(rows, [r.params for r in reqs], [r.request_id for r in reqs],
                                       [r.prompt_token_ids for r in reqs])
-            return _Launched.start(reqs, out.tokens, self._host_tokens, out.logprobs)
+            return LaunchedStep.start(reqs, out.tokens, self._host_tokens, out.logprobs)
         except Exception:  # noqa: BLE001 - find the culprit by sampling each row alone
             logger.exception("batched sampling failed; sampling row by row")
         good, picked = [], []
@@ -275,7 +276,7 @@ class Engine:
         tokens = torch.cat([p.tokens for p in picked]) if picked else torch.empty(0, dtype=torch.long,
                                                                                      device=rows.device)
         logprobs = TokenLogprobs.concat([p.logprobs for p in picked], [1] * len(picked))
-        return _Launched.start(good, tokens, self._host_tokens, logprobs)
+        return LaunchedStep.start(good, tokens, self._host_tokens, logprobs)
 
     def _mask(self, rows: torch.Tensor, reqs: list[Request], failed: list[Request]) -> torch.Tensor:
         """Mask what constrained rows' grammars forbid (on the device); a row whose mask fails fails alone."""
@@ -291,7 +292,7 @@ class Engine:
                 failed.append(req)
         return rows
 
-    def _resolve(self, launched: "_Launched") -> list[Request]:
+    def _resolve(self, launched: LaunchedStep) -> list[Request]:
         """Read a launched step's tokens (waits for that step only) and post-process its requests."""
         tokens = launched.read()
         logprobs = {} if launched.logprobs is None else launched.logprobs.by_row(tokens)
@@ -366,46 +367,3 @@ class Engine:
         while any(not r.is_finished for r in requests):
             self.step()
 
-
-class _HostTokens:
-    """Two pinned host buffers, used in turn: at most two launched steps are unread at a time."""
-
-    def __init__(self, size: int, device: torch.device):
-        pin = device.type == "cuda"
-        self.bufs = [torch.empty(size, dtype=torch.long, pin_memory=pin) for _ in range(2)]
-        self.turn = 0
-
-    def next(self, n: int) -> torch.Tensor:
-        self.turn ^= 1
-        return self.bufs[self.turn][:n]
-
-
-@dataclass
-class _Launched:
-    """A step whose sampled tokens are on the device: a copy to the host is queued right behind them."""
-
-    reqs: list[Request]
-    tokens: torch.Tensor  # int64 [len(reqs)] on the device: the next step's placeholders index it
-    host: torch.Tensor
-    ready: Any  # CUDA event recorded after the copies (None on a CPU, where the copies are synchronous)
-    logprobs: TokenLogprobs | None = None  # host copies, for the rows that asked
-
-    @staticmethod
-    def start(reqs: list[Request], tokens: torch.Tensor, host_tokens: "_HostTokens",
-              logprobs: TokenLogprobs | None = None) -> "_Launched":
-        host = host_tokens.next(len(reqs))
-        if tokens.device.type == "cuda":
-            # Queued now, before the next step's work: waiting for it later waits for this step only.
-            host.copy_(tokens, non_blocking=True)
-            logprobs = None if logprobs is None else logprobs.to_host()
-            ready = torch.cuda.Event()
-            ready.record()
-        else:
-            host.copy_(tokens)
-            ready = None
-        return _Launched(reqs, tokens, host, ready, logprobs)
-
-    def read(self) -> list[int]:
-        if self.ready is not None:
-            self.ready.synchronize()  # the one sync of a step
-        return self.host.tolist()

@@ -137,13 +137,20 @@ class Scheduler:
         `skip`: ids (`id(request)`) of running requests that need no row this step (they finish when the
         engine reads their last token).
         """
-        budget = self.max_num_tokens
-        batch: list[ScheduledSequence] = []
-        scheduled_ids: set[int] = set()
         if self.prefix_caching:
             for req in self.running:
                 self._cache_computed_pages(req)
-        # 1. Requests already running keep going (decodes and unfinished prefill chunks).
+        batch = self._continue_running(self.max_num_tokens, skip)
+        batch += self._admit_waiting(self.max_num_tokens - sum(s.num_new_tokens for s in batch))
+        # Stable: multi-token rows first, then one-token rows (decodes, and one-token prompts or chunks, which the
+        # cache metadata and the attention ops run with the decodes).
+        batch.sort(key=lambda s: s.num_new_tokens == 1)
+        return batch
+
+    def _continue_running(self, budget: int, skip: set[int]) -> list[ScheduledSequence]:
+        """Requests already running keep going (decodes and unfinished prefill chunks), within `budget` tokens."""
+        batch: list[ScheduledSequence] = []
+        scheduled_ids: set[int] = set()
         for req in list(self.running):
             if req.status is not RequestStatus.RUNNING or id(req) in skip:  # preempted while making room, or done
                 continue
@@ -158,8 +165,15 @@ class Scheduler:
             batch.append(ScheduledSequence(req, n))
             scheduled_ids.add(req.request_id)
             budget -= n
-        # 2. Admit waiting requests in arrival order (preempted ones are at the front). A request whose next
-        # uncached page another request is computing now waits for it (it would compute the same KV again).
+        return batch
+
+    def _admit_waiting(self, budget: int) -> list[ScheduledSequence]:
+        """Admit waiting requests in arrival order (preempted ones are at the front), within `budget` tokens.
+
+        A request whose next uncached page another request is computing now waits for it (it would compute the
+        same KV again).
+        """
+        batch: list[ScheduledSequence] = []
         in_flight = self._keys_in_flight() if self.prefix_caching and self.waiting else set()
         i = 0
         while i < len(self.waiting) and len(self.running) < self.max_batch_size and budget > 0:
@@ -192,11 +206,7 @@ class Scheduler:
             req.slot = self._free_slots.pop()
             self.running.append(req)
             batch.append(ScheduledSequence(req, n))
-            scheduled_ids.add(req.request_id)
             budget -= n
-        # Stable: multi-token rows first, then one-token rows (decodes, and one-token prompts or chunks, which the
-        # cache metadata and the attention ops run with the decodes).
-        batch.sort(key=lambda s: s.num_new_tokens == 1)
         return batch
 
     def _make_room(self, req: Request, total_tokens: int, scheduled: set[int]) -> bool:

@@ -176,10 +176,7 @@ class SequenceInfo:
         t = int(seq_len.sum())
         n_pages = -(-total // ps)
 
-        pad_to = self.padded_batch_size(b) if num_decode == b and self.scratch_page is not None else None
-        rows = pad_to or b
-        if rows > self.max_batch_size or rows > self.max_num_tokens:
-            rows = b
+        rows = self._padded_rows(b, num_decode)
         if self._copy_done is not None:
             self._copy_done.synchronize()  # the previous step's copy still reads the host buffer
 
@@ -202,13 +199,7 @@ class SequenceInfo:
         a["last_token_idx"][:b] = cu[1 : b + 1] - 1
         a["last_page_len"][:b] = (total - 1) % ps + 1
         a["slot_idx"][:b] = -1 if slots is None else np.asarray(slots, dtype=np.int64)
-        cnp = a["cu_num_pages"]
-        cnp[0] = 0
-        cnp[1 : b + 1] = np.cumsum(n_pages)
-        used = int(cnp[b])
-        a["page_indices"][:used] = np.fromiter(
-            (p for pt, n in zip(page_tables, n_pages) for p in pt[:n]), dtype=np.int32, count=used
-        )
+        self._fill_page_indices(page_tables, n_pages)
         if rows > b:
             self._fill_padding(b, rows, t)
 
@@ -217,6 +208,26 @@ class SequenceInfo:
         self.batch_info_host[2] = num_decode
         self._num_seqs, self._num_tokens, self._num_rows = b, t, rows
         self._copy_to_device(rows)
+
+    def _padded_rows(self, b: int, num_decode: int) -> int:
+        """Rows this step writes: a decode-only batch of b sequences is padded up to the next captured CUDA-graph
+        batch size, when the buffers hold that many rows."""
+        pad_to = self.padded_batch_size(b) if num_decode == b and self.scratch_page is not None else None
+        rows = pad_to or b
+        if rows > self.max_batch_size or rows > self.max_num_tokens:
+            rows = b
+        return rows
+
+    def _fill_page_indices(self, page_tables: Sequence[Sequence[int]], n_pages: np.ndarray) -> None:
+        """cu_num_pages and page_indices: the pages each sequence uses this step, sequence after sequence."""
+        a, b = self._np, len(page_tables)
+        cnp = a["cu_num_pages"]
+        cnp[0] = 0
+        cnp[1 : b + 1] = np.cumsum(n_pages)
+        used = int(cnp[b])
+        a["page_indices"][:used] = np.fromiter(
+            (p for pt, n in zip(page_tables, n_pages) for p in pt[:n]), dtype=np.int32, count=used
+        )
 
     def _checked_lengths(self, token_ids: Sequence[Sequence[int]], input_pos: Sequence[int],
                          page_tables: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, int]:
