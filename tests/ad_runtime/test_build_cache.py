@@ -25,6 +25,9 @@ from ad_runtime.memory_plan import weight_bytes
 # A tiny Llama with random weights saved as a checkpoint: weights load from the file as for a real model.
 COMMON = dict(skip_tokenizer_init=True, device="cpu", dtype="float32", max_seq_len=64, attn_page_size=8,
               max_batch_size=2, build_cache=True)
+# Linear weights stay parameters (prepack_cpu_linear would swap them for oneDNN's opaque packed copies), so the
+# tests that compare each rank's shards can read them.
+DENSE = dict(transforms={"prepack_cpu_linear": {"enabled": False}})
 PROMPT = [1, 2, 3, 4, 5]
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
@@ -177,7 +180,7 @@ def test_two_processes_building_the_same_entry_both_succeed(cold: dict, tmp_path
 @pytest.mark.slow
 def test_world_size_2_caches_each_rank(cold: dict, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    with LLM(model=str(cold["folder"]), build_cache_dir=str(cache), world_size=2, **COMMON) as llm:
+    with LLM(model=str(cold["folder"]), build_cache_dir=str(cache), world_size=2, **COMMON, **DENSE) as llm:
         reports = llm.build_reports
         tokens = llm.generate([PROMPT], GREEDY)[0].outputs[0].token_ids
     assert [r.cache for r in reports] == ["miss", "miss"]
@@ -185,7 +188,7 @@ def test_world_size_2_caches_each_rank(cold: dict, tmp_path: Path) -> None:
     assert tokens == cold["tokens"]  # the sharded model answers like the single-rank one
     # Each rank finds its own entry: its own shard of every split weight (a warm build runs no collective before
     # serving, so this needs no process group; the ranks' answers are checked above).
-    args = LlmArgs(model=str(cold["folder"]), build_cache_dir=str(cache), world_size=2, **COMMON)
+    args = LlmArgs(model=str(cold["folder"]), build_cache_dir=str(cache), world_size=2, **COMMON, **DENSE)
     shards = []
     for rank, report in enumerate(reports):
         module, _, _, again = build_graph(args, rank=rank, world_size=2)
@@ -203,7 +206,7 @@ def test_world_size_2_caches_each_rank(cold: dict, tmp_path: Path) -> None:
 
 
 def _single_rank_module(cold: dict) -> torch.nn.Module:
-    module, *_ = build_graph(LlmArgs(model=str(cold["folder"]), build_cache_dir=str(cold["cache"]), **COMMON))
+    module, *_ = build_graph(LlmArgs(model=str(cold["folder"]), build_cache_dir=str(cold["cache"]), **COMMON, **DENSE))
     return module
 
 

@@ -26,6 +26,27 @@ def test_auto_on_cpu_is_simple(cpu_llama, caplog):
     assert tokens == greedy_reference(model, PROMPTS, steps=3)
 
 
+def _custom_op_calls(gm: torch.fx.GraphModule) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes
+            if n.op == "call_function" and getattr(n.target, "namespace", None) == "auto_deploy"]
+
+
+def test_simple_on_cpu_calls_custom_ops_as_plain_functions(cpu_llama):
+    from ad_runtime.compile.direct_calls import call_custom_ops_directly
+
+    _, gm = cpu_llama
+    ref, ref_cm, _ = build_cached(copy.deepcopy(gm))
+    calls = _custom_op_calls(ref)
+    assert "auto_deploy.torch_cached_attention.default" in calls
+    mod, cm, _ = build_cached(copy.deepcopy(gm), compile_backend="torch-simple")
+    assert _custom_op_calls(mod) == []  # the dispatcher's round trip is skipped
+    (got, got_samples), (want, want_samples) = greedy_cached(mod, cm, PROMPTS, 3), greedy_cached(ref, ref_cm, PROMPTS, 3)
+    assert got == want
+    for (_, _, a), (_, _, b) in zip(got_samples, want_samples):
+        assert torch.equal(a, b)  # the same functions run: bit-equal
+    assert call_custom_ops_directly(ref) == len(calls) and _custom_op_calls(ref) == []
+
+
 @pytest.mark.parametrize("backend", ["torch-cudagraph", "torch-opt"])
 def test_cuda_graph_backends_refuse_cpu(cpu_llama, backend):
     with pytest.raises(CompileError, match="needs a CUDA device"):

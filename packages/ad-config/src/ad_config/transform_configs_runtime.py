@@ -92,6 +92,14 @@ class ResizeKvCacheConfig(TransformConfig):
                                   "free GPU memory given to the KV cache.")
 
 
+@register_transform_config("prepack_cpu_linear")
+class PrepackCpuLinearConfig(TransformConfig):
+    """On a CPU, run float32 linear layers through oneDNN with their weights packed once at build time (faster
+    decode products than MKL on the weights as stored); skipped on other devices."""
+
+    stage: Stage = Stage.COMPILE
+
+
 CompileBackend = Literal["auto", "torch-simple", "torch-compile", "torch-cudagraph", "torch-opt"]
 
 

@@ -156,7 +156,8 @@ def build_graph(
     cm = _cache_interface(args, device)
     shared = SharedConfig(
         local_rank=rank, world_size=world_size, device=str(device),
-        extras={"max_seq_len": args.max_seq_len, "max_batch_size": args.max_batch_size},
+        extras={"max_seq_len": args.max_seq_len, "max_batch_size": args.max_batch_size,
+                "compile_backend": _compile_backend(args, device)},
     )
     optimizer = InferenceOptimizer(factory, args.transforms)
     entry = BuildCacheEntry.for_build(args, factory, device, rank, world_size) if args.build_cache else None
@@ -176,7 +177,7 @@ def build_graph(
         snapshot = entry.snapshot(module) if entry is not None else None  # before weight loading changes it
         status = "off" if entry is None else "miss"
     # Sharded, still on meta: what this rank will hold is known now, before any weight is read.
-    plan = plan_memory(module, cm, args)
+    plan = plan_memory(module, cm, args, _tied_weights(factory))
     if plan is not None:
         logger.info("memory plan (rank %d): %s", rank, plan.summary())
         check_fits(plan, rank, device)
@@ -189,6 +190,20 @@ def build_graph(
     report = BuildReport(time.perf_counter() - start, status, entry.path if entry is not None else None, plan)
     logger.info("rank %d: %s", rank, report.summary())
     return module, cm, factory, report
+
+
+def _tied_weights(factory: Any) -> dict[str, str]:
+    """Target -> source names of the factory's tied weights (none for factories that do not say)."""
+    tied = getattr(factory, "tied_weights", None)
+    return tied() if callable(tied) else {}
+
+
+def _compile_backend(args: Any, device: torch.device) -> str | None:
+    """The compile backend compile_model will use (auto resolved for the device); None without compile_model."""
+    from .compile.backends import resolve_compile_backend
+
+    cfg = args.transforms.get("compile_model")
+    return resolve_compile_backend(cfg.backend, device, quiet=True) if cfg is not None and cfg.enabled else None
 
 
 def build_engine(

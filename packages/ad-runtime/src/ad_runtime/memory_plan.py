@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from ad_compiler.errors import CompileError
-from ad_compiler.utils.graph_utils import nodes_calling
+from ad_compiler.utils.graph_utils import get_attr_tensor, nodes_calling
 from torch.fx import GraphModule
 
 logger = logging.getLogger(__name__)
@@ -40,13 +40,22 @@ class MemoryPlan:
 
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of every distinct parameter and buffer (tied ones once), at their final dtype and shard shape."""
-    seen: set[int] = set()
+    seen: set[object] = set()
     total = 0
     for t in [*module.parameters(), *module.buffers()]:
-        if id(t) not in seen:
-            seen.add(id(t))
+        key = _identity(t)
+        if key not in seen:
+            seen.add(key)
             total += t.numel() * t.element_size()
     return total
+
+
+def _identity(t: torch.Tensor) -> object:
+    """What two tied tensors share: their storage once loaded (tied parameters may be two objects over one
+    storage), the object itself on meta and for opaque tensors (oneDNN's packed weights have no storage)."""
+    if t.device.type == "meta" or t.layout != torch.strided:
+        return id(t)
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
 
 
 def kv_bytes_per_token(gm: GraphModule, cm: Any, backend: str) -> int:
@@ -77,8 +86,9 @@ def device_free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def plan_memory(gm: nn.Module, cm: Any, args: Any) -> MemoryPlan | None:
-    """The plan for the graph at the cache cut (sharded, weights still on meta).
+def plan_memory(gm: nn.Module, cm: Any, args: Any, tied: dict[str, str] | None = None) -> MemoryPlan | None:
+    """The plan for the graph at the cache cut (sharded, weights still on meta); `tied`: the factory's tied weights
+    (target -> source), which the loader gives one storage.
 
     None, with a warning saying why, where the graph does not tell (not a GraphModule, attention without shapes).
     Attention KV pages only: per-sequence state caches (Mamba, linear attention) are small and not counted.
@@ -92,13 +102,31 @@ def plan_memory(gm: nn.Module, cm: Any, args: Any) -> MemoryPlan | None:
         logger.warning("no memory plan: %s: %s", type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
         return None
     return MemoryPlan(
-        weight_bytes=weight_bytes(gm),
+        weight_bytes=weight_bytes(gm) - _tied_bytes(gm, cm, args, tied or {}),
         kv_bytes_per_token=per_token,
         kv_pages=cm.num_pages,
         page_size=cm.page_size,
         min_kv_tokens=args.max_seq_len,
         available_bytes=device_free_bytes(cm.device),
     )
+
+
+def _tied_bytes(gm: GraphModule, cm: Any, args: Any, tied: dict[str, str]) -> int:
+    """Bytes the loader shares between tied weights (lm_head.weight takes model.embed_tokens.weight's tensor): two
+    tensors on meta, one storage once loaded. Not shared when prepack_cpu_linear packs one side (the packed copy
+    replaces it while the other stays dense) or when sharding gave the two different shapes."""
+    from .transform.library import prepack_cpu_linear
+
+    packed = prepack_cpu_linear.packed_targets(gm) if prepack_cpu_linear.will_run(args, cm.device) else set()
+    total = 0
+    for target, source in tied.items():
+        try:
+            a, b = get_attr_tensor(gm, target), get_attr_tensor(gm, source)
+        except (AttributeError, KeyError):
+            continue
+        if a is not b and a.shape == b.shape and a.dtype == b.dtype and not {target, source} & packed:
+            total += a.numel() * a.element_size()
+    return total
 
 
 def check_fits(plan: MemoryPlan, rank: int, device: torch.device) -> None:

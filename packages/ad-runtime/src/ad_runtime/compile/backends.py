@@ -5,10 +5,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from torch.fx import GraphModule
 from ad_compiler.errors import CompileError
 from ad_compiler.registry import Registry
 
 from ..kv_cache.interface import CachedSequenceInterface
+from .direct_calls import call_custom_ops_directly
 
 logger = logging.getLogger(__name__)
 
@@ -20,12 +22,13 @@ Compiler = Callable[[nn.Module, CachedSequenceInterface, list[int] | None], nn.M
 CompileBackendRegistry: Registry[Compiler] = Registry("compile backend")
 
 
-def resolve_compile_backend(name: str, device: str | torch.device) -> str:
-    """`auto`: torch-opt on a GPU, torch-simple on a CPU."""
+def resolve_compile_backend(name: str, device: str | torch.device, quiet: bool = False) -> str:
+    """`auto`: torch-opt on a GPU, torch-simple on a CPU (logged unless `quiet`: said once, when compiling)."""
     if name != "auto":
         return name
     choice = "torch-opt" if torch.device(device).type == "cuda" else "torch-simple"
-    logger.info("compile_backend auto -> %s (device %s)", choice, device)
+    if not quiet:
+        logger.info("compile_backend auto -> %s (device %s)", choice, device)
     return choice
 
 
@@ -38,7 +41,11 @@ def default_cuda_graph_batch_sizes(cm: CachedSequenceInterface) -> list[int]:
 
 @CompileBackendRegistry.register("torch-simple")
 def compile_simple(model: nn.Module, cm: CachedSequenceInterface, batch_sizes: list[int] | None) -> nn.Module:
-    return model  # eager: the graph as it is
+    """Eager: the graph as it is; on a CPU its Python custom ops are called as plain functions (no dispatcher)."""
+    if cm.device.type == "cpu" and isinstance(model, GraphModule):
+        n = call_custom_ops_directly(model)
+        logger.debug("torch-simple: %d custom-op calls made direct", n)
+    return model
 
 
 @CompileBackendRegistry.register("torch-compile")
