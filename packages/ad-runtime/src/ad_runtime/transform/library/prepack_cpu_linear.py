@@ -83,7 +83,9 @@ class PrepackCpuLinear(BaseTransform):
         if not isinstance(mod, GraphModule):
             raise CompileError("prepack_cpu_linear needs an exported GraphModule")
         device = getattr(cm, "device", None)
-        if device is None or torch.device(device).type != "cpu":
+        if device is None:
+            return mod, TransformInfo(skipped=True, reason="no cache interface: the graph is not built to run here")
+        if torch.device(device).type != "cpu":
             return mod, TransformInfo(skipped=True, reason=f"the model runs on {device}, not a CPU")
         backend = shared_config.extras.get("compile_backend")
         if backend not in (None, "torch-simple"):
