@@ -8,6 +8,7 @@ from ad_compiler.errors import MissingBackendError
 
 def test_torch_backends_registered_by_the_compiler() -> None:
     assert kr.get_kernel("rmsnorm", "torch") is torch.ops.auto_deploy.torch_rmsnorm_fused.default
+    assert kr.get_kernel("add_rmsnorm", "torch") is torch.ops.auto_deploy.torch_fused_add_rmsnorm.default
     assert kr.get_kernel("rope", "torch") is torch.ops.auto_deploy.torch_rope_with_cos_sin_cache.default
 
 

@@ -3,6 +3,8 @@
 Every backend of a kernel is an op with the same signature, so transforms swap them blindly:
 
 - "rmsnorm": `(input, weight, eps: float) -> Tensor`, HF Llama semantics (as `torch_rmsnorm`).
+- "add_rmsnorm": `(x, residual, weight, eps: float) -> (normed, summed)`: `summed = x + residual` (the dtype
+  aten's add gives), `normed` = the backend's "rmsnorm" of `summed` (a transformer layer's residual add + norm).
 - "rope": `(q, k, position_ids, cos_sin_cache, unsqueeze_dim: int) -> (q, k)`, HF rotate-half semantics
   with `cos, sin = cache[position_ids].chunk(2, -1)` each repeated twice along the last dim
   (`cos_sin_cache` [max_pos, rotary_dim], cos half then sin half: flashinfer's layout); q/k [b, s, n, d]
@@ -16,7 +18,7 @@ import torch
 from .errors import MissingBackendError
 from .registry import Registry
 
-KERNELS: tuple[str, ...] = ("rmsnorm", "rope")
+KERNELS: tuple[str, ...] = ("rmsnorm", "add_rmsnorm", "rope")
 # One registry of backends per kernel.
 _BACKENDS: dict[str, Registry[Callable]] = {k: Registry(f"{k} kernel backend") for k in KERNELS}
 
@@ -62,17 +64,39 @@ def get_kernel(kernel: str, backend: str = "auto") -> Callable:
 # ---- the torch backend ------------------------------------------------------------------------
 
 
-@torch.library.custom_op("auto_deploy::torch_rmsnorm_fused", mutates_args=())
-def torch_rmsnorm_fused(input: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """torch_rmsnorm through aten's single rms_norm kernel (fp32 inside, then HF's cast-back and weight)."""
+def _rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF RMSNorm through aten's single rms_norm kernel (fp32 inside, then HF's cast-back and weight)."""
     # The weight is applied after the cast back, as HF does; passing it to rms_norm would scale in fp32.
     normed = torch.nn.functional.rms_norm(input.to(torch.float32), (input.shape[-1],), None, eps)
     return weight * normed.to(input.dtype)
 
 
+@torch.library.custom_op("auto_deploy::torch_rmsnorm_fused", mutates_args=())
+def torch_rmsnorm_fused(input: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """torch_rmsnorm through aten's single rms_norm kernel (fp32 inside, then HF's cast-back and weight)."""
+    return _rmsnorm(input, weight, eps)
+
+
 @torch_rmsnorm_fused.register_fake
 def _rmsnorm_fused_fake(input: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return input.new_empty(input.shape, dtype=torch.result_type(weight, input))
+
+
+@torch.library.custom_op("auto_deploy::torch_fused_add_rmsnorm", mutates_args=())
+def torch_fused_add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(torch_rmsnorm_fused(x + residual), x + residual): a residual add and the norm that reads it."""
+    summed = x + residual
+    return _rmsnorm(summed, weight, eps), summed
+
+
+@torch_fused_add_rmsnorm.register_fake
+def _fused_add_rmsnorm_fake(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    summed = x.new_empty(x.shape, dtype=torch.result_type(x, residual))
+    return summed.new_empty(summed.shape, dtype=torch.result_type(weight, summed)), summed
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -102,4 +126,5 @@ def _rope_cache_fake(
 
 
 register_kernel("rmsnorm", "torch", torch.ops.auto_deploy.torch_rmsnorm_fused.default)
+register_kernel("add_rmsnorm", "torch", torch.ops.auto_deploy.torch_fused_add_rmsnorm.default)
 register_kernel("rope", "torch", torch.ops.auto_deploy.torch_rope_with_cos_sin_cache.default)

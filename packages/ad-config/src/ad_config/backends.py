@@ -17,6 +17,7 @@ _CPU_FALLBACK_COMPILE = "use 'torch-simple', 'torch-compile' or 'auto' on a CPU"
 GPU_ONLY_BACKENDS: dict[str, dict[str, str]] = {
     "insert_cached_attention": {"flashinfer": _CPU_FALLBACK_ATTN, "triton": _CPU_FALLBACK_ATTN},
     "fuse_rmsnorm": {"triton": _CPU_FALLBACK_KERNEL},
+    "fuse_add_rmsnorm": {"triton": _CPU_FALLBACK_KERNEL},
     "optimize_rope": {"triton": _CPU_FALLBACK_KERNEL},
     "compile_model": {"torch-cudagraph": _CPU_FALLBACK_COMPILE, "torch-opt": _CPU_FALLBACK_COMPILE},
 }

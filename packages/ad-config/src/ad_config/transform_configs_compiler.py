@@ -231,6 +231,15 @@ class FuseRmsnormConfig(TransformConfig):
                                                          "triton on a GPU, torch on a CPU.")
 
 
+@register_transform_config("fuse_add_rmsnorm")
+class FuseAddRmsnormConfig(TransformConfig):
+    """Fuse each residual add with the RMSNorm that reads it into one kernel returning the norm and the sum."""
+
+    stage: Stage = Stage.POST_LOAD_FUSION
+    backend: Literal["auto", "torch", "triton"] = Field(default="auto", description="Add + RMSNorm kernel: auto is "
+                                                         "triton on a GPU, torch on a CPU.")
+
+
 @register_transform_config("optimize_rope")
 class OptimizeRopeConfig(TransformConfig):
     """Turn rotate-half RoPE with cos/sin tensors into one kernel reading a cos/sin cache at position ids."""

@@ -1,4 +1,4 @@
-"""Custom ops `auto_deploy::triton_rmsnorm` and `auto_deploy::triton_rope_with_cos_sin_cache` over the Triton kernels."""
+"""Custom ops over the Triton kernels: `auto_deploy::triton_rmsnorm`, `triton_fused_add_rmsnorm`, `triton_rope_*`."""
 
 import torch
 
@@ -18,6 +18,22 @@ def triton_rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 @triton_rmsnorm.register_fake
 def _triton_rmsnorm_fake(input: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return input.new_empty(input.shape, dtype=torch.result_type(weight, input))
+
+
+@torch.library.custom_op("auto_deploy::triton_fused_add_rmsnorm", mutates_args=())
+def triton_fused_add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as auto_deploy::torch_fused_add_rmsnorm (the "add_rmsnorm" kernel of the registry)."""
+    return _rmsnorm.add_rmsnorm(x, residual, weight, eps)
+
+
+@triton_fused_add_rmsnorm.register_fake
+def _triton_fused_add_rmsnorm_fake(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    summed = x.new_empty(x.shape, dtype=torch.result_type(x, residual))
+    return summed.new_empty(summed.shape, dtype=torch.result_type(weight, summed)), summed
 
 
 @torch.library.custom_op("auto_deploy::triton_rope_with_cos_sin_cache", mutates_args=())
