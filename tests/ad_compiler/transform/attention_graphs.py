@@ -20,6 +20,7 @@ from transformers import (
 import ad_compiler.custom_ops  # noqa: F401 - registers torch.ops.auto_deploy.*
 from ad_compiler.export.export import torch_export_to_gm
 from ad_compiler.transform.interface import SharedConfig, TransformInfo, TransformRegistry
+from hf_logits import Logits
 
 N_HEADS, N_KV, HEAD_DIM, N_LAYERS, WINDOW = 4, 2, 16, 2, 3
 # Large-ish init so attention patterns (window, soft-cap) visibly change the logits.
@@ -49,15 +50,6 @@ def build_hf(family: str) -> nn.Module:
     return model.eval()
 
 
-class _LogitsOnly(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-
-
 def example_inputs(batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(batch * 100 + seq)
     ids = torch.randint(0, 128, (batch, seq), generator=gen)
@@ -68,7 +60,7 @@ def example_inputs(batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:
 def _exported(family: str, patched: bool) -> GraphModule:
     dyn = torch.export.Dim.DYNAMIC
     shapes = {"input_ids": {0: dyn, 1: dyn}, "position_ids": {0: dyn, 1: dyn}}
-    model = _LogitsOnly(build_hf(family))
+    model = Logits(build_hf(family))
     # Unpatched, transformers hands attention an explicit mask built from position_ids and repeat_kv'd k/v.
     patch_list = None if patched else []
     return torch_export_to_gm(model, (), example_inputs(), dynamic_shapes=shapes, patch_list=patch_list)

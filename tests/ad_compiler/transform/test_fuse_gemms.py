@@ -6,18 +6,10 @@ from ad_compiler.transform.interface import SharedConfig, TransformRegistry
 from ad_compiler.utils.graph_utils import count_op, run_shape_prop
 from torch.fx import GraphModule
 from transformers import AutoModelForCausalLM, LlamaConfig
+from hf_logits import Logits
 
 aten = torch.ops.aten
 D = torch.export.Dim.DYNAMIC
-
-
-class Logits(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
 def _run(gm: GraphModule) -> tuple[GraphModule, int]:

@@ -7,21 +7,13 @@ from ad_compiler.transform.interface import SharedConfig, TransformRegistry
 from ad_compiler.utils.graph_utils import canonicalize_graph, count_op, run_shape_prop
 from torch.fx import GraphModule
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+from hf_logits import Logits
 
 aten = torch.ops.aten
 ad = torch.ops.auto_deploy
 D = torch.export.Dim.DYNAMIC
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, num_experts_per_tok=2)
-
-
-class Logits(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
 def _batch(b: int, s: int) -> dict[str, torch.Tensor]:

@@ -7,21 +7,13 @@ from ad_compiler.transform.interface import SharedConfig, TransformRegistry
 from ad_compiler.utils.graph_utils import count_op
 from torch.fx import GraphModule
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, Qwen3Config
+from hf_logits import Logits
 
 aten = torch.ops.aten
 ad = torch.ops.auto_deploy
 SMALL = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
              intermediate_size=128, head_dim=16)
 D = torch.export.Dim.DYNAMIC
-
-
-class Logits(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
 def run(gm: GraphModule) -> tuple[GraphModule, int]:

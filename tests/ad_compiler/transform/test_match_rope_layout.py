@@ -9,6 +9,7 @@ from torch.fx import GraphModule
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama4.modeling_llama4 import apply_rotary_emb
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from hf_logits import Logits
 
 aten = torch.ops.aten
 ad = torch.ops.auto_deploy
@@ -19,15 +20,6 @@ D = torch.export.Dim.DYNAMIC
 def transform(gm: GraphModule, name: str, config: dict | None = None) -> tuple[GraphModule, int]:
     gm = TransformRegistry.get(name)(config)(gm, None, None, SharedConfig())
     return gm, gm._transform_history[name].num_matches
-
-
-class Logits(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
 def test_llama_rope_reads_projections_directly() -> None:

@@ -10,21 +10,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config, Qwen3Con
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
 from transformers.models.llama4.modeling_llama4 import apply_rotary_emb
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from hf_logits import Logits
 
 aten = torch.ops.aten
 ad = torch.ops.auto_deploy
 SMALL = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
              intermediate_size=128, head_dim=16)
 D = torch.export.Dim.DYNAMIC
-
-
-class Logits(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
 def export_hf(config) -> tuple[GraphModule, dict]:

@@ -10,6 +10,7 @@ from ad_compiler.utils.graph_utils import count_op
 from torch.fx import GraphModule
 from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from hf_logits import Logits
 
 aten = torch.ops.aten
 ad = torch.ops.auto_deploy
@@ -17,15 +18,6 @@ SMALL = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_valu
              intermediate_size=128, head_dim=16)
 D = torch.export.Dim.DYNAMIC
 MAX_POS = 64
-
-
-class Logits(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
 def matched(config, dtype: torch.dtype) -> GraphModule:

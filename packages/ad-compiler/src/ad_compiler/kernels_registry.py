@@ -92,7 +92,7 @@ def torch_fused_add_rmsnorm(
 
 
 @torch_fused_add_rmsnorm.register_fake
-def _fused_add_rmsnorm_fake(
+def fused_add_rmsnorm_fake(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     summed = x.new_empty(x.shape, dtype=torch.result_type(x, residual))

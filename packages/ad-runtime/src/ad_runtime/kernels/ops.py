@@ -1,6 +1,7 @@
 """Custom ops over the Triton kernels: `auto_deploy::triton_rmsnorm`, `triton_fused_add_rmsnorm`, `triton_rope_*`."""
 
 import torch
+from ad_compiler.kernels_registry import fused_add_rmsnorm_fake
 
 from .triton import rmsnorm as _rmsnorm
 from .triton import rope as _rope
@@ -28,12 +29,7 @@ def triton_fused_add_rmsnorm(
     return _rmsnorm.add_rmsnorm(x, residual, weight, eps)
 
 
-@triton_fused_add_rmsnorm.register_fake
-def _triton_fused_add_rmsnorm_fake(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    summed = x.new_empty(x.shape, dtype=torch.result_type(x, residual))
-    return summed.new_empty(summed.shape, dtype=torch.result_type(weight, summed)), summed
+triton_fused_add_rmsnorm.register_fake(fused_add_rmsnorm_fake)  # the torch op's shapes and dtypes
 
 
 @torch.library.custom_op("auto_deploy::triton_rope_with_cos_sin_cache", mutates_args=())
