@@ -18,7 +18,7 @@ from .detokenizer import Detokenizer
 from .errors import one_line
 from .launched_step import HostTokens, LaunchedStep
 from .logprobs import TokenLogprobs
-from .request import Request, RequestStatus
+from .request import Request
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .step_timer import StepTimer
