@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from ad_config.transform_config import Stage
 
+from .compile.backends import compile_backend_of
 from .executor.core import EngineCore
 from .executor.engine import Engine, StepSequence
 from .executor.request import Request
@@ -157,7 +158,7 @@ def build_graph(
     shared = SharedConfig(
         local_rank=rank, world_size=world_size, device=str(device),
         extras={"max_seq_len": args.max_seq_len, "max_batch_size": args.max_batch_size,
-                "compile_backend": _compile_backend(args, device)},
+                "compile_backend": compile_backend_of(args, device)},
     )
     optimizer = InferenceOptimizer(factory, args.transforms)
     entry = BuildCacheEntry.for_build(args, factory, device, rank, world_size) if args.build_cache else None
@@ -196,14 +197,6 @@ def _tied_weights(factory: Any) -> dict[str, str]:
     """Target -> source names of the factory's tied weights (none for factories that do not say)."""
     tied = getattr(factory, "tied_weights", None)
     return tied() if callable(tied) else {}
-
-
-def _compile_backend(args: Any, device: torch.device) -> str | None:
-    """The compile backend compile_model will use (auto resolved for the device); None without compile_model."""
-    from .compile.backends import resolve_compile_backend
-
-    cfg = args.transforms.get("compile_model")
-    return resolve_compile_backend(cfg.backend, device, quiet=True) if cfg is not None and cfg.enabled else None
 
 
 def build_engine(

@@ -2,6 +2,7 @@
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -30,6 +31,12 @@ def resolve_compile_backend(name: str, device: str | torch.device, quiet: bool =
     if not quiet:
         logger.info("compile_backend auto -> %s (device %s)", choice, device)
     return choice
+
+
+def compile_backend_of(args: Any, device: str | torch.device) -> str | None:
+    """The backend compile_model will use for `args` on `device` (auto resolved, quietly); None without it."""
+    cfg = args.transforms.get("compile_model")
+    return resolve_compile_backend(cfg.backend, device, quiet=True) if cfg is not None and cfg.enabled else None
 
 
 def default_cuda_graph_batch_sizes(cm: CachedSequenceInterface) -> list[int]:

@@ -49,14 +49,24 @@ def _packable(gm: GraphModule, node: Node, device: str = "cpu") -> tuple[Node, N
     return weight, bias
 
 
-def will_run(args: Any, device: torch.device) -> bool:
-    """Whether a build with these args on `device` packs linears (enabled, a CPU, an eager graph, oneDNN)."""
-    from ...compile.backends import resolve_compile_backend
+def skip_reason(device: str | torch.device | None, compile_backend: str | None) -> str | None:
+    """Why packing does not apply to a graph run on `device` by `compile_backend`, or None where it does."""
+    if device is None:
+        return "no cache interface: the graph is not built to run here"
+    if torch.device(device).type != "cpu":
+        return f"the model runs on {device}, not a CPU"
+    if compile_backend not in (None, "torch-simple"):
+        # Inductor cannot trace oneDNN's opaque packed tensors; it packs weights itself where it helps.
+        return f"compile backend {compile_backend} compiles the linears itself"
+    return onednn_problem()
 
-    cfg, compile_cfg = args.transforms.get("prepack_cpu_linear"), args.transforms.get("compile_model")
-    backend = resolve_compile_backend(compile_cfg.backend, device, quiet=True) if compile_cfg is not None else None
-    return (cfg is not None and cfg.enabled and device.type == "cpu" and backend in (None, "torch-simple")
-            and onednn_problem() is None)
+
+def will_run(args: Any, device: torch.device) -> bool:
+    """Whether a build with these args on `device` packs linears (the memory plan counts the copies it makes)."""
+    from ...compile.backends import compile_backend_of
+
+    cfg = args.transforms.get("prepack_cpu_linear")
+    return cfg is not None and cfg.enabled and skip_reason(device, compile_backend_of(args, device)) is None
 
 
 def packed_targets(gm: GraphModule, device: str = "meta") -> set[str]:
@@ -82,19 +92,11 @@ class PrepackCpuLinear(BaseTransform):
     ) -> tuple[nn.Module, TransformInfo]:
         if not isinstance(mod, GraphModule):
             raise CompileError("prepack_cpu_linear needs an exported GraphModule")
-        device = getattr(cm, "device", None)
-        if device is None:
-            return mod, TransformInfo(skipped=True, reason="no cache interface: the graph is not built to run here")
-        if torch.device(device).type != "cpu":
-            return mod, TransformInfo(skipped=True, reason=f"the model runs on {device}, not a CPU")
-        backend = shared_config.extras.get("compile_backend")
-        if backend not in (None, "torch-simple"):
-            # Inductor cannot trace oneDNN's opaque packed tensors; it packs weights itself where it helps.
-            return mod, TransformInfo(skipped=True, reason=f"compile backend {backend} compiles the linears itself")
-        problem = onednn_problem()
-        if problem is not None:
-            logger.info("prepack_cpu_linear: off (%s); linear layers run through MKL", problem)
-            return mod, TransformInfo(skipped=True, reason=problem)
+        reason = skip_reason(getattr(cm, "device", None), shared_config.extras.get("compile_backend"))
+        if reason is not None:
+            if reason == onednn_problem():
+                logger.info("prepack_cpu_linear: off (%s); linear layers run through MKL", reason)
+            return mod, TransformInfo(skipped=True, reason=reason)
         gm = mod
         packed: dict[str, str] = {}  # weight target -> packed buffer name
         hint = int(getattr(getattr(cm, "info", None), "max_batch_size", 1))  # decode rows: what packing tunes for
@@ -119,10 +121,13 @@ class PrepackCpuLinear(BaseTransform):
             gm.graph.erase_node(node)
             num += 1
         # A dense weight nothing reads any more is freed; one still read (a tied embedding) stays.
-        for target in packed:
-            users = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target]
-            if all(not n.users for n in users):
-                for n in users:
+        reads: dict[str, list[Node]] = {}
+        for n in gm.graph.nodes:
+            if n.op == "get_attr" and n.target in packed:
+                reads.setdefault(n.target, []).append(n)
+        for target, nodes in reads.items():
+            if all(not n.users for n in nodes):
+                for n in nodes:
                     gm.graph.erase_node(n)
                 _drop_attr(gm, target)
         gm.recompile()
