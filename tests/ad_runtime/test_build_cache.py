@@ -82,6 +82,10 @@ def test_a_hit_skips_export_and_answers_like_the_cold_build(cold: dict, monkeypa
         (report,) = llm.build_reports
         logits, tokens = _logits_and_tokens(llm)
     assert report.cache == "hit" and report.entry == cold["report"].entry
+    # The timings say what ran in this process: the cold build exported, the warm one loaded the entry instead.
+    assert "export" in cold["report"].stages and "export_to_gm" in cold["report"].transforms
+    assert "build cache load" in report.stages and "export" not in report.stages
+    assert "compile" in report.stages and "build cache load" in report.timings()
     assert torch.equal(logits, cold["logits"])
     assert tokens == cold["tokens"] and len(tokens) == GREEDY.max_tokens
 

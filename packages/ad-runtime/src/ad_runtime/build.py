@@ -3,7 +3,7 @@
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +111,30 @@ class BuildReport:
     cache: str
     entry: Path | None = None
     memory: MemoryPlan | None = None  # weights and KV cache of this rank, as planned before loading
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, of what ran in this process
+    transforms: dict[str, float] = field(default_factory=dict)  # seconds per transform, of what ran here
 
     def summary(self) -> str:
         where = f" ({self.entry})" if self.entry is not None and self.cache != "off" else ""
         return f"build: {self.seconds:.1f} s, build cache {self.cache}{where}"
+
+    def timings(self, top: int = 5) -> str:
+        """One line: seconds per stage, then the slowest transforms (what to look at to make a build faster)."""
+        other = self.seconds - sum(self.stages.values())  # factory, cache key, memory plan: outside any transform
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in {**self.stages, "outside transforms": other}.items())
+        slow = sorted(self.transforms.items(), key=lambda kv: -kv[1])[:top]
+        return f"stages (s): {stages} | slowest: " + ", ".join(f"{k} {v:.1f}" for k, v in slow)
+
+
+def _timings(history: dict[str, Any], ran: set[str], loaded_s: float | None) -> tuple[dict, dict]:
+    """(seconds per stage, seconds per transform) of the transforms in `ran`; a cache load counts as its own stage."""
+    stages: dict[str, float] = {"build cache load": loaded_s} if loaded_s is not None else {}
+    transforms = {}
+    for name, info in history.items():
+        if name in ran:
+            stages[info.stage] = stages.get(info.stage, 0.0) + info.seconds
+            transforms[name] = info.seconds
+    return stages, transforms
 
 
 def _cache_interface(args: Any, device: torch.device) -> CachedSequenceInterface:
@@ -162,7 +182,9 @@ def build_graph(
     )
     optimizer = InferenceOptimizer(factory, args.transforms)
     entry = BuildCacheEntry.for_build(args, factory, device, rank, world_size) if args.build_cache else None
+    loaded_at = time.perf_counter()
     cached = entry.load() if entry is not None else None
+    loaded_s = time.perf_counter() - loaded_at if cached is not None else None
     snapshot = skip = None
     if cached is not None:
         made_it = {n for n, _ in optimizer.selected(0, CACHE_CUT.order)}
@@ -172,11 +194,13 @@ def build_graph(
                 if _passed(cached.history.get(name))}
         module = cached.graph
         status = "hit"
+        ran = {n for n, _ in optimizer.selected(CACHE_CUT.order + 1)}
     else:
         progress = _stage_progress(len(optimizer.config), rank)
         module = optimizer(cm=cm, shared_config=shared, until=CACHE_CUT, progress=progress)
         snapshot = entry.snapshot(module) if entry is not None else None  # before weight loading changes it
         status = "off" if entry is None else "miss"
+        ran = {n for n, _ in optimizer.selected(0)}
     # Sharded, still on meta: what this rank will hold is known now, before any weight is read.
     plan = plan_memory(module, cm, args, _tied_weights(factory))
     if plan is not None:
@@ -188,8 +212,10 @@ def build_graph(
     failed = [n for n, h in optimizer.history.items() if h.error]
     if failed:
         logger.warning("transforms skipped after errors: %s", failed)
-    report = BuildReport(time.perf_counter() - start, status, entry.path if entry is not None else None, plan)
+    report = BuildReport(time.perf_counter() - start, status, entry.path if entry is not None else None, plan,
+                         *_timings(optimizer.history, ran, loaded_s))
     logger.info("rank %d: %s", rank, report.summary())
+    logger.info("rank %d: %s", rank, report.timings())
     return module, cm, factory, report
 
 
