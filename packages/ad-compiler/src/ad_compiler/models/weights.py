@@ -128,23 +128,27 @@ def load_checkpoint_into(
 
 
 def random_tensors(
-    reference: dict[str, torch.Tensor], dtype: torch.dtype | None, seed: int, std: float
+    reference: dict[str, torch.Tensor], dtype: torch.dtype | None, seed: int, std: float,
+    device: str | torch.device = "cpu",
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Full-size random tensors shaped like `reference`, one at a time, identical for a given seed on every rank.
 
-    Drawn on the CPU in sorted key order with one generator, so values do not depend on the device.
+    Drawn on `device` in sorted key order with one generator of that device: the same values on every rank of
+    a device kind. A GPU draws them itself: the CPU took 59 s of an H200 build for an 8B model's 8e9 values.
+    CPU and GPU values differ for the same seed.
     1-D weights (norms) are ones, biases zeros, everything else normal(0, std).
     """
-    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    gen = torch.Generator(device).manual_seed(seed)
     for key in sorted(reference):
         ref = reference[key]
         dt = dtype if ref.is_floating_point() and dtype is not None else ref.dtype
         if not ref.is_floating_point() or key.endswith("bias"):
-            yield key, torch.zeros(ref.shape, dtype=dt)
+            yield key, torch.zeros(ref.shape, dtype=dt, device=device)
         elif ref.dim() == 1:
-            yield key, torch.ones(ref.shape, dtype=dt)
+            yield key, torch.ones(ref.shape, dtype=dt, device=device)
         else:
-            yield key, (torch.randn(ref.shape, generator=gen, dtype=torch.float32) * std).to(dt)
+            yield key, (torch.randn(ref.shape, generator=gen, dtype=torch.float32, device=device) * std).to(dt)
 
 
 def random_init(
@@ -164,7 +168,8 @@ def random_init(
         targets.setdefault(source, []).append(target)
     # One full tensor at a time: a rank's peak is its shard plus the largest full tensor, as with a checkpoint
     # (sharding hooks slice each tensor while it loads), not the whole unsharded model.
-    for key, value in random_tensors(reference, dtype, seed, std):
+    draw_on = device if device.type == "cuda" else torch.device("cpu")  # meta or CPU targets draw on the CPU
+    for key, value in random_tensors(reference, dtype, seed, std, draw_on):
         keys = [k for k in (key, *targets.get(key, [])) if k in expected]
         if keys:
             value = value.to(device)
