@@ -34,8 +34,8 @@ class CudaGraphModel(nn.Module):
         self.num_replays = 0  # steps served by a graph (observability; tests check it)
         self.capture()
 
-    @torch.no_grad()
-    def capture(self) -> None:
+    @torch.inference_mode()  # as GraphRunner calls the model: under no_grad, the compiled model's guards on its
+    def capture(self) -> None:  # inputs' dispatch keys failed at the first request, which then compiled it again
         info, pool = self.cm.info, None
         info.cuda_graph_batch_sizes = []  # no padding while we set up the dummy batches ourselves
         # Largest first: smaller graphs then fit into the memory pool the largest one reserved.
