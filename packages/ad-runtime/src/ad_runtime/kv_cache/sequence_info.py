@@ -72,6 +72,10 @@ class SequenceInfo:
         self._np = {name: self._host_view(name).numpy() for name in self._layout}
         self._copy_done: torch.cuda.Event | None = None
         self.batch_info_host = torch.zeros(3, dtype=torch.int32)
+        # What padded_decode_args passes as batch_info_host. A persistent tensor like batch_info_host, not a new
+        # one per call: one made under inference_mode has other dispatch keys, and torch.compile, guarding on
+        # them, traced the model again at the first step that was not a padded decode.
+        self._padded_batch_info = torch.zeros(3, dtype=torch.int32)
         self._num_seqs = 0
         self._num_tokens = 0
         self._num_rows = 0  # sequences incl. padding rows written this step
@@ -105,8 +109,8 @@ class SequenceInfo:
 
     def padded_decode_args(self, batch_size: int) -> dict[str, torch.Tensor]:
         """The same views for a decode-only batch padded to `batch_size` rows (for CUDA-graph capture)."""
-        info = torch.tensor([0, 0, batch_size], dtype=torch.int32)
-        return self._args(batch_size, batch_size, info)
+        self._padded_batch_info.numpy()[:] = (0, 0, batch_size)
+        return self._args(batch_size, batch_size, self._padded_batch_info)
 
     def _args(self, b: int, t: int, batch_info: torch.Tensor) -> dict[str, torch.Tensor]:
         # last_token_idx is included for graphs that gather the last tokens themselves (gather_logits_before_lm_head).
