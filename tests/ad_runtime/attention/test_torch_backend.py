@@ -70,3 +70,21 @@ def test_descriptor_contract():
 def test_bf16_on_gpu():
     res = run_paged_steps("torch", SEQ_LENS, SCHEDULE, dtype=torch.bfloat16, device="cuda", sliding_window=5)
     _check(res, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kw", [{}, {"sliding_window": 3}, {"sinks": True, "logit_cap": 4.0},
+                                {"cache_dtype": torch.bfloat16}])
+def test_lone_decode_over_consecutive_and_scattered_pages(kw):
+    # A lone decode row on the CPU reads its pages as a view of the cache when they are consecutive (seq 0 here:
+    # prefilled alone) and gathers them otherwise (seq 1: its chunks interleaved with seq 2's pages).
+    schedule = [
+        [(0, 9)],
+        [(0, 1)],
+        [(1, 3), (2, 4)],
+        [(1, 4), (2, 4)],
+        [(1, 1)],
+        [(2, 1)],
+    ]
+    tol = 5e-2 if "cache_dtype" in kw else 1e-5
+    for out, ref in run_paged_steps("torch", [11, 9, 10], schedule, page_size=2, **kw):
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)

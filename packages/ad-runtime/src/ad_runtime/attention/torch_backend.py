@@ -27,6 +27,16 @@ def _gather(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     return g.reshape(*pages.shape[:-1], -1, *cache.shape[2:])
 
 
+def _sequence_kv(cache: torch.Tensor, pages_row: torch.Tensor, total: int) -> torch.Tensor:
+    """One sequence's first `total` cached tokens as [1, total, n_kv, d]: a view of the cache where its pages are
+    consecutive (what a lone sequence is usually given), else a gather. CPU only: reads the page ids on the host."""
+    n = -(-total // cache.shape[1])
+    first = int(pages_row[0])
+    if n == 1 or bool((pages_row[:n] == torch.arange(first, first + n, dtype=pages_row.dtype)).all()):
+        return cache[first : first + n].reshape(1, -1, *cache.shape[2:])[:, :total]
+    return _gather(cache, pages_row[:n])[None, :total]
+
+
 def _attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -76,6 +86,14 @@ def _attend(
     else:
         probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs.reshape(b, n_kv, n // n_kv * s, -1), vh).view(b, n, s, -1)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def _attend_every_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, s, n, d] over keys k/v [B, S, n_kv, d], every key visible to every query (no mask)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qh, kh, vh = (x.transpose(1, 2).to(acc) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=qh.shape[1] != kh.shape[1])
     return out.transpose(1, 2).to(q.dtype)
 
 
@@ -133,7 +151,18 @@ def torch_cached_attention(
     # Decode: all sequences at once. On a GPU over the full page-table width, so shapes never depend
     # on the data and the step runs without a host sync (CUDA-graph safe); unused entries (-1) are
     # masked. On the CPU there is no graph to keep valid: gather only the pages the longest one uses.
-    if num_decode > 0:
+    if num_decode == 1 and q.device.type == "cpu":
+        row = num_prefill
+        total = int(input_pos_host[row]) + 1
+        kc, vc = _sequence_kv(k_cache, page_table[row], total), _sequence_kv(v_cache, page_table[row], total)
+        qd = q[:, offset : offset + 1]  # [1, 1, n, d]
+        if window is None and sinks is None and logit_cap is None:
+            # Exactly the keys the token sees, so no mask: one SDPA call on (often) views of the cache.
+            out[:, offset : offset + 1] = _attend_every_key(qd, kc, vc, scale)
+        else:
+            pos = torch.tensor([[total - 1]])
+            out[:, offset : offset + 1] = _attend(qd, kc, vc, pos, scale, window, sinks, logit_cap)
+    elif num_decode > 0:
         rows = slice(num_prefill, num_prefill + num_decode)
         pages = page_table[rows]
         if q.device.type == "cpu":
