@@ -9,6 +9,11 @@ from .descriptor import AttentionDescriptor
 from .registry import AttentionRegistry
 
 
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # A call to .to() that changes nothing still costs a dispatcher round trip: ~1-2 us, many times a CPU step.
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _storage(cache: torch.Tensor) -> torch.Tensor:
     # Indexing kernels are missing for 1-byte float types (fp8); move their bytes as uint8 instead.
     return cache.view(torch.uint8) if cache.dtype.itemsize == 1 and cache.dtype.is_floating_point else cache
@@ -17,7 +22,7 @@ def _storage(cache: torch.Tensor) -> torch.Tensor:
 def write_paged_kv(cache: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
     """Store new [T, n_kv, d] at flat slots of a [pages, page_size, n_kv, d] cache."""
     flat = _storage(cache).view(-1, *cache.shape[2:])
-    flat.index_copy_(0, slots, _storage(new.to(cache.dtype)))
+    flat.index_copy_(0, slots, _storage(_cast(new, cache.dtype)))
 
 
 def _gather(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
@@ -51,9 +56,9 @@ def _attend(
     keys past a query's position, padding included, are masked by causality). q_pos None: a fresh causal
     prefill (q_pos = 0..s-1, S == s). Returns [B, s, n, d_v] in q's dtype."""
     acc = torch.promote_types(q.dtype, torch.float32)
-    qh = q.transpose(1, 2).to(acc)  # [B, n, s, d]
-    kh = k.transpose(1, 2).to(acc)  # [B, n_kv, S, d]: GQA is grouped below, never repeated in memory
-    vh = v.transpose(1, 2).to(acc)
+    qh = _cast(q.transpose(1, 2), acc)  # [B, n, s, d]
+    kh = _cast(k.transpose(1, 2), acc)  # [B, n_kv, S, d]: GQA is grouped below, never repeated in memory
+    vh = _cast(v.transpose(1, 2), acc)
     causal_only = q_pos is None and sliding_window is None
     allowed = None
     if not causal_only:
@@ -68,7 +73,7 @@ def _attend(
             qh, kh, vh, attn_mask=None if allowed is None else allowed[:, None], is_causal=causal_only, scale=scale,
             enable_gqa=qh.shape[1] != kh.shape[1],
         )
-        return out.transpose(1, 2).to(q.dtype)
+        return _cast(out.transpose(1, 2), q.dtype)
     if allowed is None:
         j = torch.arange(k.shape[1], device=q.device)
         allowed = (j <= torch.arange(q.shape[1], device=q.device)[:, None])[None]
@@ -86,15 +91,15 @@ def _attend(
     else:
         probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs.reshape(b, n_kv, n // n_kv * s, -1), vh).view(b, n, s, -1)
-    return out.transpose(1, 2).to(q.dtype)
+    return _cast(out.transpose(1, 2), q.dtype)
 
 
 def _attend_every_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, s, n, d] over keys k/v [B, S, n_kv, d], every key visible to every query (no mask)."""
     acc = torch.promote_types(q.dtype, torch.float32)
-    qh, kh, vh = (x.transpose(1, 2).to(acc) for x in (q, k, v))
+    qh, kh, vh = (_cast(x.transpose(1, 2), acc) for x in (q, k, v))
     out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=qh.shape[1] != kh.shape[1])
-    return out.transpose(1, 2).to(q.dtype)
+    return _cast(out.transpose(1, 2), q.dtype)
 
 
 def _as_cached(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
