@@ -32,14 +32,19 @@ def _gather(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     return g.reshape(*pages.shape[:-1], -1, *cache.shape[2:])
 
 
-def _sequence_kv(cache: torch.Tensor, pages_row: torch.Tensor, total: int) -> torch.Tensor:
-    """One sequence's first `total` cached tokens as [1, total, n_kv, d]: a view of the cache where its pages are
-    consecutive (what a lone sequence is usually given), else a gather. CPU only: reads the page ids on the host."""
-    n = -(-total // cache.shape[1])
-    first = int(pages_row[0])
-    if n == 1 or bool((pages_row[:n] == torch.arange(first, first + n, dtype=pages_row.dtype)).all()):
-        return cache[first : first + n].reshape(1, -1, *cache.shape[2:])[:, :total]
-    return _gather(cache, pages_row[:n])[None, :total]
+def _lone_sequence_pages(pages_row: torch.Tensor, total: int, page_size: int) -> slice | torch.Tensor:
+    """The pages holding a sequence's first `total` tokens: a slice where they are consecutive (what a lone
+    sequence is usually given, and then the cache is read through a view), else their ids. Reads them on the host."""
+    n = -(-total // page_size)
+    ids = pages_row[:n].tolist()
+    return slice(ids[0], ids[0] + n) if ids == list(range(ids[0], ids[0] + n)) else pages_row[:n]
+
+
+def _sequence_kv(cache: torch.Tensor, pages: slice | torch.Tensor, total: int) -> torch.Tensor:
+    """One sequence's first `total` cached tokens as [1, total, n_kv, d]: a view for a slice of pages, else a gather."""
+    if isinstance(pages, slice):
+        return cache[pages].reshape(1, -1, *cache.shape[2:])[:, :total]
+    return _gather(cache, pages)[None, :total]
 
 
 def _attend(
@@ -153,13 +158,15 @@ def torch_cached_attention(
         offset += s
     assert offset == num_prefill_tokens, "batch_info_host disagrees with seq_len_host"
 
-    # Decode: all sequences at once. On a GPU over the full page-table width, so shapes never depend
-    # on the data and the step runs without a host sync (CUDA-graph safe); unused entries (-1) are
-    # masked. On the CPU there is no graph to keep valid: gather only the pages the longest one uses.
+    # Decode. A lone row on the CPU (batch-1 chat) reads exactly its keys, through a view where it can. Otherwise
+    # all sequences at once: on a GPU over the full page-table width, so shapes never depend on the data and the
+    # step runs without a host sync (CUDA-graph safe); unused entries (-1) are masked. On the CPU there is no
+    # graph to keep valid: gather only the pages the longest one uses.
     if num_decode == 1 and q.device.type == "cpu":
         row = num_prefill
         total = int(input_pos_host[row]) + 1
-        kc, vc = _sequence_kv(k_cache, page_table[row], total), _sequence_kv(v_cache, page_table[row], total)
+        pages = _lone_sequence_pages(page_table[row], total, page_size)
+        kc, vc = _sequence_kv(k_cache, pages, total), _sequence_kv(v_cache, pages, total)
         qd = q[:, offset : offset + 1]  # [1, 1, n, d]
         if window is None and sinks is None and logit_cap is None:
             # Exactly the keys the token sees, so no mask: one SDPA call on (often) views of the cache.
