@@ -127,6 +127,20 @@ def _rope_cache_fake(
     )
 
 
+@torch.library.custom_op("auto_deploy::torch_rope_cos_sin_lookup", mutates_args=())
+def torch_rope_cos_sin_lookup(position_ids: torch.Tensor, cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [b, s, d] at `position_ids` from a [max_pos, d] table of cos and sin halves: what
+    torch_rope_with_cos_sin_cache reads, for torch_rope_with_explicit_cos_sin (once per step, not per layer)."""
+    cos_h, sin_h = cos_sin_cache[position_ids].chunk(2, dim=-1)
+    return torch.cat((cos_h, cos_h), dim=-1), torch.cat((sin_h, sin_h), dim=-1)
+
+
+@torch_rope_cos_sin_lookup.register_fake
+def _rope_lookup_fake(position_ids: torch.Tensor, cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (*position_ids.shape, cos_sin_cache.shape[-1])
+    return cos_sin_cache.new_empty(shape), cos_sin_cache.new_empty(shape)
+
+
 register_kernel("rmsnorm", "torch", torch.ops.auto_deploy.torch_rmsnorm_fused.default)
 register_kernel("add_rmsnorm", "torch", torch.ops.auto_deploy.torch_fused_add_rmsnorm.default)
 register_kernel("rope", "torch", torch.ops.auto_deploy.torch_rope_with_cos_sin_cache.default)

@@ -1,5 +1,6 @@
 """Precompute RoPE cos/sin once into a [max_pos, d] table and rotate with the backend's cached-table kernel."""
 
+import operator
 from typing import Any
 
 import torch
@@ -78,12 +79,27 @@ def _max_positions(factory: Any, shared_config: SharedConfig) -> int:
     return DEFAULT_MAX_POS
 
 
+def _insert_lookup(gm: GraphModule, before: Node, pos: Node, table: Node) -> tuple[Node, Node]:
+    """(cos, sin) nodes of one table lookup at `pos`, placed before the first rotation that reads them."""
+    with gm.graph.inserting_before(before):
+        lookup = gm.graph.call_function(torch.ops.auto_deploy.torch_rope_cos_sin_lookup.default, (pos, table))
+        set_fake_val(lookup)
+        halves = [gm.graph.call_function(operator.getitem, (lookup, i)) for i in range(2)]
+    for i, h in enumerate(halves):
+        if "val" in lookup.meta:
+            h.meta["val"] = lookup.meta["val"][i]
+    return halves[0], halves[1]
+
+
 @TransformRegistry.register("optimize_rope")
 class OptimizeRope(BaseTransform):
     """Replace per-forward cos/sin computation by a lookup in a table built once at transform time.
 
     Before:  f = inv_freq @ position_ids; cos = cat(f, f).cos(); sin = ...;  torch_rope_with_explicit_cos_sin(q, k, cos, sin, d)
     After:   torch_rope_with_cos_sin_cache(q, k, position_ids, rope_cos_sin_cache_0, d)   # or the triton kernel
+    With the torch backend the rows are looked up once per step instead, for every layer's explicit rotation:
+             cos, sin = torch_rope_cos_sin_lookup(position_ids, rope_cos_sin_cache_0)  (once)
+             torch_rope_with_explicit_cos_sin(q, k, cos, sin, d)                       (per layer)
     The table is the graph's own cos/sin subgraph evaluated for positions 0..max_pos-1 (max_seq_len from
     shared_config.extras or the factory), so it is bit-equal to what the graph computed, in its dtype.
     It is a non-persistent buffer, so the state-dict keys stay the model's. Positions must stay below
@@ -128,7 +144,15 @@ class OptimizeRope(BaseTransform):
                 caches[(cos, sin)] = (pos, attr)
             if caches[(cos, sin)] is None:
                 continue
-            pos, attr = caches[(cos, sin)]
+            pos, attr = caches[(cos, sin)][:2]
+            if kernel is torch.ops.auto_deploy.torch_rope_with_cos_sin_cache.default:
+                # Plain torch: read the table once per step and keep each layer's explicit rotation (on the CPU,
+                # where every op is a dispatch, that is 6 fewer ops a layer than looking the rows up per layer).
+                if len(caches[(cos, sin)]) == 2:
+                    caches[(cos, sin)] = (pos, attr, *_insert_lookup(gm, node, pos, attr))
+                node.args = (q, k, *caches[(cos, sin)][2:], dim)
+                num += 1
+                continue
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(kernel, (q, k, pos, attr, dim))
             set_fake_val(new)
