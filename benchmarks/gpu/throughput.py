@@ -139,7 +139,8 @@ def main() -> None:
         from torch._dynamo.utils import counters
 
         cache = {k: v for k, v in counters["inductor"].items() if "cache" in k}
-        print(f"torch.compile during the build: {counters['stats']['unique_graphs']} graphs traced; inductor caches {cache}")
+        traced = counters["stats"]["unique_graphs"]
+        print(f"torch.compile during the build: {traced} graphs traced; inductor caches {cache}")
         wbytes, kv_tok = weight_bytes(llm), kv_bytes_per_token(llm)
         print(f"machine: {machine_name()} | model: {args.preset} ({wbytes / 1e9:.2f} GB of weights) | {args.dtype}"
               f" | copy bandwidth {bw / 1e12:.2f} TB/s | batch-1 decode roofline {wbytes / bw * 1e3:.2f} ms")

@@ -128,7 +128,9 @@ def _rope_cache_fake(
 
 
 @torch.library.custom_op("auto_deploy::torch_rope_cos_sin_lookup", mutates_args=())
-def torch_rope_cos_sin_lookup(position_ids: torch.Tensor, cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def torch_rope_cos_sin_lookup(
+    position_ids: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) [b, s, d] at `position_ids` from a [max_pos, d] table of cos and sin halves: what
     torch_rope_with_cos_sin_cache reads, for torch_rope_with_explicit_cos_sin (once per step, not per layer)."""
     cos_h, sin_h = cos_sin_cache[position_ids].chunk(2, dim=-1)
