@@ -53,7 +53,7 @@ def test_cached_table_equals_graph(config, dtype: torch.dtype) -> None:
     gm, n = optimize(gm, backend="torch")
     assert n == 2
     # torch backend: the table is read once per forward, each layer rotates with the rows it read
-    assert count_op(gm, ad.torch_rope_cos_sin_lookup) == 1
+    assert count_op(gm, ad.torch_cos_sin_table_lookup) == 1
     assert count_op(gm, ad.torch_rope_with_explicit_cos_sin) == 2
     assert count_op(gm, aten.cos) == 0 and count_op(gm, aten.sin) == 0
     table = gm.rope_cos_sin_cache_0

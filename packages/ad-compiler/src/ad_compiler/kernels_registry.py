@@ -127,8 +127,8 @@ def _rope_cache_fake(
     )
 
 
-@torch.library.custom_op("auto_deploy::torch_rope_cos_sin_lookup", mutates_args=())
-def torch_rope_cos_sin_lookup(
+@torch.library.custom_op("auto_deploy::torch_cos_sin_table_lookup", mutates_args=())
+def torch_cos_sin_table_lookup(
     position_ids: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) [b, s, d] at `position_ids` from a [max_pos, d] table of cos and sin halves: what
@@ -137,8 +137,8 @@ def torch_rope_cos_sin_lookup(
     return torch.cat((cos_h, cos_h), dim=-1), torch.cat((sin_h, sin_h), dim=-1)
 
 
-@torch_rope_cos_sin_lookup.register_fake
-def _rope_lookup_fake(position_ids: torch.Tensor, cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@torch_cos_sin_table_lookup.register_fake
+def _cos_sin_lookup_fake(position_ids: torch.Tensor, cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (*position_ids.shape, cos_sin_cache.shape[-1])
     return cos_sin_cache.new_empty(shape), cos_sin_cache.new_empty(shape)
 

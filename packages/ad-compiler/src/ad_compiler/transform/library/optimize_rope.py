@@ -82,7 +82,7 @@ def _max_positions(factory: Any, shared_config: SharedConfig) -> int:
 def _insert_lookup(gm: GraphModule, before: Node, pos: Node, table: Node) -> tuple[Node, Node]:
     """(cos, sin) nodes of one table lookup at `pos`, placed before the first rotation that reads them."""
     with gm.graph.inserting_before(before):
-        lookup = gm.graph.call_function(torch.ops.auto_deploy.torch_rope_cos_sin_lookup.default, (pos, table))
+        lookup = gm.graph.call_function(torch.ops.auto_deploy.torch_cos_sin_table_lookup.default, (pos, table))
         set_fake_val(lookup)
         halves = [gm.graph.call_function(operator.getitem, (lookup, i)) for i in range(2)]
     for i, h in enumerate(halves):
@@ -98,7 +98,7 @@ class OptimizeRope(BaseTransform):
     Before:  f = inv_freq @ position_ids; cos = cat(f, f).cos(); sin = ...;  torch_rope_with_explicit_cos_sin(q, k, cos, sin, d)
     After:   torch_rope_with_cos_sin_cache(q, k, position_ids, rope_cos_sin_cache_0, d)   # or the triton kernel
     With the torch backend the rows are looked up once per step instead, for every layer's explicit rotation:
-             cos, sin = torch_rope_cos_sin_lookup(position_ids, rope_cos_sin_cache_0)  (once)
+             cos, sin = torch_cos_sin_table_lookup(position_ids, rope_cos_sin_cache_0)  (once)
              torch_rope_with_explicit_cos_sin(q, k, cos, sin, d)                       (per layer)
     The table is the graph's own cos/sin subgraph evaluated for positions 0..max_pos-1 (max_seq_len from
     shared_config.extras or the factory), so it is bit-equal to what the graph computed, in its dtype.
