@@ -100,6 +100,15 @@ class PrepackCpuLinearConfig(TransformConfig):
     stage: Stage = Stage.COMPILE
 
 
+@register_transform_config("gemv_decode_linear")
+class GemvDecodeLinearConfig(TransformConfig):
+    """On a CUDA GPU, run each linear layer through an op that multiplies a one-row input (batch-1 decode) with a
+    Triton GEMV (every weight read once, no split-K reduce kernels) and more rows with cuBLAS as before; skipped
+    on other devices."""
+
+    stage: Stage = Stage.COMPILE
+
+
 CompileBackend = Literal["auto", "torch-simple", "torch-compile", "torch-cudagraph", "torch-opt"]
 
 

@@ -1,8 +1,12 @@
-"""Custom ops over the Triton kernels: `auto_deploy::triton_rmsnorm`, `triton_fused_add_rmsnorm`, `triton_rope_*`."""
+"""Custom ops over the Triton kernels: `auto_deploy::triton_rmsnorm`, `triton_fused_add_rmsnorm`, `triton_rope_*`,
+`triton_gemv_linear`."""
+
+import os
 
 import torch
 from ad_compiler.kernels_registry import fused_add_rmsnorm_fake
 
+from .triton import gemv as _gemv
 from .triton import rmsnorm as _rmsnorm
 from .triton import rope as _rope
 
@@ -48,3 +52,21 @@ def _cache_fake(
         q.new_empty(q.shape, dtype=torch.result_type(q, cos_sin_cache)),
         k.new_empty(k.shape, dtype=torch.result_type(k, cos_sin_cache)),
     )
+
+
+@torch.library.custom_op("auto_deploy::triton_gemv_linear", mutates_args=())
+def triton_gemv_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """aten.linear(input, weight, bias): a one-row input through the Triton GEMV, more rows through aten (cuBLAS).
+
+    The row count decides per call: a captured batch-1 decode graph holds the GEMV, prefill and larger batches
+    keep cuBLAS. Triton runs on a GPU, or on a CPU in its interpreter (TRITON_INTERPRET=1, the tests).
+    """
+    one_row = input.numel() == weight.shape[-1] and weight.dim() == 2 and weight.stride(1) == 1
+    if one_row and (input.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return _gemv.gemv(input, weight, bias)
+    return torch.ops.aten.linear.default(input, weight, bias)
+
+
+@triton_gemv_linear.register_fake
+def _gemv_linear_fake(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))

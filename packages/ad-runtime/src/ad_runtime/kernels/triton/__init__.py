@@ -1,4 +1,4 @@
-"""Triton kernels (paged attention, RMSNorm, RoPE) and a switch to run them in the interpreter without a GPU."""
+"""Triton kernels (GEMV, paged attention, RMSNorm, RoPE) and a switch to run them in the interpreter without a GPU."""
 
 import importlib
 import os
@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-KERNEL_MODULES = ("paged_attention", "rmsnorm", "rope")
+KERNEL_MODULES = ("gemv", "paged_attention", "rmsnorm", "rope")
 
 
 def use_interpreter_without_gpu() -> bool:

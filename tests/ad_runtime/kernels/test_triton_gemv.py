@@ -1,0 +1,77 @@
+"""The Triton GEMV and auto_deploy::triton_gemv_linear against aten.linear."""
+
+import ad_runtime.kernels  # noqa: F401 - registers triton_gemv_linear
+import pytest
+import torch
+from ad_runtime.kernels.triton import gemv as gemv_module
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GEMV_LINEAR = torch.ops.auto_deploy.triton_gemv_linear
+
+
+def _data(n: int, k: int, dtype: torch.dtype, bias: bool, lead: tuple[int, ...] = (1,)):
+    g = torch.Generator().manual_seed(n * 31 + k)
+    x = torch.randn(*lead, k, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize(
+    "n, k, dtype, bias, atol",
+    [(70, 100, torch.float32, False, 1e-5), (64, 1030, torch.float32, True, 1e-5),
+     (33, 48, torch.bfloat16, True, 2e-2), (129, 96, torch.float16, False, 2e-3)],
+)
+def test_one_row_matches_linear(n, k, dtype, bias, atol):
+    # K not a multiple of the 512-wide K step (1030) and N not of the block of output features (70, 33, 129).
+    x, w, b = _data(n, k, dtype, bias)
+    out = gemv_module.gemv(x, w, b)
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype)
+    assert out.shape == (1, n) and out.dtype == dtype
+    torch.testing.assert_close(out, ref, atol=atol, rtol=atol)
+
+
+def test_op_takes_the_gemv_for_one_row_and_aten_for_more(monkeypatch):
+    x1, w, b = _data(40, 24, torch.float32, True, lead=(1, 1))
+    calls = []
+    real = gemv_module.gemv
+    monkeypatch.setattr(gemv_module, "gemv", lambda *a: calls.append(1) or real(*a))
+    out = GEMV_LINEAR(x1, w, b)
+    assert calls == [1] and out.shape == (1, 1, 40)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x1, w, b), atol=1e-5, rtol=1e-5)
+    x3 = torch.randn(1, 3, 24, device=DEVICE)
+    assert torch.equal(GEMV_LINEAR(x3, w, b), torch.ops.aten.linear.default(x3, w, b)) and calls == [1]
+    # A weight strided along its input features cannot stream rows: aten answers.
+    wt = torch.randn(24, 40, device=DEVICE).t()
+    assert torch.equal(GEMV_LINEAR(x1, wt, None), torch.ops.aten.linear.default(x1, wt, None)) and calls == [1]
+
+
+def test_gemv_refuses_more_than_one_row():
+    x, w, _ = _data(8, 16, torch.float32, False, lead=(2,))
+    with pytest.raises(ValueError, match="one row of 16 features"):
+        gemv_module.gemv(x, w, None)
+
+
+def test_fake_impl_shapes():
+    with torch._subclasses.FakeTensorMode():
+        out = GEMV_LINEAR(torch.empty(1, 5, 16, dtype=torch.bfloat16), torch.empty(7, 16, dtype=torch.bfloat16), None)
+    assert out.shape == (1, 5, 7) and out.dtype == torch.bfloat16
+
+
+def test_launch_config_gives_every_sm_work_on_the_gpu_shapes():
+    # Widest block of output features that still leaves >= 2 programs per SM (132 SMs on an H200: 264).
+    cfg = gemv_module.launch_config
+    assert cfg(5, 7, torch.device("cpu")) == dict(BLOCK_N=32, BLOCK_K=8, num_warps=4, num_stages=3)  # 1 "SM"
+    if torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        for n in (4096, 6144, 28672, 128256):
+            block = cfg(n, 4096, torch.device("cuda"))["BLOCK_N"]
+            assert -(-n // block) >= 2 * sms or block == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)])
+def test_llama_8b_shapes_on_gpu(n, k):
+    x, w, _ = _data(n, k, torch.bfloat16, False, lead=(1, 1))
+    out = GEMV_LINEAR(x, w, None)
+    torch.testing.assert_close(out.float(), torch.nn.functional.linear(x.float(), w.float()), atol=2e-2, rtol=2e-2)
