@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_vs_ad import PRESETS, machine_name, model_source  # noqa: E402 - the benchmarks folder is no package
-from throughput import copy_bandwidth, kv_bytes_per_token, weight_bytes  # noqa: E402
+from hf_vs_ad import PRESETS, machine_name  # noqa: E402 - the benchmarks folder is no package
+from throughput import copy_bandwidth, kv_bytes_per_token, make_llm, model_path, weight_bytes  # noqa: E402
 
 
 def prefill(llm, batch: int, isl: int, rng: random.Random) -> list:
@@ -79,19 +79,22 @@ def main() -> None:
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--compile-backend", default="auto")
     p.add_argument("--attn-backend", default="auto")
+    p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--max-num-tokens", type=int, default=8192)
+    p.add_argument("--max-seq-len", type=int, default=2048, help="raised to what --isl and --steps need")
+    p.add_argument("--model-dir", default=None,
+                   help="the folder of an earlier throughput.py run (same settings): its build cache entry is used")
     args = p.parse_args()
-    from ad_runtime import LLM
+    if max(args.batch_sizes) > args.max_batch_size:
+        p.error(f"--batch-sizes {max(args.batch_sizes)} exceeds --max-batch-size {args.max_batch_size}")
 
     bw = copy_bandwidth()
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
-        path, random_weights = model_source(argparse.Namespace(preset=args.preset), Path(tmp))
+        path, random_weights = model_path(args, tmp)
         t = time.perf_counter()
-        llm = LLM(model=path, skip_loading_weights=random_weights, skip_tokenizer_init=random_weights,
-                  dtype=args.dtype, max_batch_size=max(args.batch_sizes), max_seq_len=args.isl + 2 * args.steps + 64,
-                  max_num_tokens=max(8192, args.isl), enable_chunked_prefill=True,
-                  compile_backend=args.compile_backend, attn_backend=args.attn_backend)
-        print(f"build: {time.perf_counter() - t:.1f} s")
+        llm = make_llm(path, random_weights, args, max(args.max_seq_len, args.isl + 3 * args.steps + 16))
+        print(f"build: {time.perf_counter() - t:.1f} s; " + "; ".join(r.summary() for r in llm.build_reports))
         wbytes, kv_tok = weight_bytes(llm), kv_bytes_per_token(llm)
         print(f"machine: {machine_name()} | {args.preset} {args.dtype} | weights {wbytes / 1e9:.2f} GB | "
               f"copy bandwidth {bw / 1e12:.2f} TB/s")

@@ -2,8 +2,9 @@
 
     python benchmarks/gpu/small_batch_kernels.py --rows 1 4 32
 
-For Llama-3.1-8B shapes in bf16: every linear layer (cuBLAS through F.linear, and a Triton GEMV candidate with
-a small autotune sweep) and decode attention over a 1024-token paged cache (FlashInfer's variants and our Triton
+For Llama-3.1-8B shapes (or SmolLM2-135M's, --shapes) in bf16: every linear layer (cuBLAS through F.linear, a
+Triton GEMV candidate with a small autotune sweep, and at one row ad_runtime's GEMV with the launch config that
+gemv_decode_linear uses) and decode attention over a 1024-token paged cache (FlashInfer's variants and our Triton
 split-KV kernel). Each kernel is captured 20 times in one CUDA graph and the graph replayed, so launch overhead
 is excluded as it is in our captured decode steps; the roofline is the bytes the kernel must read (weights, or
 K and V) over the measured copy bandwidth.
@@ -21,8 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import copy_bandwidth  # noqa: E402
 
 # (name, out_features, in_features) of one Llama-3.1-8B layer (fused qkv and gate_up) and the LM head.
-LINEARS = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
-           ("lm_head", 128256, 4096)]
+LINEARS = {
+    "llama3.1-8b": [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
+                    ("lm_head", 128256, 4096)],
+    "smollm2-135m": [("qkv", 960, 576), ("o_proj", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536),
+                     ("lm_head", 49152, 576)],
+}
 REPS = 20
 
 
@@ -89,12 +94,15 @@ def triton_gemv(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, block_n: int,
                                              num_warps=warps, num_stages=stages)
 
 
-def linears(rows: list[int], bw: float) -> None:
-    print("\n## linear layers (bf16), us per call; roofline = weight bytes / copy bandwidth")
-    print("| layer | rows | roofline us | cuBLAS us (% roofline) | best Triton GEMV us (% roofline) [config] |")
-    print("|---|---|---|---|---|")
+def linears(rows: list[int], bw: float, shapes: str) -> None:
+    from ad_runtime.kernels.triton import gemv as ours
+
+    print(f"\n## linear layers of {shapes} (bf16), us per call; roofline = weight bytes / copy bandwidth")
+    print("| layer | rows | roofline us | cuBLAS us (% roofline) | best Triton GEMV us (% roofline) [config] "
+          "| ad_runtime gemv us (% roofline) [its config] |")
+    print("|---|---|---|---|---|---|")
     configs = [(bn, bk, 4, 3) for bn in (4, 8, 16, 32) for bk in (256, 512)] + [(16, 256, 8, 4), (32, 512, 8, 4)]
-    for name, n, k in LINEARS:
+    for name, n, k in LINEARS[shapes]:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         roof = n * k * 2 / bw * 1e6
         for m in rows:
@@ -117,7 +125,13 @@ def linears(rows: list[int], bw: float) -> None:
                         continue
                     best = min(best, (us, cfg), key=lambda t: t[0])
             tri = f"{best[0]:.1f} ({100 * roof / best[0]:.0f}%) {best[1]}" if best[1] else "-"
-            print(f"| {name} {n}x{k} | {m} | {roof:.1f} | {cublas:.1f} ({100 * roof / cublas:.0f}%) | {tri} |")
+            mine = "-"
+            if m == 1:  # the kernel gemv_decode_linear puts in one-row graphs, with its own launch config
+                torch.testing.assert_close(ours.gemv(x, w, None).float(), ref.float(), atol=2e-2, rtol=2e-2)
+                us = graph_us(lambda: ours.gemv(x, w, None))
+                cfg = ours.launch_config(n, k, x.device)
+                mine = f"{us:.1f} ({100 * roof / us:.0f}%) [{cfg['BLOCK_N']}x{cfg['BLOCK_K']}]"
+            print(f"| {name} {n}x{k} | {m} | {roof:.1f} | {cublas:.1f} ({100 * roof / cublas:.0f}%) | {tri} | {mine} |")
         del w
 
 
@@ -169,12 +183,15 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 32])
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--skip-linears", action="store_true")
+    p.add_argument("--skip-attention", action="store_true")
+    p.add_argument("--shapes", choices=sorted(LINEARS), default="llama3.1-8b", help="whose linear layers")
     a = p.parse_args()
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s")
     if not a.skip_linears:
-        linears(a.rows, bw)
-    attention(a.rows, bw, a.ctx)
+        linears(a.rows, bw, a.shapes)
+    if not a.skip_attention:
+        attention(a.rows, bw, a.ctx)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,26 @@ def kv_bytes_per_token(llm) -> int:
     return cm.bytes_per_page() // cm.page_size
 
 
+def make_llm(path: str, random_weights: bool, args: argparse.Namespace, max_seq_len: int, prefix_caching: bool = True):
+    """The engine every GPU script builds: the same arguments key the same build cache entry (decode_profile.py
+    and a second throughput.py run with the same --model-dir then load it instead of building)."""
+    from ad_runtime import LLM
+
+    return LLM(model=path, skip_loading_weights=random_weights, skip_tokenizer_init=random_weights,
+               dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=max_seq_len,
+               max_num_tokens=args.max_num_tokens, enable_chunked_prefill=True,
+               compile_backend=args.compile_backend, attn_backend=args.attn_backend,
+               enable_prefix_caching=prefix_caching)
+
+
+def model_path(args: argparse.Namespace, tmp: str) -> tuple[str, bool]:
+    """(model folder, random weights?): --model-dir keeps the random model's config.json for later runs."""
+    folder = Path(args.model_dir) if args.model_dir else Path(tmp)
+    if (folder / "config.json").exists():  # written by an earlier run: rewriting it would change the cache key
+        return str(folder), True
+    return model_source(argparse.Namespace(preset=args.preset), folder)
+
+
 def run_workload(llm, prompts: list[list[int]], osl: int, overlap: bool) -> dict:
     from ad_runtime import SamplingParams
     from ad_runtime.executor.step_timer import StepTimer
@@ -114,26 +134,17 @@ def main() -> None:
                         "in a second run keys the same build cache entry, so that run measures a warm build")
     args = p.parse_args()
     workloads = [tuple(int(x) for x in w.split("/")) for w in (args.workload or ["128/128/1024", "1024/128/32"])]
-    from ad_runtime import LLM
 
     bw = copy_bandwidth()
     rng = random.Random(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.model_dir) if args.model_dir else Path(tmp)
-        if (folder / "config.json").exists():  # written by an earlier run: rewriting it would change the cache key
-            path, random_weights = str(folder), True
-        else:
-            path, random_weights = model_source(argparse.Namespace(preset=args.preset), folder)
+        path, random_weights = model_path(args, tmp)
         # A fixed max_seq_len unless a workload needs more: runs with other workloads then share a build cache entry.
         max_len = max([args.max_seq_len] + [i + o + 8 for i, o, _ in workloads])
         t = time.perf_counter()
-        llm = LLM(model=path, skip_loading_weights=random_weights, skip_tokenizer_init=random_weights,
-                  dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=max_len,
-                  max_num_tokens=args.max_num_tokens, enable_chunked_prefill=True,
-                  compile_backend=args.compile_backend, attn_backend=args.attn_backend,
-                  # --overlap both runs the same prompts twice: the second run would find them all cached
-                  enable_prefix_caching=args.overlap != "both")
+        # --overlap both runs the same prompts twice: the second run would find them all cached
+        llm = make_llm(path, random_weights, args, max_len, prefix_caching=args.overlap != "both")
         print(f"build: {time.perf_counter() - t:.1f} s to a ready engine; "
               + "; ".join(f"{r.summary()} | {r.timings(top=8)}" for r in llm.build_reports))
         from torch._dynamo.utils import counters

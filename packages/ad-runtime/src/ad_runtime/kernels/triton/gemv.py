@@ -5,6 +5,8 @@ cuBLAS splits K for one-row products and adds reduce kernels; on an H200 (benchm
 down, qkv) where a GEMV of this form took 54.7 / 30.0 / 12.8.
 """
 
+from functools import cache
+
 import torch
 import triton
 import triton.language as tl
@@ -35,6 +37,7 @@ def _gemv_kernel(
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
+@cache
 def _programs_wanted(device: torch.device) -> int:
     """About two programs per SM keep every SM streaming weights (one SM when there is no GPU: the interpreter)."""
     if device.type != "cuda":
