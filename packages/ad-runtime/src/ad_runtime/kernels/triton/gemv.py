@@ -46,10 +46,15 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 def launch_config(n: int, k: int, device: torch.device) -> dict:
-    """Tile sizes: the widest block of output features that still gives every SM work, K in 512-wide steps."""
+    """Tile sizes from the H200 sweep of `benchmarks/gpu/small_batch_kernels.py` (Llama-3.1-8B and SmolLM2 shapes):
+    16 x 256 tiles where they give four programs per SM or more (gate_up, LM head), else 8 x 512 where they give
+    two (qkv, o_proj, down), else 4 x 512 (small models)."""
     want = _programs_wanted(device)
-    block_n = next((b for b in (32, 16, 8) if triton.cdiv(n, b) >= want), 4)
-    return dict(BLOCK_N=block_n, BLOCK_K=min(512, triton.next_power_of_2(k)), num_warps=4, num_stages=3)
+    if triton.cdiv(n, 16) >= 2 * want:
+        block_n, block_k = 16, 256
+    else:
+        block_n, block_k = (8, 512) if triton.cdiv(n, 8) >= want else (4, 512)
+    return dict(BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)), num_warps=4, num_stages=3)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
