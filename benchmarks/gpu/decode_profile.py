@@ -69,6 +69,33 @@ def profile_decode(llm, batch: int, isl: int, steps: int, rng: random.Random, to
             "kernels_per_step": sum(len(v) for v in kernels.values()) / steps, "ctx": ctx, "table": table[:top]}
 
 
+def profile_prefill(llm, isl: int, rng: random.Random, top: int) -> None:
+    """Wall time from submitting one ISL-token prompt to its first token (what TTFT holds besides HTTP), and the
+    host ops of that step by self CPU time: where a prefill step's host time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ad_runtime import SamplingParams
+
+    eng = llm.engine
+    sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+    def first_token() -> float:
+        t = time.perf_counter()
+        req = eng.add_request([rng.randrange(100, llm.vocab_size) for _ in range(isl)], sp)
+        while not req.output_token_ids:
+            eng.step()
+        while eng.has_unfinished:
+            eng.step()
+        return (time.perf_counter() - t) * 1e3
+
+    times = sorted(first_token() for _ in range(8))
+    print(f"\none prompt of {isl} tokens to its first token (engine alone): median {times[4]:.1f} ms, "
+          f"min {times[0]:.1f} ms")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        first_token()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=70))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama3.1-8b")
@@ -82,6 +109,8 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--max-num-tokens", type=int, default=8192)
     p.add_argument("--max-seq-len", type=int, default=2048, help="raised to what --isl and --steps need")
+    p.add_argument("--prefill-profile", type=int, default=0, metavar="ISL",
+                   help="also time one ISL-token prompt to its first token and profile that step's host ops")
     p.add_argument("--model-dir", default=None,
                    help="the folder of an earlier throughput.py run (same settings): its build cache entry is used")
     args = p.parse_args()
@@ -107,6 +136,8 @@ def main() -> None:
             print(f"  {'kernel':90s} {'calls':>6s} {'us/step':>9s} {'share':>6s}")
             for name, calls, us in r["table"]:
                 print(f"  {name[:90]:90s} {calls:6.1f} {us:9.1f} {100 * us / r['kernel_us']:5.1f}%")
+        if args.prefill_profile:
+            profile_prefill(llm, args.prefill_profile, rng, args.top)
         llm.shutdown()
 
 
