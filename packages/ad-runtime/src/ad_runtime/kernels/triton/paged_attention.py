@@ -228,16 +228,16 @@ def context_attention(
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, part_o_ptr, part_lse_ptr, o_ptr, sinks_ptr, arrivals_ptr,
     seq_len_ptr, input_pos_ptr, page_table_ptr,
     s_qb, s_qh,
     s_kp, s_ks, s_kh, s_vp, s_vs, s_vh,
     s_pt,
-    s_ob, s_oh, s_os, s_lb, s_lh,
+    s_ob, s_oh, s_os, s_lb, s_lh, s_fb, s_fh,
     qk_scale, window, cap,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SOFT_CAP: tl.constexpr,
-    DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -289,37 +289,39 @@ def _decode_split_kernel(
     # log2-domain LSE; -inf marks a split that saw no keys so the reduction ignores it.
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     b64 = b.to(tl.int64)
-    tl.store(part_o_ptr + b64 * s_ob + heads[:, None] * s_oh + split * s_os + offs_d[None, :], out,
-             mask=g_ok[:, None] & d_ok[None, :])
+    gd_ok = g_ok[:, None] & d_ok[None, :]
+    tl.store(part_o_ptr + b64 * s_ob + heads[:, None] * s_oh + split * s_os + offs_d[None, :], out, mask=gd_ok)
     tl.store(part_lse_ptr + b64 * s_lb + heads * s_lh + split, lse, mask=g_ok)
 
-
-@triton.jit
-def _decode_reduce_kernel(
-    part_o_ptr, part_lse_ptr, o_ptr, sinks_ptr,
-    s_ob, s_oh, s_os, s_lb, s_lh, s_fb, s_fh,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SINKS: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < NUM_SPLITS
-    d_ok = offs_d < HEAD_DIM
-    lse = tl.load(part_lse_ptr + b * s_lb + h * s_lh + offs_s, mask=s_ok, other=float("-inf"))
-    o = tl.load(part_o_ptr + b * s_ob + h * s_oh + offs_s[:, None] * s_os + offs_d[None, :],
-                mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    m = tl.max(lse, axis=0)
-    if HAS_SINKS:
-        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
-        m = tl.maximum(m, sink)
-    w = tl.exp2(lse - m)
-    denom = tl.sum(w, axis=0)
-    if HAS_SINKS:
-        denom += tl.exp2(sink - m)
-    out = tl.sum(o * w[:, None], axis=0) / denom
-    tl.store(o_ptr + b * s_fb + h * s_fh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_ok)
+    # The last split of this (sequence, KV head) to finish merges all splits by their log-sum-exp: no second
+    # kernel (it cost a launch a layer). Its arrival counter goes back to zero for the next launch, so the
+    # counters stay zeroed between launches, captured CUDA graphs included.
+    tl.debug_barrier()  # every thread's partial stores come before the release below
+    counter = arrivals_ptr + b * tl.num_programs(1) + kvh
+    arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+    if arrived == NUM_SPLITS - 1:
+        tl.store(counter, 0)
+        lse_row = part_lse_ptr + b64 * s_lb + heads * s_lh
+        m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        for i in tl.static_range(NUM_SPLITS):
+            m = tl.maximum(m, tl.load(lse_row + i, mask=g_ok, other=float("-inf"), cache_modifier=".cg"))
+        if HAS_SINKS:
+            sink = tl.load(sinks_ptr + heads, mask=g_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            m = tl.maximum(m, sink)
+        m = tl.where(m == float("-inf"), 0.0, m)  # no keys at all: weights 0, output 0
+        denom = tl.zeros([BLOCK_G], dtype=tl.float32)
+        merged = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        for i in tl.static_range(NUM_SPLITS):
+            w = tl.exp2(tl.load(lse_row + i, mask=g_ok, other=float("-inf"), cache_modifier=".cg") - m)
+            o_i = tl.load(part_o_ptr + b64 * s_ob + heads[:, None] * s_oh + i * s_os + offs_d[None, :],
+                          mask=gd_ok, other=0.0, cache_modifier=".cg")
+            denom += w
+            merged += o_i * w[:, None]
+        if HAS_SINKS:
+            denom += tl.exp2(sink - m)
+        merged = merged / tl.where(denom == 0.0, 1.0, denom)[:, None]
+        tl.store(o_ptr + b64 * s_fb + heads[:, None] * s_fh + offs_d[None, :], merged.to(o_ptr.dtype.element_ty),
+                 mask=gd_ok)
 
 
 def default_num_splits(max_kv_len: int) -> int:
@@ -337,6 +339,26 @@ def occupancy_num_splits(batch: int, n_kv_heads: int, max_kv_len: int, num_sms: 
     want = triton.next_power_of_2(max(1, triton.cdiv(2 * num_sms, max(1, batch * n_kv_heads))))
     longest = triton.next_power_of_2(max(1, triton.cdiv(max_kv_len, 64)))
     return max(1, min(32, want, longest))
+
+
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters, one per (sequence, KV head), that the decode kernel leaves zeroed after each launch.
+
+    One buffer per device, allocated at the first (uncaptured) call and grown only when a larger batch needs
+    more (before capture: captured sizes run eagerly first). Launches on one stream run one after another,
+    so every layer can use the same counters.
+    """
+    buf = _ARRIVALS.get(device)
+    if buf is None or buf.numel() < n:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"decode attention needs {n} arrival counters; run this batch size once before "
+                               f"capturing it in a CUDA graph")
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _ARRIVALS[device] = buf
+    return buf
 
 
 def decode_attention(
@@ -358,7 +380,8 @@ def decode_attention(
 
     q: [B, n_heads, head_dim]; the new key/value must already be in the cache. Each sequence's visible keys
     (input_pos + seq_len of them, cut by the window) are split in `num_splits` ranges computed in parallel,
-    then merged by their log-sum-exp. Returns [B, n_heads, head_dim] in q's dtype. No host sync.
+    then merged by their log-sum-exp (by the last split to finish). Returns [B, n_heads, head_dim] in q's dtype.
+    No host sync.
     """
     batch, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[2]
@@ -376,24 +399,20 @@ def decode_attention(
     part_lse = torch.empty(batch, n_heads, num_splits, device=q.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     _decode_split_kernel[(batch, n_kv, num_splits)](
-        q, k_cache, v_cache, part_o, part_lse,
+        q, k_cache, v_cache, part_o, part_lse, out, sinks if sinks is not None else q,
+        _arrival_counters(batch * n_kv, q.device),
         seq_len, input_pos, page_table,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         page_table.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1),
         scale * LOG2E, _window(sliding_window), float(logit_cap or 0.0),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
         # tl.dot needs at least 16 rows; padded heads are masked out.
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=32, BLOCK_D=block_d,
         SOFT_CAP=bool(logit_cap), DOT_PREC=_dot_precision(q.dtype), DOT_DTYPE=_dot_dtype(q.dtype),
-    )
-    _decode_reduce_kernel[(batch, n_heads)](
-        part_o, part_lse, out, sinks if sinks is not None else q,
-        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
         HAS_SINKS=sinks is not None,
     )
     return out
