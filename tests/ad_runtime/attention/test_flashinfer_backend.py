@@ -121,3 +121,23 @@ def test_cuda_graph_decode_replays_with_new_plan(rows):
         torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(k_cache, ref_k)
         done = [x + 1 for x in done]
+
+
+@needs_flashinfer  # importing the backend needs flashinfer; the test itself runs on a CPU
+def test_step_batch_is_built_once_per_step_and_rebuilt_when_it_changes():
+    from ad_runtime.attention import flashinfer_backend as fb
+
+    def batch(seq_len: list[int], input_pos: list[int], pages: torch.Tensor):
+        sl, ip = torch.tensor(seq_len, dtype=torch.int32), torch.tensor(input_pos, dtype=torch.int32)
+        cu = torch.zeros(len(seq_len) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(sl, 0)
+        info = torch.tensor([1, seq_len[0], len(seq_len) - 1], dtype=torch.int32)
+        return fb._Batch.from_host(info, sl, ip, cu, pages, 4)
+
+    pages = torch.arange(16, dtype=torch.int32)
+    first = batch([5, 1], [0, 6], pages)
+    assert first.kv_indptr.tolist() == [0, 2, 4] and first.last_page_len.tolist() == [1, 3]
+    assert batch([5, 1], [0, 6], pages) is first  # the next layer of the same step
+    moved = batch([5, 1], [0, 7], pages)  # the next step: one more cached token
+    assert moved is not first and moved.kv_indptr.tolist() == [0, 2, 4] and moved.last_page_len.tolist() == [1, 4]
+    assert batch([5, 1], [0, 7], torch.arange(12, dtype=torch.int32)) is not moved  # other page buffer
