@@ -59,6 +59,10 @@ class EngineThread:
         self._stop = threading.Event()
         self._crash: str | None = None  # why the thread ended, if it did by an error
         self._loops: dict[asyncio.Queue, asyncio.AbstractEventLoop] = {}  # each request's caller's event loop
+        # A step's updates, per event loop, handed over together before the next step (_flush): one wake-up of
+        # each loop a step, not one per request (256 streams: 256 self-pipe writes and wake-ups a step, all
+        # holding the GIL that the engine thread needs).
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Update]]] = {}
         self._pending_adds = 0  # submissions in the inbox not yet taken by the engine thread
         self._count_lock = threading.Lock()
         self._requests = RequestLoop(self.core, self._receive, self._publish,
@@ -113,6 +117,7 @@ class EngineThread:
         return None
 
     def _receive(self, block: bool) -> Iterator[tuple]:
+        self._flush()  # the last step's updates, before waiting for or running the next
         msgs = []
         try:
             # A short wait when idle, so that close() is seen promptly.
@@ -135,7 +140,9 @@ class EngineThread:
     def _publish(self, out: asyncio.Queue, req: Any) -> bool:
         """Hand an update to the caller's event loop; False if that loop has closed (the caller went away)."""
         loop = self._loops.get(out)
-        delivered = loop is not None and _put(loop, out, update_of(req, self.core.stream_text))
+        delivered = loop is not None and not loop.is_closed()
+        if delivered:
+            self._pending.setdefault(loop, []).append((out, update_of(req, self.core.stream_text)))
         if req.is_finished or not delivered:
             self._loops.pop(out, None)
             tracker = self._trackers.pop(out, None)
@@ -144,6 +151,16 @@ class EngineThread:
                 if not delivered:
                     tracker.aborted()  # nobody listens: the loop aborts the request
         return delivered
+
+    def _flush(self) -> None:
+        """Hand each event loop its pending updates in one call (a loop closed meanwhile loses them; its
+        requests see the closed loop at their next update and are aborted)."""
+        pending, self._pending = self._pending, {}
+        for loop, items in pending.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop closed
+                pass
 
     def _observe(self, out: asyncio.Queue, req: Any) -> None:
         """After every step that changed the request (streamed or not): its tracker counts the new tokens."""
@@ -154,9 +171,11 @@ class EngineThread:
     def _run(self) -> None:
         try:
             self._requests.run()
+            self._flush()  # the stop came after a step: its updates still go out
         except BaseException as e:  # noqa: BLE001 - a bug here must not leave callers waiting forever
             logger.exception("the engine thread failed")
             self._crash = one_line(e)
+            self._flush()  # updates of the last good step come before the failure
             for out, _ in self._requests.fail_all(f"the engine stopped: {self._crash}"):
                 self._tell_failed(out)
             while True:  # submissions that raced the crash
@@ -189,3 +208,9 @@ def _put(loop: asyncio.AbstractEventLoop, out: asyncio.Queue, update: Update) ->
     except RuntimeError:  # closed between the check and the call
         return False
     return True
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Update]]) -> None:
+    """On the callers' event loop: each update onto its request's queue."""
+    for out, update in items:
+        out.put_nowait(update)

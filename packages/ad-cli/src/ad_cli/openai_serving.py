@@ -27,11 +27,20 @@ logger = logging.getLogger("ad_cli.http")
 LastUpdate = Callable[[asyncio.Queue, Any, Request], Awaitable[Update | None]]
 
 
+def _latest(q: asyncio.Queue, upd: Update) -> Update:
+    """The newest of `upd` and the updates queued behind it. An update holds the whole output so far, so a
+    stream that fell behind the engine sends one chunk with every new token instead of one chunk per step
+    (under load, fewer and fuller chunks; nothing is lost)."""
+    while not upd.finished and not q.empty():
+        upd = q.get_nowait()
+    return upd
+
+
 async def _merged(qs: list[asyncio.Queue]) -> AsyncIterator[tuple[int, Update]]:
     """(choice index, update) from several requests' queues as they arrive, until each has sent its last."""
     if len(qs) == 1:  # the common case, without a task per update
         while True:
-            upd = await qs[0].get()
+            upd = _latest(qs[0], await qs[0].get())
             yield 0, upd
             if upd.finished:
                 return
@@ -41,7 +50,7 @@ async def _merged(qs: list[asyncio.Queue]) -> AsyncIterator[tuple[int, Update]]:
             ready, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             for fut in sorted(ready, key=waiting.__getitem__):
                 i = waiting.pop(fut)
-                upd = fut.result()
+                upd = _latest(qs[i], fut.result())
                 yield i, upd
                 if not upd.finished:
                     waiting[asyncio.ensure_future(qs[i].get())] = i
