@@ -53,6 +53,24 @@ def kv_bytes_per_token(llm) -> int:
     return cm.bytes_per_page() // cm.page_size
 
 
+def print_compile_phases(when: str) -> None:
+    """Where torch.compile's time went so far (Dynamo tracing, AOTAutograd, Inductor, cache loads): seconds of each
+    timed phase summed over the traces, largest first."""
+    from torch._dynamo.utils import compile_times
+
+    headers, values = compile_times(repr="csv", aggregate=True)
+    phases = sorted(((float(v), h) for h, v in zip(headers, values) if _is_number(v)), reverse=True)
+    print(f"torch.compile phases in {when} (s): " + ", ".join(f"{h} {v:.1f}" for v, h in phases[:10] if v >= 0.05))
+
+
+def _is_number(v: object) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def make_llm(path: str, random_weights: bool, args: argparse.Namespace, max_seq_len: int, prefix_caching: bool = True):
     """The engine every GPU script builds: the same arguments key the same build cache entry (decode_profile.py
     and a second throughput.py run with the same --model-dir then load it instead of building)."""
@@ -152,6 +170,7 @@ def main() -> None:
         cache = {k: v for k, v in counters["inductor"].items() if "cache" in k}
         traced = counters["stats"]["unique_graphs"]
         print(f"torch.compile during the build: {traced} graphs traced; inductor caches {cache}")
+        print_compile_phases("the build")
         wbytes, kv_tok = weight_bytes(llm), kv_bytes_per_token(llm)
         print(f"machine: {machine_name()} | model: {args.preset} ({wbytes / 1e9:.2f} GB of weights) | {args.dtype}"
               f" | copy bandwidth {bw / 1e12:.2f} TB/s | batch-1 decode roofline {wbytes / bw * 1e3:.2f} ms")
@@ -166,6 +185,7 @@ def main() -> None:
                 same = sum(a == b for a, b in zip(results[0]["tokens"], results[1]["tokens"]))
                 print(f"  greedy tokens equal with and without overlap: {same} of {num} requests")
         print(f"\ntorch.compile in all (build and workloads): {counters['stats']['unique_graphs']} graphs traced")
+        print_compile_phases("all")
         llm.shutdown()
     if args.json:
         Path(args.json).write_text(json.dumps(dict(machine=machine_name(), preset=args.preset, rows=rows), indent=2))
