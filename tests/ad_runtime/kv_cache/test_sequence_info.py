@@ -79,3 +79,16 @@ def test_decode_padding_to_captured_size():
 def test_invalid_batches(tokens, pos, pages, msg):
     with pytest.raises(ValueError, match=msg):
         _info().nest_sequences(tokens, pos, pages)
+
+
+def test_page_tables_longer_than_the_step_needs():
+    info = _info()
+    # seq 0 holds 3 pages but its 6 tokens use 2; seq 1 holds exactly what it needs
+    info.nest_sequences([[1, 2], [3]], [4, 2], [[5, 6, 7], [1]])
+    a = info.args()
+    assert a["page_table"][:, :4].tolist() == [[5, 6, 7, -1], [1, -1, -1, -1]]
+    assert a["cu_num_pages"].tolist() == [0, 2, 3]
+    assert a["page_indices"][:3].tolist() == [5, 6, 1]
+    assert a["slot_mapping"].tolist() == [24, 25, 6]
+    with pytest.raises(ValueError, match="has 9 pages; needs 1 \\(at most 8\\)"):
+        info.nest_sequences([[1]], [0], [list(range(9))])

@@ -17,7 +17,7 @@ from .executor.engine import Engine, StepSequence
 from .executor.request import Request
 from .executor.request_loop import ABORT_MESSAGE  # re-exported: the server and the ranks abort with it
 from .executor.scheduler import Scheduler
-from .kv_cache.interface import CachedSequenceInterface, ScheduledSequence
+from .kv_cache.interface import CachedSequenceInterface
 from .memory_plan import MemoryPlan, check_fits, plan_memory
 from .sampling_params import SamplingParams
 
@@ -48,7 +48,8 @@ class GraphRunner:
     @torch.inference_mode()
     def forward(self, batch: Sequence[StepSequence], num_prefill: int, future: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        self.cm.update([ScheduledSequence(s.token_ids, s.input_pos, s.pages, s.slot) for s in batch])
+        self.cm.update_columns([s.token_ids for s in batch], [s.input_pos for s in batch], [s.pages for s in batch],
+                               [s.slot for s in batch])
         if future is not None:
             self.cm.info.resolve_future_tokens(future)  # placeholders -> the previous step's sampled ids
         logits = self.module(**self.cm.named_args)

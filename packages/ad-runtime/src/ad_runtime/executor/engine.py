@@ -27,7 +27,7 @@ from .structured_output import GrammarMasks
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class StepSequence:
     """One sequence of a step as the model runner sees it."""
 
@@ -211,13 +211,13 @@ class Engine:
         timer = self.timer
         pool = self.scheduler.pool
         seqs = []
+        num_prefill = 0  # rows that are not ScheduledSequence.is_decode, counted in the same pass
         for s in batch:
-            r = s.request
+            r, n = s.request, s.num_new_tokens
             start = r.num_computed_tokens
-            seqs.append(StepSequence(
-                r.all_token_ids[start : start + s.num_new_tokens], start, pool.page_table(r.request_id), r.slot
-            ))
-        num_prefill = sum(not s.is_decode for s in batch)
+            if n != 1 or not start:
+                num_prefill += 1
+            seqs.append(StepSequence(r.token_ids(start, start + n), start, pool.page_table(r.request_id), r.slot))
         if timer is not None:
             timer.start_step("mixed" if num_prefill else "decode", len(batch))
             timer.mark("schedule")
@@ -234,12 +234,15 @@ class Engine:
         self.num_steps += 1
         if timer is not None:
             timer.mark("forward")
-        sample_rows = [i for i, s in enumerate(batch) if s.completes_prompt]
-        for s in batch:
+        sample_rows = []  # rows that complete their prompt (ScheduledSequence.completes_prompt), in one pass
+        for i, s in enumerate(batch):
             r = s.request
-            self.num_prompt_tokens_computed += max(
-                0, min(r.num_computed_tokens + s.num_new_tokens, len(r.prompt_token_ids)) - r.num_computed_tokens)
-            r.num_computed_tokens += s.num_new_tokens
+            start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
+            if start < len(r.prompt_token_ids):
+                self.num_prompt_tokens_computed += min(end, len(r.prompt_token_ids)) - start
+            if end == r.num_tokens:
+                sample_rows.append(i)
+            r.num_computed_tokens = end
         if not sample_rows:
             if timer is not None:
                 timer.device_work_queued()

@@ -1,7 +1,7 @@
 """Token sampling on the device: logits processing, greedy, temperature, top-k and top-p with per-request seeds,
 and logprobs of what was sampled."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,18 +51,21 @@ class Sampler:
         """One token per row, and the logprobs of the rows that ask. `prompts` (each row's prompt ids) is needed
         only by repetition_penalty, for the first sampling of a request."""
         raw = logits.float()
-        if not any(p.processes_logits or p.logprobs is not None for p in params):  # one pass for plain batches
-            return SamplerOutput(self._pick(raw, params, request_ids), None)
-        tokens = self._pick(self.processor.apply(raw, params, request_ids, prompts), params, request_ids)
+        # Requests often share one SamplingParams object: each distinct one is checked once, not once per row.
+        distinct = {id(p): p for p in params}.values()
+        if not any(p.processes_logits or p.logprobs is not None for p in distinct):  # one pass for plain batches
+            return SamplerOutput(self._pick(raw, params, request_ids, distinct), None)
+        tokens = self._pick(self.processor.apply(raw, params, request_ids, prompts), params, request_ids, distinct)
         logprobs = compute_logprobs(raw, tokens, params)
         # Counted last: a failure above leaves the counts as they were, so a retry row by row counts once.
         self.processor.record(params, request_ids, tokens)
         return SamplerOutput(tokens, logprobs)
 
-    def _pick(self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[int]) -> torch.Tensor:
-        greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+    def _pick(self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[int],
+              distinct: Iterable[SamplingParams]) -> torch.Tensor:
+        """`distinct`: the different objects among `params`."""
         out = torch.argmax(logits, dim=-1)
-        if len(greedy_rows) == len(params):
+        if all(p.greedy for p in distinct):
             return out
         rows = [i for i, p in enumerate(params) if not p.greedy]
         idx = device_tensor(rows, logits.device)

@@ -36,7 +36,7 @@ class PagePoolLike(Protocol):
     def cache_pages(self, seq_id: int, keys: Sequence[bytes], num_pages: int) -> None: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSequence:
     request: Request
     num_new_tokens: int
@@ -151,6 +151,7 @@ class Scheduler:
         """Requests already running keep going (decodes and unfinished prefill chunks), within `budget` tokens."""
         batch: list[ScheduledSequence] = []
         scheduled_ids: set[int] = set()
+        ps = self.pool.page_size
         for req in list(self.running):
             if req.status is not RequestStatus.RUNNING or id(req) in skip:  # preempted while making room, or done
                 continue
@@ -159,9 +160,12 @@ class Scheduler:
                 if not self.chunked or budget == 0:
                     continue
                 n = budget
-            if not self._make_room(req, req.num_computed_tokens + n, scheduled_ids):
-                continue
-            self.pool.ensure_capacity(req.request_id, req.num_computed_tokens + n)
+            total = req.num_computed_tokens + n
+            # Most steps a request stays within the pages it holds: then there is nothing to allocate or preempt.
+            if self.pool.num_pages_of(req.request_id) * ps < total:
+                if not self._make_room(req, total, scheduled_ids):
+                    continue
+                self.pool.ensure_capacity(req.request_id, total)
             batch.append(ScheduledSequence(req, n))
             scheduled_ids.add(req.request_id)
             budget -= n

@@ -157,14 +157,18 @@ class CachedSequenceInterface:
 
     def update(self, sequences: Sequence[ScheduledSequence]) -> None:
         """Fill this step's metadata (one host-to-device copy); prefills (> 1 token) first, then decodes."""
-        slots = [s.slot for s in sequences]
+        self.update_columns(
+            [s.token_ids for s in sequences], [s.num_cached for s in sequences], [s.page_ids for s in sequences],
+            [s.slot for s in sequences],
+        )
+
+    def update_columns(self, token_ids: Sequence[Sequence[int]], num_cached: Sequence[int],
+                       page_ids: Sequence[Sequence[int]], slots: Sequence[int]) -> None:
+        """`update` with one list per field of ScheduledSequence (the executor's steps: no object per sequence)."""
         if self.state_specs and min(slots) < 0:
             # Without its own row a sequence would read another one's state: refuse instead of mixing them.
             raise ValueError("the graph keeps per-sequence state (Mamba): every scheduled sequence needs a slot >= 0")
-        self.info.nest_sequences(
-            [s.token_ids for s in sequences], [s.num_cached for s in sequences], [s.page_ids for s in sequences],
-            slots,
-        )
+        self.info.nest_sequences(token_ids, num_cached, page_ids, slots)
         for desc in self.attention_backends:
             desc.host_prepare(self.info)
 

@@ -2,6 +2,7 @@
 
 import bisect
 from collections.abc import Sequence
+from itertools import chain
 
 import numpy as np
 import torch
@@ -174,7 +175,7 @@ class SequenceInfo:
         one (decode). Page tables must cover input_pos + len(tokens) tokens.
         """
         b = len(token_ids)
-        seq_len, pos0, num_decode = self._checked_lengths(token_ids, input_pos, page_tables)
+        seq_len, pos0, num_decode, num_pages = self._checked_lengths(token_ids, input_pos, page_tables)
         ps, mp = self.page_size, self.max_pages_per_seq
         total = pos0 + seq_len
         t = int(seq_len.sum())
@@ -192,9 +193,11 @@ class SequenceInfo:
         cu[1 : b + 1] = np.cumsum(seq_len)
         table = a["page_table"][: b * mp].reshape(b, mp)
         table.fill(-1)
-        for i, pt in enumerate(page_tables):
-            table[i, : len(pt)] = pt
-        a["input_ids"][:t] = np.fromiter((x for ids in token_ids for x in ids), dtype=np.int64, count=t)
+        # One scatter of all page ids (row, column) instead of a numpy assignment per sequence.
+        held = int(num_pages.sum())
+        col = np.arange(held) - np.repeat(np.cumsum(num_pages) - num_pages, num_pages)
+        table[np.repeat(np.arange(b), num_pages), col] = np.fromiter(chain.from_iterable(page_tables), np.int32, held)
+        a["input_ids"][:t] = np.fromiter(chain.from_iterable(token_ids), dtype=np.int64, count=t)
         bidx = np.repeat(np.arange(b), seq_len)
         pos = np.arange(t) - np.repeat(cu[:b], seq_len) + np.repeat(pos0, seq_len)
         a["batch_indices"][:t] = bidx
@@ -203,7 +206,7 @@ class SequenceInfo:
         a["last_token_idx"][:b] = cu[1 : b + 1] - 1
         a["last_page_len"][:b] = (total - 1) % ps + 1
         a["slot_idx"][:b] = -1 if slots is None else np.asarray(slots, dtype=np.int64)
-        self._fill_page_indices(page_tables, n_pages)
+        self._fill_page_indices(table, n_pages)
         if rows > b:
             self._fill_padding(b, rows, t)
 
@@ -222,27 +225,26 @@ class SequenceInfo:
             rows = b
         return rows
 
-    def _fill_page_indices(self, page_tables: Sequence[Sequence[int]], n_pages: np.ndarray) -> None:
-        """cu_num_pages and page_indices: the pages each sequence uses this step, sequence after sequence."""
-        a, b = self._np, len(page_tables)
+    def _fill_page_indices(self, table: np.ndarray, n_pages: np.ndarray) -> None:
+        """cu_num_pages and page_indices: the pages each sequence uses this step, sequence after sequence
+        (the first n_pages[i] entries of row i of the filled page table, in row order)."""
+        a, b = self._np, len(table)
         cnp = a["cu_num_pages"]
         cnp[0] = 0
         cnp[1 : b + 1] = np.cumsum(n_pages)
         used = int(cnp[b])
-        a["page_indices"][:used] = np.fromiter(
-            (p for pt, n in zip(page_tables, n_pages) for p in pt[:n]), dtype=np.int32, count=used
-        )
+        a["page_indices"][:used] = table[np.arange(table.shape[1]) < n_pages[:, None]]
 
     def _checked_lengths(self, token_ids: Sequence[Sequence[int]], input_pos: Sequence[int],
-                         page_tables: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, int]:
-        """(new tokens, cached tokens) per sequence and the number of decodes; ValueError for a step this buffer
-        cannot hold or the graph cannot run."""
+                         page_tables: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+        """(new tokens, cached tokens) per sequence, the number of decodes and the pages each sequence holds;
+        ValueError for a step this buffer cannot hold or the graph cannot run."""
         b = len(token_ids)
         if not (len(input_pos) == len(page_tables) == b):
             raise ValueError("token_ids, input_pos and page_tables must have one entry per sequence")
         if b == 0 or b > self.max_batch_size:
             raise ValueError(f"a step needs 1..{self.max_batch_size} sequences, got {b}")
-        seq_len = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=b)
+        seq_len = np.fromiter(map(len, token_ids), dtype=np.int64, count=b)
         pos0 = np.asarray(input_pos, dtype=np.int64)
         total = pos0 + seq_len
         t = int(seq_len.sum())
@@ -257,10 +259,13 @@ class SequenceInfo:
         if not is_decode[b - num_decode :].all():
             raise ValueError("order the batch prefills first (more than one new token), then decodes")
         mp = self.max_pages_per_seq
-        for pt, need in zip(page_tables, -(-total // self.page_size)):
-            if len(pt) < need or len(pt) > mp:
-                raise ValueError(f"a page table has {len(pt)} pages; needs {int(need)} (at most {mp})")
-        return seq_len, pos0, num_decode
+        num_pages = np.fromiter(map(len, page_tables), dtype=np.int64, count=b)
+        need = -(-total // self.page_size)
+        bad = (num_pages < need) | (num_pages > mp)
+        if bad.any():
+            i = int(bad.argmax())
+            raise ValueError(f"a page table has {int(num_pages[i])} pages; needs {int(need[i])} (at most {mp})")
+        return seq_len, pos0, num_decode, num_pages
 
     def resolve_future_tokens(self, future: torch.Tensor) -> None:
         """Replace placeholder ids -(row + 1) of this step's tokens by `future[row]`, on the device.
