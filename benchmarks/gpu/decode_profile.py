@@ -1,6 +1,6 @@
 """Kernel table of captured decode steps: what the GPU runs per token, at several batch sizes, beside the roofline.
 
-    python benchmarks/gpu/decode_profile.py --preset llama3.1-8b --dtype bfloat16 --batch-sizes 1 64 256 --isl 1024
+    python benchmarks/gpu/decode_profile.py --preset llama3.1-8b --dtype bfloat16 --batch-sizes 1 64 256@128 --isl 1024
 
 For each batch size: B prompts of ISL random tokens are prefilled, then STEPS decode steps run under
 torch.profiler. Printed: step time (CUDA events), the roofline (weights + KV bytes over the measured copy
@@ -100,7 +100,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama3.1-8b")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--batch-sizes", nargs="+", default=["1", "64"],
+                   help="B or B@ISL (this batch size with prompts of ISL tokens instead of --isl)")
     p.add_argument("--isl", type=int, default=1024)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--top", type=int, default=15)
@@ -114,21 +115,23 @@ def main() -> None:
     p.add_argument("--model-dir", default=None,
                    help="the folder of an earlier throughput.py run (same settings): its build cache entry is used")
     args = p.parse_args()
-    if max(args.batch_sizes) > args.max_batch_size:
-        p.error(f"--batch-sizes {max(args.batch_sizes)} exceeds --max-batch-size {args.max_batch_size}")
+    runs = [(int(b), int(isl or args.isl)) for b, _, isl in (x.partition("@") for x in args.batch_sizes)]
+    if max(b for b, _ in runs) > args.max_batch_size:
+        p.error(f"--batch-sizes {max(b for b, _ in runs)} exceeds --max-batch-size {args.max_batch_size}")
 
     bw = copy_bandwidth()
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
         path, random_weights = model_path(args, tmp)
         t = time.perf_counter()
-        llm = make_llm(path, random_weights, args, max(args.max_seq_len, args.isl + 3 * args.steps + 16))
+        longest = max(isl for _, isl in runs)
+        llm = make_llm(path, random_weights, args, max(args.max_seq_len, longest + 3 * args.steps + 16))
         print(f"build: {time.perf_counter() - t:.1f} s; " + "; ".join(r.summary() for r in llm.build_reports))
         wbytes, kv_tok = weight_bytes(llm), kv_bytes_per_token(llm)
         print(f"machine: {machine_name()} | {args.preset} {args.dtype} | weights {wbytes / 1e9:.2f} GB | "
               f"copy bandwidth {bw / 1e12:.2f} TB/s")
-        for b in args.batch_sizes:
-            r = profile_decode(llm, b, args.isl, args.steps, rng, args.top)
+        for b, isl in runs:
+            r = profile_decode(llm, b, isl, args.steps, rng, args.top)
             roof = (wbytes + b * r["ctx"] * kv_tok) / bw * 1e3
             print(f"\nbatch {b}, context ~{r['ctx']}: decode step {r['step_ms']:.3f} ms (host wall {r['wall_ms']:.3f}),"
                   f" roofline {roof:.3f} ms -> {100 * roof / r['step_ms']:.0f}% of it | {r['kernels_per_step']:.0f} kernels"
