@@ -19,6 +19,14 @@ def test_greedy_and_degenerate_filters_pick_argmax():
     assert out.tolist() == logits.argmax(-1).tolist()
 
 
+def test_greedy_bf16_logits_pick_the_first_maximum_as_in_float32():
+    # Greedy batches take the argmax of the model's bf16 logits without a float32 copy: ties (frequent in bf16)
+    # must resolve to the same, first, index.
+    logits = torch.tensor([[0.5, 2.0, 2.0, -1.0], [3.0, 1.0, 3.0, 3.0]], dtype=torch.bfloat16)
+    out = Sampler("cpu")(logits, [SamplingParams(temperature=0.0)] * 2, [0, 1])
+    assert out.tolist() == logits.float().argmax(-1).tolist() == [1, 0]
+
+
 def test_seed_reproducible_and_top_k_respected():
     torch.manual_seed(0)
     logits = torch.randn(1, 100)
