@@ -40,6 +40,8 @@ class Request:
     num_cached_tokens: int = 0
     # Prefix caching: keys of the sequence's full pages in token order (a hash chain), extended as pages fill.
     page_keys: list[bytes] = field(default_factory=list)
+    # Prefix caching: how many of its leading full pages the scheduler offered to the cache since admission.
+    num_offered_pages: int = 0
     # Row of the per-sequence state caches (Mamba conv/SSM state) while running; None while waiting.
     slot: int | None = None
     # Text of the output (filled by the detokenizer) and how much of it a stream already saw.

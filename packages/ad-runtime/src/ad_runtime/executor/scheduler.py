@@ -116,6 +116,7 @@ class Scheduler:
         self.pool.free(req.request_id)
         self._release_slot(req)
         req.num_computed_tokens = 0
+        req.num_offered_pages = 0  # its pages are freed: a later admission starts a new page table
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.running.remove(req)
@@ -178,6 +179,8 @@ class Scheduler:
         same KV again).
         """
         batch: list[ScheduledSequence] = []
+        if len(self.running) >= self.max_batch_size or budget <= 0:
+            return batch  # nobody can be admitted: skip collecting the keys in flight (a loop over running requests)
         in_flight = self._keys_in_flight() if self.prefix_caching and self.waiting else set()
         i = 0
         while i < len(self.waiting) and len(self.running) < self.max_batch_size and budget > 0:
@@ -260,10 +263,12 @@ class Scheduler:
         if not self.prefix_caching:
             return
         n = min(req.num_computed_tokens, req.num_known_tokens) // self.pool.page_size
+        if n <= req.num_offered_pages:  # most steps: no page filled since the last offer (the pool would ignore it)
+            return
         if n > len(req.page_keys):
             self._extend_keys(req, n * self.pool.page_size)
-        if n:
-            self.pool.cache_pages(req.request_id, req.page_keys, n)
+        self.pool.cache_pages(req.request_id, req.page_keys, n)
+        req.num_offered_pages = n
 
     def _keys_in_flight(self) -> set[bytes]:
         """Keys of pages that running requests have still to compute (their prompts' pages not yet computed)."""
