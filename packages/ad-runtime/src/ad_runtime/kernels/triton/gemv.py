@@ -10,13 +10,19 @@ from functools import cache
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import cuda
+
+from .pdl import pdl_launch_args
 
 
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, K, N, s_wn,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        cuda.gdc_wait()
+        cuda.gdc_launch_dependents()
     # Each program owns BLOCK_N output features over the whole K. The products are summed along K once, after
     # the loop: a [BLOCK_N, BLOCK_K] fp32 accumulator keeps the loop free of cross-thread reductions.
     pid = tl.program_id(0)
@@ -73,6 +79,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     cfg = launch_config(n, k, x.device)
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x1, weight, bias if bias is not None else weight, y, k, n, weight.stride(0),
-        HAS_BIAS=bias is not None, **cfg,
+        HAS_BIAS=bias is not None, **cfg, **pdl_launch_args(x.device),
     )
     return y

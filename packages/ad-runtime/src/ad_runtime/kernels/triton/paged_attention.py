@@ -6,6 +6,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import cuda
+
+from .pdl import pdl_launch_args
 
 LOG2E = 1.4426950408889634
 # A window this wide never masks anything; lets the kernels treat "no window" as a plain number.
@@ -47,8 +50,11 @@ def _write_kv_kernel(
     s_kt, s_kh, s_vt, s_vh,
     s_cp, s_cs, s_ch, s_vp, s_vs, s_vch,
     N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        cuda.gdc_wait()
+        cuda.gdc_launch_dependents()
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     page = slot // PAGE_SIZE
@@ -90,7 +96,7 @@ def write_paged_kv(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         N_KV=n_kv, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
-        BLOCK_H=triton.next_power_of_2(n_kv), BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_H=triton.next_power_of_2(n_kv), BLOCK_D=triton.next_power_of_2(head_dim), **pdl_launch_args(k.device),
     )
 
 
@@ -237,8 +243,11 @@ def _decode_split_kernel(
     qk_scale, window, cap,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SOFT_CAP: tl.constexpr,
-    DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_SINKS: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_SINKS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        cuda.gdc_wait()
+        cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -413,6 +422,6 @@ def decode_attention(
         # tl.dot needs at least 16 rows; padded heads are masked out.
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=32, BLOCK_D=block_d,
         SOFT_CAP=bool(logit_cap), DOT_PREC=_dot_precision(q.dtype), DOT_DTYPE=_dot_dtype(q.dtype),
-        HAS_SINKS=sinks is not None,
+        HAS_SINKS=sinks is not None, **pdl_launch_args(q.device),
     )
     return out

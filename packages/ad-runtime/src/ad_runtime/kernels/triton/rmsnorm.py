@@ -4,6 +4,9 @@ residual add."""
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import cuda
+
+from .pdl import pdl_launch_args
 
 
 @triton.jit
@@ -20,8 +23,11 @@ def _store_normed(x, w_ptr, out_row_ptr, offs, mask, eps, HIDDEN: tl.constexpr):
 @triton.jit
 def _rmsnorm_kernel(
     x_ptr, w_ptr, out_ptr, s_x, s_o, eps,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        cuda.gdc_wait()
+        cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < HIDDEN
@@ -32,8 +38,11 @@ def _rmsnorm_kernel(
 @triton.jit
 def _add_rmsnorm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, s_x, s_r, s_o, s_s, eps,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        cuda.gdc_wait()
+        cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < HIDDEN
@@ -51,8 +60,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _launch_args(hidden: int) -> dict:
-    return dict(HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden), num_warps=4 if hidden <= 4096 else 8)
+def _launch_args(hidden: int, device: torch.device) -> dict:
+    return dict(HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden), num_warps=4 if hidden <= 4096 else 8,
+                **pdl_launch_args(device))
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,7 +74,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return out
     out2 = out.view(-1, hidden)
     _rmsnorm_kernel[(x2.shape[0],)](
-        x2, weight.contiguous(), out2, x2.stride(0), out2.stride(0), eps, **_launch_args(hidden),
+        x2, weight.contiguous(), out2, x2.stride(0), out2.stride(0), eps, **_launch_args(hidden, x.device),
     )
     return out
 
@@ -88,6 +98,6 @@ def add_rmsnorm(
     out2, sum2 = out.view(-1, hidden), summed.view(-1, hidden)
     _add_rmsnorm_kernel[(x2.shape[0],)](
         x2, r2, weight.contiguous(), out2, sum2, x2.stride(0), r2.stride(0), out2.stride(0), sum2.stride(0), eps,
-        **_launch_args(hidden),
+        **_launch_args(hidden, x.device),
     )
     return out, summed

@@ -3,6 +3,9 @@
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import cuda
+
+from .pdl import pdl_launch_args
 
 
 @triton.jit
@@ -28,8 +31,11 @@ def _rope_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, cache_ptr, pos_ptr,
     s_qb, s_qs, s_qn, s_kb, s_ks, s_kn, s_qob, s_qos, s_qon, s_kob, s_kos, s_kon, s_cp, s_pb, s_ps,
     SEQ, NQ, NK,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        cuda.gdc_wait()
+        cuda.gdc_launch_dependents()
     # One program per token rotates its query and key heads: one launch for both (a decode step's rope was two
     # launches a layer, ~1.8 us each on an H200).
     row = tl.program_id(0)
@@ -64,6 +70,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor, k_out: torch.
         cache.stride(0), pos.stride(0), pos.stride(1),
         s, nq, nk,
         HALF=half, BLOCK_H=min(16, triton.next_power_of_2(max(nq, nk))), BLOCK_HALF=triton.next_power_of_2(half),
+        **pdl_launch_args(q.device),
     )
 
 
