@@ -3,7 +3,7 @@
 # then serve_bench at 64 and 256 concurrent clients (128/128) and at 1 client (TTFT of a 128-token prompt).
 # The engine settings are throughput.py's defaults on the same model folder (setup.sh writes it), so a server
 # started after `throughput.py --model-dir /tmp/gpumodels/llama-3.1-8b` loads that run's build cache entry.
-# Usage: bash benchmarks/gpu/served_8b.sh [PORT]
+# Usage: bash benchmarks/gpu/served_8b.sh [PORT]   (SKIP_256=1: leave out the 256-client run)
 set -u
 PORT=${1:-8177}
 LOG=${OUT:-/tmp}/served_8b_server.log
@@ -20,5 +20,5 @@ done
 echo "server ready after $(( $(date +%s) - start )) s"
 B="python3 benchmarks/serve_bench.py --base-url http://127.0.0.1:$PORT --ignore-eos"
 $B --num-prompts 640 --concurrency 64 --input-len 128 --output-len 128 --warmup 64
-$B --num-prompts 1024 --concurrency 256 --input-len 128 --output-len 128 --warmup 64 --seed 7  # other prompts: no prefix-cache hits
+[ "${SKIP_256:-0}" = 1 ] || $B --num-prompts 1024 --concurrency 256 --input-len 128 --output-len 128 --warmup 64 --seed 7  # other prompts: no prefix-cache hits
 $B --num-prompts 16 --concurrency 1 --input-len 128 --output-len 16 --warmup 2 --seed 11
