@@ -61,9 +61,16 @@ class EngineCore:
 
     def run(self, requests: list[Request]) -> None:
         """Step until every request of `requests` has ended (other callers' requests advance too)."""
-        while any(not r.is_finished for r in requests):
+        # The first unfinished request: an ended one never runs again, so the scan resumes there (two scans of
+        # every request per step took a measurable share of the host's time between steps of a large batch).
+        i = 0
+        while True:
+            while i < len(requests) and requests[i].is_finished:
+                i += 1
+            if i == len(requests):
+                return
             with self._lock:
-                if any(not r.is_finished for r in requests):
+                if not requests[i].is_finished:
                     self.step()
 
     def stream(self, req: Request, on_progress: Callable[[Request], None] | None = None) -> Iterator[Request]:
