@@ -90,6 +90,30 @@ def test_a_hit_skips_export_and_answers_like_the_cold_build(cold: dict, monkeypa
     assert tokens == cold["tokens"] and len(tokens) == GREEDY.max_tokens
 
 
+def test_a_cold_build_goes_on_from_the_graph_the_entry_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.compile's own on-disk caches (AOTAutograd's) key on the traced graph: a cold build that compiled its
+    # in-memory graph wrote entries that no warm build (which unpickles the entry) ever found.
+    import ad_runtime.build as build
+
+    seen: list[bytes] = []
+    real = build.loads_graph
+    monkeypatch.setattr(build, "loads_graph", lambda data: seen.append(data) or real(data))
+    folder = _save_tiny_llama(tmp_path / "tiny")
+    args = LlmArgs(model=str(folder), build_cache_dir=str(tmp_path / "cache"), **COMMON)
+    _, _, _, report = build_graph(args)
+    assert report.cache == "miss" and len(seen) == 1
+    assert _entry(args).load() is not None and _graph_bytes_of(report.entry) == seen[0]
+
+
+def _graph_bytes_of(path: Path) -> bytes:
+    """The graph bytes an entry file holds."""
+    import pickle
+
+    from ad_runtime.build_cache import _read_checked
+
+    return pickle.loads(_read_checked(path))["graph"]
+
+
 def test_each_key_ingredient_alone_misses(cold: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = LlmArgs(model=str(cold["folder"]), build_cache_dir=str(cold["cache"]), **COMMON)
     hit = _entry(base)

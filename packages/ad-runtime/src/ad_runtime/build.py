@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from ad_compiler.export.graph_pickle import loads_graph
 from ad_config.transform_config import Stage
 
 from .compile.backends import compile_backend_of
@@ -200,6 +201,12 @@ def build_graph(
         progress = _stage_progress(len(optimizer.config), rank)
         module = optimizer(cm=cm, shared_config=shared, until=CACHE_CUT, progress=progress)
         snapshot = entry.snapshot(module) if entry is not None else None  # before weight loading changes it
+        if snapshot is not None:
+            # Go on from the graph as the entry holds it, as every later build will: torch.compile's on-disk
+            # caches (AOTAutograd's) key on the graph it traces, and the graph unpickled from the entry differs from
+            # the one built in memory, so a second process missed them (an 8B build on an H200: 58 s, the third
+            # process 27 s).
+            module = loads_graph(snapshot)
         status = "off" if entry is None else "miss"
         ran = {n for n, _ in optimizer.selected(0)}
     # Sharded, still on meta: what this rank will hold is known now, before any weight is read.
