@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from .custom_ops.rmsnorm import hf_rms_normalize
 from .errors import MissingBackendError
 from .registry import Registry
 
@@ -73,7 +74,7 @@ def _rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     if x32.is_cuda:
         normed = torch.nn.functional.rms_norm(x32, (input.shape[-1],), None, eps)
     else:
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        normed = hf_rms_normalize(x32, eps)
     return weight * (normed if normed.dtype == input.dtype else normed.to(input.dtype))
 
 

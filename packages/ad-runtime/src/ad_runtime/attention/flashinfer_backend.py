@@ -68,14 +68,14 @@ class _Batch:
         b = num_prefill + num_decode
         fp = (num_prefill, num_prefill_tokens, num_decode, page_size,
               seq_len_host[:b].numpy().tobytes(), input_pos_host[:b].numpy().tobytes())
-        last = _LAST_BATCH.get("batch")
+        last = _STATE.last_batch
         # cu_seqlen is the prefix sum of seq_len (SequenceInfo), so the fingerprint covers it.
         if (last is not None and last.fingerprint == fp and last.page_indices.data_ptr() == page_indices.data_ptr()
                 and last.page_indices.shape == page_indices.shape):
             return last
         batch = _Batch._build(num_prefill, num_prefill_tokens, num_decode, b, seq_len_host, input_pos_host,
                               cu_seqlen_host, page_indices, page_size, fp)
-        _LAST_BATCH["batch"] = batch
+        _STATE.last_batch = batch
         return batch
 
     @staticmethod
@@ -90,9 +90,6 @@ class _Batch:
         # Lengths and positions decide the plan (the fingerprint); page ids are read from page_indices at run time.
         return _Batch(num_prefill, num_prefill_tokens, num_decode, cu_seqlen_host[: b + 1].to(torch.int32),
                       kv_indptr, last, page_indices, fp)
-
-
-_LAST_BATCH: dict[str, _Batch] = {}
 
 
 @dataclass
@@ -113,6 +110,7 @@ class _State:
     prefill: dict[_LayerKey, _Wrapper] = field(default_factory=dict)
     decode: dict[_LayerKey, _Wrapper] = field(default_factory=dict)
     graph_decode: dict[tuple[_LayerKey, int], _Wrapper] = field(default_factory=dict)
+    last_batch: _Batch | None = None  # the step's batch, built by its first layer and reused by the others
 
     def ensure_workspace(self, device: torch.device) -> torch.Tensor:
         if self.workspace is None or self.workspace.device != device:

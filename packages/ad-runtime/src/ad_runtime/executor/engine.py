@@ -211,12 +211,11 @@ class Engine:
         timer = self.timer
         pool = self.scheduler.pool
         seqs = []
-        num_prefill = 0  # rows that are not ScheduledSequence.is_decode, counted in the same pass
+        num_prefill = 0  # counted in the same pass
         for s in batch:
             r, n = s.request, s.num_new_tokens
             start = r.num_computed_tokens
-            if n != 1 or not start:
-                num_prefill += 1
+            num_prefill += not s.is_decode
             seqs.append(StepSequence(r.token_ids(start, start + n), start, pool.page_table(r.request_id), r.slot))
         if timer is not None:
             timer.start_step("mixed" if num_prefill else "decode", len(batch))
@@ -234,13 +233,13 @@ class Engine:
         self.num_steps += 1
         if timer is not None:
             timer.mark("forward")
-        sample_rows = []  # rows that complete their prompt (ScheduledSequence.completes_prompt), in one pass
+        sample_rows = []  # rows that complete their prompt, in the same pass (read before the count moves on)
         for i, s in enumerate(batch):
             r = s.request
             start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
             if start < len(r.prompt_token_ids):
                 self.num_prompt_tokens_computed += min(end, len(r.prompt_token_ids)) - start
-            if end == r.num_tokens:
+            if s.completes_prompt:
                 sample_rows.append(i)
             r.num_computed_tokens = end
         if not sample_rows:

@@ -115,6 +115,7 @@ class OptimizeRope(BaseTransform):
         kernel = get_kernel("rope", self.config.backend)
         max_pos = _max_positions(factory, shared_config)
         caches: dict[tuple[Node, Node], tuple[Node, Node] | None] = {}
+        lookups: dict[tuple[Node, Node], tuple[Node, Node]] = {}  # (cos, sin) read once a step (torch backend)
         first = next(n for n in gm.graph.nodes if n.op != "placeholder")
         num = 0
         for node in nodes:
@@ -144,13 +145,13 @@ class OptimizeRope(BaseTransform):
                 caches[(cos, sin)] = (pos, attr)
             if caches[(cos, sin)] is None:
                 continue
-            pos, attr = caches[(cos, sin)][:2]
+            pos, attr = caches[(cos, sin)]
             if kernel is torch.ops.auto_deploy.torch_rope_with_cos_sin_cache.default:
                 # Plain torch: read the table once per step and keep each layer's explicit rotation (on the CPU,
                 # where every op is a dispatch, that is 6 fewer ops a layer than looking the rows up per layer).
-                if len(caches[(cos, sin)]) == 2:
-                    caches[(cos, sin)] = (pos, attr, *_insert_lookup(gm, node, pos, attr))
-                node.args = (q, k, *caches[(cos, sin)][2:], dim)
+                if (cos, sin) not in lookups:
+                    lookups[(cos, sin)] = _insert_lookup(gm, node, pos, attr)
+                node.args = (q, k, *lookups[(cos, sin)], dim)
                 num += 1
                 continue
             with gm.graph.inserting_before(node):
