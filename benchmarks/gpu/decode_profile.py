@@ -69,6 +69,27 @@ def profile_decode(llm, batch: int, isl: int, steps: int, rng: random.Random, to
             "kernels_per_step": sum(len(v) for v in kernels.values()) / steps, "ctx": ctx, "table": table[:top]}
 
 
+def profile_host(llm, batch: int, isl: int, steps: int, rng: random.Random, top: int) -> None:
+    """Host functions of STEPS decode steps by own time (cProfile): where a step's Python goes when the GPU waits."""
+    import cProfile
+    import pstats
+
+    eng = llm.engine
+    reqs = prefill(llm, batch, isl, rng)
+    for _ in range(5):
+        eng.step()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        eng.step()
+    prof.disable()
+    torch.cuda.synchronize()
+    for r in reqs:
+        eng.abort(r, "profiling done")
+    print(f"\nhost profile, batch {batch}, {steps} decode steps (cProfile adds its own overhead):")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def profile_prefill(llm, isl: int, rng: random.Random, top: int) -> None:
     """Wall time from submitting one ISL-token prompt to its first token (what TTFT holds besides HTTP), and the
     host ops of that step by self CPU time: where a prefill step's host time goes."""
@@ -112,6 +133,8 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=2048, help="raised to what --isl and --steps need")
     p.add_argument("--prefill-profile", type=int, default=0, metavar="ISL",
                    help="also time one ISL-token prompt to its first token and profile that step's host ops")
+    p.add_argument("--host-profile", type=int, default=0, metavar="B",
+                   help="also profile the host functions of decode steps at batch size B (cProfile)")
     p.add_argument("--model-dir", default=None,
                    help="the folder of an earlier throughput.py run (same settings): its build cache entry is used")
     args = p.parse_args()
@@ -139,6 +162,8 @@ def main() -> None:
             print(f"  {'kernel':90s} {'calls':>6s} {'us/step':>9s} {'share':>6s}")
             for name, calls, us in r["table"]:
                 print(f"  {name[:90]:90s} {calls:6.1f} {us:9.1f} {100 * us / r['kernel_us']:5.1f}%")
+        if args.host_profile:
+            profile_host(llm, args.host_profile, runs[0][1], args.steps, rng, args.top)
         if args.prefill_profile:
             profile_prefill(llm, args.prefill_profile, rng, args.top)
         llm.shutdown()
