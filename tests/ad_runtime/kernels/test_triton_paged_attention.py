@@ -3,14 +3,15 @@
 import pytest
 import torch
 from ad_runtime.kernels.triton import paged_attention as pa
+from ad_runtime.kernels.triton import paged_kv_write as kv
 from paged_attention_ref import cache_contents, make_paged_batch, reference_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _write(batch, page_size: int) -> None:
-    slots = pa.slot_mapping_for(batch.cu_seqlen, batch.input_pos, batch.page_table, page_size, batch.q.shape[0])
-    pa.write_paged_kv(batch.k, batch.v, batch.k_cache, batch.v_cache, slots)
+    slots = kv.slot_mapping_for(batch.cu_seqlen, batch.input_pos, batch.page_table, page_size, batch.q.shape[0])
+    kv.write_paged_kv(batch.k, batch.v, batch.k_cache, batch.v_cache, slots)
 
 
 def test_write_fills_exactly_the_new_slots():

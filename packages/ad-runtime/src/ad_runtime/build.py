@@ -159,6 +159,33 @@ def _cache_interface(args: Any, device: torch.device) -> CachedSequenceInterface
     return cm
 
 
+def _resume_from_entry(optimizer: Any, cached: Any, rank: int) -> tuple[nn.Module, Any, dict[str, str], set[str]]:
+    """A build cache hit: the entry's graph and history stand in for the transforms up to the cache cut.
+    Returns (graph, progress bar, transforms to skip with why, transforms this process runs)."""
+    made_it = {n for n, _ in optimizer.selected(0, CACHE_CUT.order)}
+    optimizer.history.update({n: info for n, info in cached.history.items() if n in made_it})
+    progress = _stage_progress(len(optimizer.selected(CACHE_CUT.order + 1)), rank)
+    skip = {name: "passed in the build that wrote the build cache entry" for name in PASSED_WHEN_STORED
+            if _passed(cached.history.get(name))}
+    return cached.graph, progress, skip, {n for n, _ in optimizer.selected(CACHE_CUT.order + 1)}
+
+
+def _run_to_cache_cut(optimizer: Any, cm: Any, shared: Any, entry: Any, rank: int
+                      ) -> tuple[nn.Module, Any, bytes | None, set[str]]:
+    """A miss (or no cache): run the transforms up to the cache cut. Returns (graph, progress bar, the entry's
+    snapshot of it or None, transforms this process runs)."""
+    progress = _stage_progress(len(optimizer.config), rank)
+    module = optimizer(cm=cm, shared_config=shared, until=CACHE_CUT, progress=progress)
+    snapshot = entry.snapshot(module) if entry is not None else None  # before weight loading changes it
+    if snapshot is not None:
+        # Go on from the graph as the entry holds it, as every later build will: torch.compile's on-disk
+        # caches (AOTAutograd's) key on the graph it traces, and the graph unpickled from the entry differs from
+        # the one built in memory, so a second process missed them (an 8B build on an H200: 58 s, the third
+        # process 27 s).
+        module = loads_graph(snapshot)
+    return module, progress, snapshot, {n for n, _ in optimizer.selected(0)}
+
+
 def build_graph(
     args: Any, rank: int = 0, world_size: int = 1
 ) -> tuple[nn.Module, CachedSequenceInterface, Any, BuildReport]:
@@ -187,28 +214,12 @@ def build_graph(
     loaded_at = time.perf_counter()
     cached = entry.load() if entry is not None else None
     loaded_s = time.perf_counter() - loaded_at if cached is not None else None
-    snapshot = skip = None
     if cached is not None:
-        made_it = {n for n, _ in optimizer.selected(0, CACHE_CUT.order)}
-        optimizer.history.update({n: info for n, info in cached.history.items() if n in made_it})
-        progress = _stage_progress(len(optimizer.selected(CACHE_CUT.order + 1)), rank)
-        skip = {name: "passed in the build that wrote the build cache entry" for name in PASSED_WHEN_STORED
-                if _passed(cached.history.get(name))}
-        module = cached.graph
-        status = "hit"
-        ran = {n for n, _ in optimizer.selected(CACHE_CUT.order + 1)}
+        module, progress, skip, ran = _resume_from_entry(optimizer, cached, rank)
+        status, snapshot = "hit", None
     else:
-        progress = _stage_progress(len(optimizer.config), rank)
-        module = optimizer(cm=cm, shared_config=shared, until=CACHE_CUT, progress=progress)
-        snapshot = entry.snapshot(module) if entry is not None else None  # before weight loading changes it
-        if snapshot is not None:
-            # Go on from the graph as the entry holds it, as every later build will: torch.compile's on-disk
-            # caches (AOTAutograd's) key on the graph it traces, and the graph unpickled from the entry differs from
-            # the one built in memory, so a second process missed them (an 8B build on an H200: 58 s, the third
-            # process 27 s).
-            module = loads_graph(snapshot)
-        status = "off" if entry is None else "miss"
-        ran = {n for n, _ in optimizer.selected(0)}
+        module, progress, snapshot, ran = _run_to_cache_cut(optimizer, cm, shared, entry, rank)
+        status, skip = ("off" if entry is None else "miss"), None
     # Sharded, still on meta: what this rank will hold is known now, before any weight is read.
     plan = plan_memory(module, cm, args, _tied_weights(factory))
     if plan is not None:

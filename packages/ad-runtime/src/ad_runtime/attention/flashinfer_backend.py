@@ -13,6 +13,7 @@ except ImportError as e:  # the registry turns this into a CompileError naming t
     raise ImportError("flashinfer is not installed") from e  # the registry adds the install hint, once
 
 from ad_runtime.kernels.triton import paged_attention as _pa
+from ad_runtime.kernels.triton import paged_kv_write as _kv
 
 from .descriptor import AttentionDescriptor
 from .registry import AttentionRegistry
@@ -231,7 +232,7 @@ def _write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: 
               slots: torch.Tensor) -> None:
     if k_cache.dtype == k.dtype and v_cache.dtype == v.dtype:
         # One kernel for keys and values (two index_copy kernels before: 2 x 2.2 us a layer at batch 1).
-        _pa.write_paged_kv(_rows(k), _rows(v), k_cache, v_cache, slots)
+        _kv.write_paged_kv(_rows(k), _rows(v), k_cache, v_cache, slots)
     else:  # a cast into an fp8 cache
         write_paged_kv(k_cache, slots, k)
         write_paged_kv(v_cache, slots, v)

@@ -112,6 +112,61 @@ def _as_cached(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     return x if cache.dtype == x.dtype else x.to(cache.dtype).to(x.dtype)
 
 
+def _prefill_rows(q, k, v, out, seq_len_host, input_pos_host, page_table, k_cache, v_cache, num_prefill: int,
+                  scale: float, window: int | None, sinks, logit_cap) -> int:
+    """Prefill and chunked prefill, one sequence at a time, lengths read from host copies (no sync); returns the
+    number of query tokens written."""
+    page_size = k_cache.shape[1]
+    offset = 0
+    for i, (s, p0) in enumerate(zip(seq_len_host[:num_prefill].tolist(), input_pos_host[:num_prefill].tolist())):
+        total = p0 + s
+        qs = q[:, offset : offset + s]
+        if p0 == 0:
+            # Nothing cached before: attend over this step's own k/v, no gather from the pages.
+            kc, vc = _as_cached(k[:, offset : offset + s], k_cache), _as_cached(v[:, offset : offset + s], v_cache)
+            out[:, offset : offset + s] = _attend(qs, kc, vc, None, scale, window, sinks, logit_cap)
+        else:
+            pages = page_table[i, : -(-total // page_size)]
+            kc = _gather(k_cache, pages)[None, :total]
+            vc = _gather(v_cache, pages)[None, :total]
+            q_pos = torch.arange(p0, total, device=q.device)[None]
+            out[:, offset : offset + s] = _attend(qs, kc, vc, q_pos, scale, window, sinks, logit_cap)
+        offset += s
+    return offset
+
+
+def _decode_rows(q, out, offset: int, num_prefill: int, num_decode: int, input_pos_host, input_pos, page_table,
+                 k_cache, v_cache, scale: float, window: int | None, sinks, logit_cap) -> None:
+    """Decode rows. A lone row on the CPU (batch-1 chat) reads exactly its keys, through a view where it can.
+    Otherwise all sequences at once: on a GPU over the full page-table width, so shapes never depend on the data
+    and the step runs without a host sync (CUDA-graph safe); unused entries (-1) are masked. On the CPU there is
+    no graph to keep valid: gather only the pages the longest one uses."""
+    page_size = k_cache.shape[1]
+    if num_decode == 1 and q.device.type == "cpu":
+        row = num_prefill
+        total = int(input_pos_host[row]) + 1
+        pages = _lone_sequence_pages(page_table[row], total, page_size)
+        kc, vc = _sequence_kv(k_cache, pages, total), _sequence_kv(v_cache, pages, total)
+        qd = q[:, offset : offset + 1]  # [1, 1, n, d]
+        if window is None and sinks is None and logit_cap is None:
+            # Exactly the keys the token sees, so no mask: one SDPA call on (often) views of the cache.
+            out[:, offset : offset + 1] = _attend_every_key(qd, kc, vc, scale)
+        else:
+            pos = torch.tensor([[total - 1]])
+            out[:, offset : offset + 1] = _attend(qd, kc, vc, pos, scale, window, sinks, logit_cap)
+    elif num_decode > 0:
+        rows = slice(num_prefill, num_prefill + num_decode)
+        pages = page_table[rows]
+        if q.device.type == "cpu":
+            longest = int(input_pos_host[rows].max()) + 1
+            pages = pages[:, : -(-longest // page_size)]
+        pages = pages.clamp(min=0)
+        kc, vc = _gather(k_cache, pages), _gather(v_cache, pages)  # [D, P * page_size, n_kv, d]
+        pos = input_pos[rows].to(torch.int64)
+        qd = q[0, offset : offset + num_decode, None]  # [D, 1, n, d]
+        out[0, offset : offset + num_decode] = _attend(qd, kc, vc, pos[:, None], scale, window, sinks, logit_cap)[:, 0]
+
+
 @torch.library.custom_op("auto_deploy::torch_cached_attention", mutates_args=("k_cache", "v_cache"))
 def torch_cached_attention(
     q: torch.Tensor,
@@ -138,53 +193,11 @@ def torch_cached_attention(
     window = sliding_window if sliding_window is not None and sliding_window > 0 else None
     num_prefill, num_prefill_tokens, num_decode = batch_info_host.tolist()
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
-    page_size = k_cache.shape[1]
-
-    # Prefill and chunked prefill: one sequence at a time, lengths read from host copies (no sync).
-    offset = 0
-    for i, (s, p0) in enumerate(zip(seq_len_host[:num_prefill].tolist(), input_pos_host[:num_prefill].tolist())):
-        total = p0 + s
-        qs = q[:, offset : offset + s]
-        if p0 == 0:
-            # Nothing cached before: attend over this step's own k/v, no gather from the pages.
-            kc, vc = _as_cached(k[:, offset : offset + s], k_cache), _as_cached(v[:, offset : offset + s], v_cache)
-            out[:, offset : offset + s] = _attend(qs, kc, vc, None, scale, window, sinks, logit_cap)
-        else:
-            pages = page_table[i, : -(-total // page_size)]
-            kc = _gather(k_cache, pages)[None, :total]
-            vc = _gather(v_cache, pages)[None, :total]
-            q_pos = torch.arange(p0, total, device=q.device)[None]
-            out[:, offset : offset + s] = _attend(qs, kc, vc, q_pos, scale, window, sinks, logit_cap)
-        offset += s
+    offset = _prefill_rows(q, k, v, out, seq_len_host, input_pos_host, page_table, k_cache, v_cache, num_prefill,
+                           scale, window, sinks, logit_cap)
     assert offset == num_prefill_tokens, "batch_info_host disagrees with seq_len_host"
-
-    # Decode. A lone row on the CPU (batch-1 chat) reads exactly its keys, through a view where it can. Otherwise
-    # all sequences at once: on a GPU over the full page-table width, so shapes never depend on the data and the
-    # step runs without a host sync (CUDA-graph safe); unused entries (-1) are masked. On the CPU there is no
-    # graph to keep valid: gather only the pages the longest one uses.
-    if num_decode == 1 and q.device.type == "cpu":
-        row = num_prefill
-        total = int(input_pos_host[row]) + 1
-        pages = _lone_sequence_pages(page_table[row], total, page_size)
-        kc, vc = _sequence_kv(k_cache, pages, total), _sequence_kv(v_cache, pages, total)
-        qd = q[:, offset : offset + 1]  # [1, 1, n, d]
-        if window is None and sinks is None and logit_cap is None:
-            # Exactly the keys the token sees, so no mask: one SDPA call on (often) views of the cache.
-            out[:, offset : offset + 1] = _attend_every_key(qd, kc, vc, scale)
-        else:
-            pos = torch.tensor([[total - 1]])
-            out[:, offset : offset + 1] = _attend(qd, kc, vc, pos, scale, window, sinks, logit_cap)
-    elif num_decode > 0:
-        rows = slice(num_prefill, num_prefill + num_decode)
-        pages = page_table[rows]
-        if q.device.type == "cpu":
-            longest = int(input_pos_host[rows].max()) + 1
-            pages = pages[:, : -(-longest // page_size)]
-        pages = pages.clamp(min=0)
-        kc, vc = _gather(k_cache, pages), _gather(v_cache, pages)  # [D, P * page_size, n_kv, d]
-        pos = input_pos[rows].to(torch.int64)
-        qd = q[0, offset : offset + num_decode, None]  # [D, 1, n, d]
-        out[0, offset : offset + num_decode] = _attend(qd, kc, vc, pos[:, None], scale, window, sinks, logit_cap)[:, 0]
+    _decode_rows(q, out, offset, num_prefill, num_decode, input_pos_host, input_pos, page_table, k_cache, v_cache,
+                 scale, window, sinks, logit_cap)
     return out
 
 

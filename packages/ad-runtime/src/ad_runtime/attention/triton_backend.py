@@ -3,6 +3,7 @@
 import torch
 
 from ad_runtime.kernels.triton import paged_attention as _pa
+from ad_runtime.kernels.triton import paged_kv_write as _kv
 
 from .descriptor import AttentionDescriptor
 from .registry import AttentionRegistry
@@ -36,7 +37,7 @@ def triton_cached_attention(
     if v.shape[-1] != q.shape[-1]:
         raise ValueError("the triton attention backend needs the value head dim equal to the query head dim")
     t = q.shape[1]
-    _pa.write_paged_kv(_rows(k[0]), _rows(v[0]), k_cache, v_cache, slot_mapping[:t])
+    _kv.write_paged_kv(_rows(k[0]), _rows(v[0]), k_cache, v_cache, slot_mapping[:t])
     num_prefill, num_prefill_tokens, num_decode = batch_info_host.tolist()
     q3 = _rows(q[0])
     out = q.new_empty(q.shape)

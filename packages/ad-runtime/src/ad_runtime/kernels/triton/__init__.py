@@ -1,4 +1,5 @@
-"""Triton kernels (GEMV, paged attention, RMSNorm, RoPE) and a switch to run them in the interpreter without a GPU."""
+"""Triton kernels (GEMV, paged attention and K/V writes, RMSNorm, RoPE, SiLU-and-multiply) and a switch to run them
+in the interpreter without a GPU."""
 
 import importlib
 import os
@@ -6,7 +7,7 @@ import sys
 
 import torch
 
-KERNEL_MODULES = ("gemv", "paged_attention", "rmsnorm", "rope")
+KERNEL_MODULES = ("gemv", "paged_attention", "paged_kv_write", "rmsnorm", "rope", "swiglu")
 
 
 def use_interpreter_without_gpu() -> bool:
