@@ -25,7 +25,8 @@ def _unfused_norm(x, r, nw, eps, w, b):
 
 @pytest.mark.parametrize(
     "n, k, dtype, bias, atol",
-    [(70, 100, torch.float32, False, 1e-4), (33, 1030, torch.bfloat16, True, 3e-2), (129, 96, torch.float16, False, 3e-3)],
+    [(70, 100, torch.float32, False, 1e-4), (33, 1030, torch.bfloat16, True, 3e-2),
+     (129, 96, torch.float16, False, 3e-3)],
 )
 def test_add_rmsnorm_gemv_matches_the_unfused_ops(n, k, dtype, bias, atol):
     # K not a multiple of the K step (1030, 100) and N not of the output block (70, 33, 129).
@@ -81,10 +82,9 @@ def test_ops_take_the_fused_kernel_for_one_row_only(monkeypatch):
 def test_fake_impl_shapes():
     with torch._subclasses.FakeTensorMode():
         x = torch.empty(1, 5, 16, dtype=torch.bfloat16)
-        y, summed = NORM_GEMV(x, x, torch.empty(16, dtype=torch.bfloat16), 1e-5, torch.empty(7, 16, dtype=torch.bfloat16),
-                              None)
-        act = SWIGLU_GEMV(torch.empty(1, 5, 32, dtype=torch.bfloat16), 0, 16, torch.empty(7, 16, dtype=torch.bfloat16),
-                          None)
+        w = torch.empty(7, 16, dtype=torch.bfloat16)
+        y, summed = NORM_GEMV(x, x, torch.empty(16, dtype=torch.bfloat16), 1e-5, w, None)
+        act = SWIGLU_GEMV(torch.empty(1, 5, 32, dtype=torch.bfloat16), 0, 16, w, None)
     assert y.shape == act.shape == (1, 5, 7) and summed.shape == (1, 5, 16) and y.dtype == torch.bfloat16
 
 

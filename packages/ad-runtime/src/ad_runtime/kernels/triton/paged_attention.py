@@ -142,7 +142,7 @@ def context_attention(
     """Causal attention of new queries over each sequence's paged cache (its context plus its new tokens).
 
     q: [T, n_heads, head_dim], sequences given by cu_seqlen [B+1]; the new keys/values must already be in
-    the cache (see `paged_kv_write.write_paged_kv`). Query t of sequence b sits at position input_pos[b] + t - cu_seqlen[b]
+    the cache (`paged_kv_write.py`). Query t of sequence b sits at position input_pos[b] + t - cu_seqlen[b]
     and sees keys j with pos - sliding_window < j <= pos. Returns [T, n_heads, head_dim] in q's dtype.
     `max_q_len` (longest new-token run) sizes the grid; given, the launch needs no host sync.
     """
