@@ -21,7 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_vs_ad import PRESETS, machine_name  # noqa: E402 - the benchmarks folder is no package
-from throughput import copy_bandwidth, kv_bytes_per_token, make_llm, model_path, weight_bytes  # noqa: E402
+from throughput import (  # noqa: E402
+    add_build_options, copy_bandwidth, kv_bytes_per_token, make_llm, model_path, weight_bytes,
+)
 
 
 def prefill(llm, batch: int, isl: int, rng: random.Random) -> list:
@@ -133,6 +135,7 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=2048, help="raised to what --isl and --steps need")
     p.add_argument("--prefill-profile", type=int, default=0, metavar="ISL",
                    help="also time one ISL-token prompt to its first token and profile that step's host ops")
+    add_build_options(p)
     p.add_argument("--host-profile", type=int, default=0, metavar="B",
                    help="also profile the host functions of decode steps at batch size B (cProfile)")
     p.add_argument("--model-dir", default=None,

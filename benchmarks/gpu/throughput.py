@@ -14,6 +14,7 @@ overlap, "post" holds the wait for the previous step's tokens; without, the wait
 """
 
 import argparse
+import faulthandler
 import json
 import random
 import sys
@@ -76,11 +77,27 @@ def make_llm(path: str, random_weights: bool, args: argparse.Namespace, max_seq_
     and a second throughput.py run with the same --model-dir then load it instead of building)."""
     from ad_runtime import LLM
 
-    return LLM(model=path, skip_loading_weights=random_weights, skip_tokenizer_init=random_weights,
-               dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=max_seq_len,
-               max_num_tokens=args.max_num_tokens, enable_chunked_prefill=True,
-               compile_backend=args.compile_backend, attn_backend=args.attn_backend,
-               enable_prefix_caching=prefix_caching)
+    extra = {}
+    if getattr(args, "enable_transform", None):  # opt-in transforms (default.yaml has them off)
+        extra["transforms"] = {name: {"enabled": True} for name in args.enable_transform}
+    if getattr(args, "stack_dump_after", 0):
+        # A build that hangs or crawls shows where: every thread's stack on stderr each time this many seconds pass.
+        faulthandler.dump_traceback_later(args.stack_dump_after, repeat=True)
+    llm = LLM(model=path, skip_loading_weights=random_weights, skip_tokenizer_init=random_weights,
+              dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=max_seq_len,
+              max_num_tokens=args.max_num_tokens, enable_chunked_prefill=True,
+              compile_backend=args.compile_backend, attn_backend=args.attn_backend,
+              enable_prefix_caching=prefix_caching, **extra)
+    faulthandler.cancel_dump_traceback_later()
+    return llm
+
+
+def add_build_options(p: argparse.ArgumentParser) -> None:
+    """Options of make_llm shared by the GPU scripts."""
+    p.add_argument("--enable-transform", action="append", default=[], metavar="NAME",
+                   help="switch on a transform that default.yaml leaves off (e.g. fuse_gemv_prologue); repeatable")
+    p.add_argument("--stack-dump-after", type=float, default=0, metavar="S",
+                   help="print every thread's stack each S seconds while the engine builds (find a stuck build)")
 
 
 def model_path(args: argparse.Namespace, tmp: str) -> tuple[str, bool]:
@@ -147,6 +164,7 @@ def main() -> None:
     p.add_argument("--overlap", choices=["on", "off", "both"], default="on",
                    help="overlapped scheduling; both: run each workload without, then with, and compare tokens")
     p.add_argument("--json", default=None, help="also write the results here")
+    add_build_options(p)
     p.add_argument("--model-dir", default=None,
                    help="keep the random-weight model's config here (default: a temporary folder); the same folder "
                         "in a second run keys the same build cache entry, so that run measures a warm build")
