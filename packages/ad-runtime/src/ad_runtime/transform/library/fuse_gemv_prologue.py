@@ -87,7 +87,7 @@ def _swiglu_source(gm: GraphModule, gemv: Node) -> tuple[Node, int, int] | None:
             continue
         gate, other = _split_part(act.args[0]), _split_part(up)
         if gate and other and gate[0] is other[0] and gate[2] == other[2] == k:
-            if fake(gate[0]).dtype == fake(mul).dtype == weight.dtype:
+            if getattr(fake(gate[0]), "dtype", None) == getattr(fake(mul), "dtype", None) == weight.dtype:
                 return gate[0], gate[1], other[1]
     return None
 
