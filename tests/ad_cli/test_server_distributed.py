@@ -1,4 +1,5 @@
-"""ad-serve's app over LLM(world_size=2) on gloo CPU ranks: concurrent requests answer like one rank."""
+"""ad-serve's app over LLM(world_size=2) on gloo CPU ranks, and over LLM(engine_process=True) (the engine alone in a
+process of its own): concurrent requests answer like one in-process rank."""
 
 import json
 import threading
@@ -31,11 +32,11 @@ def one_rank_texts() -> list[str]:
         return [o.outputs[0].text for o in outs]
 
 
-@pytest.fixture(scope="module")
-def client() -> Iterator[TestClient]:
+@pytest.fixture(scope="module", params=[{"world_size": 2}, {"engine_process": True}], ids=["world2", "engine-process"])
+def client(request: pytest.FixtureRequest) -> Iterator[TestClient]:
     from ad_cli.server_app import build_app
 
-    llm = LLM(world_size=2, **COMMON)
+    llm = LLM(**request.param, **COMMON)
     try:
         with TestClient(build_app(llm, MODEL, default_max_tokens=MAX_TOKENS)) as c:
             yield c

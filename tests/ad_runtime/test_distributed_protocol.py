@@ -48,6 +48,7 @@ class GatedRunner:
 @pytest.fixture
 def rank0() -> Iterator[tuple[Any, Engine, GatedRunner]]:
     """(the user's end of the pipe, rank 0's engine, its runner); rank 0's loop runs on a thread."""
+    _UNREAD.clear()
     runner = GatedRunner()
     pool = PagePool(64, 4)
     engine = Engine(runner, Scheduler(pool, 4, 64, False, 64), None, 64, [], vocab_size=VOCAB)
@@ -66,11 +67,18 @@ def _add(conn: Any, cid: int, prompt: list[int], max_tokens: int, stream: bool) 
     conn.send(("add", [(cid, prompt, params, None, stream)]))
 
 
+_UNREAD: dict[int, list[tuple[int, Any]]] = {}  # per pipe: updates of a step message not handed out yet
+
+
 def _next(conn: Any) -> tuple[int, Any]:
-    assert conn.poll(10), "rank 0 sent nothing"
-    kind, cid, snap = conn.recv()
-    assert kind == "update"
-    return cid, snap
+    """The next (client id, snapshot); a step's updates arrive as one message."""
+    unread = _UNREAD.setdefault(id(conn), [])
+    if not unread:
+        assert conn.poll(10), "rank 0 sent nothing"
+        kind, updates = conn.recv()
+        assert kind == "updates" and updates, (kind, updates)
+        unread.extend(updates)
+    return unread.pop(0)
 
 
 def test_a_late_request_joins_the_running_one(rank0: tuple[Any, Engine, GatedRunner]) -> None:
@@ -108,7 +116,7 @@ def test_abort_frees_the_request_and_stops_its_updates(rank0: tuple[Any, Engine,
             break
     assert snap.output_token_ids == [6, 7]
     # Request 1 made its second token in the step that was waiting when the abort came, then no more.
-    assert seen == [1, 2] and not conn.poll(0.2)
+    assert seen == [1, 2] and not _UNREAD[id(conn)] and not conn.poll(0.2)
     assert not engine.has_unfinished and engine.scheduler.pool.num_free_pages == 64
 
 

@@ -305,7 +305,7 @@ class LocalBackend:
 
 
 def build_engine_backend(args: Any) -> Any:
-    if args.world_size > 1:
+    if args.world_size > 1 or args.engine_process:
         from .distributed_backend import DistributedBackend
 
         return DistributedBackend(args)

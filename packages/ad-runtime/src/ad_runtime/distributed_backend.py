@@ -1,4 +1,5 @@
-"""world_size > 1: one process per rank; rank 0 runs the engine, the user's process talks to it request by request.
+"""world_size > 1 (or engine_process): one process per rank; rank 0 runs the engine, the user's process talks to it
+request by request.
 
     user process --pipe--> rank 0 (tokenizer, scheduler, sampling) --broadcast step--> ranks 1..N-1
     every rank runs the same sharded graph on the same flattened batch; collectives live in the graph.
@@ -9,7 +10,8 @@ The pipe carries requests, not conversations, so callers on many threads share r
                      ("abort", client_id)                                            the caller stopped listening
                      ("shutdown",)
     rank 0 -> user   ("ready", vocab_size, rank_pids, build_reports)                 once, after the build
-                     ("update", client_id, snapshot)   streams after every token, the others when finished
+                     ("updates", [(client_id, snapshot), ...])  a step's updates, after every step: streams
+                                                                every token, the others when finished
 
 A snapshot is the engine's Request without the prompt (the user's process has it); `is_finished` marks the last.
 
@@ -144,8 +146,11 @@ class DistributedBackend:
         self._fail(self._stopped_error())
 
     def _dispatch(self, msg: Any) -> None:
-        kind, cid, snap = msg
-        assert kind == "update", kind
+        assert msg[0] == "updates", msg[0]
+        for cid, snap in msg[1]:
+            self._dispatch_one(cid, snap)
+
+    def _dispatch_one(self, cid: int, snap: Any) -> None:
         with self._lock:
             handler = self._handlers.get(cid)
             if handler is not None and snap.is_finished:

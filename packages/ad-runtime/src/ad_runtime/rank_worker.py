@@ -1,6 +1,7 @@
-"""What every rank of a world_size > 1 run does in its own process: build the sharded engine; rank 0 serves the
+"""What every rank of a multi-process run does in its own process: build the sharded engine; rank 0 serves the
 user's process over the pipe and broadcasts each step, the others run the steps they receive (see
-distributed_backend.py for the protocol)."""
+distributed_backend.py for the protocol). A one-rank launch (`engine_process`) is rank 0 alone, with nothing to
+broadcast."""
 
 import contextlib
 import dataclasses
@@ -56,15 +57,35 @@ class _BroadcastRunner:
         dist.broadcast_object_list([None], src=0, group=self.group)
 
 
+class _OnlyRank:
+    """The runner of a one-rank launch (an engine in its own process): nothing to broadcast to."""
+
+    def __init__(self, runner: Any):
+        self.runner = runner
+
+    def stop_others(self) -> None:
+        pass
+
+
 def _snapshot(req: Request) -> Request:
     """What travels back per update: the prompt stays behind, streams would otherwise resend it every token."""
     return dataclasses.replace(req, prompt_token_ids=[], prompt=None)
 
 
 def _serve(engine: Any, conn: Any) -> None:
-    """Rank 0's loop: the request loop over this rank's engine, with messages and updates on the pipe."""
+    """Rank 0's loop: the request loop over this rank's engine, with messages and updates on the pipe.
+
+    A step's updates travel as one message, sent before the loop waits for or runs the next step: one pickle
+    and one pipe write per step, not one per request."""
+    pending: list[tuple[int, Request]] = []
+
+    def flush() -> None:
+        if pending:
+            conn.send(("updates", list(pending)))
+            pending.clear()
 
     def receive(block: bool) -> list[tuple]:
+        flush()
         raw = [conn.recv()] if block else []
         while conn.poll():
             raw.append(conn.recv())
@@ -79,10 +100,14 @@ def _serve(engine: Any, conn: Any) -> None:
         return msgs
 
     def publish(cid: int, req: Request) -> bool:
-        conn.send(("update", cid, _snapshot(req)))
+        pending.append((cid, _snapshot(req)))
         return True  # the user's process tells rank 0 itself when a caller leaves (an "abort" message)
 
-    RequestLoop(EngineCore(engine), receive, publish).run()
+    try:
+        RequestLoop(EngineCore(engine), receive, publish).run()
+    finally:
+        with contextlib.suppress(OSError):  # the user's process may be gone; the loop's own error matters more
+            flush()  # the last step's updates (the loop stopped after it, or failed in the next)
 
 
 def _quiet_like_parent(level: int) -> None:
@@ -119,6 +144,9 @@ def rank_main(ctx: Any, args_dump: dict[str, Any], conn: Any, log_level: int = l
     holder: dict[str, Any] = {}
 
     def wrap(runner: Any) -> Any:
+        if ctx.world_size == 1:
+            holder["runner"] = _OnlyRank(runner)
+            return runner  # the engine calls the runner itself: overlapped scheduling keeps its `future` input
         if ctx.rank == 0:
             holder["runner"] = _BroadcastRunner(runner, control)
             return holder["runner"]
