@@ -1,4 +1,5 @@
-"""Serves HTTP requests with world_size > 1: each one goes to rank 0's engine through the backend's request API."""
+"""Serves HTTP requests with world_size > 1 or engine_process: each one goes to rank 0's engine (another process)
+through the backend's request API."""
 
 import asyncio
 import logging

@@ -44,7 +44,8 @@ def _version() -> str:
 
 
 def start_engine(llm: Any, metrics: ServerMetrics | None = None) -> EngineThread | DistributedEngine:
-    """A local engine on a background thread; with world_size > 1 the engine lives in rank 0's process."""
+    """A local engine on a background thread; with world_size > 1 or engine_process the engine lives in rank 0's
+    process."""
     if llm.engine is not None:
         return EngineThread(llm, metrics)
     return DistributedEngine(llm.backend, metrics)

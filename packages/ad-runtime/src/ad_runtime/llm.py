@@ -54,8 +54,8 @@ class LLM:
 
     @property
     def backend(self) -> Any:
-        """The request-level backend: LocalBackend (one process) or DistributedBackend (world_size > 1, its
-        submit/abort/health talk to rank 0)."""
+        """The request-level backend: LocalBackend (one process) or DistributedBackend (world_size > 1 or
+        engine_process: its submit/abort/health talk to rank 0)."""
         return self._backend
 
     @property
@@ -65,7 +65,8 @@ class LLM:
 
     @property
     def core(self) -> Any:
-        """The thread-safe engine core (submit, abort, step) of a single-process run; None with world_size > 1."""
+        """The thread-safe engine core (submit, abort, step) of a single-process run; None when the engine runs
+        in another process."""
         return getattr(self._backend, "core", None)
 
     @property
