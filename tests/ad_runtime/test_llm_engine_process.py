@@ -8,8 +8,8 @@ from ad_runtime import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
 
-# The bundled SmolLM2 cut to 4 layers (real weights for those), fp32.
-COMMON = dict(device="cpu", dtype="float32", model_kwargs={"num_hidden_layers": 4}, max_seq_len=96,
+# The bundled SmolLM2 cut to 2 layers (real weights for those), fp32: quick to build twice.
+COMMON = dict(device="cpu", dtype="float32", model_kwargs={"num_hidden_layers": 2}, max_seq_len=96,
               max_batch_size=4, attn_page_size=16)
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "def fibonacci(n):", "Once upon a time there was a"]
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
