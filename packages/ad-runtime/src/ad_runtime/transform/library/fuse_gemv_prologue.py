@@ -92,19 +92,24 @@ def _swiglu_source(gm: GraphModule, gemv: Node) -> tuple[Node, int, int] | None:
     return None
 
 
-def _define_before(node: Any, anchor: Node) -> None:
-    """Move a get_attr that is defined after `anchor` up to it (get_attrs read no other node)."""
-    if isinstance(node, Node) and node.op == "get_attr":
-        order = {n: i for i, n in enumerate(anchor.graph.nodes)}
-        if order[node] > order[anchor]:
+def _define_before(node: Any, anchor: Node, user: Node) -> None:
+    """Move a get_attr of `user` defined after `anchor` up to it (get_attrs read no other node). It can only sit
+    between the two, so only those nodes are looked at (not the whole graph once per fusion)."""
+    if not (isinstance(node, Node) and node.op == "get_attr"):
+        return
+    n = anchor.next
+    while n is not user:
+        if n is node:
             anchor.prepend(node)
+            return
+        n = n.next
 
 
 def _fuse_norm(gm: GraphModule, gemv: Node, norm: Node) -> None:
     graph = gm.graph
     weight, bias = arg(gemv, 1, "weight"), arg(gemv, 2, "bias")
     for n in (weight, bias):
-        _define_before(n, norm)
+        _define_before(n, norm, gemv)
     with graph.inserting_before(norm):
         inputs = (arg(norm, 0, "x"), arg(norm, 1, "residual"), arg(norm, 2, "weight"), arg(norm, 3, "eps"))
         fused = graph.call_function(NORM_GEMV, (*inputs, weight, bias))
