@@ -135,10 +135,10 @@ def linears(rows: list[int], bw: float, shapes: str) -> None:
         del w
 
 
-def attention(rows: list[int], bw: float, ctx: int) -> None:
+def attention(rows: list[int], bw: float, ctx: int, sweep: bool = False) -> None:
     import flashinfer
 
-    from ad_runtime.kernels.triton import paged_attention as pa
+    from ad_runtime.kernels.triton import paged_decode as pa
 
     n_heads, n_kv, d, page = 32, 8, 128, 16
     print(f"\n## decode attention, one layer, context {ctx}, page {page}; roofline = K+V bytes / copy bandwidth")
@@ -169,13 +169,26 @@ def attention(rows: list[int], bw: float, ctx: int) -> None:
         seq_len = torch.ones(b, device="cuda", dtype=torch.int32)
         pos = torch.full((b,), ctx - 1, device="cuda", dtype=torch.int32)
         out = torch.empty_like(q)
-        for splits in (None, 8, 16, 32, 64):
+        occ = pa.occupancy_num_splits(b, n_kv, ctx, torch.cuda.get_device_properties(0).multi_processor_count)
+        for splits in sorted({occ, 1, 8, 16, 32}):
             us = graph_us(lambda: pa.decode_attention(q, kc, vc, seq_len, pos, table, out=out, num_splits=splits))
             cells.append((splits, us))
         best_tri = min(cells[3:], key=lambda t: t[1])
         print(f"| {b} | {roof:.1f} | " + " | ".join(f"{c:.1f}" for c in cells[:3])
-              + f" | {best_tri[1]:.1f} (splits {best_tri[0] or 'default'}; "
-              + ", ".join(f"{s or 'def'}:{u:.1f}" for s, u in cells[3:]) + ") |")
+              + f" | {best_tri[1]:.1f} (splits {best_tri[0]}, occupancy {occ}; "
+              + ", ".join(f"{s}:{u:.1f}" for s, u in cells[3:]) + ") |")
+        if sweep:
+            launches = [pa.DecodeLaunch(n, w, st) for n in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
+            timed = []
+            for la in launches:
+                try:
+                    timed.append((graph_us(lambda: pa.decode_attention(q, kc, vc, seq_len, pos, table, out=out,
+                                                                       num_splits=occ, launch=la)), la))
+                except Exception as e:  # out of shared memory or registers for this tile
+                    print(f"  launch {la}: {type(e).__name__}")
+            timed.sort(key=lambda t: t[0])
+            print(f"  rows {b} ctx {ctx} splits {occ}, best launches: "
+                  + "; ".join(f"{u:.1f} us n{la.block_n} w{la.num_warps} s{la.num_stages}" for u, la in timed[:6]))
 
 
 def main() -> None:
@@ -184,6 +197,7 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--skip-linears", action="store_true")
     p.add_argument("--skip-attention", action="store_true")
+    p.add_argument("--sweep-launch", action="store_true", help="time the Triton decode kernel's launch configs")
     p.add_argument("--shapes", choices=sorted(LINEARS), default="llama3.1-8b", help="whose linear layers")
     a = p.parse_args()
     bw = copy_bandwidth()
@@ -191,7 +205,7 @@ def main() -> None:
     if not a.skip_linears:
         linears(a.rows, bw, a.shapes)
     if not a.skip_attention:
-        attention(a.rows, bw, a.ctx)
+        attention(a.rows, bw, a.ctx, a.sweep_launch)
 
 
 if __name__ == "__main__":

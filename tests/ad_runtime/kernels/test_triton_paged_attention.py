@@ -3,6 +3,7 @@
 import pytest
 import torch
 from ad_runtime.kernels.triton import paged_attention as pa
+from ad_runtime.kernels.triton import paged_decode as pd
 from ad_runtime.kernels.triton import paged_kv_write as kv
 from paged_attention_ref import cache_contents, make_paged_batch, reference_attention
 
@@ -52,12 +53,12 @@ def test_decode_split_k(num_splits):
     # context lengths 0..40 with pages of 4: splits get uneven and some are empty
     b = make_paged_batch([1, 1, 1, 1], [0, 5, 17, 40], 4, 2, head_dim=16, page_size=4, device=DEVICE)
     _write(b, 4)
-    out = pa.decode_attention(b.q, b.k_cache, b.v_cache, b.seq_len, b.input_pos, b.page_table, num_splits=num_splits)
+    out = pd.decode_attention(b.q, b.k_cache, b.v_cache, b.seq_len, b.input_pos, b.page_table, num_splits=num_splits)
     torch.testing.assert_close(out, reference_attention(b), atol=1e-4, rtol=1e-4)
     # The last split of each (sequence, KV head) merged them and zeroed its arrival counter: a second launch on
     # the same counters (as every layer and every graph replay does) answers the same.
-    assert not pa._ARRIVALS[out.device].any()
-    again = pa.decode_attention(b.q, b.k_cache, b.v_cache, b.seq_len, b.input_pos, b.page_table, num_splits=num_splits)
+    assert not pd._ARRIVALS[out.device].any()
+    again = pd.decode_attention(b.q, b.k_cache, b.v_cache, b.seq_len, b.input_pos, b.page_table, num_splits=num_splits)
     assert torch.equal(again, out)
 
 
@@ -68,7 +69,7 @@ def test_mixed_batch_prefill_then_decode():
     n_pre_tok = 11
     pre = pa.context_attention(b.q[:n_pre_tok], b.k_cache, b.v_cache, b.cu_seqlen[:3], b.input_pos[:2],
                                b.page_table[:2], max_q_len=7)
-    dec = pa.decode_attention(b.q[n_pre_tok:], b.k_cache, b.v_cache, b.seq_len[2:], b.input_pos[2:],
+    dec = pd.decode_attention(b.q[n_pre_tok:], b.k_cache, b.v_cache, b.seq_len[2:], b.input_pos[2:],
                               b.page_table[2:], num_splits=2)
     torch.testing.assert_close(torch.cat([pre, dec]), ref, atol=1e-4, rtol=1e-4)
 
@@ -82,7 +83,8 @@ def test_mixed_batch_prefill_then_decode():
         {"scale": 0.2, "sliding_window": 3, "logit_cap": 4.0, "sinks": True},
     ],
 )
-def test_options_prefill_and_decode(kw):
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_options_prefill_and_decode(kw, num_splits):
     b = make_paged_batch([9, 1, 1], [4, 15, 2], 4, 2, head_dim=16, page_size=4, device=DEVICE)
     _write(b, 4)
     if kw.get("sinks"):
@@ -90,8 +92,8 @@ def test_options_prefill_and_decode(kw):
     ref = reference_attention(b, **kw)
     pre = pa.context_attention(b.q[:9], b.k_cache, b.v_cache, b.cu_seqlen[:2], b.input_pos[:1], b.page_table[:1],
                                **kw)
-    dec = pa.decode_attention(b.q[9:], b.k_cache, b.v_cache, b.seq_len[1:], b.input_pos[1:], b.page_table[1:],
-                              num_splits=2, **kw)
+    dec = pd.decode_attention(b.q[9:], b.k_cache, b.v_cache, b.seq_len[1:], b.input_pos[1:], b.page_table[1:],
+                              num_splits=num_splits, **kw)
     torch.testing.assert_close(torch.cat([pre, dec]), ref, atol=1e-4, rtol=1e-4)
 
 
@@ -100,7 +102,7 @@ def test_head_dim_not_power_of_two_and_bf16():
     _write(b, 8)
     ref = reference_attention(b)
     pre = pa.context_attention(b.q[:6], b.k_cache, b.v_cache, b.cu_seqlen[:2], b.input_pos[:1], b.page_table[:1])
-    dec = pa.decode_attention(b.q[6:], b.k_cache, b.v_cache, b.seq_len[1:], b.input_pos[1:], b.page_table[1:])
+    dec = pd.decode_attention(b.q[6:], b.k_cache, b.v_cache, b.seq_len[1:], b.input_pos[1:], b.page_table[1:])
     assert pre.dtype == torch.bfloat16
     torch.testing.assert_close(torch.cat([pre, dec]), ref, atol=2e-2, rtol=2e-2)
 
@@ -112,5 +114,5 @@ def test_large_bf16_on_gpu():
     _write(b, 16)
     ref = reference_attention(b)
     pre = pa.context_attention(b.q[:377], b.k_cache, b.v_cache, b.cu_seqlen[:3], b.input_pos[:2], b.page_table[:2])
-    dec = pa.decode_attention(b.q[377:], b.k_cache, b.v_cache, b.seq_len[2:], b.input_pos[2:], b.page_table[2:])
+    dec = pd.decode_attention(b.q[377:], b.k_cache, b.v_cache, b.seq_len[2:], b.input_pos[2:], b.page_table[2:])
     torch.testing.assert_close(torch.cat([pre, dec]), ref, atol=2e-2, rtol=2e-2)

@@ -1,6 +1,5 @@
 """The "flashinfer" attention backend: FlashInfer's paged prefill/decode wrappers, planned outside CUDA graphs."""
 
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +11,7 @@ try:
 except ImportError as e:  # the registry turns this into a CompileError naming the backend
     raise ImportError("flashinfer is not installed") from e  # the registry adds the install hint, once
 
-from ad_runtime.kernels.triton import paged_attention as _pa
+from ad_runtime.kernels.triton import paged_decode as _pd
 from ad_runtime.kernels.triton import paged_kv_write as _kv
 
 from .descriptor import AttentionDescriptor
@@ -25,10 +24,11 @@ _WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended float workspace
 # a layer at batch 256 against 264 us with the FA2 kernel, 97% of the roofline; batch 64: 267 vs 72 us;
 # benchmarks/gpu/attention_decode_bench.py). At batch 1 the default is a little faster (20 vs 24 us).
 _FA2_DECODE_MIN_ROWS = 8
-# Below this many decode rows FlashInfer's decode kernels leave most SMs idle (one program per sequence and KV
-# head: 19 us a layer at batch 1 against a 1 us KV roofline); our split-KV Triton kernel spreads each sequence
-# over the GPU instead (6 us at batch 1, 8 us at batch 4). Same benchmark as above, small_batch_kernels.py.
-_SPLIT_KV_DECODE_MAX_ROWS = 8
+
+# Decode rows go to our split-KV Triton kernel, not FlashInfer's decode: it reads the KV cache at its byte roofline
+# from one row to 256 (H200, Llama-3.1-8B layer: 256 rows of 1024 keys 253 us against FA2's 274; 256 rows of 160
+# keys 54 against 85; one row 6 against 19; small_batch_kernels.py), and it needs no plan per step. FlashInfer's
+# decode remains for what the kernel does not take: a KV cache of another dtype than the queries (fp8).
 _LN2 = math.log(2.0)
 
 
@@ -186,12 +186,7 @@ def _plan_decode(w: _Wrapper, key: _LayerKey, batch: _Batch) -> None:
 
 def _split_kv_decode(key: _LayerKey, rows: int) -> bool:
     """Whether a decode batch of `rows` goes to the split-KV Triton kernel (no FlashInfer plan then)."""
-    return 0 < rows < _SPLIT_KV_DECODE_MAX_ROWS and key.q_dtype == key.kv_dtype
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return rows > 0 and key.q_dtype == key.kv_dtype
 
 
 def _use_graph_wrapper(batch: _Batch) -> bool:
@@ -254,13 +249,11 @@ def _layer_key(q: torch.Tensor, k_cache: torch.Tensor, scale: float | None, slid
 def _split_kv_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_len: torch.Tensor,
                         input_pos: torch.Tensor, page_table: torch.Tensor, key: _LayerKey, sliding_window: int | None,
                         logit_cap: float | None, sinks: torch.Tensor | None, out: torch.Tensor) -> None:
-    """A small decode batch through the split-KV Triton kernel (see _SPLIT_KV_DECODE_MAX_ROWS)."""
-    max_kv = page_table.shape[1] * key.page_size
-    _pa.decode_attention(
+    """Decode rows through the split-KV Triton kernel (the comment above _LN2 says why)."""
+    _pd.decode_attention(
         q, k_cache, v_cache, seq_len, input_pos, page_table, scale=key.scale,
         sliding_window=sliding_window if sliding_window and sliding_window > 0 else None,
         logit_cap=logit_cap or None, sinks=sinks, out=out,
-        num_splits=_pa.occupancy_num_splits(q.shape[0], key.n_kv_heads, max_kv, _num_sms(q.device)),
     )
 
 

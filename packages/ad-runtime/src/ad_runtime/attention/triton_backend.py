@@ -3,6 +3,7 @@
 import torch
 
 from ad_runtime.kernels.triton import paged_attention as _pa
+from ad_runtime.kernels.triton import paged_decode as _pd
 from ad_runtime.kernels.triton import paged_kv_write as _kv
 
 from .descriptor import AttentionDescriptor
@@ -53,7 +54,7 @@ def triton_cached_attention(
     if num_decode > 0:
         rows = slice(num_prefill, num_prefill + num_decode)
         toks = slice(num_prefill_tokens, num_prefill_tokens + num_decode)
-        _pa.decode_attention(
+        _pd.decode_attention(
             q3[toks], k_cache, v_cache, seq_len[rows], input_pos[rows], page_table[rows], out=out[0, toks], **opts,
         )
     return out

@@ -13,6 +13,7 @@ from ad_compiler.registry import Registry
 
 from ..kv_cache.interface import CachedSequenceInterface
 from .direct_calls import call_custom_ops_directly
+from .inductor_fallbacks import register_custom_op_fallbacks
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class ShapeGeneralCompiled(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        if isinstance(model, GraphModule):
+            register_custom_op_fallbacks(model)
         self.compiled = torch.compile(model, dynamic=True)
 
     def forward(self, **kwargs: torch.Tensor) -> Any:

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-KERNEL_MODULES = ("gemv", "paged_attention", "paged_kv_write", "rmsnorm", "rope", "swiglu")
+KERNEL_MODULES = ("gemv", "paged_attention", "paged_decode", "paged_kv_write", "rmsnorm", "rope", "swiglu")
 
 
 def use_interpreter_without_gpu() -> bool:

@@ -1,0 +1,232 @@
+"""Split-KV (flash-decoding) Triton attention of one new query per sequence over the paged KV cache."""
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import cuda
+
+from .paged_attention import LOG2E, _dot_dtype, _dot_precision, _kv_tile, _online_softmax_step, _window
+from .pdl import pdl_launch_args
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, part_o_ptr, part_lse_ptr, o_ptr, sinks_ptr, arrivals_ptr,
+    seq_len_ptr, input_pos_ptr, page_table_ptr,
+    s_qb, s_qh,
+    s_kp, s_ks, s_kh, s_vp, s_vs, s_vh,
+    s_pt,
+    s_ob, s_oh, s_os, s_lb, s_lh, s_fb, s_fh,
+    qk_scale, window, cap,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SOFT_CAP: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_SINKS: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    if USE_PDL:
+        cuda.gdc_wait()
+        cuda.gdc_launch_dependents()
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_len = tl.load(input_pos_ptr + b) + tl.load(seq_len_ptr + b)
+    start = tl.maximum(kv_len - window, 0)
+    # Even split of the visible keys, rounded to whole key blocks.
+    chunk = tl.cdiv(tl.cdiv(kv_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = start + split * chunk
+    hi = tl.minimum(lo + chunk, kv_len)
+
+    # All query heads of one KV head are processed together: each K/V tile is loaded once per group.
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_ok = offs_g < GROUP
+    d_ok = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_g
+    q = tl.load(q_ptr + b.to(tl.int64) * s_qb + heads[:, None] * s_qh + offs_d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    pt_row = page_table_ptr + b * s_pt
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        k, v = _kv_tile(k_cache_ptr, v_cache_ptr, pt_row, offs_n, n_ok, kvh, offs_d, d_ok,
+                        s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, PAGE_SIZE)
+        m_i, l_i, acc = _online_softmax_step(q, k, v, n_ok[None, :], m_i, l_i, acc, qk_scale, cap,
+                                             SOFT_CAP, DOT_PREC, DOT_DTYPE)
+
+    empty = l_i == 0.0
+    b64 = b.to(tl.int64)
+    gd_ok = g_ok[:, None] & d_ok[None, :]
+    if NUM_SPLITS == 1:  # one program saw every key: normalise and store, no partials and no merge
+        if HAS_SINKS:
+            l_i += tl.exp2(tl.load(sinks_ptr + heads, mask=g_ok, other=0.0).to(tl.float32) * 1.4426950408889634 - m_i)
+        tl.store(o_ptr + b64 * s_fb + heads[:, None] * s_fh + offs_d[None, :],
+                 (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(o_ptr.dtype.element_ty), mask=gd_ok)
+    else:
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        # log2-domain LSE; -inf marks a split that saw no keys so the reduction ignores it.
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(part_o_ptr + b64 * s_ob + heads[:, None] * s_oh + split * s_os + offs_d[None, :], out, mask=gd_ok)
+        tl.store(part_lse_ptr + b64 * s_lb + heads * s_lh + split, lse, mask=g_ok)
+
+        # The last split of this (sequence, KV head) to finish merges all splits by their log-sum-exp: no second
+        # kernel (it cost a launch a layer). Its arrival counter goes back to zero for the next launch, so the
+        # counters stay zeroed between launches, captured CUDA graphs included.
+        tl.debug_barrier()  # every thread's partial stores come before the release below
+        counter = arrivals_ptr + b * tl.num_programs(1) + kvh
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+        if arrived == NUM_SPLITS - 1:
+            tl.store(counter, 0)
+            lse_row = part_lse_ptr + b64 * s_lb + heads * s_lh
+            m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+            for i in tl.static_range(NUM_SPLITS):
+                m = tl.maximum(m, tl.load(lse_row + i, mask=g_ok, other=float("-inf"), cache_modifier=".cg"))
+            if HAS_SINKS:
+                sink = tl.load(sinks_ptr + heads, mask=g_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+                m = tl.maximum(m, sink)
+            m = tl.where(m == float("-inf"), 0.0, m)  # no keys at all: weights 0, output 0
+            denom = tl.zeros([BLOCK_G], dtype=tl.float32)
+            merged = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+            for i in tl.static_range(NUM_SPLITS):
+                w = tl.exp2(tl.load(lse_row + i, mask=g_ok, other=float("-inf"), cache_modifier=".cg") - m)
+                o_i = tl.load(part_o_ptr + b64 * s_ob + heads[:, None] * s_oh + i * s_os + offs_d[None, :],
+                              mask=gd_ok, other=0.0, cache_modifier=".cg")
+                denom += w
+                merged += o_i * w[:, None]
+            if HAS_SINKS:
+                denom += tl.exp2(sink - m)
+            merged = merged / tl.where(denom == 0.0, 1.0, denom)[:, None]
+            tl.store(o_ptr + b64 * s_fb + heads[:, None] * s_fh + offs_d[None, :], merged.to(o_ptr.dtype.element_ty),
+                     mask=gd_ok)
+
+
+def default_num_splits(max_kv_len: int) -> int:
+    """Split count without a GPU to size by: about one split per 256 cached tokens, a power of two in [1, 32]."""
+    return min(32, triton.next_power_of_2(max(1, triton.cdiv(max_kv_len, 256))))
+
+
+def occupancy_num_splits(batch: int, n_kv_heads: int, max_kv_len: int, num_sms: int) -> int:
+    """Splits that fill the GPU when few sequences decode: ~2 programs per SM, a power of two in [1, 32], none
+    under 64 keys (H200, 8B layer, 1024 keys, batch 1: 11.4 us with 4 splits, 6.1 us with 16; small_batch_kernels.py).
+    Depends only on shapes, so a captured CUDA graph keeps a fixed grid."""
+    want = triton.next_power_of_2(max(1, triton.cdiv(2 * num_sms, max(1, batch * n_kv_heads))))
+    longest = triton.next_power_of_2(max(1, triton.cdiv(max_kv_len, 64)))
+    return max(1, min(32, want, longest))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_splits(batch: int, n_kv_heads: int, max_kv_len: int, device: torch.device) -> int:
+    """The split count decode_attention uses unless told: by occupancy on a GPU, by cache capacity without one."""
+    if device.type != "cuda":
+        return default_num_splits(max_kv_len)
+    return occupancy_num_splits(batch, n_kv_heads, max_kv_len, _num_sms(device))
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """Launch configuration of the decode kernel: keys per tile, warps and software-pipeline stages."""
+
+    block_n: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @staticmethod
+    def for_splits(num_splits: int) -> "DecodeLaunch":
+        """64-key tiles once each program reads a whole sequence or half of one (many rows), else 32.
+
+        H200, Llama-3.1-8B layer, one CUDA graph per kernel (small_batch_kernels.py --sweep-launch): 64-key tiles
+        with 4 warps and 3 stages read 256 rows of 1024 keys in 253 us (the K/V byte roofline: 253 us; FlashInfer
+        FA2: 274 us; 32-key tiles: 287 us), 64 rows in 67 us (FA2 78), 32 rows (2 splits) in 38 us (FA2 42); 256
+        rows of 160 keys: 54 us against FA2's 85.
+        """
+        return DecodeLaunch(block_n=64 if num_splits <= 2 else 32)
+
+
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters, one per (sequence, KV head), that the decode kernel leaves zeroed after each launch.
+
+    One buffer per device, allocated at the first (uncaptured) call and grown only when a larger batch needs
+    more (before capture: captured sizes run eagerly first). Launches on one stream run one after another,
+    so every layer can use the same counters.
+    """
+    buf = _ARRIVALS.get(device)
+    if buf is None or buf.numel() < n:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"decode attention needs {n} arrival counters; run this batch size once before "
+                               f"capturing it in a CUDA graph")
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _ARRIVALS[device] = buf
+    return buf
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_len: torch.Tensor,
+    input_pos: torch.Tensor,
+    page_table: torch.Tensor,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    logit_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    launch: DecodeLaunch | None = None,
+) -> torch.Tensor:
+    """Split-K (flash-decoding) attention of one new query per sequence over its paged cache.
+
+    q: [B, n_heads, head_dim]; the new key/value must already be in the cache. Each sequence's visible keys
+    (input_pos + seq_len of them, cut by the window) are split in `num_splits` ranges computed in parallel,
+    then merged by their log-sum-exp (by the last split to finish). Returns [B, n_heads, head_dim] in q's dtype.
+    No host sync.
+    """
+    batch, n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[2]
+    assert n_heads % n_kv == 0, "n_heads must be a multiple of n_kv_heads"
+    out = torch.empty_like(q) if out is None else out
+    if batch == 0:
+        return out
+    assert q.stride(-1) == 1 and out.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    page_size = k_cache.shape[1]
+    if num_splits is None:
+        num_splits = default_splits(batch, n_kv, page_table.shape[1] * page_size, q.device)
+    group = n_heads // n_kv
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    part_o = torch.empty(batch, n_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
+    part_lse = torch.empty(batch, n_heads, num_splits, device=q.device, dtype=torch.float32)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    launch = launch or DecodeLaunch.for_splits(num_splits)
+    _decode_split_kernel[(batch, n_kv, num_splits)](
+        q, k_cache, v_cache, part_o, part_lse, out, sinks if sinks is not None else q,
+        _arrival_counters(batch * n_kv, q.device),
+        seq_len, input_pos, page_table,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        page_table.stride(0),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1),
+        scale * LOG2E, _window(sliding_window), float(logit_cap or 0.0),
+        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
+        # tl.dot needs at least 16 rows; padded heads are masked out.
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=launch.block_n, BLOCK_D=block_d,
+        SOFT_CAP=bool(logit_cap), DOT_PREC=_dot_precision(q.dtype), DOT_DTYPE=_dot_dtype(q.dtype),
+        HAS_SINKS=sinks is not None, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        **pdl_launch_args(q.device),
+    )
+    return out
