@@ -1,6 +1,7 @@
 """The memory plan: weight and KV-cache bytes of one rank, read off the sharded meta graph before any weight loads."""
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,8 @@ class MemoryPlan:
     page_size: int
     min_kv_tokens: int  # one sequence of max_seq_len: below that nothing can be served
     available_bytes: int | None  # free memory of the device now (None: unknown)
+    activation_bytes: int = 0  # intermediates alive at once in a step of max_num_tokens (eager graph: an upper bound)
+    max_num_tokens: int = 0
 
     @property
     def kv_bytes(self) -> int:
@@ -34,8 +37,9 @@ class MemoryPlan:
 
     def summary(self) -> str:
         free = f", {self.available_bytes / GIB:.2f} GiB free" if self.available_bytes is not None else ""
-        return (f"weights {self.weight_bytes / MIB:.1f} MiB, KV cache {self.kv_bytes / MIB:.1f} MiB "
-                f"({self.kv_pages} pages of {self.page_size} tokens, {self.kv_bytes_per_token} B per token){free}")
+        return (f"weights {self.weight_bytes / MIB:.1f} MiB, activations {self.activation_bytes / MIB:.1f} MiB at "
+                f"{self.max_num_tokens} tokens, KV cache {self.kv_bytes / MIB:.1f} MiB ({self.kv_pages} pages of "
+                f"{self.page_size} tokens, {self.kv_bytes_per_token} B per token){free}")
 
 
 def weight_bytes(module: nn.Module) -> int:
@@ -70,6 +74,54 @@ def kv_bytes_per_token(gm: GraphModule, cm: Any, backend: str) -> int:
     return total
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def activation_peak_bytes(gm: GraphModule, tokens: int, logit_rows: int) -> int:
+    """Most bytes of intermediate tensors alive at once in one forward of `tokens` tokens, from the fake values the
+    graph was exported with: a tensor whose leading dims are the example's (batch, sequence) or their product
+    grows with the token count, the graph's outputs (the logits) count `logit_rows` rows, other tensors keep their
+    size; views share their base's bytes and keep it alive. Eager order without fusion: an upper bound of what a
+    compiled graph holds."""
+    ids = next((n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"), None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() < 1:
+        raise ValueError("the graph's first input has no example value")
+    lead = tuple(ids.shape[:2])  # (batch, sequence) of the example (input_ids)
+    t0 = math.prod(lead)
+    outputs = {a for a in gm.graph.output_node().all_input_nodes}
+    size: dict[int, int] = {}  # storage -> bytes at `tokens`
+    last_use: dict[int, int] = {}  # storage -> index of the last node that reads any view of it
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    born: dict[int, list[int]] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        for t in _tensors(node.meta.get("val")):
+            key = t.untyped_storage()._cdata
+            rows = logit_rows if node in outputs else tokens
+            scale = rows / t0 if tuple(t.shape[:2]) == lead or (t.dim() and t.shape[0] == t0) else 1.0
+            nbytes = int(t.numel() * t.element_size() * scale)
+            if key not in size:
+                born.setdefault(order[node], []).append(key)
+            size[key] = max(size.get(key, 0), nbytes)
+            end = max([order[u] for u in node.users] + [order[node]])
+            last_use[key] = max(last_use.get(key, 0), len(order) if node in outputs else end)
+    live, peak = 0, 0
+    dies: dict[int, list[int]] = {}
+    for key, end in last_use.items():
+        dies.setdefault(end, []).append(key)
+    for i in range(len(order)):
+        live += sum(size[k] for k in born.get(i, []))
+        peak = max(peak, live)
+        live -= sum(size[k] for k in dies.get(i, []))
+    return peak
+
+
 def device_free_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -101,6 +153,11 @@ def plan_memory(gm: nn.Module, cm: Any, args: Any, tied: dict[str, str] | None =
     except Exception as e:  # noqa: BLE001 - the plan informs; a graph it cannot read still builds
         logger.warning("no memory plan: %s: %s", type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
         return None
+    try:
+        activations = activation_peak_bytes(gm, cm.info.max_num_tokens, cm.info.max_batch_size)
+    except Exception as e:  # noqa: BLE001 - weights and KV still plan; the line says what is not counted
+        logger.warning("memory plan without activations: %s: %s", type(e).__name__, str(e).strip()[:200])
+        activations = 0
     return MemoryPlan(
         weight_bytes=weight_bytes(gm) - _tied_bytes(gm, cm, args, tied or {}),
         kv_bytes_per_token=per_token,
@@ -108,6 +165,8 @@ def plan_memory(gm: nn.Module, cm: Any, args: Any, tied: dict[str, str] | None =
         page_size=cm.page_size,
         min_kv_tokens=args.max_seq_len,
         available_bytes=device_free_bytes(cm.device),
+        activation_bytes=activations,
+        max_num_tokens=cm.info.max_num_tokens,
     )
 
 
@@ -134,13 +193,14 @@ def check_fits(plan: MemoryPlan, rank: int, device: torch.device) -> None:
     the device's free memory."""
     if plan.available_bytes is None:
         return
-    need = plan.weight_bytes + plan.kv_bytes_per_token * plan.min_kv_tokens
+    need = plan.weight_bytes + plan.activation_bytes + plan.kv_bytes_per_token * plan.min_kv_tokens
     if need <= plan.available_bytes:
         return
     short = need - plan.available_bytes
     raise CompileError(
         f"rank {rank} needs {need / GIB:.2f} GiB on {device} ({plan.weight_bytes / GIB:.2f} GiB of weights + "
+        f"{plan.activation_bytes / GIB:.2f} GiB of activations at {plan.max_num_tokens} tokens + "
         f"{plan.kv_bytes_per_token * plan.min_kv_tokens / GIB:.2f} GiB of KV cache for one {plan.min_kv_tokens}-token "
         f"sequence) but {plan.available_bytes / GIB:.2f} GiB are free, {short / GIB:.2f} GiB short: raise world_size, "
-        "lower max_seq_len, use a smaller dtype or kv_cache_dtype"
+        "lower max_num_tokens or max_seq_len, use a smaller dtype or kv_cache_dtype"
     )

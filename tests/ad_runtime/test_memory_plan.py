@@ -1,0 +1,44 @@
+"""memory_plan: the activation peak of a step, read off the exported graph's example values and scaled to its tokens."""
+
+import pytest
+import torch
+import torch.nn as nn
+from ad_runtime.memory_plan import activation_peak_bytes
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+
+class _Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(16, 8, bias=False)
+        self.down = nn.Linear(8, 4, bias=False)
+        self.register_buffer("table", torch.ones(5, 3))  # traced as a constant: not an activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.up(x)  # [B, S, 8]
+        b = torch.relu(a)  # a and b alive together
+        c = b.view(-1, 8)  # a view: b's bytes, kept alive until `down` reads it
+        return self.down(c) + self.table.sum()  # the logits: [B*S, 4]
+
+
+def _traced() -> torch.fx.GraphModule:
+    gm = torch.fx.symbolic_trace(_Mlp())
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        FakeTensorProp(gm, mode).propagate(mode.from_tensor(torch.randn(2, 4, 16)))  # example: 2 x 4 tokens
+    return gm
+
+
+def test_peak_scales_with_tokens_and_counts_logits_rows() -> None:
+    gm = _traced()
+    # While relu runs, `up`'s output and relu's are both alive: 2 x 8 float32 a token, the peak of a long step.
+    assert activation_peak_bytes(gm, tokens=100, logit_rows=3) == 2 * 8 * 4 * 100
+    assert activation_peak_bytes(gm, tokens=1000, logit_rows=3) == 2 * 8 * 4 * 1000
+    # One token, 1000 logit rows: at the final add, `down`'s one row (16 B) and the 1000-row output are alive.
+    assert activation_peak_bytes(gm, tokens=1, logit_rows=1000) == 16 + 1000 * 16
+
+
+def test_a_graph_without_example_values_is_refused() -> None:
+    gm = torch.fx.symbolic_trace(_Mlp())
+    with pytest.raises(ValueError, match="example value"):
+        activation_peak_bytes(gm, tokens=10, logit_rows=1)
