@@ -250,6 +250,9 @@ def test_the_memory_plan_matches_what_the_build_allocates(cold: dict) -> None:
     assert plan.kv_bytes == cold["allocated"]["kv"]
     # 2 layers x (k + v) x 2 KV heads x head_dim 16 x 4 bytes (float32)
     assert plan.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
+    # Activations at max_num_tokens: at least the MLP's gate and up outputs (intermediate 128, float32) a token.
+    assert plan.activation_bytes >= plan.max_num_tokens * 2 * 128 * 4 > 0, plan.summary()
+    assert "activations" in plan.summary()
 
 
 def test_a_rank_that_cannot_fit_fails_before_any_weight_is_read(cold: dict, monkeypatch: pytest.MonkeyPatch) -> None:
