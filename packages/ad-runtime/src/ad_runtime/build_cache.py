@@ -5,6 +5,8 @@ import hashlib
 import logging
 import os
 import pickle
+import re
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,11 @@ logger = logging.getLogger(__name__)
 
 MAGIC = b"ad-build-cache\n"
 SUFFIX = ".adbuild"
+# What `for_build` names an entry and what `store`'s mkstemp names its temporary file: the only files the cache owns.
+_ENTRY_NAME = re.compile(r"[0-9a-f]{32}-rank(\d+)of(\d+)" + re.escape(SUFFIX))
+_TEMP_NAME = re.compile(r"\.[0-9a-f]{32}-rank\d+of\d+" + re.escape(SUFFIX) + r"\..+\.tmp")
+# `store` writes and renames its temporary file within seconds; a younger one may be a write in progress.
+WRITE_GRACE_S = 3600.0
 
 
 @dataclass
@@ -111,6 +118,60 @@ class BuildCacheEntry:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
         return True
+
+
+@dataclass(frozen=True)
+class CacheFile:
+    """A file the cache wrote: an entry (with its rank and world size) or the temporary file of a write (None)."""
+
+    path: Path
+    size: int
+    mtime: float
+    rank: int | None = None
+    world_size: int | None = None
+
+    @property
+    def is_entry(self) -> bool:
+        return self.rank is not None
+
+
+def cache_files(root: Path) -> list[CacheFile]:
+    """The entries and temporary files in `root`, each temporary file after its entry; other files (and a missing
+    root) give nothing."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted(root.iterdir(), key=lambda p: p.name.lstrip(".")):
+        entry = _ENTRY_NAME.fullmatch(path.name)
+        if not entry and not _TEMP_NAME.fullmatch(path.name):
+            continue
+        try:
+            st = path.lstat()
+        except FileNotFoundError:  # renamed or removed by a concurrent build or clear
+            continue
+        if not stat.S_ISREG(st.st_mode):  # a link or folder with a cache-like name is not ours to report or remove
+            continue
+        rank, world = (int(entry[1]), int(entry[2])) if entry else (None, None)
+        found.append(CacheFile(path, st.st_size, st.st_mtime, rank, world))
+    return found
+
+
+def is_complete(path: Path) -> bool:
+    """Whether the entry has the header and a payload matching its checksum (what `load` checks before unpickling)."""
+    try:
+        _read_checked(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def remove(file: CacheFile) -> int:
+    """Delete a cache file; the bytes freed (0 when a concurrent clear got there first). Other OSErrors propagate."""
+    try:
+        file.path.unlink()
+    except FileNotFoundError:
+        return 0
+    return file.size
 
 
 def _read_checked(path: Path) -> bytes:
