@@ -207,8 +207,11 @@ def decode_attention(
         num_splits = default_splits(batch, n_kv, page_table.shape[1] * page_size, q.device)
     group = n_heads // n_kv
     block_d = max(16, triton.next_power_of_2(head_dim))
-    part_o = torch.empty(batch, n_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
-    part_lse = torch.empty(batch, n_heads, num_splits, device=q.device, dtype=torch.float32)
+    if num_splits == 1:  # the kernel stores the output directly: no partials to hold
+        part_o, part_lse = out, out
+    else:
+        part_o = torch.empty(batch, n_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
+        part_lse = torch.empty(batch, n_heads, num_splits, device=q.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     launch = launch or DecodeLaunch.for_splits(num_splits)
     _decode_split_kernel[(batch, n_kv, num_splits)](
