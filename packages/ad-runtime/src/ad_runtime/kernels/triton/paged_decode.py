@@ -172,6 +172,16 @@ def _arrival_counters(n: int, device: torch.device) -> torch.Tensor:
     return buf
 
 
+def _partials(out: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-split outputs [B, n, splits, d] and log-sum-exps [B, n, splits] in fp32; with one split the kernel stores
+    the output directly and never reads them (`out` stands in)."""
+    if num_splits == 1:
+        return out, out
+    batch, n_heads, head_dim = out.shape
+    return (torch.empty(batch, n_heads, num_splits, head_dim, device=out.device, dtype=torch.float32),
+            torch.empty(batch, n_heads, num_splits, device=out.device, dtype=torch.float32))
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -207,11 +217,7 @@ def decode_attention(
         num_splits = default_splits(batch, n_kv, page_table.shape[1] * page_size, q.device)
     group = n_heads // n_kv
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if num_splits == 1:  # the kernel stores the output directly: no partials to hold
-        part_o, part_lse = out, out
-    else:
-        part_o = torch.empty(batch, n_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
-        part_lse = torch.empty(batch, n_heads, num_splits, device=q.device, dtype=torch.float32)
+    part_o, part_lse = _partials(out, num_splits)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     launch = launch or DecodeLaunch.for_splits(num_splits)
     _decode_split_kernel[(batch, n_kv, num_splits)](
