@@ -23,4 +23,17 @@ echo "server ready after $(( $(date +%s) - start )) s"
 B="python3 benchmarks/serve_bench.py --base-url http://127.0.0.1:$PORT --ignore-eos"
 $B --num-prompts 640 --concurrency 64 --input-len 128 --output-len 128 --warmup 64
 [ "${SKIP_256:-0}" = 1 ] || $B --num-prompts 1024 --concurrency 256 --input-len 128 --output-len 128 --warmup 64 --seed 7  # other prompts: no prefix-cache hits
+# The engine's own TTFT (arrival at the engine to its first token, the server's ad_time_to_first_token_seconds)
+# over the 1-client run, from /metrics before and after it: what the client's TTFT adds beyond it is the
+# server's (HTTP, tokenization, delivery of the token to the stream).
+ttft() { curl -s "http://127.0.0.1:$PORT/metrics" | awk '/^ad_time_to_first_token_seconds_(sum|count)/ {sub(/[{].*/, "", $1); printf "%s=%s ", $1, $2}'; }
+before=$(ttft)
 $B --num-prompts 16 --concurrency 1 --input-len 128 --output-len 16 --warmup 2 --seed 11
+after=$(ttft)
+python3 - "$before" "$after" <<'PY'
+import sys
+b, a = ({k.rsplit("_", 1)[1]: float(v) for k, v in (kv.split("=") for kv in arg.split())} for arg in sys.argv[1:3])
+n = a.get("count", 0) - b.get("count", 0)
+print(f"engine-side TTFT over the 1-client run (its warm-up included): {1e3 * (a['sum'] - b['sum']) / n:.1f} ms mean "
+      f"of {n:.0f} requests" if n else "engine-side TTFT: no /metrics figures")
+PY
