@@ -77,15 +77,16 @@ class StepTimer:
         return out
 
     def _gpu_share(self, kind: str) -> dict[str, float]:
-        """GPU busy per step, and idle: the gap from one step's last work to the next step's first, over the
-        wall time of those pairs (consecutive steps of this kind only)."""
-        busy, gaps, n = 0.0, 0.0, 0
+        """GPU busy per step (every step of this kind), and idle: the gap from one step's last work to the next
+        step's first, over the wall time of those pairs (consecutive steps of this kind only)."""
+        timed = [s for s in self.steps if s.kind == kind and s.gpu is not None]
+        if not timed:
+            return {}
+        busy_all = sum(s.gpu[0].elapsed_time(s.gpu[1]) for s in timed)
+        busy, gaps = 0.0, 0.0
         for a, b in zip(self.steps, self.steps[1:]):
             if a.kind != kind or b.kind != kind or a.gpu is None or b.gpu is None:
                 continue
             busy += a.gpu[0].elapsed_time(a.gpu[1])
             gaps += max(0.0, a.gpu[1].elapsed_time(b.gpu[0]))
-            n += 1
-        if n == 0:
-            return {}
-        return {"gpu_ms": busy / n, "gpu_idle_share": gaps / (busy + gaps) if busy + gaps else 0.0}
+        return {"gpu_ms": busy_all / len(timed), "gpu_idle_share": gaps / (busy + gaps) if busy + gaps else 0.0}
