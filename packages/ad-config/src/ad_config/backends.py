@@ -1,12 +1,15 @@
 """Which backend choices need a CUDA GPU, so a configuration for a CPU can be refused before any build."""
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .error_format import format_field_problems
 from .errors import ConfigError
 from .merge import Path
 from .origins import OriginMap
+
+if TYPE_CHECKING:
+    from .llm_args import AutoDeployConfig  # imports this module: only for the annotations
 
 # Transform -> {backend: what to use instead on a CPU}. Triton kernels run on a CPU only in Triton's
 # interpreter (TRITON_INTERPRET=1, slow, used by the tests); without it they fail late in the build
@@ -28,10 +31,10 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def gpu_only_problems(args: Any, device: str) -> list[tuple[Path, str, Any]]:
+def gpu_only_problems(args: "AutoDeployConfig", device: str) -> list[tuple[Path, str, Any]]:
     """(key path, reason, value) for each enabled transform whose backend needs a CUDA GPU.
 
-    `args` is an AutoDeployConfig-like object; `device` says what the target is, for the message
+    `args` is an AutoDeployConfig (or LlmArgs); `device` says what the target is, for the message
     ("device 'cpu'", "the CPU (device 'auto', no CUDA GPU visible)").
     """
     problems: list[tuple[Path, str, Any]] = []
@@ -47,7 +50,9 @@ def gpu_only_problems(args: Any, device: str) -> list[tuple[Path, str, Any]]:
     return problems
 
 
-def refuse_gpu_only_backends(args: Any, device: str, origins: OriginMap | None = None, prefix: Path = ()) -> None:
+def refuse_gpu_only_backends(
+    args: "AutoDeployConfig", device: str, origins: OriginMap | None = None, prefix: Path = ()
+) -> None:
     """Raise ConfigError naming each GPU-only backend of `args` (target `device`, phrased as for
     `gpu_only_problems`), with the value's origin; `prefix` is where `args` sits (('args',) in an experiment)."""
     problems = gpu_only_problems(args, device)

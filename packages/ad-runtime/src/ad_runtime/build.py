@@ -5,7 +5,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,12 @@ from .executor.scheduler import Scheduler
 from .kv_cache.interface import CachedSequenceInterface
 from .memory_plan import MemoryPlan, check_fits, plan_memory
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ad_compiler.models.factory import ModelFactory
+    from ad_config import LlmArgs
+
+    from .distributed_backend import DistributedBackend
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +67,7 @@ class GraphRunner:
         return logits[0].index_select(0, self.cm.info.last_token_idx)
 
 
-def eos_token_ids(factory: Any, tokenizer: Any | None) -> list[int]:
+def eos_token_ids(factory: "ModelFactory", tokenizer: Any | None) -> list[int]:
     """End tokens from the generation config, the model config and the tokenizer."""
     ids: set[int] = set()
     for src in (getattr(factory, "generation_config", None), getattr(factory, "config", None), tokenizer):
@@ -139,7 +145,7 @@ def _timings(history: dict[str, Any], ran: set[str], loaded_s: float | None) -> 
     return stages, transforms
 
 
-def _cache_interface(args: Any, device: torch.device) -> CachedSequenceInterface:
+def _cache_interface(args: "LlmArgs", device: torch.device) -> CachedSequenceInterface:
     """The cache interface the pipeline builds against, sized by the args (kv_cache_config.max_tokens caps it)."""
     max_num_tokens = args.max_num_tokens or args.max_batch_size * args.max_seq_len
     num_pages = None
@@ -170,7 +176,7 @@ def _resume_from_entry(optimizer: Any, cached: Any, rank: int) -> tuple[nn.Modul
     return cached.graph, progress, skip, {n for n, _ in optimizer.selected(CACHE_CUT.order + 1)}
 
 
-def _run_to_cache_cut(optimizer: Any, cm: Any, shared: Any, entry: Any, rank: int
+def _run_to_cache_cut(optimizer: Any, cm: CachedSequenceInterface, shared: Any, entry: Any, rank: int
                       ) -> tuple[nn.Module, Any, bytes | None, set[str]]:
     """A miss (or no cache): run the transforms up to the cache cut. Returns (graph, progress bar, the entry's
     snapshot of it or None, transforms this process runs)."""
@@ -187,8 +193,8 @@ def _run_to_cache_cut(optimizer: Any, cm: Any, shared: Any, entry: Any, rank: in
 
 
 def build_graph(
-    args: Any, rank: int = 0, world_size: int = 1
-) -> tuple[nn.Module, CachedSequenceInterface, Any, BuildReport]:
+    args: "LlmArgs", rank: int = 0, world_size: int = 1
+) -> tuple[nn.Module, CachedSequenceInterface, "ModelFactory", BuildReport]:
     """Run the transform pipeline (from the build cache's entry when there is one);
     returns (compiled module, cache interface, factory, report)."""
     import ad_runtime  # noqa: F401 - registers runtime transforms and backends
@@ -238,15 +244,15 @@ def build_graph(
     return module, cm, factory, report
 
 
-def _tied_weights(factory: Any) -> dict[str, str]:
+def _tied_weights(factory: "ModelFactory") -> dict[str, str]:
     """Target -> source names of the factory's tied weights (none for factories that do not say)."""
     tied = getattr(factory, "tied_weights", None)
     return tied() if callable(tied) else {}
 
 
 def build_engine(
-    args: Any, rank: int = 0, world_size: int = 1, runner_wrapper: Any = None
-) -> tuple[Engine, Any, Any, BuildReport]:
+    args: "LlmArgs", rank: int = 0, world_size: int = 1, runner_wrapper: Any = None
+) -> tuple[Engine, Any, "ModelFactory", BuildReport]:
     """(engine, tokenizer, factory, build report) for one rank."""
     module, cm, factory, report = build_graph(args, rank, world_size)
     runner = GraphRunner(module, cm)
@@ -270,7 +276,7 @@ def build_engine(
 class LocalBackend:
     """One process, one device; safe to call from many threads (they share the engine's batches)."""
 
-    def __init__(self, args: Any):
+    def __init__(self, args: "LlmArgs"):
         self.engine, self.tokenizer, self.factory, report = build_engine(args)
         self.build_reports = [report]
         self.core = EngineCore(self.engine)
@@ -304,7 +310,7 @@ class LocalBackend:
         self.engine = self.core = None  # type: ignore[assignment]
 
 
-def build_engine_backend(args: Any) -> Any:
+def build_engine_backend(args: "LlmArgs") -> "LocalBackend | DistributedBackend":
     if args.world_size > 1 or args.engine_process:
         from .distributed_backend import DistributedBackend
 

@@ -10,13 +10,17 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ad_compiler.export.graph_pickle import dumps_graph, loads_graph
 from ad_compiler.transform.interface import TransformInfo
 from torch.fx import GraphModule
 
 from .build_key import digest, key_ingredients
+
+if TYPE_CHECKING:
+    from ad_compiler.models.factory import ModelFactory
+    from ad_config import LlmArgs
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +42,14 @@ class CachedBuild:
     history: dict[str, TransformInfo]
 
 
-def default_root(args: Any) -> Path:
+class CacheDirs(Protocol):
+    """The two settings `default_root` reads: LlmArgs, or a stand-in with just these (`ad-cache` has no LlmArgs)."""
+
+    build_cache_dir: str | None
+    cache_dir: str | None
+
+
+def default_root(args: CacheDirs) -> Path:
     """`build_cache_dir`, else `<cache_dir>/builds` (cache_dir: the setting, else $AD_CACHE_DIR, else ~/.cache)."""
     if args.build_cache_dir:
         return Path(args.build_cache_dir).expanduser()
@@ -55,7 +66,9 @@ class BuildCacheEntry:
         self.ingredients = ingredients
 
     @classmethod
-    def for_build(cls, args: Any, factory: Any, device: Any, rank: int, world_size: int) -> "BuildCacheEntry | None":
+    def for_build(
+        cls, args: "LlmArgs", factory: "ModelFactory", device: Any, rank: int, world_size: int
+    ) -> "BuildCacheEntry | None":
         """The entry this build reads and writes; None (with a warning saying why) where none can be keyed."""
         try:
             ingredients = key_ingredients(args, factory, device, rank, world_size)

@@ -6,9 +6,13 @@ import os
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from ad_compiler.models.factory import ModelFactory
+    from ad_config import LlmArgs
 
 # Bump when the entry's layout or what is cached changes: old entries then miss instead of being misread.
 FORMAT_VERSION = 1
@@ -78,7 +82,9 @@ def device_kind(device: torch.device) -> str:
     return device.type
 
 
-def key_ingredients(args: Any, factory: Any, device: torch.device, rank: int, world_size: int) -> dict[str, Any]:
+def key_ingredients(
+    args: "LlmArgs", factory: "ModelFactory", device: torch.device, rank: int, world_size: int
+) -> dict[str, Any]:
     """Everything the cached part of the build depends on, as JSON-ready values."""
     config = args.model_dump(mode="json", exclude=set(RUNTIME_ONLY_FIELDS))
     if args.skip_loading_weights:

@@ -29,12 +29,15 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .executor.detokenizer import Detokenizer
 from .executor.request import Request
 from .rank_worker import rank_main
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ad_config import LlmArgs
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ class _Handler:
 class DistributedBackend:
     """Starts the ranks in the background and forwards requests to rank 0; safe to call from many threads."""
 
-    def __init__(self, args: Any):
+    def __init__(self, args: "LlmArgs"):
         from ad_compiler.distributed.launch import launch
         from ad_compiler.export.pipeline import factory_from_args
 

@@ -3,10 +3,13 @@
 import gc
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ad_config import LlmArgs
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +31,13 @@ class LLM:
         self._init_from_args(load_llm_args(**kwargs))
 
     @classmethod
-    def from_args(cls, args: Any) -> "LLM":
+    def from_args(cls, args: "LlmArgs") -> "LLM":
         """Build from an already resolved LlmArgs (e.g. ExperimentConfig.args)."""
         self = cls.__new__(cls)
         self._init_from_args(args)
         return self
 
-    def _init_from_args(self, args: Any) -> None:
+    def _init_from_args(self, args: "LlmArgs") -> None:
         from .build import build_engine_backend
 
         self._closed = True  # until the backend exists, there is nothing to shut down

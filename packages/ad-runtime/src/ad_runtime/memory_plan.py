@@ -3,13 +3,18 @@
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 from ad_compiler.errors import CompileError
 from ad_compiler.utils.graph_utils import get_attr_tensor, nodes_calling
 from torch.fx import GraphModule
+
+if TYPE_CHECKING:
+    from ad_config import LlmArgs
+
+    from .kv_cache.interface import CachedSequenceInterface
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +67,7 @@ def _identity(t: torch.Tensor) -> object:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
 
 
-def kv_bytes_per_token(gm: GraphModule, cm: Any, backend: str) -> int:
+def kv_bytes_per_token(gm: GraphModule, cm: "CachedSequenceInterface", backend: str) -> int:
     """K and V bytes per cached token over all attention layers, as the attention backend will lay them out."""
     from .attention.registry import AttentionRegistry, resolve_attention_backend
 
@@ -138,7 +143,9 @@ def device_free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def plan_memory(gm: nn.Module, cm: Any, args: Any, tied: dict[str, str] | None = None) -> MemoryPlan | None:
+def plan_memory(
+    gm: nn.Module, cm: "CachedSequenceInterface", args: "LlmArgs", tied: dict[str, str] | None = None
+) -> MemoryPlan | None:
     """The plan for the graph at the cache cut (sharded, weights still on meta); `tied`: the factory's tied weights
     (target -> source), which the loader gives one storage.
 
@@ -170,7 +177,7 @@ def plan_memory(gm: nn.Module, cm: Any, args: Any, tied: dict[str, str] | None =
     )
 
 
-def _tied_bytes(gm: GraphModule, cm: Any, args: Any, tied: dict[str, str]) -> int:
+def _tied_bytes(gm: GraphModule, cm: "CachedSequenceInterface", args: "LlmArgs", tied: dict[str, str]) -> int:
     """Bytes the loader shares between tied weights (lm_head.weight takes model.embed_tokens.weight's tensor): two
     tensors on meta, one storage once loaded. Not shared when prepack_cpu_linear packs one side (the packed copy
     replaces it while the other stays dense) or when sharding gave the two different shapes."""

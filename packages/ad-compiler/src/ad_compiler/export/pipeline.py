@@ -2,7 +2,7 @@
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -11,6 +11,9 @@ from ad_config.transform_config import Stage, TransformConfig, parse_transforms
 from ..models.factory import ModelFactory, ModelFactoryRegistry
 from ..transform.interface import SharedConfig, TransformInfo, TransformRegistry
 from ..transform.optimizer import InferenceOptimizer, ordered_transforms
+
+if TYPE_CHECKING:
+    from ad_config import AutoDeployConfig
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +27,8 @@ def resolve_device(device: str | None) -> str:
     return str(device)
 
 
-def factory_from_args(args: Any, device: str | None = None) -> ModelFactory:
-    """The registered factory named by `args.model_factory`, configured from an LlmArgs-like object."""
+def factory_from_args(args: "AutoDeployConfig", device: str | None = None) -> ModelFactory:
+    """The registered factory named by `args.model_factory`, configured from an AutoDeployConfig (or LlmArgs)."""
     cls = ModelFactoryRegistry.get(getattr(args, "model_factory", "AutoModelForCausalLM"))
     return cls(
         model=getattr(args, "model", None),

@@ -1,11 +1,11 @@
 """Build the sharding plan from the configured sources, in `sharding_source` order (first claim wins)."""
 
 import logging
-from typing import Any
 
 from ad_config.transform_config import DetectShardingConfig
 from torch.fx import GraphModule
 
+from ..models.factory import ModelFactory
 from .heuristic_ep_bmm import detect_bmm, detect_ep
 from .heuristic_ssm import detect_ssm
 from .heuristic_tp import detect_simple, detect_tp
@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 _HEURISTIC_ORDER = ("ssm", "ep", "bmm", "tp")
 
 
-def factory_plan(cfg: DetectShardingConfig, factory: Any) -> tuple[dict[str, str], int | None]:
+def factory_plan(cfg: DetectShardingConfig, factory: ModelFactory | None) -> tuple[dict[str, str], int | None]:
     """The factory source: an explicit `factory_config` wins, else the model config's own plan."""
     if cfg.factory_config.tp_plan:
         return dict(cfg.factory_config.tp_plan), cfg.factory_config.head_dim
@@ -33,7 +33,7 @@ def run_heuristics(gm: GraphModule, plan: ShardingPlan, dims: list[str]) -> int:
 
 
 def detect_plan(
-    gm: GraphModule, cfg: DetectShardingConfig, factory: Any, world_size: int, rank: int
+    gm: GraphModule, cfg: DetectShardingConfig, factory: ModelFactory | None, world_size: int, rank: int
 ) -> ShardingPlan:
     plan = ShardingPlan(world_size=world_size, rank=rank)
     if world_size == 1:

@@ -12,8 +12,10 @@ from pydantic import BaseModel
 from torch.fx import GraphModule
 
 from ..errors import CompileError
+from ..models.factory import ModelFactory
 from ..registry import Registry
 from ..utils.graph_utils import canonicalize_graph, run_shape_prop
+from .cache_protocol import CacheInterface
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class BaseTransform(ABC):
     """A graph transform. Subclasses implement `_apply` only.
 
     `mod` is an `nn.Module` before export (stages factory/export) and a `GraphModule` after.
-    `cm` is the runtime's cached-sequence interface (None when only compiling).
+    `cm` is the runtime's cached-sequence interface (None when only compiling; see cache_protocol).
     """
 
     config_class: ClassVar[type[TransformConfig] | None] = None  # defaults to the ad_config model
@@ -85,8 +87,8 @@ class BaseTransform(ABC):
     def __call__(
         self,
         mod: nn.Module,
-        cm: Any = None,
-        factory: Any = None,
+        cm: CacheInterface | None = None,
+        factory: ModelFactory | None = None,
         shared_config: SharedConfig | None = None,
         history: dict[str, TransformInfo] | None = None,
     ) -> nn.Module:
@@ -156,7 +158,7 @@ class BaseTransform(ABC):
 
     @abstractmethod
     def _apply(
-        self, mod: nn.Module, cm: Any, factory: Any, shared_config: SharedConfig
+        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[nn.Module, TransformInfo]:
         """Rewrite `mod`; return it with what was done (num_matches, or skipped with a reason)."""
 

@@ -7,6 +7,8 @@ from typing import Any
 import torch.nn as nn
 from ad_config.transform_config import Stage, TransformConfig, parse_transforms
 
+from ..models.factory import ModelFactory
+from .cache_protocol import CacheInterface
 from .interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 logger = logging.getLogger(__name__)
@@ -21,7 +23,7 @@ def ordered_transforms(configs: dict[str, TransformConfig]) -> list[tuple[str, T
 class InferenceOptimizer:
     """Apply a transforms mapping (as in default.yaml) to a model built by `factory`."""
 
-    def __init__(self, factory: Any, config: dict[str, TransformConfig | dict]):
+    def __init__(self, factory: ModelFactory | None, config: dict[str, TransformConfig | dict]):
         self.factory = factory
         self.config = parse_transforms(
             {k: (v.model_dump() if isinstance(v, TransformConfig) else v) for k, v in config.items()}
@@ -30,7 +32,7 @@ class InferenceOptimizer:
 
     def __call__(
         self,
-        cm: Any = None,
+        cm: CacheInterface | None = None,
         mod: nn.Module | None = None,
         shared_config: SharedConfig | None = None,
         until: str | Stage | None = None,

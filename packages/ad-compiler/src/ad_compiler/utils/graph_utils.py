@@ -10,6 +10,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import GraphModule, Node
 from torch.fx.graph import _PyTreeCodeGen
+from torch.fx.node import Argument, Target
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..errors import CompileError
@@ -78,7 +79,7 @@ class InputDeviceFakeProp(FakeTensorProp):
             device = next((v.device for v in inputs if isinstance(v, torch.Tensor)), None)
         self._device = device
 
-    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+    def get_attr(self, target: Target, args: tuple[Argument, ...], kwargs: dict[str, Any]) -> Any:
         value = super().get_attr(target, args, kwargs)
         if self._device is None or not isinstance(value, torch.Tensor) or value.device == self._device:
             return value

@@ -2,7 +2,7 @@
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx.experimental._config  # noqa: F401 - patched around compiled calls
@@ -14,6 +14,9 @@ from ad_compiler.registry import Registry
 from ..kv_cache.interface import CachedSequenceInterface
 from .direct_calls import call_custom_ops_directly
 from .inductor_fallbacks import register_custom_op_fallbacks
+
+if TYPE_CHECKING:
+    from ad_config import LlmArgs
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ def resolve_compile_backend(name: str, device: str | torch.device, quiet: bool =
     return choice
 
 
-def compile_backend_of(args: Any, device: str | torch.device) -> str | None:
+def compile_backend_of(args: "LlmArgs", device: str | torch.device) -> str | None:
     """The backend compile_model will use for `args` on `device` (auto resolved, quietly); None without it."""
     cfg = args.transforms.get("compile_model")
     return resolve_compile_backend(cfg.backend, device, quiet=True) if cfg is not None and cfg.enabled else None

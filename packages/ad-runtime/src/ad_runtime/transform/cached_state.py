@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from ad_compiler.errors import CompileError
+from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.utils.graph_utils import graph_inputs, nodes_calling, run_shape_prop
 from torch.fx import GraphModule, Node
 
@@ -36,7 +37,7 @@ def add_state_input(gm: GraphModule, cm: CachedSequenceInterface, name: str, spe
 
 
 def swap_for_cached_state_op(
-    transform: str, mod: Any, cm: Any, op: Any, cached_op: Any, state_name: str, num_tensors: int,
+    transform: str, mod: Any, cm: CacheInterface | None, op: Any, cached_op: Any, state_name: str, num_tensors: int,
     spec_of: Callable[[Node], StateSpec],
 ) -> int:
     """Swap every call of `op` in `mod` for `cached_op`; returns how many (0: none in the graph).

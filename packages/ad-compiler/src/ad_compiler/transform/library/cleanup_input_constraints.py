@@ -1,10 +1,10 @@
 """cleanup_input_constraints (stage post_export): drop export's guards and shape/value assertions."""
 
-from typing import Any
-
 import torch
 from torch.fx import GraphModule
 
+from ...models.factory import ModelFactory
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten
@@ -25,7 +25,9 @@ class CleanupInputConstraints(BaseTransform):
     (e.g. [1, 1] in decode) export never saw, and later transforms change what the asserts check.
     """
 
-    def _apply(self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig) -> tuple[GraphModule, TransformInfo]:
+    def _apply(
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
+    ) -> tuple[GraphModule, TransformInfo]:
         count = 0
         for node in list(gm.graph.nodes):
             is_guard = node.op == "call_module" and str(node.target) == "_guards_fn"

@@ -5,7 +5,9 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from ...models.factory import ModelFactory
 from ...utils.graph_utils import nodes_calling
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten
@@ -36,7 +38,9 @@ class CleanupNoopAdd(BaseTransform):
     promote, and then it is not a no-op.
     """
 
-    def _apply(self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig) -> tuple[GraphModule, TransformInfo]:
+    def _apply(
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
+    ) -> tuple[GraphModule, TransformInfo]:
         count = 0
         for node in nodes_calling(gm, aten.add.Tensor):
             a, b = node.args[:2]

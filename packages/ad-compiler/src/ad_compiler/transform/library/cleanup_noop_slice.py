@@ -1,12 +1,13 @@
 """cleanup_noop_slice (stage post_export): drop slices that take a whole dimension."""
 
 import sys
-from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
 
+from ...models.factory import ModelFactory
 from ...utils.graph_utils import nodes_calling
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 
@@ -31,7 +32,9 @@ def _is_noop_slice(node: Node) -> bool:
 class CleanupNoopSlice(BaseTransform):
     """Before: y = aten.slice(x, dim, 0, 9223372036854775807); z = f(y).  After: z = f(x)."""
 
-    def _apply(self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig) -> tuple[GraphModule, TransformInfo]:
+    def _apply(
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
+    ) -> tuple[GraphModule, TransformInfo]:
         count = 0
         for node in nodes_calling(gm, torch.ops.aten.slice.Tensor):
             if _is_noop_slice(node):

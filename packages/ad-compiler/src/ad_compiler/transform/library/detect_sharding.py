@@ -5,8 +5,10 @@ from typing import Any
 
 from torch.fx import GraphModule
 
+from ...models.factory import ModelFactory
 from ...sharding.detect import detect_plan
 from ...sharding.plan import PLAN_META_KEY
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 logger = logging.getLogger(__name__)
@@ -19,7 +21,9 @@ class DetectSharding(BaseTransform):
     linear(x, Wq)  ->  gm.meta["sharding_plan"].entries["linear"] = column (source heuristic)
     """
 
-    def _apply(self, mod: Any, cm: Any, factory: Any, shared_config: SharedConfig) -> tuple[Any, TransformInfo]:
+    def _apply(
+        self, mod: Any, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
+    ) -> tuple[Any, TransformInfo]:
         if not isinstance(mod, GraphModule):
             return mod, TransformInfo(skipped=True, reason="not a GraphModule")
         world, rank = shared_config.world_size, shared_config.local_rank

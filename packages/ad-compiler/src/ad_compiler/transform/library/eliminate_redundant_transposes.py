@@ -1,12 +1,12 @@
 """Remove transpose pairs that cancel and contiguous calls on tensors that are already contiguous."""
 
-from typing import Any
-
 import torch
 from torch.fx import GraphModule, Node
 
+from ...models.factory import ModelFactory
 from ...utils.graph_utils import fake, is_op, nodes_calling
 from ..attention_utils import is_noop_slice
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten
@@ -35,7 +35,7 @@ class EliminateRedundantTransposes(BaseTransform):
     """
 
     def _apply(
-        self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[GraphModule, TransformInfo]:
         num_matches = 0
         for node in nodes_calling(gm, aten.transpose.int):

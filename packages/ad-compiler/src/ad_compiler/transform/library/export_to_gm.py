@@ -1,13 +1,13 @@
 """export_to_gm (stage export): torch.export the meta model into a GraphModule with dynamic batch and sequence."""
 
-from typing import Any
-
 import torch
 import torch.nn as nn
 from torch.fx import GraphModule
 
 from ...errors import CompileError
 from ...export import torch_export_to_gm
+from ...models.factory import ModelFactory
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 
@@ -20,7 +20,9 @@ class ExportToGm(BaseTransform):
     parameters' device, with batch and sequence dimensions dynamic.
     """
 
-    def _apply(self, mod: nn.Module, cm: Any, factory: Any, shared_config: SharedConfig) -> tuple[nn.Module, TransformInfo]:
+    def _apply(
+        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
+    ) -> tuple[nn.Module, TransformInfo]:
         if isinstance(mod, GraphModule):
             return mod, TransformInfo(skipped=True, reason="already a GraphModule")
         if factory is None:

@@ -9,7 +9,9 @@ from torch.fx import Graph, GraphModule, Node
 
 from ... import custom_ops  # noqa: F401 - registers torch.ops.auto_deploy.*
 from ...kernels_registry import available_backends, get_kernel
+from ...models.factory import ModelFactory
 from ...utils.graph_utils import arg, fake, is_op, nodes_calling, same_size, set_fake_val, val
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten
@@ -95,7 +97,7 @@ class FuseAddRmsnorm(BaseTransform):
     """
 
     def _apply(
-        self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[GraphModule, TransformInfo]:
         pairs = _matches(gm)
         if not pairs:

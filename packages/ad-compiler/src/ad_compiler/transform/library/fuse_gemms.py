@@ -6,12 +6,13 @@ The fused weight is a new parameter next to the originals, which are removed (th
 """
 
 import operator
-from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
 
+from ...models.factory import ModelFactory
 from ...utils.graph_utils import get_attr_tensor, nodes_calling
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten
@@ -103,7 +104,7 @@ class FuseGemms(BaseTransform):
     """Group aten.linear nodes by input; fuse each group of two or more."""
 
     def _apply(
-        self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[GraphModule, TransformInfo]:
         groups: dict[tuple, list[Node]] = {}
         for lin in nodes_calling(gm, aten.linear):

@@ -6,13 +6,13 @@ The transposed copies replace the original parameters (this runs after weights a
 does not grow.
 """
 
-from typing import Any
-
 import torch
 from torch.fx import GraphModule, Node
 
 from ... import custom_ops  # noqa: F401 - registers torch.ops.auto_deploy.*
+from ...models.factory import ModelFactory
 from ...utils.graph_utils import get_attr_tensor, nodes_calling
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 
@@ -43,7 +43,7 @@ class FuseMoe(BaseTransform):
     """torch_moe -> torch_moe_fused (one grouped GEMM per projection instead of a loop over experts)."""
 
     def _apply(
-        self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[GraphModule, TransformInfo]:
         cache: dict[str, Node] = {}
         old_weights: set[Node] = set()

@@ -1,13 +1,13 @@
 """Swap torch_rmsnorm for the configured backend's fused kernel (kernels_registry "rmsnorm")."""
 
-from typing import Any
-
 import torch
 from torch.fx import GraphModule
 
 from ... import custom_ops  # noqa: F401 - registers torch.ops.auto_deploy.*
 from ...kernels_registry import get_kernel
+from ...models.factory import ModelFactory
 from ...utils.graph_utils import nodes_calling
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 
@@ -23,7 +23,7 @@ class FuseRmsnorm(BaseTransform):
     """
 
     def _apply(
-        self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[GraphModule, TransformInfo]:
         nodes = nodes_calling(gm, torch.ops.auto_deploy.torch_rmsnorm)
         if not nodes:

@@ -1,11 +1,11 @@
 """load_weights (stage weight_load): fill the meta parameters on the target device through the factory."""
 
-from typing import Any
-
 from torch.fx import GraphModule
 
 from ...errors import CompileError
 from ...export.devices import retarget_device_constants
+from ...models.factory import ModelFactory
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 
@@ -17,7 +17,9 @@ class LoadWeights(BaseTransform):
     The graph's baked-in trace device (meta) is pointed at the real device too, else it is not runnable.
     """
 
-    def _apply(self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig) -> tuple[GraphModule, TransformInfo]:
+    def _apply(
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
+    ) -> tuple[GraphModule, TransformInfo]:
         if factory is None:
             raise CompileError("load_weights needs a model factory")
         factory.load_or_random_init(gm, shared_config.device)

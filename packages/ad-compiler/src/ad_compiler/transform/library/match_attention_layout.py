@@ -1,12 +1,12 @@
 """Give every torch_attention the configured layout (bsnd by default) by transposing around it."""
 
-from typing import Any
-
 import torch
 from torch.fx import GraphModule
 
+from ...models.factory import ModelFactory
 from ...utils.graph_utils import nodes_calling, set_fake_val
 from ..attention_utils import attention_args, insert_torch_attention
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten
@@ -23,7 +23,7 @@ class MatchAttentionLayout(BaseTransform):
     """
 
     def _apply(
-        self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[GraphModule, TransformInfo]:
         target = self.config.attn_layout
         num_matches = 0

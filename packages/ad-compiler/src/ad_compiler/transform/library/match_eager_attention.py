@@ -6,8 +6,10 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from ...models.factory import ModelFactory
 from ...utils.graph_utils import arg, erase_dead, fake, is_op, nodes_calling
 from ..attention_utils import classify_mask, insert_torch_attention, skip_noops
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten
@@ -115,7 +117,7 @@ class MatchEagerAttention(BaseTransform):
     """
 
     def _apply(
-        self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[GraphModule, TransformInfo]:
         num_matches = 0
         for softmax in nodes_calling(gm, [aten.softmax.int, aten._softmax]):

@@ -1,12 +1,12 @@
 """Feed un-repeated k/v (n_kv heads) to torch_attention, which handles GQA itself."""
 
-from typing import Any
-
 import torch
 from torch.fx import GraphModule
 
+from ...models.factory import ModelFactory
 from ...utils.graph_utils import nodes_calling
 from ..attention_utils import attention_args, repeat_kv_source, with_attention_args
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 
@@ -20,7 +20,7 @@ class MatchGroupedAttention(BaseTransform):
     """
 
     def _apply(
-        self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[GraphModule, TransformInfo]:
         num_matches = 0
         for node in nodes_calling(gm, torch.ops.auto_deploy.torch_attention):

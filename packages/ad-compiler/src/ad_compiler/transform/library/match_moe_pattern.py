@@ -19,7 +19,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ... import custom_ops  # noqa: F401 - registers torch.ops.auto_deploy.*
+from ...models.factory import ModelFactory
 from ...utils.graph_utils import get_attr_tensor, is_op, nodes_calling
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten
@@ -221,7 +223,7 @@ class MatchMoePattern(BaseTransform):
     """Replace each softmax-top-k routed experts block by torch_moe."""
 
     def _apply(
-        self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[GraphModule, TransformInfo]:
         num = 0
         for topk in nodes_calling(gm, aten.topk):

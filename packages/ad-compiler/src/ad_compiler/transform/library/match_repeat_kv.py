@@ -1,12 +1,12 @@
 """Replace HF repeat_kv (unsqueeze/expand/reshape of k or v) by one explicit `aten.repeat_interleave` marker."""
 
-from typing import Any
-
 import torch
 from torch.fx import GraphModule
 
+from ...models.factory import ModelFactory
 from ...utils.graph_utils import set_fake_val
 from ..attention_utils import repeat_kv_source
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten
@@ -21,7 +21,7 @@ class MatchRepeatKv(BaseTransform):
     """
 
     def _apply(
-        self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[GraphModule, TransformInfo]:
         num_matches = 0
         for node in list(gm.graph.nodes):

@@ -1,12 +1,12 @@
 """Match Hugging Face RMSNorm subgraphs (Llama, Qwen3 q/k-norm, Gemma's 1 + weight) into torch_rmsnorm."""
 
-from typing import Any
-
 import torch
 from torch.fx import GraphModule, Node
 
 from ... import custom_ops  # noqa: F401 - registers torch.ops.auto_deploy.*
+from ...models.factory import ModelFactory
 from ...utils.graph_utils import arg, eliminate_dead_code, is_op, operands, set_fake_val, static_shape, val
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten
@@ -98,7 +98,7 @@ class MatchRmsnormPattern(BaseTransform):
     """
 
     def _apply(
-        self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[GraphModule, TransformInfo]:
         num = 0
         for node in list(gm.graph.nodes):

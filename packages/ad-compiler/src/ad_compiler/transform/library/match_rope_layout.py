@@ -1,13 +1,14 @@
 """Make every RoPE op work in the expected layout (bsnd by default), moving the transposes around it."""
 
 import operator
-from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
 
 from ... import custom_ops  # noqa: F401 - registers torch.ops.auto_deploy.*
+from ...models.factory import ModelFactory
 from ...utils.graph_utils import arg, eliminate_dead_code, is_op, nodes_calling, set_fake_val, static_shape
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten
@@ -49,7 +50,7 @@ class MatchRopeLayout(BaseTransform):
     """
 
     def _apply(
-        self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[GraphModule, TransformInfo]:
         want = _DIM[self.config.expected_layout]
         num = 0

@@ -9,6 +9,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ... import custom_ops  # noqa: F401 - registers torch.ops.auto_deploy.*
+from ...models.factory import ModelFactory
 from ...utils.graph_utils import (
     OPEN_END,
     arg,
@@ -22,6 +23,7 @@ from ...utils.graph_utils import (
     unsqueezed,
     val,
 )
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten
@@ -238,7 +240,7 @@ class MatchRopePattern(BaseTransform):
     """
 
     def _apply(
-        self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[GraphModule, TransformInfo]:
         matches: list[RopeMatch] = []
         for node in gm.graph.nodes:

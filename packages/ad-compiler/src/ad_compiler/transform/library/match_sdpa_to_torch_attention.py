@@ -1,12 +1,12 @@
 """Rewrite aten.scaled_dot_product_attention into auto_deploy.torch_attention (bnsd), reading the mask's meaning."""
 
-from typing import Any
-
 import torch
 from torch.fx import GraphModule
 
+from ...models.factory import ModelFactory
 from ...utils.graph_utils import arg, nodes_calling
 from ..attention_utils import classify_mask, insert_torch_attention
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 aten = torch.ops.aten
@@ -24,7 +24,7 @@ class MatchSdpaToTorchAttention(BaseTransform):
     """
 
     def _apply(
-        self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[GraphModule, TransformInfo]:
         num_matches = 0
         for node in nodes_calling(gm, aten.scaled_dot_product_attention):

@@ -1,10 +1,10 @@
 """move_inputs_to_device (stage weight_load): every tensor the graph reads and every device constant on the target device."""
 
-from typing import Any
-
 from torch.fx import GraphModule
 
 from ...export.devices import move_tensors, retarget_device_constants
+from ...models.factory import ModelFactory
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 
@@ -15,7 +15,9 @@ class MoveInputsToDevice(BaseTransform):
     Matches = tensors moved + nodes whose device argument changed (0 when everything was in place).
     """
 
-    def _apply(self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig) -> tuple[GraphModule, TransformInfo]:
+    def _apply(
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
+    ) -> tuple[GraphModule, TransformInfo]:
         moved = move_tensors(gm, shared_config.device)
         changed = retarget_device_constants(gm, shared_config.device)
         return gm, TransformInfo(num_matches=moved + changed)

@@ -1,14 +1,15 @@
 """Precompute RoPE cos/sin once into a [max_pos, d] table and rotate with the backend's cached-table kernel."""
 
 import operator
-from typing import Any
 
 import torch
 from torch.fx import Graph, GraphModule, Node
 
 from ... import custom_ops  # noqa: F401 - registers torch.ops.auto_deploy.*
 from ...kernels_registry import get_kernel
+from ...models.factory import ModelFactory
 from ...utils.graph_utils import eliminate_dead_code, get_attr_tensor, nodes_calling, set_fake_val, val
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 DEFAULT_MAX_POS = 4096
@@ -72,7 +73,7 @@ def _device_of(prog: GraphModule, shared_config: SharedConfig) -> torch.device:
     return torch.device(shared_config.device)
 
 
-def _max_positions(factory: Any, shared_config: SharedConfig) -> int:
+def _max_positions(factory: ModelFactory | None, shared_config: SharedConfig) -> int:
     for v in (shared_config.extras.get("max_seq_len"), getattr(factory, "max_seq_len", None)):
         if isinstance(v, int) and v > 0:
             return v
@@ -107,7 +108,7 @@ class OptimizeRope(BaseTransform):
     """
 
     def _apply(
-        self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[GraphModule, TransformInfo]:
         nodes = nodes_calling(gm, torch.ops.auto_deploy.torch_rope_with_explicit_cos_sin)
         if not nodes:

@@ -5,8 +5,10 @@ from typing import Any
 from torch.fx import GraphModule
 
 from ...errors import CompileError
+from ...models.factory import ModelFactory
 from ...sharding.apply import apply_plan
 from ...sharding.plan import PLAN_META_KEY, ShardingPlan
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 
@@ -17,7 +19,9 @@ class ShardingTransformExecutor(BaseTransform):
     linear(x, Wo[H, I])  ->  torch_dist_all_reduce(linear(x, Wo[:, r*I/N:(r+1)*I/N]))
     """
 
-    def _apply(self, mod: Any, cm: Any, factory: Any, shared_config: SharedConfig) -> tuple[Any, TransformInfo]:
+    def _apply(
+        self, mod: Any, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
+    ) -> tuple[Any, TransformInfo]:
         if not isinstance(mod, GraphModule):
             return mod, TransformInfo(skipped=True, reason="not a GraphModule")
         plan: ShardingPlan | None = mod.meta.get(PLAN_META_KEY)

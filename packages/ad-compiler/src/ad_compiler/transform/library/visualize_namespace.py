@@ -2,11 +2,12 @@
 
 import logging
 from pathlib import Path
-from typing import Any
 
 from torch.fx import GraphModule
 
+from ...models.factory import ModelFactory
 from ...report.graph_io import write_graph_svg, write_graph_text
+from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 logger = logging.getLogger(__name__)
@@ -19,7 +20,9 @@ class VisualizeNamespace(BaseTransform):
     Files go to `output_dir` (default: the current directory); one per rank when world_size > 1.
     """
 
-    def _apply(self, gm: GraphModule, cm: Any, factory: Any, shared_config: SharedConfig) -> tuple[GraphModule, TransformInfo]:
+    def _apply(
+        self, gm: GraphModule, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
+    ) -> tuple[GraphModule, TransformInfo]:
         out = Path(self.config.output_dir or ".")
         stem = "graph" if shared_config.world_size == 1 else f"graph_rank{shared_config.local_rank}"
         write_graph_text(gm, out / f"{stem}.txt")

@@ -4,10 +4,10 @@ Before: gm(**cm.named_args)        After: compiled(**cm.named_args)  (same outpu
 CUDA graphs of padded batch sizes)
 """
 
-from typing import Any
-
 import torch.nn as nn
 from ad_compiler.errors import CompileError
+from ad_compiler.models.factory import ModelFactory
+from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 from ...compile import compile_model
@@ -17,7 +17,7 @@ from ...kv_cache.interface import CachedSequenceInterface
 @TransformRegistry.register("compile_model")
 class CompileModel(BaseTransform):
     def _apply(
-        self, mod: nn.Module, cm: Any, factory: Any, shared_config: SharedConfig
+        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[nn.Module, TransformInfo]:
         if not isinstance(cm, CachedSequenceInterface):
             raise CompileError("compile_model needs the runtime's CachedSequenceInterface (cm)")

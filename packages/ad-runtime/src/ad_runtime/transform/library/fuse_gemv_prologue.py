@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 from ad_compiler.errors import CompileError
+from ad_compiler.models.factory import ModelFactory
+from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 from ad_compiler.utils.graph_utils import arg, eliminate_dead_code, fake, get_attr_tensor, is_op, operands, val
 from torch.fx import GraphModule, Node
@@ -134,7 +136,7 @@ def _fuse_swiglu(gm: GraphModule, gemv: Node, source: tuple[Node, int, int]) -> 
 @TransformRegistry.register("fuse_gemv_prologue")
 class FuseGemvPrologue(BaseTransform):
     def _apply(
-        self, mod: nn.Module, cm: Any, factory: Any, shared_config: SharedConfig
+        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[nn.Module, TransformInfo]:
         if not isinstance(mod, GraphModule):
             raise CompileError("fuse_gemv_prologue needs an exported GraphModule")

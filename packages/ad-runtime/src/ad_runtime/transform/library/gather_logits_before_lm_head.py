@@ -9,6 +9,8 @@ and the vocab projection of a long prefill is the largest matmul of a small mode
 import torch
 import torch.nn as nn
 from ad_compiler.errors import CompileError
+from ad_compiler.models.factory import ModelFactory
+from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 from ad_compiler.utils.graph_utils import add_graph_inputs, is_op
 from torch.fx import GraphModule, Node
@@ -67,7 +69,7 @@ def find_lm_head(gm: GraphModule) -> Node | None:
 @TransformRegistry.register("gather_logits_before_lm_head")
 class GatherLogitsBeforeLmHead(BaseTransform):
     def _apply(
-        self, mod: nn.Module, cm: object, factory: object, shared_config: SharedConfig
+        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[nn.Module, TransformInfo]:
         if not isinstance(cm, CachedSequenceInterface):
             raise CompileError("gather_logits_before_lm_head needs the runtime's CachedSequenceInterface (cm)")

@@ -9,11 +9,11 @@ writes its outputs directly. The op decides by the row count of each call, so ca
 hold the GEMV and prefill, mixed and larger decode batches run exactly as before.
 """
 
-from typing import Any
-
 import torch
 import torch.nn as nn
 from ad_compiler.errors import CompileError
+from ad_compiler.models.factory import ModelFactory
+from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 from ad_compiler.utils.graph_utils import arg, fake, get_attr_tensor, nodes_calling
 from torch.fx import GraphModule, Node
@@ -43,7 +43,7 @@ def _rewritable(gm: GraphModule, node: Node) -> bool:
 @TransformRegistry.register("gemv_decode_linear")
 class GemvDecodeLinear(BaseTransform):
     def _apply(
-        self, mod: nn.Module, cm: Any, factory: Any, shared_config: SharedConfig
+        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[nn.Module, TransformInfo]:
         if not isinstance(mod, GraphModule):
             raise CompileError("gemv_decode_linear needs an exported GraphModule")

@@ -4,10 +4,10 @@ The graph is unchanged; its cache inputs get tensors of [num_pages + 1, page_siz
 per-sequence state inputs (Mamba conv/SSM state) tensors of [max_batch_size + 1, *state shape].
 """
 
-from typing import Any
-
 import torch.nn as nn
 from ad_compiler.errors import CompileError
+from ad_compiler.models.factory import ModelFactory
+from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 from ...kv_cache.interface import CachedSequenceInterface
@@ -16,7 +16,7 @@ from ...kv_cache.interface import CachedSequenceInterface
 @TransformRegistry.register("initialize_cache")
 class InitializeCache(BaseTransform):
     def _apply(
-        self, mod: nn.Module, cm: Any, factory: Any, shared_config: SharedConfig
+        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[nn.Module, TransformInfo]:
         if not isinstance(cm, CachedSequenceInterface):
             raise CompileError("initialize_cache needs the runtime's CachedSequenceInterface (cm)")

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 from ad_compiler.errors import CompileError
+from ad_compiler.models.factory import ModelFactory
+from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 from ad_compiler.utils.graph_utils import add_graph_inputs, graph_inputs, nodes_calling
 from ad_compiler.utils.unmatched_attention import find_unmatched_attention
@@ -52,7 +54,7 @@ def _transpose(gm: GraphModule, x: Any) -> Node:
 @TransformRegistry.register("insert_cached_attention")
 class InsertCachedAttention(BaseTransform):
     def _apply(
-        self, mod: nn.Module, cm: Any, factory: Any, shared_config: SharedConfig
+        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[nn.Module, TransformInfo]:
         if not isinstance(cm, CachedSequenceInterface):
             raise CompileError("insert_cached_attention needs the runtime's CachedSequenceInterface (cm)")

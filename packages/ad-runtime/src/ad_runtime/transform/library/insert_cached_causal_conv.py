@@ -5,10 +5,10 @@ After:   y = torch_cached_causal_conv1d(x, weight, bias, *state metadata, conv_s
 with conv_state_i a new graph input of [max_batch_size + 1, channels, kernel - 1] in x's dtype (the last inputs).
 """
 
-from typing import Any
-
 import torch
 import torch.nn as nn
+from ad_compiler.models.factory import ModelFactory
+from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 from torch.fx import Node
 
@@ -26,7 +26,7 @@ def _spec(node: Node) -> StateSpec:
 @TransformRegistry.register("insert_cached_causal_conv")
 class InsertCachedCausalConv(BaseTransform):
     def _apply(
-        self, mod: nn.Module, cm: Any, factory: Any, shared_config: SharedConfig
+        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[nn.Module, TransformInfo]:
         n = swap_for_cached_state_op(
             "insert_cached_causal_conv", mod, cm, torch.ops.auto_deploy.torch_causal_conv1d,

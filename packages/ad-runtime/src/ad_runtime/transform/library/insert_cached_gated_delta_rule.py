@@ -6,10 +6,10 @@ with delta_state_i a new graph input of [max_batch_size + 1, heads, k_head_dim, 
 state accumulates over the whole sequence, so it stays in full precision whatever the model's dtype).
 """
 
-from typing import Any
-
 import torch
 import torch.nn as nn
+from ad_compiler.models.factory import ModelFactory
+from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 from torch.fx import Node
 
@@ -27,7 +27,7 @@ def _spec(node: Node) -> StateSpec:
 @TransformRegistry.register("insert_cached_gated_delta_rule")
 class InsertCachedGatedDeltaRule(BaseTransform):
     def _apply(
-        self, mod: nn.Module, cm: Any, factory: Any, shared_config: SharedConfig
+        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[nn.Module, TransformInfo]:
         n = swap_for_cached_state_op(
             "insert_cached_gated_delta_rule", mod, cm, torch.ops.auto_deploy.torch_gated_delta_rule,

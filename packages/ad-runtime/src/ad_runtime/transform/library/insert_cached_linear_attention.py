@@ -5,10 +5,10 @@ After:   o = torch_cached_linear_attention(q, k, v, g, *state metadata, linear_s
 with linear_state_i a new graph input of [max_batch_size + 1, heads, k_head_dim, v_head_dim] in float32.
 """
 
-from typing import Any
-
 import torch
 import torch.nn as nn
+from ad_compiler.models.factory import ModelFactory
+from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 from torch.fx import Node
 
@@ -26,7 +26,7 @@ def _spec(node: Node) -> StateSpec:
 @TransformRegistry.register("insert_cached_linear_attention")
 class InsertCachedLinearAttention(BaseTransform):
     def _apply(
-        self, mod: nn.Module, cm: Any, factory: Any, shared_config: SharedConfig
+        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[nn.Module, TransformInfo]:
         n = swap_for_cached_state_op(
             "insert_cached_linear_attention", mod, cm, torch.ops.auto_deploy.torch_linear_attention,

@@ -10,14 +10,19 @@ second copy); one read elsewhere too (a tied embedding) keeps its dense tensor b
 """
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 from ad_compiler.errors import CompileError
+from ad_compiler.models.factory import ModelFactory
+from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 from ad_compiler.utils.graph_utils import get_attr_tensor, nodes_calling
 from torch.fx import GraphModule, Node
+
+if TYPE_CHECKING:
+    from ad_config import LlmArgs
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +66,7 @@ def skip_reason(device: str | torch.device | None, compile_backend: str | None) 
     return onednn_problem()
 
 
-def will_run(args: Any, device: torch.device) -> bool:
+def will_run(args: "LlmArgs", device: torch.device) -> bool:
     """Whether a build with these args on `device` packs linears (the memory plan counts the copies it makes)."""
     from ...compile.backends import compile_backend_of
 
@@ -88,7 +93,7 @@ def _drop_attr(gm: GraphModule, target: str) -> None:
 @TransformRegistry.register("prepack_cpu_linear")
 class PrepackCpuLinear(BaseTransform):
     def _apply(
-        self, mod: nn.Module, cm: Any, factory: Any, shared_config: SharedConfig
+        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[nn.Module, TransformInfo]:
         if not isinstance(mod, GraphModule):
             raise CompileError("prepack_cpu_linear needs an exported GraphModule")

@@ -4,11 +4,12 @@ The graph is unchanged; the cm's caches are re-allocated with the new page count
 """
 
 import logging
-from typing import Any
 
 import torch
 import torch.nn as nn
 from ad_compiler.errors import CompileError
+from ad_compiler.models.factory import ModelFactory
+from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 from ...device import free_and_total_memory, min_over_ranks
@@ -47,7 +48,7 @@ def measure_activation_bytes(mod: nn.Module, cm: CachedSequenceInterface) -> int
 @TransformRegistry.register("resize_kv_cache")
 class ResizeKvCache(BaseTransform):
     def _apply(
-        self, mod: nn.Module, cm: Any, factory: Any, shared_config: SharedConfig
+        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[nn.Module, TransformInfo]:
         if not isinstance(cm, CachedSequenceInterface):
             raise CompileError("resize_kv_cache needs the runtime's CachedSequenceInterface (cm)")

@@ -8,11 +8,12 @@ build error, not wrong text. The caches' contents are scratch here; requests ove
 """
 
 import logging
-from typing import Any
 
 import torch
 import torch.nn as nn
 from ad_compiler.errors import CompileError
+from ad_compiler.models.factory import ModelFactory
+from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 from ...kv_cache.interface import CachedSequenceInterface, ScheduledSequence
@@ -65,7 +66,7 @@ def decode_vs_prefill(mod: nn.Module, cm: CachedSequenceInterface, token_ids: li
 @TransformRegistry.register("verify_cached_decode")
 class VerifyCachedDecode(BaseTransform):
     def _apply(
-        self, mod: nn.Module, cm: Any, factory: Any, shared_config: SharedConfig
+        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
     ) -> tuple[nn.Module, TransformInfo]:
         if not isinstance(cm, CachedSequenceInterface):
             raise CompileError("verify_cached_decode needs the runtime's CachedSequenceInterface (cm)")
