@@ -9,8 +9,6 @@ constraint, before compiling skips that message and changes nothing else.
 """
 
 import torch
-from torch._inductor.lowering import lowerings, make_fallback, tag_to_layout_constraint
-from torch._library.utils import get_layout_constraint_tag
 from torch.fx import GraphModule
 
 NAMESPACE = "auto_deploy"
@@ -19,6 +17,10 @@ NAMESPACE = "auto_deploy"
 def register_custom_op_fallbacks(gm: GraphModule) -> list[torch._ops.OpOverload]:
     """Give every `auto_deploy` op called in `gm` without an Inductor lowering the fallback Inductor would make;
     returns the ops registered now."""
+    # Imported here: torch._inductor takes ~5 s to import, paid only by builds that compile.
+    from torch._inductor.lowering import lowerings, make_fallback, tag_to_layout_constraint
+    from torch._library.utils import get_layout_constraint_tag
+
     added = []
     for node in gm.graph.nodes:
         op = node.target
