@@ -4,13 +4,13 @@
 # The engine settings are throughput.py's defaults on the same model folder (setup.sh writes it), so a server
 # started after `throughput.py --model-dir /tmp/gpumodels/llama-3.1-8b` loads that run's build cache entry.
 # Usage: bash benchmarks/gpu/served_8b.sh [PORT]   (SKIP_256=1: leave out the 256-client run;
-#        ENGINE_PROCESS=1: the engine in a process of its own, --args.engine-process=true)
+#        ENGINE_PROCESS=1 / 0: --args.engine-process=true / false; unset: ad-serve's default, its own process on a GPU)
 set -u
 PORT=${1:-8177}
 LOG=${OUT:-/tmp}/served_8b_server.log
 python3 -m ad_cli.serve --port "$PORT" --args.model=/tmp/gpumodels/llama-3.1-8b --args.skip-loading-weights=true \
   --args.dtype=bfloat16 --args.max-batch-size=256 --args.max-num-tokens=8192 --args.max-seq-len=2048 \
-  --args.enable-chunked-prefill=true --args.engine-process="$([ "${ENGINE_PROCESS:-0}" = 1 ] && echo true || echo false)" \
+  --args.enable-chunked-prefill=true ${ENGINE_PROCESS:+--args.engine-process=$([ "$ENGINE_PROCESS" = 1 ] && echo true || echo false)} \
   > "$LOG" 2>&1 &
 SERVER=$!
 trap 'kill -INT $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT

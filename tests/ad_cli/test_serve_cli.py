@@ -77,3 +77,17 @@ def test_the_servers_batch_is_exactly_max_batch_size(size: int) -> None:
     proc, _ = _serve(f"--args.max-batch-size={size}", "--args.device=cpu", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load(proc.stdout)["args"]["max_batch_size"] == size
+
+
+def test_engine_process_defaults_to_its_own_process_on_a_gpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from ad_cli.serve import serving_args
+    from ad_config import load_llm_args
+    from ad_runtime import build
+
+    assert serving_args(load_llm_args(device="cpu")).engine_process is False
+    assert serving_args(load_llm_args(device="cpu", engine_process=True)).engine_process is True
+    assert serving_args(load_llm_args(device="cpu", world_size=2)).engine_process is None  # rank 0 is its own process
+    monkeypatch.setattr(build, "resolve_device", lambda device, rank=0: torch.device("cuda", 0))
+    assert serving_args(load_llm_args()).engine_process is True
+    assert serving_args(load_llm_args(engine_process=False)).engine_process is False

@@ -220,12 +220,13 @@ class LlmArgs(AutoDeployConfig):
         "host reads them one step late). None: on for a single-process run on a GPU, off on a CPU (no gain there). "
         "Greedy tokens are the same either way. Needs world_size 1.",
     )
-    engine_process: bool = Field(
-        default=False,
+    engine_process: bool | None = Field(
+        default=None,
         description="Run the engine (scheduler, model, sampling) in a process of its own, as rank 0 of a "
         "one-rank launch; the caller's process keeps tokenization, detokenization and I/O. ad-serve's HTTP work "
-        "and the engine's stepping then stop taking turns on one Python interpreter. world_size > 1 always runs "
-        "the engine in rank 0's process.",
+        "and the engine's stepping then stop taking turns on one Python interpreter. None: on for ad-serve on a "
+        "GPU, off otherwise (LLM, build_and_run_ad, a CPU). world_size > 1 always runs the engine in rank 0's "
+        "process.",
     )
     enable_prefix_caching: bool = Field(
         default=True,
