@@ -13,7 +13,10 @@ from .paged_attention import LOG2E, _dot_dtype, _dot_precision, _kv_tile, _onlin
 from .pdl import pdl_launch_args
 
 
-@triton.jit
+# The decode rows of a mixed step are slices that start after the prefill rows: without this, Triton compiles a
+# variant of the kernel for each alignment of their pointers (seq_len[num_prefill:] is 16-byte aligned only when
+# num_prefill % 4 == 0), i.e. JIT compiles in the middle of serving after the build compiled and captured the rest.
+@triton.jit(do_not_specialize_on_alignment=["q_ptr", "o_ptr", "seq_len_ptr", "input_pos_ptr", "page_table_ptr"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, part_o_ptr, part_lse_ptr, o_ptr, sinks_ptr, arrivals_ptr,
     seq_len_ptr, input_pos_ptr, page_table_ptr,
