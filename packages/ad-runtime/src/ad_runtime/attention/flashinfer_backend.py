@@ -1,6 +1,7 @@
 """The "flashinfer" attention backend: FlashInfer's paged prefill/decode wrappers, planned outside CUDA graphs."""
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,9 @@ _FA2_DECODE_MIN_ROWS = 8
 # from one row to 256 (H200, Llama-3.1-8B layer: 256 rows of 1024 keys 253 us against FA2's 274; 256 rows of 160
 # keys 54 against 85; one row 6 against 19; small_batch_kernels.py), and it needs no plan per step. FlashInfer's
 # decode remains for what the kernel does not take: a KV cache of another dtype than the queries (fp8).
+# AUTODEPLOY_FLASHINFER_DECODE=1 sends decode rows to FlashInfer's decode again, to compare whole runs in one call
+# (not AD_-prefixed: the configuration loader reads AD_* variables as settings).
+_FLASHINFER_DECODE = os.environ.get("AUTODEPLOY_FLASHINFER_DECODE", "0") == "1"
 _LN2 = math.log(2.0)
 
 
@@ -186,7 +190,7 @@ def _plan_decode(w: _Wrapper, key: _LayerKey, batch: _Batch) -> None:
 
 def _split_kv_decode(key: _LayerKey, rows: int) -> bool:
     """Whether a decode batch of `rows` goes to the split-KV Triton kernel (no FlashInfer plan then)."""
-    return rows > 0 and key.q_dtype == key.kv_dtype
+    return rows > 0 and key.q_dtype == key.kv_dtype and not _FLASHINFER_DECODE
 
 
 def _use_graph_wrapper(batch: _Batch) -> bool:
