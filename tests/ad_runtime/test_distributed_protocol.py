@@ -75,8 +75,9 @@ def _next(conn: Any) -> tuple[int, Any]:
     unread = _UNREAD.setdefault(id(conn), [])
     if not unread:
         assert conn.poll(10), "rank 0 sent nothing"
-        kind, updates = conn.recv()
+        kind, updates, (running, waiting, kv_usage) = conn.recv()
         assert kind == "updates" and updates, (kind, updates)
+        assert running >= 0 and waiting >= 0 and 0.0 <= kv_usage <= 1.0
         unread.extend(updates)
     return unread.pop(0)
 

@@ -43,6 +43,19 @@ class DistributedEngine:
         """None while the ranks serve; otherwise why they stopped, in one line ("rank 1 of 2 died: ...")."""
         return self.backend.health()
 
+    # Rank 0's counts as of its last step (they travel with that step's updates): what /metrics reports.
+    @property
+    def num_running(self) -> int:
+        return self.backend.engine_stats[0]
+
+    @property
+    def num_waiting(self) -> int:
+        return self.backend.engine_stats[1]
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.backend.engine_stats[2]
+
     def submit(self, token_ids: list[int], params: SamplingParams, prompt: str | None, stream: bool = True) -> asyncio.Queue:
         """Send a request to rank 0; returns the asyncio queue that receives its Updates (only the last unless `stream`)."""
         loop = asyncio.get_running_loop()

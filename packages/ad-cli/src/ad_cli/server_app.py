@@ -75,10 +75,9 @@ def build_app(llm: Any, model_name: str, default_max_tokens: int = 256, limits: 
     # _last_update lives here beside DISCONNECT_POLL_S, which it reads at each call (tests shorten it).
     handlers = OpenAIHandlers(llm, model_name, default_max_tokens, limits, _last_update)
     state = handlers.state
-    # Engine internals (running, KV-cache use) are visible only with the engine in this process (EngineThread).
+    # The engine's counts: read from it on its thread (EngineThread), or as rank 0 last sent them (DistributedEngine).
     metrics = ServerMetrics(model_name, handlers.num_running,
-                            lambda: handlers.num_waiting() if "engine" in state else 0,
-                            handlers.kv_cache_usage if getattr(llm, "engine", None) is not None else None)
+                            lambda: handlers.num_waiting() if "engine" in state else 0, handlers.kv_cache_usage)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

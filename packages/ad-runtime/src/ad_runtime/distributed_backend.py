@@ -10,8 +10,10 @@ The pipe carries requests, not conversations, so callers on many threads share r
                      ("abort", client_id)                                            the caller stopped listening
                      ("shutdown",)
     rank 0 -> user   ("ready", vocab_size, rank_pids, build_reports)                 once, after the build
-                     ("updates", [(client_id, snapshot), ...])  a step's updates, after every step: streams
-                                                                every token, the others when finished
+                     ("updates", [(client_id, snapshot), ...], (running, waiting, kv_cache_usage))
+                                                                a step's updates, after every step: streams every
+                                                                token, the others when finished; and the engine's
+                                                                counts after that step
 
 A snapshot is the engine's Request without the prompt (the user's process has it); `is_finished` marks the last.
 
@@ -70,6 +72,8 @@ class DistributedBackend:
         self.world_size = args.world_size
         self.engine = None  # lives in rank 0's process
         self.rank_pids: list[int] = []
+        # Rank 0's (running, waiting, KV-cache share in use) as of its last step's updates.
+        self.engine_stats: tuple[int, int, float] = (0, 0, 0.0)
         self.build_reports: list[Any] = []  # one BuildReport per rank, in rank order
         # Before any rank starts: a failure here must not leave ranks behind.
         self.tokenizer = factory_from_args(args, device="cpu").init_tokenizer()
@@ -150,6 +154,7 @@ class DistributedBackend:
 
     def _dispatch(self, msg: Any) -> None:
         assert msg[0] == "updates", msg[0]
+        self.engine_stats = msg[2]
         for cid, snap in msg[1]:
             self._dispatch_one(cid, snap)
 

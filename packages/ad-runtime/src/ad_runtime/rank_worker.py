@@ -72,16 +72,23 @@ def _snapshot(req: Request) -> Request:
     return dataclasses.replace(req, prompt_token_ids=[], prompt=None)
 
 
+def engine_stats(engine: Any) -> tuple[int, int, float]:
+    """(requests running, requests waiting, share of KV-cache pages in use) of rank 0's engine after a step."""
+    sched = engine.scheduler
+    pool = sched.pool
+    return len(sched.running), len(sched.waiting), (pool.num_used_pages / pool.num_pages if pool.num_pages else 0.0)
+
+
 def _serve(engine: Any, conn: Any) -> None:
     """Rank 0's loop: the request loop over this rank's engine, with messages and updates on the pipe.
 
     A step's updates travel as one message, sent before the loop waits for or runs the next step: one pickle
-    and one pipe write per step, not one per request."""
+    and one pipe write per step, not one per request. The engine's counts ride along (a server's /metrics)."""
     pending: list[tuple[int, Request]] = []
 
     def flush() -> None:
         if pending:
-            conn.send(("updates", list(pending)))
+            conn.send(("updates", list(pending), engine_stats(engine)))
             pending.clear()
 
     def receive(block: bool) -> list[tuple]:
