@@ -2,24 +2,15 @@
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
-from typing import NoReturn
+
+from .errors import OneLineErrorParser
 
 PROG = "ad-cache"
 MB = 1e6
 DAY_S = 86400.0
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block) and exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def _days(text: str) -> float:
@@ -34,7 +25,7 @@ def _days(text: str) -> float:
 
 def parser() -> argparse.ArgumentParser:
     """`ad-cache list` and `ad-cache clear`, each with its own --help."""
-    p = _Parser(prog=PROG, description="Show and free the build cache: the graphs build_and_run_ad saves after the "
+    p = OneLineErrorParser(prog=PROG, description="Show and free the build cache: the graphs build_and_run_ad saves after the "
                 "sharding stage, one file per rank. Converted checkpoints beside it are never touched.",
                 epilog="`ad-cache list --help` and `ad-cache clear --help` describe their options.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{list,clear}")
@@ -55,12 +46,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _root(given: Path | None) -> Path:
-    """--dir, else the folder a build would use (the environment layer maps these variables onto the settings)."""
+    """--dir, else the folder a build would use: the settings as the environment layer gives them (AD_* variables)."""
     if given is not None:
         return given.expanduser()
+    from ad_config import load_llm_args
     from ad_runtime.build_cache import default_root
 
-    return default_root(SimpleNamespace(build_cache_dir=os.environ.get("AD_BUILD_CACHE_DIR") or None, cache_dir=None))
+    return default_root(load_llm_args())
 
 
 def _age(seconds: float) -> str:

@@ -105,8 +105,7 @@ class EngineThread:
     @property
     def kv_cache_usage(self) -> float:
         """Share of KV-cache pages in use (pages the prefix cache could evict on demand count as free)."""
-        pool = self.core.engine.scheduler.pool
-        return pool.num_used_pages / pool.num_pages if pool.num_pages else 0.0
+        return self.core.engine.scheduler.pool.usage
 
     def health(self) -> str | None:
         """None while the engine thread serves; else why it cannot."""

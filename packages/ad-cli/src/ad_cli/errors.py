@@ -1,8 +1,19 @@
 """How the command-line tools report a failure: one line on stderr, the traceback only when debugging."""
 
+import argparse
 import logging
 import sys
 import traceback
+from typing import NoReturn
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`prog: error: ...`, no usage block) and exit 2; a subcommand's errors
+    name the program (its prog is "program subcommand")."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog.split()[0]}: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def one_line(e: BaseException) -> str:

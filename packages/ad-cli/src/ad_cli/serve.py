@@ -6,9 +6,9 @@ import logging
 import math
 import os
 import sys
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
-from ad_cli.errors import report
+from ad_cli.errors import OneLineErrorParser, report
 from ad_cli.http_limits import ServerLimits
 
 if TYPE_CHECKING:
@@ -19,14 +19,6 @@ PROG = "ad-serve"
 # settings). The environment keeps the key out of the process list, where a command-line argument shows.
 API_KEY_ENV = "SERVE_API_KEY"
 _DEFAULTS = ServerLimits()
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block) and exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def _port(text: str) -> int:
@@ -67,7 +59,7 @@ def _api_key(text: str) -> str:
 
 def server_parser() -> argparse.ArgumentParser:
     """The server's own options; everything else on the command line is build_and_run_ad's configuration."""
-    p = _Parser(
+    p = OneLineErrorParser(
         prog=PROG, add_help=False, allow_abbrev=False,
         usage=f"{PROG} [server options] [configuration options]",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "

@@ -10,7 +10,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from ad_compiler.export.graph_pickle import dumps_graph, loads_graph
 from ad_compiler.transform.interface import TransformInfo
@@ -42,14 +42,7 @@ class CachedBuild:
     history: dict[str, TransformInfo]
 
 
-class CacheDirs(Protocol):
-    """The two settings `default_root` reads: LlmArgs, or a stand-in with just these (`ad-cache` has no LlmArgs)."""
-
-    build_cache_dir: str | None
-    cache_dir: str | None
-
-
-def default_root(args: CacheDirs) -> Path:
+def default_root(args: "LlmArgs") -> Path:
     """`build_cache_dir`, else `<cache_dir>/builds` (cache_dir: the setting, else $AD_CACHE_DIR, else ~/.cache)."""
     if args.build_cache_dir:
         return Path(args.build_cache_dir).expanduser()

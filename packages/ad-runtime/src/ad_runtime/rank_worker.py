@@ -75,8 +75,7 @@ def _snapshot(req: Request) -> Request:
 def engine_stats(engine: Any) -> tuple[int, int, float]:
     """(requests running, requests waiting, share of KV-cache pages in use) of rank 0's engine after a step."""
     sched = engine.scheduler
-    pool = sched.pool
-    return len(sched.running), len(sched.waiting), (pool.num_used_pages / pool.num_pages if pool.num_pages else 0.0)
+    return len(sched.running), len(sched.waiting), sched.pool.usage
 
 
 def _serve(engine: Any, conn: Any) -> None:

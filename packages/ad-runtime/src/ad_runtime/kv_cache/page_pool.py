@@ -39,6 +39,11 @@ class PagePool:
     def num_used_pages(self) -> int:
         return self.num_pages - self.num_free_pages
 
+    @property
+    def usage(self) -> float:
+        """Share of pages in use (pages the prefix cache could evict on demand count as free)."""
+        return self.num_used_pages / self.num_pages if self.num_pages else 0.0
+
     def pages_for(self, num_tokens: int) -> int:
         """Pages needed to hold `num_tokens` tokens."""
         return -(-num_tokens // self.page_size)
