@@ -8,6 +8,10 @@ fi
 [ -f /tmp/site/.installed ] || { echo "no wheels: carry .whl (this machine is fresh)"; return 1; }
 export PYTHONPATH=/tmp/site:$(ls -d "$PWD"/packages/*/src | paste -sd:)
 export AD_PLUGINS=ad_runtime  # the packages run from source here: no entry points, so name the compiler plugin
+# This machine's Python keeps no bytecode for its packages: every process compiled torch's sources again (~10 s of
+# each build on 2026-11-30, py-spy). A bytecode folder of our own gives later processes what any install has.
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX=/tmp/pycache
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/gpumodels

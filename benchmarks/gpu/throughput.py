@@ -92,6 +92,16 @@ def make_llm(path: str, random_weights: bool, args: argparse.Namespace, max_seq_
     return llm
 
 
+def compile_counts() -> str:
+    """Graphs compiled (Inductor straight on the graph, or Dynamo's traces) and what the disk caches did."""
+    from torch._dynamo.utils import counters
+
+    aot = dict(counters["aot_autograd"])
+    cache = {k: v for k, v in counters["inductor"].items() if "cache" in k}
+    return (f"{aot.get('total', 0)} Inductor compiles (AOTAutograd {aot}), {counters['stats']['unique_graphs']} "
+            f"Dynamo traces; inductor caches {cache}")
+
+
 def add_build_options(p: argparse.ArgumentParser) -> None:
     """Options of make_llm shared by the GPU scripts."""
     p.add_argument("--enable-transform", action="append", default=[], metavar="NAME",
@@ -183,11 +193,7 @@ def main() -> None:
         llm = make_llm(path, random_weights, args, max_len, prefix_caching=args.overlap != "both")
         print(f"build: {time.perf_counter() - t:.1f} s to a ready engine; "
               + "; ".join(f"{r.summary()} | {r.timings(top=8)}" for r in llm.build_reports))
-        from torch._dynamo.utils import counters
-
-        cache = {k: v for k, v in counters["inductor"].items() if "cache" in k}
-        traced = counters["stats"]["unique_graphs"]
-        print(f"torch.compile during the build: {traced} graphs traced; inductor caches {cache}")
+        print(f"compiles during the build: {compile_counts()}")
         print_compile_phases("the build")
         wbytes, kv_tok = weight_bytes(llm), kv_bytes_per_token(llm)
         print(f"machine: {machine_name()} | model: {args.preset} ({wbytes / 1e9:.2f} GB of weights) | {args.dtype}"
@@ -202,7 +208,7 @@ def main() -> None:
             if len(results) == 2:
                 same = sum(a == b for a, b in zip(results[0]["tokens"], results[1]["tokens"]))
                 print(f"  greedy tokens equal with and without overlap: {same} of {num} requests")
-        print(f"\ntorch.compile in all (build and workloads): {counters['stats']['unique_graphs']} graphs traced")
+        print(f"\ncompiles in all (build and workloads): {compile_counts()}")
         print_compile_phases("all")
         llm.shutdown()
     if args.json:

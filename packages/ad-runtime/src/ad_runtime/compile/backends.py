@@ -1,6 +1,7 @@
 """Compile backends: each turns the cached graph into the callable the executor runs every step."""
 
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ from ad_compiler.registry import Registry
 
 from ..kv_cache.interface import CachedSequenceInterface
 from .direct_calls import call_custom_ops_directly
+from .inductor_direct import InductorCompiled
 from .inductor_fallbacks import register_custom_op_fallbacks
 
 if TYPE_CHECKING:
@@ -61,7 +63,8 @@ def compile_simple(model: nn.Module, cm: CachedSequenceInterface, batch_sizes: l
 
 
 class ShapeGeneralCompiled(nn.Module):
-    """torch.compile of the model traced once for every step shape.
+    """torch.compile (Dynamo, then Inductor) of the model traced once for every step shape: the way in before
+    InductorCompiled, kept for an A/B of whole runs (AUTODEPLOY_DYNAMO_COMPILE=1) and for non-graph modules.
 
     dynamic=True alone still compiled an 8B model three times (~30 s each on an H200): once more when a step's
     token count first differed from its sequence count (duck sizing had made the two sizes one symbol, since
@@ -84,7 +87,11 @@ class ShapeGeneralCompiled(nn.Module):
 
 @CompileBackendRegistry.register("torch-compile")
 def compile_torch(model: nn.Module, cm: CachedSequenceInterface, batch_sizes: list[int] | None) -> nn.Module:
-    return ShapeGeneralCompiled(model)
+    """Inductor straight on the graph (InductorCompiled); Dynamo's torch.compile for a module that is no graph."""
+    if not isinstance(model, GraphModule) or os.environ.get("AUTODEPLOY_DYNAMO_COMPILE") == "1":
+        return ShapeGeneralCompiled(model)
+    register_custom_op_fallbacks(model)
+    return InductorCompiled(model, static_inputs=cm.caches)
 
 
 @CompileBackendRegistry.register("torch-cudagraph")
