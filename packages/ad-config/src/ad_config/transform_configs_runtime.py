@@ -126,11 +126,11 @@ CompileBackend = Literal["auto", "torch-simple", "torch-compile", "torch-cudagra
 
 @register_transform_config("compile_model")
 class CompileModelConfig(TransformConfig):
-    """Compile the cached graph: torch.compile and/or CUDA graphs of decode steps."""
+    """Compile the cached graph: Inductor and/or CUDA graphs of decode steps."""
 
     stage: Stage = Stage.COMPILE
-    backend: CompileBackend = Field(default="auto", description="auto is torch-opt (torch.compile + CUDA graphs) "
-                                    "on a GPU, torch-simple (eager graph) on a CPU.")
+    backend: CompileBackend = Field(default="auto", description="auto is torch-opt (Inductor + CUDA graphs) on a "
+                                    "GPU, torch-simple (eager graph) on a CPU; torch-compile is Inductor alone.")
     cuda_graph_batch_sizes: list[int] | None = Field(default=None, description="Decode batch sizes captured as "
                                                      "CUDA graphs; None: powers of two up to max_batch_size.")
 
