@@ -37,13 +37,13 @@ class _Variant:
         self.guard_source = guards
         self._code = compile(guards, "<inductor shape guards>", "eval") if guards else None
 
-    def admits(self, args: list[Any]) -> bool:
+    def admits(self, inputs: list[Any]) -> bool:
         if self._code is None:
             return True
         from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 
         # the expression ShapeEnv.produce_guards_expression wrote, over sizes, strides and offsets of t0, t1, ...
-        return bool(eval(self._code, SYMPY_INTERP, {"L": {f"t{i}": a for i, a in enumerate(args)}}))  # noqa: S307
+        return bool(eval(self._code, SYMPY_INTERP, {"L": {f"t{i}": a for i, a in enumerate(inputs)}}))  # noqa: S307
 
 
 class InductorCompiled(nn.Module):
@@ -58,18 +58,18 @@ class InductorCompiled(nn.Module):
         self.num_compiles = 0  # observability: tests and benchmarks check how often the graph was compiled
 
     def forward(self, **kwargs: Any) -> Any:
-        args = [kwargs[n] for n in self.names]
+        inputs = [kwargs[n] for n in self.names]
         for variant in self.variants:
-            if variant.admits(args):
-                return variant.fn(*args)
+            if variant.admits(inputs):
+                return variant.fn(*inputs)
         if len(self.variants) >= MAX_VARIANTS:
             raise RuntimeError(f"the graph was compiled for {MAX_VARIANTS} shape classes and this step fits none "
-                               f"(input shapes {[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]})")
-        variant = self._compile(args)
+                               f"(input shapes {[tuple(a.shape) for a in inputs if isinstance(a, torch.Tensor)]})")
+        variant = self._compile(inputs)
         self.variants.append(variant)
-        return variant.fn(*args)
+        return variant.fn(*inputs)
 
-    def _compile(self, args: list[Any]) -> _Variant:
+    def _compile(self, inputs: list[Any]) -> _Variant:
         from torch._guards import TracingContext, tracing
         from torch._inductor.compile_fx import compile_fx
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -87,7 +87,7 @@ class InductorCompiled(nn.Module):
             kind = DimDynamic.STATIC if name in self.static_inputs else DimDynamic.DYNAMIC
             return mode.from_tensor(a, symbolic_context=StatelessSymbolicContext(dynamic_sizes=[kind] * a.dim()))
 
-        fakes = [fake(n, a) for n, a in zip(self.names, args)]
+        fakes = [fake(n, a) for n, a in zip(self.names, inputs)]
         # A plain copy of the graph: compile_fx may rewrite the graph it gets, and the exported module carries
         # forward hooks (closures) that its cache keys could not pickle.
         plain = GraphModule(self.model, copy.deepcopy(self.model.graph))
