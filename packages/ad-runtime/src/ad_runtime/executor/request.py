@@ -44,9 +44,8 @@ class Request:
     num_offered_pages: int = 0
     # Row of the per-sequence state caches (Mamba conv/SSM state) while running; None while waiting.
     slot: int | None = None
-    # Text of the output (filled by the detokenizer) and how much of it a stream already saw.
+    # Text of the output (filled by the detokenizer).
     text: str = ""
-    streamed_tokens: int = 0
     # Overlapped scheduling: rows of sampled tokens still on the device (oldest first). The next step feeds
     # the newest as a placeholder -(row + 1) that the runner resolves on the device; the host reads them a
     # step late and moves them into output_token_ids.
