@@ -274,3 +274,14 @@ def test_ad_cache_dir_is_the_cache_dir_field(monkeypatch: pytest.MonkeyPatch, ca
         assert LlmArgs().cache_dir == "/tmp/ad-cache-test"
     assert "ignoring AD_CACHE_DIR" not in caplog.text
     assert LlmArgs(cache_dir="/elsewhere").cache_dir == "/elsewhere"  # a keyword beats the environment
+
+
+def test_ad_plugins_is_no_setting_and_no_warning(monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # The README tells users of a source tree to set AD_PLUGINS (read by ad_compiler.plugins): not a typo to warn of.
+    monkeypatch.setenv("AD_PLUGINS", "ad_runtime")
+    monkeypatch.setenv("AD_PLUGNS", "x")
+    with caplog.at_level(logging.WARNING):
+        resolve()
+    assert "ignoring AD_PLUGINS" not in caplog.text
+    assert "ignoring AD_PLUGNS" in caplog.text  # a real stray variable still gets its warning

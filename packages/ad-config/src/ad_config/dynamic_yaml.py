@@ -21,6 +21,9 @@ from .yaml_files import describe_file, load_yaml_file
 log = logging.getLogger(__name__)
 
 YAML_FIELDS = ("yaml_default", "yaml_extra")
+# Variables with the settings' prefix that are not settings: another package reads them (AD_PLUGINS: the plugin
+# modules ad_compiler.plugins imports; README, under `ad-export`), so the environment layer passes them by without a warning.
+NOT_SETTINGS = frozenset({"AD_PLUGINS"})
 
 
 @dataclass
@@ -94,7 +97,7 @@ class _EnvSource(PydanticBaseSettingsSource):
         delimiter = self.config.get("env_nested_delimiter") or "__"
         data: dict[str, Any] = {}
         for var in sorted(os.environ):
-            if not var.upper().startswith(prefix) or len(var) == len(prefix):
+            if not var.upper().startswith(prefix) or len(var) == len(prefix) or var.upper() in NOT_SETTINGS:
                 continue
             parts = var[len(prefix) :].lower().split(delimiter)
             target = self._forward(parts[0])
