@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 YAML_FIELDS = ("yaml_default", "yaml_extra")
 # Variables with the settings' prefix that are not settings: another package reads them (AD_PLUGINS: the plugin
-# modules ad_compiler.plugins imports; README, under `ad-export`), so the environment layer passes them by without a warning.
+# modules ad_compiler.plugins imports; README, under `ad-export`), so the environment layer passes them by
+# without a warning.
 NOT_SETTINGS = frozenset({"AD_PLUGINS"})
 
 
