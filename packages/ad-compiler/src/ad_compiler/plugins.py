@@ -8,12 +8,13 @@ import logging
 import os
 import pkgutil
 
+from ad_config.dynamic_yaml import PLUGINS_ENV
+
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "ad_compiler.plugins"
-# Module names to import as plugins, comma-separated: for packages on PYTHONPATH but not installed (no
-# entry-point metadata then), e.g. AD_PLUGINS=ad_runtime on a machine that runs the sources.
-PLUGINS_ENV = "AD_PLUGINS"
+# PLUGINS_ENV (AD_PLUGINS): module names to import as plugins, comma-separated: for packages on PYTHONPATH but not
+# installed (no entry-point metadata then), e.g. AD_PLUGINS=ad_runtime on a machine that runs the sources.
 
 
 def load_plugins() -> list[str]:

@@ -21,10 +21,10 @@ from .yaml_files import describe_file, load_yaml_file
 log = logging.getLogger(__name__)
 
 YAML_FIELDS = ("yaml_default", "yaml_extra")
-# Variables with the settings' prefix that are not settings: another package reads them (AD_PLUGINS: the plugin
-# modules ad_compiler.plugins imports; README, under `ad-export`), so the environment layer passes them by
-# without a warning.
-NOT_SETTINGS = frozenset({"AD_PLUGINS"})
+# Module names ad_compiler.plugins imports as plugins, comma-separated (README, under `ad-export`): an AD_
+# variable that is no setting, so the environment layer passes it by without a warning.
+PLUGINS_ENV = "AD_PLUGINS"
+NOT_SETTINGS = frozenset({PLUGINS_ENV})
 
 
 @dataclass

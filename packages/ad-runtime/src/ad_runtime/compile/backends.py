@@ -90,7 +90,6 @@ def compile_torch(model: nn.Module, cm: CachedSequenceInterface, batch_sizes: li
     """Inductor straight on the graph (InductorCompiled); Dynamo's torch.compile for a module that is no graph."""
     if not isinstance(model, GraphModule) or os.environ.get("AUTODEPLOY_DYNAMO_COMPILE") == "1":
         return ShapeGeneralCompiled(model)
-    register_custom_op_fallbacks(model)
     return InductorCompiled(model, static_inputs=cm.caches)
 
 

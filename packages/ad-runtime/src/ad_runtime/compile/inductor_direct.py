@@ -1,8 +1,8 @@
-"""Inductor on the cached graph itself, without Dynamo: one compile for every step shape, cached on disk.
+"""Inductor on the cached graph itself, without Dynamo: one compile for (nearly) every step shape, cached on disk.
 
 The graph is already an FX graph of aten and custom ops, so Dynamo's bytecode tracing only rebuilt what we had:
-on an H200 it took 9-12 s of a warm 8B build (caches hit) and ~10 s of a cold one, and its guards cost ~0.5 ms
-of host time on every eager (prefill) step. Here the inputs become fake tensors with one symbol per varying
+on an H200 it took 9-12 s of a warm 8B build (caches hit) and ~10 s of a cold one (and its guard check showed
+~0.5 ms in a profiled prefill step, though the engine's time to a first token did not move without it). Here the inputs become fake tensors with one symbol per varying
 dimension (caches keep their static shapes) and `compile_fx` lowers the graph; AOTAutograd's and Inductor's
 on-disk caches key on that graph, so a second process with the same graph loads the compiled code in well
 under a second. The shape assumptions the compile made are kept as a guard expression and checked on each
@@ -24,6 +24,8 @@ import torch.fx.experimental._config as fx_config
 import torch.nn as nn
 from torch.fx import GraphModule
 
+from .inductor_fallbacks import register_custom_op_fallbacks
+
 logger = logging.getLogger(__name__)
 
 MAX_VARIANTS = 8  # as Dynamo's recompile limit: more shape classes than this means something is wrong
@@ -36,14 +38,17 @@ class _Variant:
         self.fn = fn
         self.guard_source = guards
         self._code = compile(guards, "<inductor shape guards>", "eval") if guards else None
+        # sympy's names, which the expression may call (imported here: a module import would pull sympy into
+        # `import ad_runtime`; per call it would cost every eager step)
+        from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+        self._globals = SYMPY_INTERP
 
     def admits(self, inputs: list[Any]) -> bool:
         if self._code is None:
             return True
-        from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
-
         # the expression ShapeEnv.produce_guards_expression wrote, over sizes, strides and offsets of t0, t1, ...
-        return bool(eval(self._code, SYMPY_INTERP, {"L": {f"t{i}": a for i, a in enumerate(inputs)}}))  # noqa: S307
+        return bool(eval(self._code, self._globals, {"L": {f"t{i}": a for i, a in enumerate(inputs)}}))  # noqa: S307
 
 
 class InductorCompiled(nn.Module):
@@ -52,6 +57,7 @@ class InductorCompiled(nn.Module):
     def __init__(self, model: GraphModule, static_inputs: Iterable[str] = ()):
         super().__init__()
         self.model = model
+        register_custom_op_fallbacks(model)
         self.names = [n.target for n in model.graph.nodes if n.op == "placeholder"]
         self.static_inputs = set(static_inputs)  # inputs whose shape never changes (the KV caches)
         self.variants: list[_Variant] = []
@@ -93,7 +99,7 @@ class InductorCompiled(nn.Module):
         plain = GraphModule(self.model, copy.deepcopy(self.model.graph))
         with fx_config.patch(backed_size_oblivious=True), torch.no_grad(), tracing(TracingContext(mode)):
             fn = compile_fx(plain, fakes)
-        guards = env.produce_guards_expression([f for f in fakes], ignore_static=True)
+        guards = env.produce_guards_expression(fakes, ignore_static=True)
         self.num_compiles += 1
         logger.info("inductor compile %d of the graph%s", self.num_compiles,
                     f" (shape guards: {guards[:200]})" if guards else " (valid for every step shape)")
