@@ -92,7 +92,7 @@ def profile_host(llm, batch: int, isl: int, steps: int, rng: random.Random, top:
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
-def profile_prefill(llm, isl: int, rng: random.Random, top: int, repeat: int = 8) -> None:
+def profile_prefill(llm, isl: int, rng: random.Random, top: int, repeat: int = 8, cprofile: bool = False) -> None:
     """Wall time from submitting one ISL-token prompt to its first token (what TTFT holds besides HTTP), and the
     host ops of that step by self CPU time: where a prefill step's host time goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -118,6 +118,18 @@ def profile_prefill(llm, isl: int, rng: random.Random, top: int, repeat: int = 8
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         first_token()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=70))
+    if cprofile:  # the Python functions of the same steps, by cumulative and by own time
+        import cProfile
+        import pstats
+
+        cp = cProfile.Profile()
+        cp.enable()
+        for _ in range(repeat):
+            first_token()
+        cp.disable()
+        print(f"\nhost functions of {repeat} prompts of {isl} tokens to their first token (cProfile adds its own overhead):")
+        pstats.Stats(cp).sort_stats("cumulative").print_stats(3 * top)
+        pstats.Stats(cp).sort_stats("tottime").print_stats(top)
 
 
 def main() -> None:
@@ -138,6 +150,8 @@ def main() -> None:
                    help="also time one ISL-token prompt to its first token and profile that step's host ops")
     p.add_argument("--prefill-repeat", type=int, default=8,
                    help="prompts timed by --prefill-profile (more give a sampling profiler more to see)")
+    p.add_argument("--prefill-cprofile", action="store_true",
+                   help="with --prefill-profile: also profile the prompts' host functions (cProfile)")
     add_build_options(p)
     p.add_argument("--host-profile", type=int, default=0, metavar="B",
                    help="also profile the host functions of decode steps at batch size B (cProfile)")
@@ -171,7 +185,7 @@ def main() -> None:
         if args.host_profile:
             profile_host(llm, args.host_profile, runs[0][1], args.steps, rng, args.top)
         if args.prefill_profile:
-            profile_prefill(llm, args.prefill_profile, rng, args.top, args.prefill_repeat)
+            profile_prefill(llm, args.prefill_profile, rng, args.top, args.prefill_repeat, args.prefill_cprofile)
         llm.shutdown()
 
 

@@ -126,13 +126,25 @@ CompileBackend = Literal["auto", "torch-simple", "torch-compile", "torch-cudagra
 
 @register_transform_config("compile_model")
 class CompileModelConfig(TransformConfig):
-    """Compile the cached graph: Inductor and/or CUDA graphs of decode steps."""
+    """Compile the cached graph: Inductor and/or CUDA graphs of decode steps and (piecewise) of prefill steps."""
 
     stage: Stage = Stage.COMPILE
     backend: CompileBackend = Field(default="auto", description="auto is torch-opt (Inductor + CUDA graphs) on a "
                                     "GPU, torch-simple (eager graph) on a CPU; torch-compile is Inductor alone.")
     cuda_graph_batch_sizes: list[int] | None = Field(default=None, description="Decode batch sizes captured as "
                                                      "CUDA graphs; None: powers of two up to max_batch_size.")
+    piecewise_num_tokens: list[int] | None = Field(
+        default=None, description="Token counts of prefill and mixed steps captured as piecewise CUDA graphs "
+        "(torch-cudagraph, torch-opt): the graph between its attention/state ops is replayed, those ops run "
+        "eagerly; a step pads up to the next size, longer steps run without graphs. None: powers of two from 16 "
+        "to 1024 (capped by max_num_tokens and max_seq_len); []: off.")
+
+    @field_validator("piecewise_num_tokens")
+    @classmethod
+    def _token_counts(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(t < 2 for t in v):
+            raise ValueError("token counts must be >= 2 (one-token steps are decode steps: cuda_graph_batch_sizes)")
+        return sorted(set(v)) if v is not None else None
 
     @field_validator("cuda_graph_batch_sizes")
     @classmethod

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# (model, cm, cuda_graph_batch_sizes) -> the module to call as `mod(**cm.named_args)`.
-Compiler = Callable[[nn.Module, CachedSequenceInterface, list[int] | None], nn.Module]
+# (model, cm, cuda_graph_batch_sizes, piecewise_num_tokens) -> the module to call as `mod(**cm.named_args)`.
+Compiler = Callable[[nn.Module, CachedSequenceInterface, list[int] | None, list[int] | None], nn.Module]
 
 
 # Compile backends by name (registered below and in cuda_graph.py).
@@ -54,7 +54,8 @@ def default_cuda_graph_batch_sizes(cm: CachedSequenceInterface) -> list[int]:
 
 
 @CompileBackendRegistry.register("torch-simple")
-def compile_simple(model: nn.Module, cm: CachedSequenceInterface, batch_sizes: list[int] | None) -> nn.Module:
+def compile_simple(model: nn.Module, cm: CachedSequenceInterface, batch_sizes: list[int] | None,
+                   piecewise: list[int] | None = None) -> nn.Module:
     """Eager: the graph as it is; on a CPU its Python custom ops are called as plain functions (no dispatcher)."""
     if cm.device.type == "cpu" and isinstance(model, GraphModule):
         n = call_custom_ops_directly(model)
@@ -86,33 +87,46 @@ class ShapeGeneralCompiled(nn.Module):
 
 
 @CompileBackendRegistry.register("torch-compile")
-def compile_torch(model: nn.Module, cm: CachedSequenceInterface, batch_sizes: list[int] | None) -> nn.Module:
+def compile_torch(model: nn.Module, cm: CachedSequenceInterface, batch_sizes: list[int] | None,
+                  piecewise: list[int] | None = None) -> nn.Module:
     """Inductor straight on the graph (InductorCompiled); Dynamo's torch.compile for a module that is no graph."""
     if not isinstance(model, GraphModule) or os.environ.get("AUTODEPLOY_DYNAMO_COMPILE") == "1":
         return ShapeGeneralCompiled(model)
     return InductorCompiled(model, static_inputs=cm.caches)
 
 
-@CompileBackendRegistry.register("torch-cudagraph")
-def compile_cudagraph(model: nn.Module, cm: CachedSequenceInterface, batch_sizes: list[int] | None) -> nn.Module:
+def _with_graphs(model: nn.Module, step_model: nn.Module, cm: CachedSequenceInterface, batch_sizes: list[int] | None,
+                 piecewise: list[int] | None) -> nn.Module:
+    """CUDA graphs around `step_model`: whole graphs of decode steps, and piecewise graphs of the graph `model` for
+    prefill and mixed steps up to a token bucket (`piecewise`: None for the default sizes, [] for none)."""
     from .cuda_graph import CudaGraphModel
+    from .piecewise import PiecewiseGraphs, default_piecewise_num_tokens
 
-    return CudaGraphModel(model, cm, batch_sizes or default_cuda_graph_batch_sizes(cm))
+    sizes = default_piecewise_num_tokens(cm) if piecewise is None else piecewise
+    if sizes and isinstance(model, GraphModule):
+        step_model = PiecewiseGraphs(model, cm, sizes, fallback=step_model)
+    return CudaGraphModel(step_model, cm, batch_sizes or default_cuda_graph_batch_sizes(cm))
+
+
+@CompileBackendRegistry.register("torch-cudagraph")
+def compile_cudagraph(model: nn.Module, cm: CachedSequenceInterface, batch_sizes: list[int] | None,
+                      piecewise: list[int] | None = None) -> nn.Module:
+    return _with_graphs(model, model, cm, batch_sizes, piecewise)
 
 
 @CompileBackendRegistry.register("torch-opt")
-def compile_opt(model: nn.Module, cm: CachedSequenceInterface, batch_sizes: list[int] | None) -> nn.Module:
-    from .cuda_graph import CudaGraphModel
-
-    return CudaGraphModel(compile_torch(model, cm, None), cm, batch_sizes or default_cuda_graph_batch_sizes(cm))
+def compile_opt(model: nn.Module, cm: CachedSequenceInterface, batch_sizes: list[int] | None,
+                piecewise: list[int] | None = None) -> nn.Module:
+    return _with_graphs(model, compile_torch(model, cm, None), cm, batch_sizes, piecewise)
 
 
 def compile_model(
-    model: nn.Module, cm: CachedSequenceInterface, backend: str = "auto", cuda_graph_batch_sizes: list[int] | None = None
+    model: nn.Module, cm: CachedSequenceInterface, backend: str = "auto", cuda_graph_batch_sizes: list[int] | None = None,
+    piecewise_num_tokens: list[int] | None = None,
 ) -> nn.Module:
     """Compile `model` with the named backend (resolving `auto` for cm's device)."""
     name = resolve_compile_backend(backend, cm.device)
     if name in ("torch-cudagraph", "torch-opt") and cm.device.type != "cuda":
         raise CompileError(f"compile backend {name!r} needs a CUDA device (got {cm.device}); use torch-simple "
                            "or torch-compile on a CPU")
-    return CompileBackendRegistry.get(name)(model, cm, cuda_graph_batch_sizes)
+    return CompileBackendRegistry.get(name)(model, cm, cuda_graph_batch_sizes, piecewise_num_tokens)

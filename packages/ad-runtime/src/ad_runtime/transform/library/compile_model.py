@@ -1,7 +1,7 @@
 """compile_model: wrap the cached graph with a compile backend (torch-simple/-compile/-cudagraph/-opt).
 
 Before: gm(**cm.named_args)        After: compiled(**cm.named_args)  (same outputs; decode steps may replay
-CUDA graphs of padded batch sizes)
+CUDA graphs of padded batch sizes, prefill and mixed steps piecewise CUDA graphs of padded token counts)
 """
 
 import torch.nn as nn
@@ -21,5 +21,6 @@ class CompileModel(BaseTransform):
     ) -> tuple[nn.Module, TransformInfo]:
         if not isinstance(cm, CachedSequenceInterface):
             raise CompileError("compile_model needs the runtime's CachedSequenceInterface (cm)")
-        compiled = compile_model(mod, cm, self.config.backend, self.config.cuda_graph_batch_sizes)
+        compiled = compile_model(mod, cm, self.config.backend, self.config.cuda_graph_batch_sizes,
+                                 self.config.piecewise_num_tokens)
         return compiled, TransformInfo(num_matches=int(compiled is not mod))

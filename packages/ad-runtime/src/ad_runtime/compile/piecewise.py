@@ -1,0 +1,317 @@
+"""Piecewise CUDA graphs for prefill and mixed steps: the graph is split at its cache ops, every piece between them
+is captured once per token bucket, and the cache ops (attention, state updates, the logits gather) run eagerly
+between the replays, on the step's real token count.
+
+A prefill step outside CUDA graphs is host-bound: a lone 128-token prompt of an 8B model took ~30 ms of op
+dispatch for ~5 ms of GPU work (H200, benchmarks/README.md). Replaying the pieces leaves one eager call per
+layer. A step of T tokens runs in the smallest bucket >= T: token inputs are copied into padded buffers, the
+padding rows compute garbage that no real token reads (pieces hold per-token ops only; everything that mixes
+tokens or sequences reads step metadata, so it is eager), and eager code sees the first T rows of each output.
+"""
+
+import bisect
+import logging
+import math
+import operator
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule, Node
+
+from ..kv_cache.interface import CachedSequenceInterface
+from .direct_calls import call_custom_ops_directly
+from .piecewise_split import STATIC, TOKEN_INT, ValueShapes, probe_shapes, split_at_eager_nodes
+
+logger = logging.getLogger(__name__)
+
+Capturer = Callable[[Callable[[], Any]], tuple[Callable[[], None], Any]]
+
+
+def default_piecewise_num_tokens(cm: CachedSequenceInterface, upper: int = 1024) -> list[int]:
+    """Powers of two from 16 up to `upper` (past it a step is GPU-bound on an 8B model), max_num_tokens and
+    max_seq_len."""
+    limit = min(upper, cm.info.max_num_tokens, cm.info.max_seq_len)
+    return [1 << i for i in range(4, limit.bit_length()) if (1 << i) <= limit]
+
+
+class _Buffers:
+    """Persistent tensors where values cross between eager code and the graphs: one per (role, slot, dtype, shape
+    with the token dim left out), sized for the largest bucket; each bucket uses a view at the same address."""
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+        self.bases: dict[tuple, torch.Tensor] = {}
+
+    def view(self, role: str, slot: int, like: torch.Tensor, token_dim: int | None) -> torch.Tensor:
+        shape = tuple(like.shape)
+        pattern = tuple(-1 if d == token_dim else s for d, s in enumerate(shape))
+        key = (role, slot, like.dtype, pattern)
+        per_row = math.prod(s for d, s in enumerate(shape) if d != token_dim)
+        base = self.bases.get(key)
+        if base is None:
+            rows = self.max_tokens if token_dim is not None else 1
+            base = self.bases[key] = torch.zeros(per_row * rows, dtype=like.dtype, device=like.device)
+        return base[: math.prod(shape)].view(shape)
+
+
+def _narrow(t: torch.Tensor, dim: int | None, n: int) -> torch.Tensor:
+    return t if dim is None else t.narrow(dim, 0, n)
+
+
+@dataclass
+class _Replay:
+    """One captured piece at one bucket: its replay, the inputs copied in before it, the outputs copied out."""
+
+    replay: Callable[[], None]
+    copies: list[tuple[str, torch.Tensor, int | None]]  # (value, buffer, token dim)
+    outputs: list[tuple[torch.Tensor, int | None] | None]  # per output: (buffer, token dim) if eager code reads it
+    single: bool  # the piece returns one value, not a tuple
+
+    def run(self, env: dict[str, Any], tokens: int) -> Any:
+        for name, buf, dim in self.copies:
+            _narrow(buf, dim, tokens).copy_(env[name])
+        self.replay()
+        outs = [None if o is None else _narrow(o[0], o[1], tokens) for o in self.outputs]
+        return outs[0] if self.single else tuple(outs)
+
+
+@dataclass
+class _Plan:
+    """What the split graph's top-level nodes are, found once: eager pieces, captured pieces, last uses."""
+
+    nodes: list[Node]
+    captured: set[str]
+    eager_read: set[str]  # values read by eager code (eager pieces, the graph output)
+    last_use: dict[str, int] = field(default_factory=dict)
+    consts: dict[str, Any] = field(default_factory=dict)
+
+
+def cuda_capturer(pool: Any) -> Capturer:
+    """Capture `fn` into a CUDA graph sharing `pool`: returns (replay, fn's outputs at their fixed addresses)."""
+
+    def capture(fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+        return graph.replay, out
+
+    return capture
+
+
+def emulated_capturer(fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+    """What a CUDA graph does, on any device: replay reruns `fn` and writes the results into the first outputs
+    (tests on a CPU; CUDA graphs cannot be captured there)."""
+    out = fn()
+
+    def replay() -> None:
+        new = fn()
+        for o, n in zip(_flat(out), _flat(new)):
+            if isinstance(o, torch.Tensor):
+                o.copy_(n)
+
+    return replay, out
+
+
+def _flat(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+
+
+class PiecewiseGraphs(nn.Module):
+    """Runs prefill and mixed steps of up to max(num_tokens) tokens through piecewise graphs; other steps (decode
+    only, or longer) through `fallback`."""
+
+    def __init__(self, gm: GraphModule, cm: CachedSequenceInterface, num_tokens: list[int], fallback: nn.Module,
+                 capturer: Capturer | None = None):
+        super().__init__()
+        self.fallback = fallback
+        self.cm = cm
+        limit = min(cm.info.max_num_tokens, cm.info.max_seq_len)
+        self.num_tokens = sorted({t for t in num_tokens if 1 < t <= limit})
+        self.num_replays = 0  # steps served by the pieces (observability; tests check it)
+        self.replays: dict[int, dict[str, _Replay]] = {}
+        if not self.num_tokens:
+            return
+        t0 = time.perf_counter()
+        self.split, eager = split_at_eager_nodes(gm)
+        self.split.graph._codegen = gm.graph._codegen  # outputs come back in the graph's own structure
+        for name in eager:  # eager pieces run every step: skip the dispatcher for Python custom ops
+            call_custom_ops_directly(getattr(self.split, name))
+        with torch.inference_mode():
+            self.shapes = probe_shapes(self.split, self._dummy_step)
+            self.plan = self._make_plan(eager)
+            self.buffers = _Buffers(self.num_tokens[-1])
+            capture = capturer or cuda_capturer(torch.cuda.graph_pool_handle())
+            for t in reversed(self.num_tokens):  # largest first: smaller ones reuse its pool memory
+                self.replays[t] = self._capture_bucket(t, capture)
+        logger.info("piecewise CUDA graphs: %d pieces (%d eager) x %d token sizes %s, captured in %.1f s",
+                    len(self.plan.captured) + len(eager), len(eager), len(self.num_tokens), self.num_tokens,
+                    time.perf_counter() - t0)
+
+    @property
+    def num_pieces_captured(self) -> int:
+        return len(self.plan.captured) if self.replays else 0
+
+    def covers(self, num_tokens: int) -> bool:
+        return bool(self.num_tokens) and num_tokens <= self.num_tokens[-1]
+
+    def forward(self, **kwargs: torch.Tensor) -> Any:
+        tokens = kwargs["input_ids"].shape[-1]
+        if self.cm.info.is_decode_only or not self.covers(tokens):
+            return self.fallback(**kwargs)
+        bucket = self.num_tokens[bisect.bisect_left(self.num_tokens, tokens)]
+        replays, plan = self.replays[bucket], self.plan
+        env: dict[str, Any] = {}
+        for node in plan.nodes:
+            name = node.name
+            if node.op == "placeholder":
+                env[name] = kwargs[name]
+            elif node.op == "get_attr":
+                env[name] = plan.consts[name]
+            elif node.op == "output":
+                self.num_replays += 1
+                return self.split.graph._codegen.process_outputs(torch.fx.node.map_arg(node.args[0],
+                                                                                      lambda a: env[a.name]))
+            elif name in replays:
+                env[name] = replays[name].run(env, tokens)
+            elif node.op == "call_module":
+                env[name] = getattr(self.split, node.target)(*[env[a.name] for a in node.args])
+            else:  # operator.getitem
+                env[name] = env[node.args[0].name][node.args[1]]
+        raise RuntimeError("the split graph has no output node")
+
+    # ---- build -----------------------------------------------------------------------------------------------
+
+    def _dummy_step(self, lengths: list[int]) -> dict[str, torch.Tensor]:
+        """A step of sequences of these lengths on the scratch page: valid inputs that touch no real cache data."""
+        info = self.cm.info
+        pages = [[info.scratch_page] * -(-n // info.page_size) for n in lengths]
+        slots = [info.max_batch_size] * len(lengths)  # the state caches' padding row
+        self.cm.update_columns([[0] * n for n in lengths], [0] * len(lengths), pages, slots)
+        return self.cm.named_args
+
+    def _make_plan(self, eager: set[str]) -> _Plan:
+        nodes = list(self.split.graph.nodes)
+        pieces = {n.name for n in nodes if n.op == "call_module"}
+        captured = {p for p in pieces - eager if self._capturable(self.split.graph, p)}
+        plan = _Plan(nodes, captured, set())
+        for i, node in enumerate(nodes):
+            for a in node.all_input_nodes:
+                plan.last_use[a.name] = i
+                if node.op == "output" or (node.op == "call_module" and node.name not in captured):
+                    plan.eager_read.add(a.name)
+            if node.op == "get_attr":
+                plan.consts[node.name] = _attr(self.split, node.target)
+        demoted = pieces - eager - captured
+        if demoted:
+            logger.info("piecewise CUDA graphs: pieces %s run eagerly (a value crossing them depends on more "
+                        "than the token count)", sorted(demoted))
+        return plan
+
+    def _capturable(self, graph: torch.fx.Graph, piece: str) -> bool:
+        """Every value crossing the piece's edges is static or grows with the token count only."""
+        node = next(n for n in graph.nodes if n.name == piece)
+        crossing = [a.name for a in node.all_input_nodes if a.op != "get_attr"]
+        crossing += [u.name for u in node.users if u.target is operator.getitem] or [piece]
+        return all(self.shapes.capturable(v) for v in crossing)
+
+    def _capture_bucket(self, tokens: int, capture: Capturer) -> dict[str, _Replay]:
+        """Run one dummy step of `tokens` tokens, capturing each captured piece as it comes."""
+        plan, kwargs = self.plan, self._dummy_step([tokens])
+        env: dict[str, Any] = {}
+        replays: dict[str, _Replay] = {}
+        out_slots: dict[tuple, int] = {}  # (role key) -> index of the last node reading the buffer's value
+        for i, node in enumerate(plan.nodes):
+            name = node.name
+            if node.op == "placeholder":
+                env[name] = kwargs[name]
+            elif node.op == "get_attr":
+                env[name] = plan.consts[name]
+            elif node.op == "output":
+                break
+            elif name in plan.captured:
+                replays[name], env[name] = self._capture_piece(i, node, env, capture, out_slots)
+            elif node.op == "call_module":
+                env[name] = getattr(self.split, node.target)(*[env[a.name] for a in node.args])
+            else:
+                env[name] = env[node.args[0].name][node.args[1]]
+            for a in node.all_input_nodes:  # free what no later node reads: its pool memory serves later pieces
+                if plan.last_use[a.name] == i and a.op not in ("placeholder", "get_attr"):
+                    env.pop(a.name, None)
+        return replays
+
+    def _capture_piece(self, index: int, node: Node, env: dict[str, Any], capture: Capturer,
+                       out_slots: dict[tuple, int]) -> tuple[_Replay, Any]:
+        piece, plan, shapes = getattr(self.split, node.target), self.plan, self.shapes
+        ins, copies = [], []
+        for a in node.args:
+            value = env[a.name]
+            if isinstance(value, torch.Tensor) and a.op != "get_attr" and _producer(a) not in plan.captured:
+                dim = shapes.token_dim(a.name)
+                buf = self.buffers.view("in", len(copies), value, dim)
+                buf.copy_(value)
+                copies.append((a.name, buf, dim))
+                value = buf
+            ins.append(value)
+        warm = _flat(piece(*ins))  # Triton's first compiles and cuBLAS workspaces happen outside the capture
+        outputs = []
+        for k, (value_name, readers_end) in enumerate(self._output_reads(node, len(warm))):
+            if readers_end is None or not isinstance(warm[k], torch.Tensor):
+                outputs.append(None)
+                continue
+            dim = shapes.token_dim(value_name)
+            slot = _free_slot(out_slots, (warm[k].dtype, tuple(warm[k].shape), dim), index, readers_end)
+            outputs.append((self.buffers.view("out", slot, warm[k], dim), dim))
+        del warm
+
+        def run() -> Any:
+            out = piece(*ins)
+            for o, target in zip(_flat(out), outputs):
+                if target is not None:
+                    target[0].copy_(o)
+            return out
+
+        replay, out = capture(run)
+        return _Replay(replay, copies, outputs, single=not isinstance(out, (tuple, list))), out
+
+    def _output_reads(self, node: Node, n: int) -> list[tuple[str, int | None]]:
+        """Per output of a captured piece: its value's name and the last node index where eager code reads it
+        (None: only graphs read it, straight from the pool)."""
+        items = {u.args[1]: u for u in node.users if u.op == "call_function"}
+        values = [items.get(k) for k in range(n)] if items else [node]
+        out = []
+        for v in values:
+            if v is None or v.name not in self.plan.eager_read:
+                out.append((v.name if v is not None else "", None))
+            else:
+                out.append((v.name, self.plan.last_use[v.name]))
+        return out
+
+
+def _free_slot(slots: dict[tuple, int], key: tuple, start: int, end: int) -> int:
+    """The first buffer slot of this kind whose value is no longer read at `start`; it is then held until `end`."""
+    k = 0
+    while slots.get((key, k), -1) >= start:
+        k += 1
+    slots[(key, k)] = end
+    return k
+
+
+def _producer(node: Node) -> str:
+    """The top-level node that computed a value: the piece behind a tuple item, else the node."""
+    if node.op == "call_function" and isinstance(node.args[0], Node) and node.args[0].op == "call_module":
+        return node.args[0].name
+    return node.name
+
+
+def _attr(mod: nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        mod = getattr(mod, part)
+    return mod
+
+
+__all__ = ["PiecewiseGraphs", "TOKEN_INT", "STATIC", "ValueShapes", "cuda_capturer", "default_piecewise_num_tokens",
+           "emulated_capturer"]
