@@ -163,7 +163,11 @@ class PiecewiseGraphs(nn.Module):
         if self.cm.info.is_decode_only or not self.covers(tokens):
             return self.fallback(**kwargs)
         bucket = self.num_tokens[bisect.bisect_left(self.num_tokens, tokens)]
-        replays, plan = self.replays[bucket], self.plan
+        with torch.inference_mode():  # the buffers were made under it (as GraphRunner runs every step)
+            return self._replay(self.replays[bucket], tokens, kwargs)
+
+    def _replay(self, replays: dict[str, "_Replay"], tokens: int, kwargs: dict[str, torch.Tensor]) -> Any:
+        plan = self.plan
         env: dict[str, Any] = {}
         for node in plan.nodes:
             name = node.name
