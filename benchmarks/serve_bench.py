@@ -216,8 +216,12 @@ async def send(client: httpx.AsyncClient, args: argparse.Namespace, model: str, 
                 text = choice.get("text") if args.endpoint == "completions" else (choice.get("delta") or {}).get("content")
                 if choice.get("finish_reason"):
                     rec.finish_reason = choice["finish_reason"]
-                if not text and not choice.get("finish_reason"):
-                    continue  # a role-only or empty chunk carries no token
+                # A completions chunk stands for new tokens even when their text is still held back (an incomplete
+                # character, a skipped special token): the server streams each token as it comes, as vLLM does, and
+                # `vllm bench serve` counts such a chunk too. A chat chunk without content may be role-only.
+                token_chunk = text or choice.get("finish_reason") or (args.endpoint == "completions" and "text" in choice)
+                if not token_chunk:
+                    continue
                 if rec.chunks == 0:
                     rec.ttft = now - start
                 else:

@@ -64,7 +64,7 @@ class _Shown:
     """What one choice of a stream has sent so far."""
 
     text: str = ""
-    tokens: int = 0  # tokens whose logprobs were sent
+    tokens: int = 0  # tokens the stream has sent (with their logprobs, when asked)
     offset: int = 0  # where the next token starts in the text (completions' text_offset)
     role: bool = False  # a chat choice names its role in its first chunk
 
@@ -290,14 +290,20 @@ class OpenAIHandlers:
         yield "data: [DONE]\n\n"
 
     def next_choice(self, i: int, shown: _Shown, upd: Update, chat: bool, k: int | None) -> dict[str, Any] | None:
-        """Choice i's part of the next chunk: what `upd` adds to what it has shown; None when nothing."""
+        """Choice i's part of the next chunk: what `upd` adds to what it has shown; None when nothing.
+
+        New tokens get a chunk even when their text is held back (a character not yet complete, a possible stop
+        string, a skipped special token), as vLLM streams: the client sees each token arrive (TTFT, ITL) and the
+        text follows once it is final."""
         # Hold back a trailing replacement char: the next token may complete the character.
         text = upd.text if upd.finished else upd.text.rstrip("\ufffd")
         delta = text[len(shown.text):]
         if text.startswith(shown.text):
             shown.text = text
-        if not delta and not upd.finished:
+        start = shown.tokens
+        if not delta and not upd.finished and len(upd.token_ids) <= start:
             return None
+        shown.tokens = len(upd.token_ids)
         if chat:
             role = {} if shown.role else {"role": "assistant"}
             choice = {"index": i, "delta": {**role, "content": delta}}
@@ -305,8 +311,7 @@ class OpenAIHandlers:
         else:
             choice = {"index": i, "text": delta}
         if k is not None:  # the logprobs of the tokens that arrived since the choice's previous chunk
-            new = upd.token_ids[shown.tokens:]
-            choice["logprobs"] = self.logprobs_of(new, (upd.logprobs or [])[shown.tokens:], k, chat, shown.offset)
-            shown.tokens = len(upd.token_ids)
+            new = upd.token_ids[start:]
+            choice["logprobs"] = self.logprobs_of(new, (upd.logprobs or [])[start:], k, chat, shown.offset)
             shown.offset += text_length(new, self.token_texts)
         return {**choice, "finish_reason": upd.finish_reason}
