@@ -19,8 +19,8 @@ class InsertCachedAttentionConfig(TransformConfig):
     """Swap each torch_attention for the backend's paged-KV-cache attention op."""
 
     stage: Stage = Stage.CACHE_INIT
-    backend: KernelBackend = Field(default="auto", description="Attention kernels: auto is flashinfer (when "
-                                   "installed) or triton on a GPU, torch on a CPU.")
+    backend: KernelBackend = Field(default="auto", description="Attention kernels: auto is triton on a GPU "
+                                   "(flashinfer for an fp8 KV cache, when installed), torch on a CPU.")
 
 
 # Per-sequence state caches (Mamba2 SSM and conv, gated delta rule, linear attention): "torch" is the only

@@ -71,7 +71,7 @@ def kv_bytes_per_token(gm: GraphModule, cm: "CachedSequenceInterface", backend: 
     """K and V bytes per cached token over all attention layers, as the attention backend will lay them out."""
     from .attention.registry import AttentionRegistry, resolve_attention_backend
 
-    desc = AttentionRegistry.get(resolve_attention_backend(backend, cm.device))
+    desc = AttentionRegistry.get(resolve_attention_backend(backend, cm.device, cm.kv_cache_dtype))
     total = 0
     for node in nodes_calling(gm, desc.source_op()):
         for spec in desc.cache_specs(node).values():

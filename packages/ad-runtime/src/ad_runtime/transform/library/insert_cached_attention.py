@@ -61,7 +61,7 @@ class InsertCachedAttention(BaseTransform):
         if not isinstance(mod, GraphModule):
             raise CompileError("insert_cached_attention needs an exported GraphModule")
         gm = mod
-        desc = AttentionRegistry.get(resolve_attention_backend(self.config.backend, cm.device))
+        desc = AttentionRegistry.get(resolve_attention_backend(self.config.backend, cm.device, cm.kv_cache_dtype))
         _refuse_unmatched_attention(gm)
         sources = nodes_calling(gm, desc.source_op())
         if not sources:
