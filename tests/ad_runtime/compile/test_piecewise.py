@@ -89,6 +89,17 @@ def test_sizes_are_clipped_to_the_step_limits(cpu_llama):
     assert off.num_pieces_captured == 0 and not off.covers(4)
 
 
+def test_one_sequence_engines_probe_with_one_sequence(cpu_llama):
+    model, gm = cpu_llama
+    mod, cm, _ = build_cached(copy.deepcopy(gm), max_batch_size=1, max_seq_len=48)
+    pw = PiecewiseGraphs(mod, cm, [16, 32], fallback=mod, capturer=emulated_capturer)
+    assert pw.num_pieces_captured == 3
+    got, want, _, _ = _run_both(pw, mod, cm, [PROMPTS[0]], steps=3)
+    assert got == want == greedy_reference(model, [PROMPTS[0]], steps=3) and pw.num_replays == 1
+    tiny, tiny_cm, _ = build_cached(copy.deepcopy(gm), max_batch_size=1, max_seq_len=8)
+    assert PiecewiseGraphs(tiny, tiny_cm, [8], fallback=tiny, capturer=emulated_capturer).num_tokens == []
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_cuda_piecewise_graphs_match_eager(backend):

@@ -24,7 +24,7 @@ from torch.fx import GraphModule, Node
 
 from ..kv_cache.interface import CachedSequenceInterface
 from .direct_calls import call_custom_ops_directly
-from .piecewise_split import STATIC, TOKEN_INT, ValueShapes, probe_shapes, split_at_eager_nodes
+from .piecewise_split import PROBE_TOKENS, STATIC, TOKEN_INT, ValueShapes, probe_shapes, split_at_eager_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,9 @@ class PiecewiseGraphs(nn.Module):
         self.cm = cm
         limit = min(cm.info.max_num_tokens, cm.info.max_seq_len)
         self.num_tokens = sorted({t for t in num_tokens if 1 < t <= limit})
+        if limit < PROBE_TOKENS[1] and self.num_tokens:
+            logger.info("piecewise CUDA graphs off: a step holds %d tokens, the probes need %d", limit, PROBE_TOKENS[1])
+            self.num_tokens = []
         self.num_replays = 0  # steps served by the pieces (observability; tests check it)
         self.replays: dict[int, dict[str, _Replay]] = {}
         if not self.num_tokens:
@@ -141,7 +144,7 @@ class PiecewiseGraphs(nn.Module):
         for name in eager:  # eager pieces run every step: skip the dispatcher for Python custom ops
             call_custom_ops_directly(getattr(self.split, name))
         with torch.inference_mode():
-            self.shapes = probe_shapes(self.split, self._dummy_step)
+            self.shapes = probe_shapes(self.split, self._dummy_step, cm.info.max_batch_size)
             self.plan = self._make_plan(eager)
             self.buffers = _Buffers(self.num_tokens[-1])
             capture = capturer or cuda_capturer(torch.cuda.graph_pool_handle())

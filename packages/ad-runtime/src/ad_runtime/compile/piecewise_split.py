@@ -99,11 +99,15 @@ def classify(a: Any, b: Any, tokens_a: int, tokens_b: int) -> Any:
     return VARIES
 
 
-def probe_shapes(split: GraphModule, run_step: Callable[[list[int]], dict[str, Any]]) -> ValueShapes:
-    """Run the split graph eagerly on two dummy steps (one sequence of 6 tokens; two of 4 and 5) and classify every
-    value: `run_step(lengths)` fills the step and returns the graph's keyword arguments."""
+PROBE_TOKENS = (6, 9)  # token counts of the two probe steps: the graph's steps must hold 9 tokens
+
+
+def probe_shapes(split: GraphModule, run_step: Callable[[list[int]], dict[str, Any]], max_batch_size: int) -> ValueShapes:
+    """Run the split graph eagerly on two dummy steps (one sequence of 6 tokens; two of 4 and 5, or one of 9 where a
+    step holds one sequence) and classify every value: `run_step(lengths)` fills the step and returns the graph's
+    keyword arguments."""
     seen: list[dict[str, Any]] = []
-    for lengths in ([6], [4, 5]):
+    for lengths in ([6], [4, 5] if max_batch_size > 1 else [9]):
         env: dict[str, Any] = {}
         kwargs = run_step(lengths)
         for node in split.graph.nodes:
@@ -114,7 +118,7 @@ def probe_shapes(split: GraphModule, run_step: Callable[[list[int]], dict[str, A
     shapes = ValueShapes()
     for name, a in seen[0].items():
         b = seen[1][name]
-        kinds = [classify(x, y, 6, 9) for x, y in zip(a, b)]
+        kinds = [classify(x, y, *PROBE_TOKENS) for x, y in zip(a, b)]
         shapes.kinds[name] = kinds[0] if len(kinds) == 1 else (VARIES if VARIES in kinds else STATIC)
     return shapes
 
