@@ -170,25 +170,40 @@ class PiecewiseGraphs(nn.Module):
             return self._replay(self.replays[bucket], tokens, kwargs)
 
     def _replay(self, replays: dict[str, "_Replay"], tokens: int, kwargs: dict[str, torch.Tensor]) -> Any:
-        plan = self.plan
-        env: dict[str, Any] = {}
-        for node in plan.nodes:
+        def piece(_: int, node: Node, env: dict[str, Any]) -> Any:
+            rep = replays.get(node.name)
+            return rep.run(env, tokens) if rep is not None else self._eager(node, env)
+
+        out = self._walk(kwargs, piece)
+        self.num_replays += 1
+        return out
+
+    def _walk(self, kwargs: dict[str, Any], piece: Callable[[int, Node, dict[str, Any]], Any], free: bool = False) -> Any:
+        """Run the split graph's top level: inputs, constants and tuple items here, each piece by `piece(index,
+        node, env)`. With `free`, a value is dropped after its last reader (while capturing: its pool memory then
+        serves later pieces)."""
+        plan, env = self.plan, {}
+        for i, node in enumerate(plan.nodes):
             name = node.name
             if node.op == "placeholder":
                 env[name] = kwargs[name]
             elif node.op == "get_attr":
                 env[name] = plan.consts[name]
             elif node.op == "output":
-                self.num_replays += 1
                 return self.split.graph._codegen.process_outputs(torch.fx.node.map_arg(node.args[0],
                                                                                       lambda a: env[a.name]))
-            elif name in replays:
-                env[name] = replays[name].run(env, tokens)
             elif node.op == "call_module":
-                env[name] = getattr(self.split, node.target)(*[env[a.name] for a in node.args])
+                env[name] = piece(i, node, env)
             else:  # operator.getitem
                 env[name] = env[node.args[0].name][node.args[1]]
+            if free:
+                for a in node.all_input_nodes:
+                    if plan.last_use[a.name] == i and a.op not in ("placeholder", "get_attr"):
+                        env.pop(a.name, None)
         raise RuntimeError("the split graph has no output node")
+
+    def _eager(self, node: Node, env: dict[str, Any]) -> Any:
+        return getattr(self.split, node.target)(*[env[a.name] for a in node.args])
 
     # ---- build -----------------------------------------------------------------------------------------------
 
@@ -227,27 +242,16 @@ class PiecewiseGraphs(nn.Module):
 
     def _capture_bucket(self, tokens: int, capture: Capturer) -> dict[str, _Replay]:
         """Run one dummy step of `tokens` tokens, capturing each captured piece as it comes."""
-        plan, kwargs = self.plan, self._dummy_step([tokens])
-        env: dict[str, Any] = {}
         replays: dict[str, _Replay] = {}
-        out_slots: dict[tuple, int] = {}  # (role key) -> index of the last node reading the buffer's value
-        for i, node in enumerate(plan.nodes):
-            name = node.name
-            if node.op == "placeholder":
-                env[name] = kwargs[name]
-            elif node.op == "get_attr":
-                env[name] = plan.consts[name]
-            elif node.op == "output":
-                break
-            elif name in plan.captured:
-                replays[name], env[name] = self._capture_piece(i, node, env, capture, out_slots)
-            elif node.op == "call_module":
-                env[name] = getattr(self.split, node.target)(*[env[a.name] for a in node.args])
-            else:
-                env[name] = env[node.args[0].name][node.args[1]]
-            for a in node.all_input_nodes:  # free what no later node reads: its pool memory serves later pieces
-                if plan.last_use[a.name] == i and a.op not in ("placeholder", "get_attr"):
-                    env.pop(a.name, None)
+        out_slots: dict[tuple, int] = {}  # (buffer kind, slot) -> index of the last node reading its value
+
+        def piece(i: int, node: Node, env: dict[str, Any]) -> Any:
+            if node.name not in self.plan.captured:
+                return self._eager(node, env)
+            replays[node.name], out = self._capture_piece(i, node, env, capture, out_slots)
+            return out
+
+        self._walk(self._dummy_step([tokens]), piece, free=True)
         return replays
 
     def _capture_piece(self, index: int, node: Node, env: dict[str, Any], capture: Capturer,
