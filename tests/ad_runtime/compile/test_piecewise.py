@@ -89,6 +89,21 @@ def test_sizes_are_clipped_to_the_step_limits(cpu_llama):
     assert off.num_pieces_captured == 0 and not off.covers(4)
 
 
+def test_a_piece_that_cannot_be_captured_turns_the_graphs_off_with_a_warning(cpu_llama, caplog):
+    _, gm = cpu_llama
+    mod, cm, _ = build_cached(copy.deepcopy(gm), max_batch_size=4, max_seq_len=48)
+
+    def refusing(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with caplog.at_level("WARNING"):
+        pw = PiecewiseGraphs(mod, cm, [8, 16], fallback=mod, capturer=refusing)
+    assert "piecewise CUDA graphs off" in caplog.text and "not permitted" in caplog.text
+    assert pw.num_pieces_captured == 0 and not pw.covers(4)
+    got, want, _, _ = _run_both(pw, mod, cm, PROMPTS, steps=3)
+    assert got == want and pw.num_replays == 0
+
+
 def test_one_sequence_engines_probe_with_one_sequence(cpu_llama):
     model, gm = cpu_llama
     mod, cm, _ = build_cached(copy.deepcopy(gm), max_batch_size=1, max_seq_len=48)

@@ -103,15 +103,15 @@ def cuda_capturer(pool: Any) -> Capturer:
 
 
 def emulated_capturer(fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
-    """What a CUDA graph does, on any device: replay reruns `fn` and writes the results into the first outputs
-    (tests on a CPU; CUDA graphs cannot be captured there)."""
+    """What a CUDA graph does, on any device: replay reruns `fn` and the first outputs' tensor objects take the new
+    results, as a graph's outputs keep their addresses (tests on a CPU; CUDA graphs cannot be captured there)."""
     out = fn()
 
     def replay() -> None:
         new = fn()
         for o, n in zip(_flat(out), _flat(new)):
             if isinstance(o, torch.Tensor):
-                o.copy_(n)
+                o.set_(n)  # the same tensor objects now show the new values (an expanded output takes no copy_)
 
     return replay, out
 
@@ -148,8 +148,17 @@ class PiecewiseGraphs(nn.Module):
             self.plan = self._make_plan(eager)
             self.buffers = _Buffers(self.num_tokens[-1])
             capture = capturer or cuda_capturer(torch.cuda.graph_pool_handle())
-            for t in reversed(self.num_tokens):  # largest first: smaller ones reuse its pool memory
-                self.replays[t] = self._capture_bucket(t, capture)
+            try:
+                for t in reversed(self.num_tokens):  # largest first: smaller ones reuse its pool memory
+                    self.replays[t] = self._capture_bucket(t, capture)
+            except Exception as e:  # noqa: BLE001 - e.g. an op that syncs with the host cannot be captured
+                # The model ran before without these graphs: keep it running so, and say why, once.
+                logger.warning("piecewise CUDA graphs off: capturing a piece failed (%s: %s); prefill and mixed "
+                               "steps run without them", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self.replays.clear()
+                self.num_tokens = []
+                self.buffers = _Buffers(0)  # their memory goes back
+                return
         logger.info("piecewise CUDA graphs: %d pieces (%d eager) x %d token sizes %s, captured in %.1f s",
                     len(self.plan.captured) + len(eager), len(eager), len(self.num_tokens), self.num_tokens,
                     time.perf_counter() - t0)
