@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from ad_compiler.utils.graph_utils import get_attr_tensor
 from torch.fx import GraphModule, Node
 
 from ..kv_cache.interface import CachedSequenceInterface
 from .direct_calls import call_custom_ops_directly
-from .piecewise_split import PROBE_TOKENS, STATIC, TOKEN_INT, ValueShapes, probe_shapes, split_at_eager_nodes
+from .piecewise_split import PROBE_TOKENS, flat_values, probe_shapes, split_at_eager_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +82,14 @@ class _Replay:
 
 @dataclass
 class _Plan:
-    """What the split graph's top-level nodes are, found once: eager pieces, captured pieces, last uses."""
+    """What the split graph's top-level nodes are, found once: last uses and constants, then (after the probes)
+    the captured pieces and the values eager code reads."""
 
     nodes: list[Node]
-    captured: set[str]
-    eager_read: set[str]  # values read by eager code (eager pieces, the graph output)
     last_use: dict[str, int] = field(default_factory=dict)
     consts: dict[str, Any] = field(default_factory=dict)
+    captured: set[str] = field(default_factory=set)
+    eager_read: set[str] = field(default_factory=set)  # values read by eager code (eager pieces, the graph output)
 
 
 def cuda_capturer(pool: Any) -> Capturer:
@@ -109,15 +111,11 @@ def emulated_capturer(fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
 
     def replay() -> None:
         new = fn()
-        for o, n in zip(_flat(out), _flat(new)):
+        for o, n in zip(flat_values(out), flat_values(new)):
             if isinstance(o, torch.Tensor):
                 o.set_(n)  # the same tensor objects now show the new values (an expanded output takes no copy_)
 
     return replay, out
-
-
-def _flat(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, (tuple, list)) else [value]
 
 
 class PiecewiseGraphs(nn.Module):
@@ -143,9 +141,14 @@ class PiecewiseGraphs(nn.Module):
         self.split.graph._codegen = gm.graph._codegen  # outputs come back in the graph's own structure
         for name in eager:  # eager pieces run every step: skip the dispatcher for Python custom ops
             call_custom_ops_directly(getattr(self.split, name))
+        self.plan = _Plan(list(self.split.graph.nodes))
+        for i, node in enumerate(self.plan.nodes):
+            self.plan.last_use.update((a.name, i) for a in node.all_input_nodes)
+            if node.op == "get_attr":
+                self.plan.consts[node.name] = get_attr_tensor(self.split, node.target)
         with torch.inference_mode():
-            self.shapes = probe_shapes(self.split, self._dummy_step, cm.info.max_batch_size)
-            self.plan = self._make_plan(eager)
+            self.shapes = probe_shapes(self._probe, cm.info.max_batch_size)
+            self._choose_captured(eager)
             self.buffers = _Buffers(self.num_tokens[-1])
             capture = capturer or cuda_capturer(torch.cuda.graph_pool_handle())
             try:
@@ -187,11 +190,12 @@ class PiecewiseGraphs(nn.Module):
         self.num_replays += 1
         return out
 
-    def _walk(self, kwargs: dict[str, Any], piece: Callable[[int, Node, dict[str, Any]], Any], free: bool = False) -> Any:
+    def _walk(self, kwargs: dict[str, Any], piece: Callable[[int, Node, dict[str, Any]], Any], free: bool = False,
+              env: dict[str, Any] | None = None) -> Any:
         """Run the split graph's top level: inputs, constants and tuple items here, each piece by `piece(index,
-        node, env)`. With `free`, a value is dropped after its last reader (while capturing: its pool memory then
-        serves later pieces)."""
-        plan, env = self.plan, {}
+        node, env)`; `env` (if given) keeps every value. With `free`, a value is dropped after its last reader
+        (while capturing: its pool memory then serves later pieces)."""
+        plan, env = self.plan, ({} if env is None else env)
         for i, node in enumerate(plan.nodes):
             name = node.name
             if node.op == "placeholder":
@@ -224,29 +228,30 @@ class PiecewiseGraphs(nn.Module):
         self.cm.update_columns([[0] * n for n in lengths], [0] * len(lengths), pages, slots)
         return self.cm.named_args
 
-    def _make_plan(self, eager: set[str]) -> _Plan:
-        nodes = list(self.split.graph.nodes)
-        pieces = {n.name for n in nodes if n.op == "call_module"}
-        captured = {p for p in pieces - eager if self._capturable(self.split.graph, p)}
-        plan = _Plan(nodes, captured, set())
-        for i, node in enumerate(nodes):
-            for a in node.all_input_nodes:
-                plan.last_use[a.name] = i
-                if node.op == "output" or (node.op == "call_module" and node.name not in captured):
-                    plan.eager_read.add(a.name)
-            if node.op == "get_attr":
-                plan.consts[node.name] = _attr(self.split, node.target)
-        demoted = pieces - eager - captured
+    def _probe(self, lengths: list[int]) -> dict[str, Any]:
+        """Every top-level value of one eager run on a dummy step of these lengths (probe_shapes' input)."""
+        env: dict[str, Any] = {}
+        self._walk(self._dummy_step(lengths), lambda _, node, e: self._eager(node, e), env=env)
+        return env
+
+    def _choose_captured(self, eager: set[str]) -> None:
+        """Captured pieces: those not eager whose edges the probes found static or token-sized; then the values
+        eager code reads (copied out of the graphs into buffers)."""
+        plan = self.plan
+        pieces = [n for n in plan.nodes if n.op == "call_module" and n.name not in eager]
+        plan.captured = {n.name for n in pieces if self._capturable(n)}
+        for node in plan.nodes:
+            if node.op == "output" or (node.op == "call_module" and node.name not in plan.captured):
+                plan.eager_read.update(a.name for a in node.all_input_nodes)
+        demoted = sorted(n.name for n in pieces if n.name not in plan.captured)
         if demoted:
             logger.info("piecewise CUDA graphs: pieces %s run eagerly (a value crossing them depends on more "
-                        "than the token count)", sorted(demoted))
-        return plan
+                        "than the token count)", demoted)
 
-    def _capturable(self, graph: torch.fx.Graph, piece: str) -> bool:
+    def _capturable(self, node: Node) -> bool:
         """Every value crossing the piece's edges is static or grows with the token count only."""
-        node = next(n for n in graph.nodes if n.name == piece)
         crossing = [a.name for a in node.all_input_nodes if a.op != "get_attr"]
-        crossing += [u.name for u in node.users if u.target is operator.getitem] or [piece]
+        crossing += [u.name for u in node.users if u.target is operator.getitem] or [node.name]
         return all(self.shapes.capturable(v) for v in crossing)
 
     def _capture_bucket(self, tokens: int, capture: Capturer) -> dict[str, _Replay]:
@@ -276,7 +281,7 @@ class PiecewiseGraphs(nn.Module):
                 copies.append((a.name, buf, dim))
                 value = buf
             ins.append(value)
-        warm = _flat(piece(*ins))  # Triton's first compiles and cuBLAS workspaces happen outside the capture
+        warm = flat_values(piece(*ins))  # Triton's first compiles and cuBLAS workspaces happen outside the capture
         outputs = []
         for k, (value_name, readers_end) in enumerate(self._output_reads(node, len(warm))):
             if readers_end is None or not isinstance(warm[k], torch.Tensor):
@@ -289,7 +294,7 @@ class PiecewiseGraphs(nn.Module):
 
         def run() -> Any:
             out = piece(*ins)
-            for o, target in zip(_flat(out), outputs):
+            for o, target in zip(flat_values(out), outputs):
                 if target is not None:
                     target[0].copy_(o)
             return out
@@ -327,11 +332,4 @@ def _producer(node: Node) -> str:
     return node.name
 
 
-def _attr(mod: nn.Module, target: str) -> Any:
-    for part in target.split("."):
-        mod = getattr(mod, part)
-    return mod
-
-
-__all__ = ["PiecewiseGraphs", "TOKEN_INT", "STATIC", "ValueShapes", "cuda_capturer", "default_piecewise_num_tokens",
-           "emulated_capturer"]
+__all__ = ["PiecewiseGraphs", "cuda_capturer", "default_piecewise_num_tokens", "emulated_capturer"]

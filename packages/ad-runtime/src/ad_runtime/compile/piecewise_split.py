@@ -80,7 +80,8 @@ def _size(v: Any) -> Any:
     return int(v) if isinstance(v, (int, torch.SymInt)) else type(v).__name__
 
 
-def _flat(value: Any) -> list[Any]:
+def flat_values(value: Any) -> list[Any]:
+    """A piece's outputs as a list (a piece returns one value or a tuple)."""
     return list(value) if isinstance(value, (tuple, list)) else [value]
 
 
@@ -102,40 +103,14 @@ def classify(a: Any, b: Any, tokens_a: int, tokens_b: int) -> Any:
 PROBE_TOKENS = (6, 9)  # token counts of the two probe steps: the graph's steps must hold 9 tokens
 
 
-def probe_shapes(split: GraphModule, run_step: Callable[[list[int]], dict[str, Any]], max_batch_size: int) -> ValueShapes:
-    """Run the split graph eagerly on two dummy steps (one sequence of 6 tokens; two of 4 and 5, or one of 9 where a
-    step holds one sequence) and classify every value: `run_step(lengths)` fills the step and returns the graph's
-    keyword arguments."""
-    seen: list[dict[str, Any]] = []
-    for lengths in ([6], [4, 5] if max_batch_size > 1 else [9]):
-        env: dict[str, Any] = {}
-        kwargs = run_step(lengths)
-        for node in split.graph.nodes:
-            if node.op == "output":
-                break
-            env[node.name] = _eval(split, node, env, kwargs)
-        seen.append({k: [_size(v) for v in _flat(x)] for k, x in env.items()})
+def probe_shapes(run_step: Callable[[list[int]], dict[str, Any]], max_batch_size: int) -> ValueShapes:
+    """Classify every top-level value of the split graph from two dummy steps (one sequence of 6 tokens; two of 4
+    and 5, or one of 9 where a step holds one sequence): `run_step(lengths)` runs the graph eagerly on such a step
+    and returns every value it computed, by name."""
+    seen = [{k: [_size(v) for v in flat_values(x)] for k, x in run_step(lengths).items()}
+            for lengths in ([6], [4, 5] if max_batch_size > 1 else [9])]
     shapes = ValueShapes()
     for name, a in seen[0].items():
-        b = seen[1][name]
-        kinds = [classify(x, y, *PROBE_TOKENS) for x, y in zip(a, b)]
+        kinds = [classify(x, y, *PROBE_TOKENS) for x, y in zip(a, seen[1][name])]
         shapes.kinds[name] = kinds[0] if len(kinds) == 1 else (VARIES if VARIES in kinds else STATIC)
     return shapes
-
-
-def _eval(split: GraphModule, node: Node, env: dict[str, Any], kwargs: dict[str, Any]) -> Any:
-    """One top-level node of the split graph, eagerly."""
-    if node.op == "placeholder":
-        return kwargs[node.name]
-    if node.op == "get_attr":
-        return _attr(split, node.target)
-    args = [env[a.name] if isinstance(a, Node) else a for a in node.args]
-    if node.op == "call_module":
-        return getattr(split, node.target)(*args)
-    return node.target(*args)  # operator.getitem
-
-
-def _attr(mod: torch.nn.Module, target: str) -> Any:
-    for part in target.split("."):
-        mod = getattr(mod, part)
-    return mod
