@@ -78,8 +78,11 @@ def make_llm(path: str, random_weights: bool, args: argparse.Namespace, max_seq_
     from ad_runtime import LLM
 
     extra = {}
-    if getattr(args, "enable_transform", None):  # opt-in transforms (default.yaml has them off)
-        extra["transforms"] = {name: {"enabled": True} for name in args.enable_transform}
+    # Opt-in transforms (default.yaml has them off) and ones switched off for an A/B in the same call.
+    switched = {name: True for name in getattr(args, "enable_transform", [])}
+    switched.update({name: False for name in getattr(args, "disable_transform", [])})
+    if switched:
+        extra["transforms"] = {name: {"enabled": on} for name, on in switched.items()}
     if getattr(args, "stack_dump_after", 0):
         # A build that hangs or crawls shows where: every thread's stack on stderr each time this many seconds pass.
         faulthandler.dump_traceback_later(args.stack_dump_after, repeat=True)
@@ -106,6 +109,8 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
     """Options of make_llm shared by the GPU scripts."""
     p.add_argument("--enable-transform", action="append", default=[], metavar="NAME",
                    help="switch on a transform that default.yaml leaves off (e.g. fuse_gemv_prologue); repeatable")
+    p.add_argument("--disable-transform", action="append", default=[], metavar="NAME",
+                   help="switch off a transform that default.yaml runs (an A/B: fuse_rope_into_attention); repeatable")
     p.add_argument("--stack-dump-after", type=float, default=0, metavar="S",
                    help="print every thread's stack each S seconds while the engine builds (find a stuck build)")
 

@@ -23,6 +23,14 @@ class InsertCachedAttentionConfig(TransformConfig):
                                    "(flashinfer for an fp8 KV cache, when installed), torch on a CPU.")
 
 
+@register_transform_config("fuse_rope_into_attention")
+class FuseRopeIntoAttentionConfig(TransformConfig):
+    """Fold each layer's Triton RoPE of q and k into the triton attention op, which then rotates q and k in the
+    kernel that writes the K/V cache (one launch a layer instead of two); skipped for other attention backends."""
+
+    stage: Stage = Stage.CACHE_INIT
+
+
 # Per-sequence state caches (Mamba2 SSM and conv, gated delta rule, linear attention): "torch" is the only
 # implementation today (plain torch, CPU and GPU).
 StateBackend = Literal["torch"]

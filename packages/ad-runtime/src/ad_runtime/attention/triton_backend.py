@@ -5,6 +5,7 @@ import torch
 from ad_runtime.kernels.triton import paged_attention as _pa
 from ad_runtime.kernels.triton import paged_decode as _pd
 from ad_runtime.kernels.triton import paged_kv_write as _kv
+from ad_runtime.kernels.triton import rope_kv_write as _rope_kv
 
 from .descriptor import AttentionDescriptor
 from .registry import AttentionRegistry
@@ -33,15 +34,27 @@ def triton_cached_attention(
     scale: float | None,
     sliding_window: int | None,
     logit_cap: float | None,
+    rope_cos_sin: torch.Tensor | None = None,
+    rope_position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write the step's k/v into the paged cache, then attend: q [1, T, n, d] -> [1, T, n, d]."""
+    """Write the step's k/v into the paged cache, then attend: q [1, T, n, d] -> [1, T, n, d].
+
+    With rope_cos_sin ([max_pos, d] = [cos | sin]) and rope_position_ids ([1, T]), q and k arrive before RoPE
+    (fuse_rope_into_attention) and are rotated in the same launch that writes the cache.
+    """
     if v.shape[-1] != q.shape[-1]:
         raise ValueError("the triton attention backend needs the value head dim equal to the query head dim")
     t = q.shape[1]
-    _kv.write_paged_kv(_rows(k[0]), _rows(v[0]), k_cache, v_cache, slot_mapping[:t])
+    if rope_cos_sin is None:
+        _kv.write_paged_kv(_rows(k[0]), _rows(v[0]), k_cache, v_cache, slot_mapping[:t])
+        q3 = _rows(q[0])
+    else:
+        q3 = _rope_kv.rope_and_write_paged_kv(
+            _rows(q[0]), _rows(k[0]), _rows(v[0]), k_cache, v_cache, slot_mapping[:t], rope_position_ids[0, :t],
+            _rows(rope_cos_sin),
+        )
     num_prefill, num_prefill_tokens, num_decode = batch_info_host.tolist()
-    q3 = _rows(q[0])
-    out = q.new_empty(q.shape)
+    out = q3.new_empty((1, *q3.shape))
     window = sliding_window if sliding_window is not None and sliding_window > 0 else None
     opts = {"scale": scale, "sliding_window": window, "logit_cap": logit_cap, "sinks": sinks}
     if num_prefill > 0:
@@ -78,8 +91,11 @@ def _triton_cached_attention_fake(
     scale: float | None,
     sliding_window: int | None,
     logit_cap: float | None,
+    rope_cos_sin: torch.Tensor | None = None,
+    rope_position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return q.new_empty(q.shape)
+    dtype = q.dtype if rope_cos_sin is None else torch.result_type(q, rope_cos_sin)
+    return q.new_empty(q.shape, dtype=dtype)
 
 
 @AttentionRegistry.register("triton")
