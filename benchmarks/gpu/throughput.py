@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_vs_ad import PRESETS, machine_name, model_source  # noqa: E402 - the benchmarks folder is no package
@@ -81,8 +82,13 @@ def make_llm(path: str, random_weights: bool, args: argparse.Namespace, max_seq_
     # Opt-in transforms (default.yaml has them off) and ones switched off for an A/B in the same call.
     switched = {name: True for name in getattr(args, "enable_transform", [])}
     switched.update({name: False for name in getattr(args, "disable_transform", [])})
-    if switched:
-        extra["transforms"] = {name: {"enabled": on} for name, on in switched.items()}
+    transforms: dict[str, dict] = {name: {"enabled": on} for name, on in switched.items()}
+    for option in getattr(args, "transform_option", []):  # NAME.KEY=VALUE, VALUE read as YAML
+        key, _, value = option.partition("=")
+        name, _, field = key.partition(".")
+        transforms.setdefault(name, {})[field] = yaml.safe_load(value)
+    if transforms:
+        extra["transforms"] = transforms
     if getattr(args, "stack_dump_after", 0):
         # A build that hangs or crawls shows where: every thread's stack on stderr each time this many seconds pass.
         faulthandler.dump_traceback_later(args.stack_dump_after, repeat=True)
@@ -109,6 +115,8 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
     """Options of make_llm shared by the GPU scripts."""
     p.add_argument("--enable-transform", action="append", default=[], metavar="NAME",
                    help="switch on a transform that default.yaml leaves off (e.g. fuse_gemv_prologue); repeatable")
+    p.add_argument("--transform-option", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="set one option of a transform (fuse_gemv_prologue.add_rmsnorm=false); repeatable")
     p.add_argument("--disable-transform", action="append", default=[], metavar="NAME",
                    help="switch off a transform that default.yaml runs (an A/B: fuse_rope_into_attention); repeatable")
     p.add_argument("--stack-dump-after", type=float, default=0, metavar="S",

@@ -7,8 +7,9 @@ from ad_runtime.kernels.triton.rope import rope_with_cos_sin_cache
 from ad_runtime.kernels.triton.rope_kv_write import rope_and_write_paged_kv
 
 
-def _case(num_tokens, nq, nk, d, dtype, device, page_size=4, num_pages=6, max_pos=40, seed=0):
+def _case(num_tokens, nq, nk, d, dtype, device, page_size=4, max_pos=40, seed=0):
     g = torch.Generator().manual_seed(seed)
+    num_pages = num_tokens // page_size + 2  # room for every token, and slots left untouched
     qkv = torch.randn(num_tokens, nq + 2 * nk, d, generator=g).to(device=device, dtype=dtype)
     q, k, v = qkv.split([nq, nk, nk], dim=1)  # strided views, as the split of a fused qkv projection gives them
     pos = torch.randint(0, max_pos, (num_tokens,), generator=g).to(device)

@@ -18,6 +18,16 @@ class SamplerOutput:
     logprobs: TokenLogprobs | None  # the rows that asked for logprobs; None when none did
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, dim=-1) of [B, V] logits; on a GPU through two short Triton launches (torch's one
+    reduction kernel took 36.8 us of an 8B batch-1 decode step on an H200, for 0.25 MB of logits)."""
+    if logits.is_cuda and logits.dim() == 2 and logits.stride(-1) == 1:
+        from ..kernels.triton.argmax import argmax_rows  # Triton only where a GPU runs the model
+
+        return argmax_rows(logits)
+    return torch.argmax(logits, dim=-1)
+
+
 class Sampler:
     """Samples one token per row of a logits batch, each row with its own parameters."""
 
@@ -56,7 +66,7 @@ class Sampler:
         if plain and all(p.greedy for p in distinct):
             # Greedy picks straight from the model's logits: bf16 -> fp32 is exact, so the argmax (first of the
             # maxima) is the same, without writing and reading a float32 copy (256 rows x 128k vocab: 131 MB).
-            return SamplerOutput(torch.argmax(logits, dim=-1), None)
+            return SamplerOutput(greedy_tokens(logits), None)
         raw = logits.float()
         if plain:  # one pass for plain batches
             return SamplerOutput(self._pick(raw, params, request_ids, distinct), None)
@@ -69,7 +79,7 @@ class Sampler:
     def _pick(self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[int],
               distinct: Iterable[SamplingParams]) -> torch.Tensor:
         """`distinct`: the different objects among `params`."""
-        out = torch.argmax(logits, dim=-1)
+        out = greedy_tokens(logits)
         if all(p.greedy for p in distinct):
             return out
         rows = [i for i, p in enumerate(params) if not p.greedy]

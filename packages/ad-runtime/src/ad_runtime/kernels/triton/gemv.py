@@ -5,6 +5,7 @@ cuBLAS splits K for one-row products and adds reduce kernels; on an H200 (benchm
 down, qkv) where a GEMV of this form took 54.7 / 30.0 / 12.8.
 """
 
+import os
 from functools import cache
 
 import torch
@@ -14,6 +15,8 @@ from triton.language.extra import cuda
 
 from .pdl import pdl_launch_args
 
+
+_WEIGHTS_FIRST = os.environ.get("AUTODEPLOY_GEMV_WEIGHTS_FIRST", "1") != "0"
 
 # What the GEMV computes its input row from (a constexpr of the kernel): the row itself, or the op before it.
 PLAIN, ADD_RMSNORM, SWIGLU = 0, 1, 2
@@ -59,23 +62,34 @@ def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, K, N, s_wn,
     r_ptr, nw_ptr, sum_ptr, eps, gate_off, up_off,
     PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
 ):
-    if USE_PDL:
-        cuda.gdc_wait()
-        cuda.gdc_launch_dependents()
     # Each program owns BLOCK_N output features over the whole K. The products are summed along K once, after
     # the loop: a [BLOCK_N, BLOCK_K] fp32 accumulator keeps the loop free of cross-thread reductions.
     pid = tl.program_id(0)
-    rstd = 1.0
-    if PROLOGUE == 1:
-        rstd = _rstd_and_sum(x_ptr, r_ptr, sum_ptr, K, eps, pid == 0, BLOCK_K)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     rows = w_ptr + offs_n.to(tl.int64)[:, None] * s_wn
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K):
+    # The first weight tile is read before waiting for the kernel before this one: weights are never written
+    # during a step, so with PDL their first bytes come from memory while the predecessor still runs (its
+    # latency was part of every one of a decode step's ~130 GEMV boundaries). Only the input row must wait.
+    # (AUTODEPLOY_GEMV_WEIGHTS_FIRST=0 waits first, to measure what this is worth.)
+    first = rows + offs_k[None, :]
+    first_ok = n_ok[:, None] & (offs_k < K)[None, :]
+    if WEIGHTS_FIRST:
+        w = tl.load(first, mask=first_ok, other=0.0)
+    if USE_PDL:
+        cuda.gdc_wait()
+        cuda.gdc_launch_dependents()
+    if not WEIGHTS_FIRST:
+        w = tl.load(first, mask=first_ok, other=0.0)
+    rstd = 1.0
+    if PROLOGUE == 1:
+        rstd = _rstd_and_sum(x_ptr, r_ptr, sum_ptr, K, eps, pid == 0, BLOCK_K)
+    x = _input_features(x_ptr, r_ptr, nw_ptr, offs_k, offs_k < K, rstd, gate_off, up_off, PROLOGUE)
+    acc = w.to(tl.float32) * x[None, :]
+    for k0 in tl.range(BLOCK_K, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
         w = tl.load(rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
@@ -128,7 +142,8 @@ def _launch(x1, weight, bias, y, k, prologue=PLAIN, residual=None, norm_weight=N
         x1, weight, bias if bias is not None else weight, y, k, n, weight.stride(0),
         residual if residual is not None else x1, norm_weight if norm_weight is not None else x1,
         summed if summed is not None else y, eps, gate_off, up_off,
-        PROLOGUE=prologue, HAS_BIAS=bias is not None, **cfg, **pdl_launch_args(x1.device),
+        PROLOGUE=prologue, HAS_BIAS=bias is not None, WEIGHTS_FIRST=_WEIGHTS_FIRST, **cfg,
+        **pdl_launch_args(x1.device),
     )
 
 
