@@ -129,15 +129,6 @@ class FuseGemvPrologueConfig(TransformConfig):
                          "the GEMV that reads the product (the MLP's down projection).")
 
 
-@register_transform_config("fuse_gemv_epilogue")
-class FuseGemvEpilogueConfig(TransformConfig):
-    """Run the add+RMSNorm that reads a one-row GEMV's output (gemv_decode_linear's ops) at the end of that GEMV:
-    its last program normalises the row, so batch-1 decode has no add+RMSNorm launches after a GEMV. Calls with
-    more rows run the unfused kernels as before."""
-
-    stage: Stage = Stage.COMPILE
-
-
 CompileBackend = Literal["auto", "torch-simple", "torch-compile", "torch-cudagraph", "torch-opt"]
 
 

@@ -1,6 +1,6 @@
 """Custom ops over the Triton kernels: `auto_deploy::triton_rmsnorm`, `triton_fused_add_rmsnorm`, `triton_rope_*`,
-`triton_gemv_linear`, the GEMVs with a fused prologue (`triton_add_rmsnorm_gemv_linear`,
-`triton_swiglu_gemv_linear`) and the GEMV with a fused add+RMSNorm epilogue (`triton_gemv_add_rmsnorm`)."""
+`triton_gemv_linear` and the GEMVs with a fused prologue (`triton_add_rmsnorm_gemv_linear`,
+`triton_swiglu_gemv_linear`)."""
 
 import os
 
@@ -127,25 +127,3 @@ def triton_swiglu_gemv_linear(
 @triton_swiglu_gemv_linear.register_fake
 def _swiglu_gemv_fake(gate_up, gate_offset, up_offset, weight, bias):
     return gate_up.new_empty((*gate_up.shape[:-1], weight.shape[0]))
-
-
-@torch.library.custom_op("auto_deploy::triton_gemv_add_rmsnorm", mutates_args=())
-def triton_gemv_add_rmsnorm(
-    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
-    norm_weight: torch.Tensor, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The "add_rmsnorm" kernel of (linear(input, weight, bias), residual, norm_weight, eps) -> (normed, summed):
-    one kernel for a one-row input (the GEMV's last program normalises the row), else aten.linear and the
-    unfused add_rmsnorm."""
-    if _gemv_takes(input, input.shape[-1], weight):
-        return _gemv.gemv_add_rmsnorm(input, weight, bias, residual, norm_weight, eps)
-    y = torch.ops.aten.linear.default(input, weight, bias)
-    if _triton_runs(y):
-        return _rmsnorm.add_rmsnorm(y, residual, norm_weight, eps)
-    return torch.ops.auto_deploy.torch_fused_add_rmsnorm(y, residual, norm_weight, eps)
-
-
-@triton_gemv_add_rmsnorm.register_fake
-def _gemv_add_rmsnorm_fake(input, weight, bias, residual, norm_weight, eps):
-    y = input.new_empty((*input.shape[:-1], weight.shape[0]))
-    return fused_add_rmsnorm_fake(y, residual, norm_weight, eps)

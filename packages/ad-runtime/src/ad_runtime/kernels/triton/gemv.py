@@ -14,7 +14,6 @@ import triton.language as tl
 from triton.language.extra import cuda
 
 from .pdl import pdl_launch_args
-from .rmsnorm import _store_normed
 
 
 _WEIGHTS_FIRST = os.environ.get("AUTODEPLOY_GEMV_WEIGHTS_FIRST", "1") != "0"
@@ -59,30 +58,11 @@ def _rstd_and_sum(x_ptr, r_ptr, sum_ptr, K, eps, write_sum, BLOCK_K: tl.constexp
 
 
 @triton.jit
-def _add_rmsnorm_by_last_program(y_ptr, r_ptr, nw_ptr, sum_ptr, out_ptr, counter_ptr, eps,
-                                 HIDDEN: tl.constexpr, BLOCK: tl.constexpr):
-    """The program that finishes last adds the residual to the whole output row and normalises it, exactly as
-    the add_rmsnorm kernel would after this one; it then resets the counter for the next launch."""
-    tl.debug_barrier()  # every thread's part of y is stored before the program counts itself done
-    done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    if done == tl.num_programs(0) - 1:
-        offs = tl.arange(0, BLOCK)
-        mask = offs < HIDDEN
-        # .cg: read from L2, where the other programs' stores are (never a stale L1 line).
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        s = (y + r).to(sum_ptr.dtype.element_ty)
-        tl.store(sum_ptr + offs, s, mask=mask)
-        _store_normed(s, nw_ptr, out_ptr, offs, mask, eps, HIDDEN)
-        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, K, N, s_wn,
-    r_ptr, nw_ptr, sum_ptr, eps, gate_off, up_off, out_ptr, counter_ptr,
+    r_ptr, nw_ptr, sum_ptr, eps, gate_off, up_off,
     PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr, WEIGHTS_FIRST: tl.constexpr, EPILOGUE: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    USE_PDL: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
 ):
     # Each program owns BLOCK_N output features over the whole K. The products are summed along K once, after
     # the loop: a [BLOCK_N, BLOCK_K] fp32 accumulator keeps the loop free of cross-thread reductions.
@@ -119,8 +99,6 @@ def _gemv_kernel(
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
-    if EPILOGUE:  # add_rmsnorm(y, residual) by the last program: r_ptr, nw_ptr, sum_ptr and eps are the norm's
-        _add_rmsnorm_by_last_program(y_ptr, r_ptr, nw_ptr, sum_ptr, out_ptr, counter_ptr, eps, N, BLOCK_OUT)
 
 
 @cache
@@ -157,32 +135,16 @@ def _one_row(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
 
 
 def _launch(x1, weight, bias, y, k, prologue=PLAIN, residual=None, norm_weight=None, summed=None, eps=0.0,
-            gate_off=0, up_off=0, normed=None) -> None:
-    """normed (with residual, norm_weight, summed, eps): add_rmsnorm of the output row in the last program."""
+            gate_off=0, up_off=0) -> None:
     n = weight.shape[0]
     cfg = launch_config(n, k, x1.device)
-    epilogue = normed is not None
-    assert not (epilogue and prologue == ADD_RMSNORM), "one add_rmsnorm per launch"
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x1, weight, bias if bias is not None else weight, y, k, n, weight.stride(0),
         residual if residual is not None else x1, norm_weight if norm_weight is not None else x1,
         summed if summed is not None else y, eps, gate_off, up_off,
-        normed if epilogue else y, _counter(x1.device) if epilogue else y,
-        PROLOGUE=prologue, HAS_BIAS=bias is not None, WEIGHTS_FIRST=_WEIGHTS_FIRST, EPILOGUE=epilogue,
-        BLOCK_OUT=triton.next_power_of_2(n) if epilogue else 1, **cfg, **pdl_launch_args(x1.device),
+        PROLOGUE=prologue, HAS_BIAS=bias is not None, WEIGHTS_FIRST=_WEIGHTS_FIRST, **cfg,
+        **pdl_launch_args(x1.device),
     )
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counter(device: torch.device) -> torch.Tensor:
-    """The device's count of finished programs for the epilogue (back to 0 after every launch). One is enough:
-    launches on a stream run one after the other, and with PDL a launch counts only after its gdc_wait. Made by
-    the first (warm-up) call, before CUDA graphs are captured."""
-    if device not in _COUNTERS:
-        _COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _COUNTERS[device]
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -229,21 +191,3 @@ def swiglu_gemv(
     y = torch.empty((*gate_up.shape[:-1], n), dtype=gate_up.dtype, device=gate_up.device)
     _launch(row, weight, bias, y, k, SWIGLU, gate_off=gate_off, up_off=up_off)
     return y
-
-
-def gemv_add_rmsnorm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
-    norm_weight: torch.Tensor, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """add_rmsnorm(linear(x, weight, bias), residual, norm_weight, eps) -> (normed, summed) for one row, in one
-    kernel: the program that finishes last normalises the row (no add_rmsnorm launch after the GEMV)."""
-    _check_weight(weight)
-    n, k = weight.shape
-    x1 = _one_row(x, k, "features")
-    r1 = _one_row(residual, n, "residual features")
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    summed = torch.empty(y.shape, dtype=torch.result_type(y, residual), device=x.device)
-    normed = torch.empty(y.shape, dtype=torch.result_type(norm_weight, summed), device=x.device)
-    _launch(x1, weight, bias, y, k, residual=r1, norm_weight=norm_weight.contiguous(), summed=summed, eps=eps,
-            normed=normed)
-    return normed, summed
