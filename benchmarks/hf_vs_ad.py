@@ -117,6 +117,21 @@ def bench_ad(llm, prompts: list[list[int]], osl: int, runs: int) -> float:
     return len(prompts) * osl / dt
 
 
+def memory_plan_check(llm) -> str:
+    """Rank 0's memory plan (made before any weight was read) against what its build then allocated."""
+    from ad_runtime.memory_plan import weight_bytes
+
+    plan = llm.build_reports[0].memory
+    if plan is None:
+        return "memory plan: none was made"
+    runner = llm.engine.runner
+    weights = weight_bytes(runner.module)
+    kv = sum(t.numel() * t.element_size() for name, t in runner.cm.caches.items() if name in runner.cm.cache_specs)
+    return (f"memory plan against the build: weights {plan.weight_bytes / 2**30:.3f} GiB planned, "
+            f"{weights / 2**30:.3f} GiB allocated ({weights / plan.weight_bytes:.3f}x); KV cache "
+            f"{plan.kv_bytes / 2**30:.3f} GiB planned, {kv / 2**30:.3f} GiB allocated ({kv / max(plan.kv_bytes, 1):.3f}x)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="random-weight config (default: bundled SmolLM2)")
@@ -143,6 +158,7 @@ def main() -> None:
             max_batch_size=max_bs, max_seq_len=args.isl + args.osl + 8, max_num_tokens=max(args.isl * max_bs, 2048),
             compile_backend=args.compile_backend, attn_backend=args.attn_backend,
         )
+        print(memory_plan_check(llm), flush=True)
         vocab = llm.vocab_size
         workloads = [(bs, [[rng.randrange(100, vocab) for _ in range(args.isl)] for _ in range(bs)])
                      for bs in args.batch_sizes]

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hf_vs_ad import PRESETS, machine_name, model_source  # noqa: E402 - the benchmarks folder is no package
+from hf_vs_ad import PRESETS, machine_name, memory_plan_check, model_source  # noqa: E402 - the benchmarks folder is no package
 
 
 def copy_bandwidth() -> float:
@@ -207,6 +207,7 @@ def main() -> None:
         print(f"build: {time.perf_counter() - t:.1f} s to a ready engine; "
               + "; ".join(f"{r.summary()} | {r.timings(top=8)}" for r in llm.build_reports))
         print(f"compiles during the build: {compile_counts()}")
+        print(memory_plan_check(llm))
         print_compile_phases("the build")
         wbytes, kv_tok = weight_bytes(llm), kv_bytes_per_token(llm)
         print(f"machine: {machine_name()} | model: {args.preset} ({wbytes / 1e9:.2f} GB of weights) | {args.dtype}"

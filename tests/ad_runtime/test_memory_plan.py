@@ -42,3 +42,26 @@ def test_a_graph_without_example_values_is_refused() -> None:
     gm = torch.fx.symbolic_trace(_Mlp())
     with pytest.raises(ValueError, match="example value"):
         activation_peak_bytes(gm, tokens=10, logit_rows=1)
+
+
+def _cm(device: str, max_num_pages: int | None = None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(device=torch.device(device), num_pages=10, page_size=16, max_num_pages=max_num_pages,
+                           state_bytes=lambda: 1024)
+
+
+def test_kv_pages_on_a_gpu_are_what_resize_kv_cache_will_allocate() -> None:
+    from ad_config import LlmArgs
+    from ad_runtime.memory_plan import _kv_pages
+
+    args = LlmArgs(model="m", free_mem_ratio=0.5)
+    per_token, gib = 1000, 1024**3
+    # Half of what the weights, activations and state caches leave, in pages of 16 tokens, less the scratch page.
+    expected = int(0.5 * (10 * gib - 2 * gib - 1024)) // (per_token * 16) - 1
+    assert _kv_pages(_cm("cuda"), args, per_token, available=10 * gib, used=2 * gib) == expected
+    assert _kv_pages(_cm("cuda", max_num_pages=50), args, per_token, available=10 * gib, used=2 * gib) == 50
+    # A CPU keeps the configured pages; so does a GPU build with resize_kv_cache switched off.
+    assert _kv_pages(_cm("cpu"), args, per_token, available=10 * gib, used=2 * gib) == 10
+    off = LlmArgs(model="m", transforms={"resize_kv_cache": {"enabled": False}})
+    assert _kv_pages(_cm("cuda"), off, per_token, available=10 * gib, used=2 * gib) == 10

@@ -28,7 +28,7 @@ class MemoryPlan:
 
     weight_bytes: int
     kv_bytes_per_token: int  # all attention layers, K and V, in the cache dtype
-    kv_pages: int  # usable pages as configured (resize_kv_cache may grow them on a GPU)
+    kv_pages: int  # usable pages: as configured, or on a GPU what resize_kv_cache will give them
     page_size: int
     min_kv_tokens: int  # one sequence of max_seq_len: below that nothing can be served
     available_bytes: int | None  # free memory of the device now (None: unknown)
@@ -165,16 +165,29 @@ def plan_memory(
     except Exception as e:  # noqa: BLE001 - weights and KV still plan; the line says what is not counted
         logger.warning("memory plan without activations: %s: %s", type(e).__name__, str(e).strip()[:200])
         activations = 0
+    weights, available = weight_bytes(gm) - _tied_bytes(gm, cm, args, tied or {}), device_free_bytes(cm.device)
     return MemoryPlan(
-        weight_bytes=weight_bytes(gm) - _tied_bytes(gm, cm, args, tied or {}),
+        weight_bytes=weights,
         kv_bytes_per_token=per_token,
-        kv_pages=cm.num_pages,
+        kv_pages=_kv_pages(cm, args, per_token, available, weights + activations),
         page_size=cm.page_size,
         min_kv_tokens=args.max_seq_len,
-        available_bytes=device_free_bytes(cm.device),
+        available_bytes=available,
         activation_bytes=activations,
         max_num_tokens=cm.info.max_num_tokens,
     )
+
+
+def _kv_pages(cm: "CachedSequenceInterface", args: "LlmArgs", per_token: int, available: int | None,
+              used: int) -> int:
+    """The usable pages the build will allocate: as configured, or on a GPU what resize_kv_cache will make of the
+    memory left after the weights and the activations (its free_mem_ratio of it, capped by max_tokens)."""
+    resize = args.transforms.get("resize_kv_cache")
+    if cm.device.type != "cuda" or resize is None or not resize.enabled or not per_token or available is None:
+        return cm.num_pages
+    pages = int(resize.free_mem_ratio * (available - used - cm.state_bytes())) // (per_token * cm.page_size) - 1
+    cap = getattr(cm, "max_num_pages", None)
+    return max(0, min(pages, cap) if cap is not None else pages)
 
 
 def _tied_bytes(gm: GraphModule, cm: "CachedSequenceInterface", args: "LlmArgs", tied: dict[str, str]) -> int:
