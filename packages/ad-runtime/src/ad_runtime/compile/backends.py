@@ -47,18 +47,10 @@ def compile_backend_of(args: "LlmArgs", device: str | torch.device) -> str | Non
 
 
 def default_cuda_graph_batch_sizes(cm: CachedSequenceInterface) -> list[int]:
-    """1, 2, 4, then every 8 rows to 64, every 16 to 128, every 32 to 256, every 64 to 512, every 128 beyond, up to
-    max_batch_size (which is always one of them).
-
-    A decode batch replays the next size up, so above 32 rows it pads at most a quarter of its rows (powers of two
-    padded 129 rows to 256); below, padding rows cost almost nothing (a few-row step reads every weight anyway).
-    Each size is one more capture at build time."""
+    """Powers of two up to max_batch_size, plus max_batch_size itself."""
     limit = min(cm.info.max_batch_size, cm.info.max_num_tokens)
-    sizes, size = [1, 2, 4], 8
-    while size <= limit:
-        sizes.append(size)
-        size += 8 if size < 64 else 16 if size < 128 else 32 if size < 256 else 64 if size < 512 else 128
-    return sorted({s for s in sizes if s <= limit} | {limit})
+    sizes = [1 << i for i in range(limit.bit_length()) if (1 << i) <= limit]
+    return sorted(set(sizes) | {limit})
 
 
 @CompileBackendRegistry.register("torch-simple")

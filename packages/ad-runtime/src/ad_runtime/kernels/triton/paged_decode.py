@@ -37,14 +37,8 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     kv_len = tl.load(input_pos_ptr + b) + tl.load(seq_len_ptr + b)
     start = tl.maximum(kv_len - window, 0)
-    # Even split of the visible keys, rounded to whole key blocks. The grid has NUM_SPLITS programs (fixed by
-    # shapes, for CUDA graphs), but a short context fills only the first `active` of them: the others leave at
-    # once, and the merge waits for and reads only the active ones (a 197-key context in 32 splits of a 2k-token
-    # cache: 7 of them).
-    chunk = tl.maximum(tl.cdiv(tl.cdiv(kv_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N, BLOCK_N)
-    active = tl.maximum(tl.cdiv(kv_len - start, chunk), 1)
-    if split >= active:
-        return
+    # Even split of the visible keys, rounded to whole key blocks.
+    chunk = tl.cdiv(tl.cdiv(kv_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = start + split * chunk
     hi = tl.minimum(lo + chunk, kv_len)
 
@@ -90,11 +84,11 @@ def _decode_split_kernel(
         tl.debug_barrier()  # every thread's partial stores come before the release below
         counter = arrivals_ptr + b * tl.num_programs(1) + kvh
         arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-        if arrived == active - 1:
+        if arrived == NUM_SPLITS - 1:
             tl.store(counter, 0)
             lse_row = part_lse_ptr + b64 * s_lb + heads * s_lh
             m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-            for i in range(active):
+            for i in tl.static_range(NUM_SPLITS):
                 m = tl.maximum(m, tl.load(lse_row + i, mask=g_ok, other=float("-inf"), cache_modifier=".cg"))
             if HAS_SINKS:
                 sink = tl.load(sinks_ptr + heads, mask=g_ok, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -102,7 +96,7 @@ def _decode_split_kernel(
             m = tl.where(m == float("-inf"), 0.0, m)  # no keys at all: weights 0, output 0
             denom = tl.zeros([BLOCK_G], dtype=tl.float32)
             merged = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-            for i in range(active):
+            for i in tl.static_range(NUM_SPLITS):
                 w = tl.exp2(tl.load(lse_row + i, mask=g_ok, other=float("-inf"), cache_modifier=".cg") - m)
                 o_i = tl.load(part_o_ptr + b64 * s_ob + heads[:, None] * s_oh + i * s_os + offs_d[None, :],
                               mask=gd_ok, other=0.0, cache_modifier=".cg")
