@@ -2,7 +2,8 @@
 
 torch.argmax of one bf16 row of Llama-3.1-8B's 128,256 logits took 36.8 us of a 4.3 ms batch-1 decode step on an
 H200 (one reduction kernel that barely fills the GPU) for 0.25 MB of reads; chunks read by many programs take a
-few microseconds. Same answer as torch.argmax: the first index of the maximum, a NaN counting as the maximum.
+few microseconds. Same answer as torch.argmax: the first index of the maximum, a NaN counting as the maximum (as
++inf: a row holding both a NaN and +inf gives the first of either, where torch gives the first NaN).
 """
 
 import torch
