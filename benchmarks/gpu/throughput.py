@@ -114,9 +114,9 @@ def compile_counts() -> str:
 def add_build_options(p: argparse.ArgumentParser) -> None:
     """Options of make_llm shared by the GPU scripts."""
     p.add_argument("--enable-transform", action="append", default=[], metavar="NAME",
-                   help="switch on a transform that default.yaml leaves off (e.g. fuse_gemv_prologue); repeatable")
+                   help="switch on a transform that default.yaml leaves off (e.g. visualize_namespace); repeatable")
     p.add_argument("--transform-option", action="append", default=[], metavar="NAME.KEY=VALUE",
-                   help="set one option of a transform (fuse_gemv_prologue.add_rmsnorm=false); repeatable")
+                   help="set one option of a transform (resize_kv_cache.free_mem_ratio=0.5); repeatable")
     p.add_argument("--disable-transform", action="append", default=[], metavar="NAME",
                    help="switch off a transform that default.yaml runs (an A/B: fuse_rope_into_attention); repeatable")
     p.add_argument("--stack-dump-after", type=float, default=0, metavar="S",

@@ -117,18 +117,6 @@ class GemvDecodeLinearConfig(TransformConfig):
     stage: Stage = Stage.COMPILE
 
 
-@register_transform_config("fuse_gemv_prologue")
-class FuseGemvPrologueConfig(TransformConfig):
-    """Run the op that feeds a one-row GEMV (gemv_decode_linear's ops) inside that GEMV: fewer, fuller kernels in
-    batch-1 decode. Calls with more rows run the unfused kernels as before."""
-
-    stage: Stage = Stage.COMPILE
-    add_rmsnorm: bool = Field(default=True, description="Fuse the residual add + RMSNorm kernel into the GEMV "
-                              "that is the only reader of its normalised output (qkv and gate_up projections).")
-    swiglu: bool = Field(default=True, description="Fuse SiLU(gate) * up, both halves of one gate_up output, into "
-                         "the GEMV that reads the product (the MLP's down projection).")
-
-
 CompileBackend = Literal["auto", "torch-simple", "torch-compile", "torch-cudagraph", "torch-opt"]
 
 

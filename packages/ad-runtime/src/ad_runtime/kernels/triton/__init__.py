@@ -1,5 +1,5 @@
-"""Triton kernels (GEMV, paged attention and K/V writes, RMSNorm, RoPE, SiLU-and-multiply) and a switch to run them
-in the interpreter without a GPU."""
+"""Triton kernels (GEMV, paged attention and K/V writes, RMSNorm, RoPE, RoPE fused with the K/V write, greedy
+argmax) and a switch to run them in the interpreter without a GPU."""
 
 import importlib
 import os
@@ -7,7 +7,10 @@ import sys
 
 import torch
 
-KERNEL_MODULES = ("gemv", "paged_attention", "paged_decode", "paged_kv_write", "rmsnorm", "rope", "swiglu")
+# Reloaded in this order: rope_kv_write uses rope's jit helper, paged_decode paged_attention's.
+KERNEL_MODULES = (
+    "argmax", "gemv", "paged_attention", "paged_decode", "paged_kv_write", "rmsnorm", "rope", "rope_kv_write",
+)
 
 
 def use_interpreter_without_gpu() -> bool:

@@ -18,51 +18,11 @@ from .pdl import pdl_launch_args
 
 _WEIGHTS_FIRST = os.environ.get("AUTODEPLOY_GEMV_WEIGHTS_FIRST", "1") != "0"
 
-# What the GEMV computes its input row from (a constexpr of the kernel): the row itself, or the op before it.
-PLAIN, ADD_RMSNORM, SWIGLU = 0, 1, 2
-
-
-@triton.jit
-def _input_features(x_ptr, r_ptr, nw_ptr, kk, k_ok, rstd, gate_off, up_off, PROLOGUE: tl.constexpr):
-    """Input features kk in fp32, rounded as the unfused op before the linear would have written them."""
-    if PROLOGUE == 1:  # weight * rmsnorm(x + residual), as triton/rmsnorm.py's add_rmsnorm
-        x = tl.load(x_ptr + kk, mask=k_ok, other=0.0)
-        s = (x.to(tl.float32) + tl.load(r_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)).to(x.dtype)
-        y = (s.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)
-        w = tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-        return (w * y).to(x.dtype).to(tl.float32)
-    elif PROLOGUE == 2:  # silu(gate) * up from one gate_up row, one rounding (as Inductor's fused kernel)
-        g = tl.load(x_ptr + gate_off + kk, mask=k_ok, other=0.0)
-        gf = g.to(tl.float32)
-        u = tl.load(x_ptr + up_off + kk, mask=k_ok, other=0.0).to(tl.float32)
-        return (gf / (1.0 + tl.exp(-gf)) * u).to(g.dtype).to(tl.float32)
-    else:
-        return tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _rstd_and_sum(x_ptr, r_ptr, sum_ptr, K, eps, write_sum, BLOCK_K: tl.constexpr):
-    """1 / RMS of x + residual over all K features; the program with write_sum also stores the sum (the
-    residual stream the next layer reads). Every program reads the row (from L2: K values, twice)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        k_ok = kk < K
-        x = tl.load(x_ptr + kk, mask=k_ok, other=0.0)
-        s = (x.to(tl.float32) + tl.load(r_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)).to(x.dtype)
-        tl.store(sum_ptr + kk, s, mask=k_ok & write_sum)
-        sf = s.to(tl.float32)
-        sq += sf * sf
-    return 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
-
-
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, K, N, s_wn,
-    r_ptr, nw_ptr, sum_ptr, eps, gate_off, up_off,
-    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    WEIGHTS_FIRST: tl.constexpr,
 ):
     # Each program owns BLOCK_N output features over the whole K. The products are summed along K once, after
     # the loop: a [BLOCK_N, BLOCK_K] fp32 accumulator keeps the loop free of cross-thread reductions.
@@ -84,16 +44,13 @@ def _gemv_kernel(
         cuda.gdc_launch_dependents()
     if not WEIGHTS_FIRST:
         w = tl.load(first, mask=first_ok, other=0.0)
-    rstd = 1.0
-    if PROLOGUE == 1:
-        rstd = _rstd_and_sum(x_ptr, r_ptr, sum_ptr, K, eps, pid == 0, BLOCK_K)
-    x = _input_features(x_ptr, r_ptr, nw_ptr, offs_k, offs_k < K, rstd, gate_off, up_off, PROLOGUE)
+    x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
     acc = w.to(tl.float32) * x[None, :]
     for k0 in tl.range(BLOCK_K, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
         w = tl.load(rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x = _input_features(x_ptr, r_ptr, nw_ptr, kk, k_ok, rstd, gate_off, up_off, PROLOGUE)
+        x = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
@@ -126,24 +83,20 @@ def _check_weight(weight: torch.Tensor) -> None:
         raise ValueError("gemv needs a 2-D weight with unit stride along its input features")
 
 
-def _one_row(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
+def _one_row(x: torch.Tensor, k: int) -> torch.Tensor:
     """x as a contiguous vector of k features (it must hold exactly one row)."""
     if x.numel() != k:
-        raise ValueError(f"gemv needs one row of {k} {what}, got input of shape {tuple(x.shape)}")
+        raise ValueError(f"gemv needs one row of {k} features, got input of shape {tuple(x.shape)}")
     x1 = x.reshape(k)
     return x1 if x1.stride(0) == 1 else x1.contiguous()
 
 
-def _launch(x1, weight, bias, y, k, prologue=PLAIN, residual=None, norm_weight=None, summed=None, eps=0.0,
-            gate_off=0, up_off=0) -> None:
+def _launch(x1: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, k: int) -> None:
     n = weight.shape[0]
     cfg = launch_config(n, k, x1.device)
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x1, weight, bias if bias is not None else weight, y, k, n, weight.stride(0),
-        residual if residual is not None else x1, norm_weight if norm_weight is not None else x1,
-        summed if summed is not None else y, eps, gate_off, up_off,
-        PROLOGUE=prologue, HAS_BIAS=bias is not None, WEIGHTS_FIRST=_WEIGHTS_FIRST, **cfg,
-        **pdl_launch_args(x1.device),
+        HAS_BIAS=bias is not None, WEIGHTS_FIRST=_WEIGHTS_FIRST, **cfg, **pdl_launch_args(x1.device),
     )
 
 
@@ -154,40 +107,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     """
     _check_weight(weight)
     n, k = weight.shape
-    x1 = _one_row(x, k, "features")
+    x1 = _one_row(x, k)
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     _launch(x1, weight, bias, y, k)
-    return y
-
-
-def add_rmsnorm_gemv(
-    x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(linear(rmsnorm(x + residual) * norm_weight, weight, bias), x + residual) for one row, in one kernel.
-
-    Every program computes the row's RMS itself (the row is small and sits in L2), so no kernel runs before the
-    GEMV; x, residual, norm_weight and weight share one dtype.
-    """
-    _check_weight(weight)
-    n, k = weight.shape
-    x1, r1 = _one_row(x, k, "features"), _one_row(residual, k, "residual features")
-    summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    _launch(x1, weight, bias, y, k, ADD_RMSNORM, r1, norm_weight.contiguous(), summed, eps)
-    return y, summed
-
-
-def swiglu_gemv(
-    gate_up: torch.Tensor, gate_off: int, up_off: int, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """linear(silu(gate) * up, weight, bias) for one row of gate_up, whose features [gate_off, gate_off + K)
-    are the gate and [up_off, up_off + K) the up projection (K = weight's input features), in one kernel."""
-    _check_weight(weight)
-    n, k = weight.shape
-    row = _one_row(gate_up, gate_up.shape[-1], "gate/up features")
-    if max(gate_off, up_off) + k > row.numel():
-        raise ValueError(f"gate/up offsets {gate_off}, {up_off} + {k} features exceed the row of {row.numel()}")
-    y = torch.empty((*gate_up.shape[:-1], n), dtype=gate_up.dtype, device=gate_up.device)
-    _launch(row, weight, bias, y, k, SWIGLU, gate_off=gate_off, up_off=up_off)
     return y
