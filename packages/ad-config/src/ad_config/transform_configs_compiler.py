@@ -39,6 +39,13 @@ class CleanupNoopSliceConfig(TransformConfig):
     stage: Stage = Stage.POST_EXPORT
 
 
+@register_transform_config("cleanup_noop_to")
+class CleanupNoopToConfig(TransformConfig):
+    """Remove casts to the dtype a tensor already has (x.to(x.dtype))."""
+
+    stage: Stage = Stage.POST_EXPORT
+
+
 @register_transform_config("cleanup_noop_add")
 class CleanupNoopAddConfig(TransformConfig):
     """Remove additions of a zero constant."""
