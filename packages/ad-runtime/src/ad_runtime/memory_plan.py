@@ -185,9 +185,15 @@ def _kv_pages(cm: "CachedSequenceInterface", args: "LlmArgs", per_token: int, av
     resize = args.transforms.get("resize_kv_cache")
     if cm.device.type != "cuda" or resize is None or not resize.enabled or not per_token or available is None:
         return cm.num_pages
-    pages = int(resize.free_mem_ratio * (available - used - cm.state_bytes())) // (per_token * cm.page_size) - 1
-    cap = getattr(cm, "max_num_pages", None)
-    return max(0, min(pages, cap) if cap is not None else pages)
+    return max(0, pages_that_fit(available - used - cm.state_bytes(), resize.free_mem_ratio,
+                                 per_token * cm.page_size, getattr(cm, "max_num_pages", None)))
+
+
+def pages_that_fit(spare_bytes: int, free_mem_ratio: float, bytes_per_page: int, max_num_pages: int | None) -> int:
+    """Usable KV pages in free_mem_ratio of spare_bytes (less the scratch page allocated on top of them), capped by
+    kv_cache_config.max_tokens' pages: resize_kv_cache's rule, which the plan predicts with."""
+    pages = int(free_mem_ratio * spare_bytes) // bytes_per_page - 1
+    return min(pages, max_num_pages) if max_num_pages is not None else pages
 
 
 def _tied_bytes(gm: GraphModule, cm: "CachedSequenceInterface", args: "LlmArgs", tied: dict[str, str]) -> int:

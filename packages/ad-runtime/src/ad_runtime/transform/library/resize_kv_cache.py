@@ -14,6 +14,7 @@ from ad_compiler.transform.interface import BaseTransform, SharedConfig, Transfo
 
 from ...device import free_and_total_memory, min_over_ranks
 from ...kv_cache.interface import CachedSequenceInterface, ScheduledSequence
+from ...memory_plan import pages_that_fit
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +65,8 @@ class ResizeKvCache(BaseTransform):
         # The current caches are given back before re-allocating, so they count as available.
         # State caches are re-allocated at the same size: what they take is not available to pages.
         available = free + cache_bytes - activations - cm.state_bytes()
-        per_page = cm.bytes_per_page()
-        # +1: the scratch page is allocated on top of the usable pages
-        num_pages = int(self.config.free_mem_ratio * available) // per_page - 1
-        if getattr(cm, "max_num_pages", None) is not None:
-            num_pages = min(num_pages, cm.max_num_pages)  # kv_cache_config.max_tokens is an upper bound
+        num_pages = pages_that_fit(available, self.config.free_mem_ratio, cm.bytes_per_page(),
+                                   getattr(cm, "max_num_pages", None))
         num_pages = min_over_ranks(num_pages, cm.device)
         if num_pages < cm.info.max_pages_per_seq:
             raise CompileError(
