@@ -5,7 +5,6 @@ cuBLAS splits K for one-row products and adds reduce kernels; on an H200 (benchm
 down, qkv) where a GEMV of this form took 54.7 / 30.0 / 12.8.
 """
 
-import os
 from functools import cache
 
 import torch
@@ -16,13 +15,10 @@ from triton.language.extra import cuda
 from .pdl import pdl_launch_args
 
 
-_WEIGHTS_FIRST = os.environ.get("AUTODEPLOY_GEMV_WEIGHTS_FIRST", "1") != "0"
-
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, K, N, s_wn,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-    WEIGHTS_FIRST: tl.constexpr,
 ):
     # Each program owns BLOCK_N output features over the whole K. The products are summed along K once, after
     # the loop: a [BLOCK_N, BLOCK_K] fp32 accumulator keeps the loop free of cross-thread reductions.
@@ -34,16 +30,11 @@ def _gemv_kernel(
     # The first weight tile is read before waiting for the kernel before this one: weights are never written
     # during a step, so with PDL their first bytes come from memory while the predecessor still runs (its
     # latency was part of every one of a decode step's ~130 GEMV boundaries). Only the input row must wait.
-    # (AUTODEPLOY_GEMV_WEIGHTS_FIRST=0 waits first, to measure what this is worth.)
-    first = rows + offs_k[None, :]
-    first_ok = n_ok[:, None] & (offs_k < K)[None, :]
-    if WEIGHTS_FIRST:
-        w = tl.load(first, mask=first_ok, other=0.0)
+    # (H200, 8B shapes, batch 1: 4.28 ms a step against 4.32 with the wait first; benchmarks/README, call H.)
+    w = tl.load(rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
     if USE_PDL:
         cuda.gdc_wait()
         cuda.gdc_launch_dependents()
-    if not WEIGHTS_FIRST:
-        w = tl.load(first, mask=first_ok, other=0.0)
     x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
     acc = w.to(tl.float32) * x[None, :]
     for k0 in tl.range(BLOCK_K, K, BLOCK_K):
@@ -96,7 +87,7 @@ def _launch(x1: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y
     cfg = launch_config(n, k, x1.device)
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x1, weight, bias if bias is not None else weight, y, k, n, weight.stride(0),
-        HAS_BIAS=bias is not None, WEIGHTS_FIRST=_WEIGHTS_FIRST, **cfg, **pdl_launch_args(x1.device),
+        HAS_BIAS=bias is not None, **cfg, **pdl_launch_args(x1.device),
     )
 
 

@@ -26,7 +26,9 @@ from ...kernels import ops  # noqa: F401 - defines auto_deploy::triton_rope_with
 
 ATTENTION = torch.ops.auto_deploy.triton_cached_attention.default
 ROPE = torch.ops.auto_deploy.triton_rope_with_cos_sin_cache.default
-NUM_ATTENTION_ARGS = 16  # q, k, v, 7 metadata, 2 caches, sinks, scale, window, cap: the op without RoPE
+# The op's arguments without its two trailing RoPE ones (the table and the positions): a call of this length is
+# not fused yet.
+UNFUSED_ARGS = len(ATTENTION._schema.arguments) - 2
 
 
 def _rotation_of(q: object, k: object) -> Node | None:
@@ -55,7 +57,7 @@ class FuseRopeIntoAttention(BaseTransform):
             return gm, TransformInfo(skipped=True, reason="no triton_cached_attention (another attention backend)")
         num = 0
         for node in attentions:
-            if len(node.args) != NUM_ATTENTION_ARGS or node.kwargs:
+            if len(node.args) != UNFUSED_ARGS or node.kwargs:
                 continue  # already fused, or called in a form this transform does not know
             rope = _rotation_of(node.args[0], node.args[1])
             if rope is None:
