@@ -75,3 +75,64 @@ def test_llama_8b_shapes_on_gpu(n, k):
     x, w, _ = _data(n, k, torch.bfloat16, False, lead=(1, 1))
     out = GEMV_LINEAR(x, w, None)
     torch.testing.assert_close(out.float(), torch.nn.functional.linear(x.float(), w.float()), atol=2e-2, rtol=2e-2)
+
+
+GEMV_SWIGLU = torch.ops.auto_deploy.triton_gemv_swiglu
+
+
+def _swiglu_ref(x, w, b):
+    gate, up = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@pytest.mark.parametrize(
+    "n, k, dtype, bias, atol",
+    [(70, 100, torch.float32, False, 1e-5), (64, 1030, torch.float32, True, 1e-5), (33, 48, torch.bfloat16, True, 3e-2)],
+)
+def test_one_row_swiglu_matches_linear_then_activation(n, k, dtype, bias, atol):
+    # A merged [gate; up] weight of 2n rows: n not a multiple of the block (70, 33), K not of the K step (1030).
+    x, w, b = _data(2 * n, k, dtype, bias)
+    out = gemv_module.gemv_swiglu(x, w, b)
+    assert out.shape == (1, n) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), _swiglu_ref(x, w, b), atol=atol, rtol=atol)
+
+
+def test_swiglu_op_takes_the_fused_gemv_for_one_row_and_linear_plus_activation_for_more(monkeypatch):
+    x1, w, b = _data(2 * 20, 24, torch.float32, True, lead=(1, 1))
+    calls = []
+    real = gemv_module.gemv_swiglu
+    monkeypatch.setattr(gemv_module, "gemv_swiglu", lambda *a: calls.append(1) or real(*a))
+    out = GEMV_SWIGLU(x1, w, b)
+    assert calls == [1] and out.shape == (1, 1, 20)
+    torch.testing.assert_close(out, _swiglu_ref(x1, w, b), atol=1e-5, rtol=1e-5)
+    x3 = torch.randn(2, 3, 24, device=DEVICE)
+    out3 = GEMV_SWIGLU(x3, w, b)
+    assert calls == [1] and out3.shape == (2, 3, 20)
+    torch.testing.assert_close(out3, _swiglu_ref(x3, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_silu_mul_rows_and_odd_width():
+    gu = torch.randn(5, 2 * 1500, device=DEVICE)
+    gate, up = gu.chunk(2, dim=-1)
+    torch.testing.assert_close(gemv_module.silu_mul(gu), torch.nn.functional.silu(gate) * up, atol=1e-5, rtol=1e-5)
+    assert gemv_module.silu_mul(gu[:0]).shape == (0, 1500)
+
+
+def test_swiglu_refuses_an_odd_merged_weight():
+    x, w, _ = _data(7, 16, torch.float32, False)
+    with pytest.raises(ValueError, match="even rows, got 7"):
+        gemv_module.gemv_swiglu(x, w, None)
+
+
+def test_swiglu_fake_impl_shapes():
+    with torch._subclasses.FakeTensorMode():
+        out = GEMV_SWIGLU(torch.empty(1, 5, 16, dtype=torch.bfloat16), torch.empty(14, 16, dtype=torch.bfloat16), None)
+    assert out.shape == (1, 5, 7) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, k", [(14336, 4096), (1536, 576)])
+def test_swiglu_llama_8b_and_smollm2_shapes_on_gpu(n, k):
+    x, w, _ = _data(2 * n, k, torch.bfloat16, False, lead=(1, 1))
+    out = GEMV_SWIGLU(x, w, None)
+    torch.testing.assert_close(out.float(), _swiglu_ref(x, w, None), atol=3e-2, rtol=3e-2)

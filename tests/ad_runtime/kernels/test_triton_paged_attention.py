@@ -48,18 +48,25 @@ def test_context_attention(seq_lens, ctx_lens, n_heads, n_kv):
     torch.testing.assert_close(out, reference_attention(b), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("min_keys", [0, 64])
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
-def test_decode_split_k(num_splits):
-    # context lengths 0..40 with pages of 4: splits get uneven and some are empty
-    b = make_paged_batch([1, 1, 1, 1], [0, 5, 17, 40], 4, 2, head_dim=16, page_size=4, device=DEVICE)
+def test_decode_split_k(num_splits, min_keys):
+    # context lengths 0..150 with pages of 4: splits get uneven and some are empty; with min_keys 64 the shorter
+    # contexts use fewer splits than the grid has (1, 1, 1, 1 and 3 of them), with 0 every split takes part.
+    b = make_paged_batch([1, 1, 1, 1, 1], [0, 5, 17, 40, 150], 4, 2, head_dim=16, page_size=4, device=DEVICE)
     _write(b, 4)
-    out = pd.decode_attention(b.q, b.k_cache, b.v_cache, b.seq_len, b.input_pos, b.page_table, num_splits=num_splits)
+    launch = pd.DecodeLaunch(min_keys=min_keys)
+
+    def attend():
+        return pd.decode_attention(b.q, b.k_cache, b.v_cache, b.seq_len, b.input_pos, b.page_table,
+                                   num_splits=num_splits, launch=launch)
+
+    out = attend()
     torch.testing.assert_close(out, reference_attention(b), atol=1e-4, rtol=1e-4)
     # The last split of each (sequence, KV head) merged them and zeroed its arrival counter: a second launch on
     # the same counters (as every layer and every graph replay does) answers the same.
     assert not pd._ARRIVALS[out.device].any()
-    again = pd.decode_attention(b.q, b.k_cache, b.v_cache, b.seq_len, b.input_pos, b.page_table, num_splits=num_splits)
-    assert torch.equal(again, out)
+    assert torch.equal(attend(), out)
 
 
 def test_mixed_batch_prefill_then_decode():

@@ -117,6 +117,15 @@ class GemvDecodeLinearConfig(TransformConfig):
     stage: Stage = Stage.COMPILE
 
 
+@register_transform_config("fuse_gemv_swiglu")
+class FuseGemvSwigluConfig(TransformConfig):
+    """After gemv_decode_linear: a merged gate/up linear followed by silu(gate) * up becomes one op whose one-row
+    GEMV writes the activation itself (no activation kernel after it at batch 1); more rows run cuBLAS and one
+    activation pass as before. Skipped where gemv_decode_linear did not run (not a GPU)."""
+
+    stage: Stage = Stage.COMPILE
+
+
 CompileBackend = Literal["auto", "torch-simple", "torch-compile", "torch-cudagraph", "torch-opt"]
 
 

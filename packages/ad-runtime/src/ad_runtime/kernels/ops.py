@@ -1,5 +1,5 @@
 """Custom ops over the Triton kernels: `auto_deploy::triton_rmsnorm`, `triton_fused_add_rmsnorm`, `triton_rope_*`,
-and `triton_gemv_linear`."""
+`triton_gemv_linear` and `triton_gemv_swiglu`."""
 
 import os
 
@@ -79,3 +79,24 @@ def _gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 @triton_gemv_linear.register_fake
 def _gemv_linear_fake(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("auto_deploy::triton_gemv_swiglu", mutates_args=())
+def triton_gemv_swiglu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """silu(gate) * up of [gate | up] = aten.linear(input, weight, bias), weight the merged [gate; up] rows.
+
+    One row: a single Triton GEMV launch that writes the activation (batch-1 decode). More rows: aten.linear
+    (cuBLAS) and one Triton pass for the activation on a GPU, torch on a CPU.
+    """
+    if _gemv_takes(input, weight):
+        return _gemv.gemv_swiglu(input, weight, bias)
+    gate_up = torch.ops.aten.linear.default(input, weight, bias)
+    if _triton_runs(gate_up):
+        return _gemv.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@triton_gemv_swiglu.register_fake
+def _gemv_swiglu_fake(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return input.new_empty((*input.shape[:-1], weight.shape[0] // 2))

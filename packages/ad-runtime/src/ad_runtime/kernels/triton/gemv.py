@@ -1,5 +1,8 @@
 """Triton GEMV for one-row linears (batch-1 decode): every weight read once, no split-K partial sums to reduce.
 
+With SWIGLU the weight is a merged [gate; up] and each program also owns the matching up rows, so it writes
+silu(gate) * up directly (the launch of a separate activation kernel after the GEMM is gone).
+
 cuBLAS splits K for one-row products and adds reduce kernels; on an H200 (benchmarks/README.md,
 `gpu/small_batch_kernels.py`) its one-row products of Llama-3.1-8B shapes took 62.8 / 32.4 / 14.9 us (gate_up,
 down, qkv) where a GEMV of this form took 54.7 / 30.0 / 12.8.
@@ -18,35 +21,66 @@ from .pdl import pdl_launch_args
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, K, N, s_wn,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # Each program owns BLOCK_N output features over the whole K. The products are summed along K once, after
     # the loop: a [BLOCK_N, BLOCK_K] fp32 accumulator keeps the loop free of cross-thread reductions.
+    # With SWIGLU, N is the width of the output (half the weight's rows): row n of gate pairs with row N + n of up.
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     rows = w_ptr + offs_n.to(tl.int64)[:, None] * s_wn
+    up_rows = rows + N.to(tl.int64) * s_wn
     # The first weight tile is read before waiting for the kernel before this one: weights are never written
     # during a step, so with PDL their first bytes come from memory while the predecessor still runs (its
     # latency was part of every one of a decode step's ~130 GEMV boundaries). Only the input row must wait.
     # (H200, 8B shapes, batch 1: 4.28 ms a step against 4.32 with the wait first; benchmarks/README, call H.)
-    w = tl.load(rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+    tile_ok = n_ok[:, None] & (offs_k < K)[None, :]
+    w = tl.load(rows + offs_k[None, :], mask=tile_ok, other=0.0)
+    if SWIGLU:
+        w_up = tl.load(up_rows + offs_k[None, :], mask=tile_ok, other=0.0)
     if USE_PDL:
         cuda.gdc_wait()
         cuda.gdc_launch_dependents()
     x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
     acc = w.to(tl.float32) * x[None, :]
+    if SWIGLU:
+        acc_up = w_up.to(tl.float32) * x[None, :]
     for k0 in tl.range(BLOCK_K, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
-        w = tl.load(rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
+        if SWIGLU:
+            w_up = tl.load(up_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc_up += w_up.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    if SWIGLU:
+        up = tl.sum(acc_up, axis=1)
+        if HAS_BIAS:
+            up += tl.load(b_ptr + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        # gate and up rounded to the output dtype first: the same values the unfused GEMV stored and the
+        # activation kernel read back, so the fused and unfused graphs agree.
+        gate = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+        up = up.to(y_ptr.dtype.element_ty).to(tl.float32)
+        y = gate * tl.sigmoid(gate) * up
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, y_ptr, N, s_gu, s_y, BLOCK: tl.constexpr):
+    # One pass over rows of [gate | up]: y = silu(gate) * up in fp32, as the fused activation kernel computes it.
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    gate = tl.load(gu_ptr + row * s_gu + offs, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(gu_ptr + row * s_gu + N + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * s_y + offs, (gate * tl.sigmoid(gate) * up).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @cache
@@ -82,12 +116,17 @@ def _one_row(x: torch.Tensor, k: int) -> torch.Tensor:
     return x1 if x1.stride(0) == 1 else x1.contiguous()
 
 
-def _launch(x1: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, k: int) -> None:
-    n = weight.shape[0]
-    cfg = launch_config(n, k, x1.device)
+def _launch(
+    x1: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, k: int, swiglu: bool = False
+) -> None:
+    rows = weight.shape[0]
+    cfg = launch_config(rows, k, x1.device)
+    n = rows // 2 if swiglu else rows
+    if swiglu:  # each program reads its gate rows and as many up rows: the tile the plain GEMV would read
+        cfg["BLOCK_N"] = max(1, cfg["BLOCK_N"] // 2)
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x1, weight, bias if bias is not None else weight, y, k, n, weight.stride(0),
-        HAS_BIAS=bias is not None, **cfg, **pdl_launch_args(x1.device),
+        HAS_BIAS=bias is not None, SWIGLU=swiglu, **cfg, **pdl_launch_args(x1.device),
     )
 
 
@@ -101,4 +140,35 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     x1 = _one_row(x, k)
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     _launch(x1, weight, bias, y, k)
+    return y
+
+
+def _check_merged(weight: torch.Tensor) -> int:
+    """Half the rows of a merged [gate; up] weight (the width of silu(gate) * up)."""
+    _check_weight(weight)
+    if weight.shape[0] % 2:
+        raise ValueError(f"gemv_swiglu needs a merged [gate; up] weight of even rows, got {weight.shape[0]}")
+    return weight.shape[0] // 2
+
+
+def gemv_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """silu(gate) * up of y = aten.linear(x, weight, bias), y = [gate | up], for an x of exactly one row."""
+    n = _check_merged(weight)
+    k = weight.shape[1]
+    x1 = _one_row(x, k)
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    _launch(x1, weight, bias, y, k, swiglu=True)
+    return y
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] along its last dimension, any number of rows, in one pass."""
+    n = gate_up.shape[-1] // 2
+    gu = gate_up.reshape(-1, 2 * n)
+    if gu.stride(-1) != 1:
+        gu = gu.contiguous()
+    y = torch.empty((*gate_up.shape[:-1], n), dtype=gate_up.dtype, device=gate_up.device)
+    if gu.shape[0]:
+        block = min(1024, triton.next_power_of_2(max(n, 1)))
+        _silu_mul_kernel[(gu.shape[0], triton.cdiv(n, block))](gu, y, n, gu.stride(0), n, BLOCK=block, num_warps=4)
     return y

@@ -2,6 +2,7 @@
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,8 @@ def _decode_split_kernel(
     qk_scale, window, cap,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SOFT_CAP: tl.constexpr,
-    DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_SINKS: tl.constexpr, USE_PDL: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_SINKS: tl.constexpr, MIN_KEYS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         cuda.gdc_wait()
@@ -37,10 +39,34 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     kv_len = tl.load(input_pos_ptr + b) + tl.load(seq_len_ptr + b)
     start = tl.maximum(kv_len - window, 0)
-    # Even split of the visible keys, rounded to whole key blocks.
-    chunk = tl.cdiv(tl.cdiv(kv_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = start + split * chunk
-    hi = tl.minimum(lo + chunk, kv_len)
+    # Even split of the visible keys, rounded to whole key blocks, of at least MIN_KEYS keys each: the grid's
+    # split count is fixed by shapes when a graph is captured, so a short context leaves the splits past its last
+    # key idle; they leave at once and the merge waits for and reads only the `active` splits that saw keys.
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(kv_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_KEYS)
+    if MIN_KEYS == 0:
+        active = NUM_SPLITS
+    else:
+        active = tl.maximum(tl.cdiv(kv_len - start, chunk), 1)
+    if split < active:
+        _decode_split(q_ptr, k_cache_ptr, v_cache_ptr, part_o_ptr, part_lse_ptr, o_ptr, sinks_ptr, arrivals_ptr,
+                      page_table_ptr, b, kvh, split, start + split * chunk,
+                      tl.minimum(start + split * chunk + chunk, kv_len), active,
+                      s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_pt, s_ob, s_oh, s_os, s_lb, s_lh, s_fb, s_fh,
+                      qk_scale, cap, GROUP, HEAD_DIM, PAGE_SIZE, NUM_SPLITS, BLOCK_G, BLOCK_N, BLOCK_D, SOFT_CAP,
+                      DOT_PREC, DOT_DTYPE, HAS_SINKS)
+
+
+@triton.jit
+def _decode_split(
+    q_ptr, k_cache_ptr, v_cache_ptr, part_o_ptr, part_lse_ptr, o_ptr, sinks_ptr, arrivals_ptr, page_table_ptr,
+    b, kvh, split, lo, hi, active,
+    s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_pt, s_ob, s_oh, s_os, s_lb, s_lh, s_fb, s_fh,
+    qk_scale, cap,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SOFT_CAP: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_SINKS: tl.constexpr,
+):
+    """One split of one (sequence, KV head): its keys [lo, hi); the last of the `active` splits merges them all."""
 
     # All query heads of one KV head are processed together: each K/V tile is loaded once per group.
     offs_g = tl.arange(0, BLOCK_G)
@@ -84,12 +110,14 @@ def _decode_split_kernel(
         tl.debug_barrier()  # every thread's partial stores come before the release below
         counter = arrivals_ptr + b * tl.num_programs(1) + kvh
         arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-        if arrived == NUM_SPLITS - 1:
+        if arrived == active - 1:
             tl.store(counter, 0)
             lse_row = part_lse_ptr + b64 * s_lb + heads * s_lh
             m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+            # Unrolled over every split the grid has (their loads overlap), masked to the active ones.
             for i in tl.static_range(NUM_SPLITS):
-                m = tl.maximum(m, tl.load(lse_row + i, mask=g_ok, other=float("-inf"), cache_modifier=".cg"))
+                m = tl.maximum(m, tl.load(lse_row + i, mask=g_ok & (i < active), other=float("-inf"),
+                                          cache_modifier=".cg"))
             if HAS_SINKS:
                 sink = tl.load(sinks_ptr + heads, mask=g_ok, other=0.0).to(tl.float32) * 1.4426950408889634
                 m = tl.maximum(m, sink)
@@ -97,9 +125,10 @@ def _decode_split_kernel(
             denom = tl.zeros([BLOCK_G], dtype=tl.float32)
             merged = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
             for i in tl.static_range(NUM_SPLITS):
-                w = tl.exp2(tl.load(lse_row + i, mask=g_ok, other=float("-inf"), cache_modifier=".cg") - m)
+                w = tl.exp2(tl.load(lse_row + i, mask=g_ok & (i < active), other=float("-inf"),
+                                    cache_modifier=".cg") - m)
                 o_i = tl.load(part_o_ptr + b64 * s_ob + heads[:, None] * s_oh + i * s_os + offs_d[None, :],
-                              mask=gd_ok, other=0.0, cache_modifier=".cg")
+                              mask=gd_ok & (i < active), other=0.0, cache_modifier=".cg")
                 denom += w
                 merged += o_i * w[:, None]
             if HAS_SINKS:
@@ -142,6 +171,7 @@ class DecodeLaunch:
     block_n: int = 32
     num_warps: int = 4
     num_stages: int = 3
+    min_keys: int = 64  # keys a split reads at least (0: every split of the grid takes part, however short)
 
     @staticmethod
     def for_splits(num_splits: int) -> "DecodeLaunch":
@@ -152,7 +182,8 @@ class DecodeLaunch:
         FA2: 274 us; 32-key tiles: 287 us), 64 rows in 67 us (FA2 78), 32 rows (2 splits) in 38 us (FA2 42); 256
         rows of 160 keys: 54 us against FA2's 85.
         """
-        return DecodeLaunch(block_n=64 if num_splits <= 2 else 32)
+        return DecodeLaunch(block_n=64 if num_splits <= 2 else 32,
+                            min_keys=int(os.environ.get("AUTODEPLOY_DECODE_MIN_KEYS", "64")))
 
 
 _ARRIVALS: dict[torch.device, torch.Tensor] = {}
@@ -238,7 +269,7 @@ def decode_attention(
         # tl.dot needs at least 16 rows; padded heads are masked out.
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=launch.block_n, BLOCK_D=block_d,
         SOFT_CAP=bool(logit_cap), DOT_PREC=_dot_precision(q.dtype), DOT_DTYPE=_dot_dtype(q.dtype),
-        HAS_SINKS=sinks is not None, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        HAS_SINKS=sinks is not None, MIN_KEYS=launch.min_keys, num_warps=launch.num_warps, num_stages=launch.num_stages,
         **pdl_launch_args(q.device),
     )
     return out

@@ -1,0 +1,94 @@
+"""fuse_gemv_swiglu: the merged gate/up GEMV writes silu(gate) * up itself, so no activation kernel follows it.
+
+Before:  gu = triton_gemv_linear(x, W_gate_up, b)
+         gate, up = split_with_sizes(gu, [n, n], -1)
+         h = mul(silu(gate), up)
+After:   h = triton_gemv_swiglu(x, W_gate_up, b)
+
+At batch 1 the activation was a launch of its own after every MLP's GEMV, one that waited for the GEMV to finish
+(Inductor's kernels do not take part in programmatic dependent launch); the fused GEMV computes it in the program
+that produced the matching gate and up features. More rows run cuBLAS and one activation pass, as before.
+Runs after gemv_decode_linear and fuse_gemms (which merges gate and up, gate first); other activations stay.
+"""
+
+import operator
+
+import torch
+import torch.nn as nn
+from ad_compiler.errors import CompileError
+from ad_compiler.models.factory import ModelFactory
+from ad_compiler.transform.cache_protocol import CacheInterface
+from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
+from ad_compiler.utils.graph_utils import is_last_dim, is_op, nodes_calling
+from torch.fx import GraphModule, Node
+
+from ...kernels import ops  # noqa: F401 - defines auto_deploy::triton_gemv_linear and triton_gemv_swiglu
+
+GEMV = torch.ops.auto_deploy.triton_gemv_linear.default
+GEMV_SWIGLU = torch.ops.auto_deploy.triton_gemv_swiglu.default
+SPLIT = torch.ops.aten.split_with_sizes.default
+SILU = torch.ops.aten.silu.default
+MUL = torch.ops.aten.mul.Tensor
+
+
+def _only_user(node: Node) -> Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _halves(gemv: Node) -> tuple[Node, Node] | None:
+    """(gate, up): the two getitems of the GEMV's only user, an even split of its last dimension."""
+    split = _only_user(gemv)
+    if split is None or not is_op(split, SPLIT) or len(split.users) != 2:
+        return None
+    sizes = split.args[1]
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if len(sizes) != 2 or sizes[0] != sizes[1] or not is_last_dim(dim, gemv):
+        return None
+    parts = {u.args[1]: u for u in split.users if u.target is operator.getitem}
+    return (parts[0], parts[1]) if set(parts) == {0, 1} else None
+
+
+def _swiglu_of(gemv: Node) -> Node | None:
+    """The mul(silu(gate), up) node that is the only use of the GEMV's two halves, else None."""
+    halves = _halves(gemv)
+    if halves is None:
+        return None
+    gate, up = halves
+    silu, mul = _only_user(gate), _only_user(up)
+    if silu is None or not is_op(silu, SILU) or mul is None or not is_op(mul, MUL) or _only_user(silu) is not mul:
+        return None
+    return mul if set(mul.args) == {silu, up} and not mul.kwargs else None
+
+
+@TransformRegistry.register("fuse_gemv_swiglu")
+class FuseGemvSwiglu(BaseTransform):
+    def _apply(
+        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
+    ) -> tuple[nn.Module, TransformInfo]:
+        if not isinstance(mod, GraphModule):
+            raise CompileError("fuse_gemv_swiglu needs an exported GraphModule")
+        gm = mod
+        gemvs = nodes_calling(gm, GEMV)
+        if not gemvs:
+            return gm, TransformInfo(skipped=True, reason="no triton_gemv_linear (gemv_decode_linear did not run)")
+        num = 0
+        for gemv in gemvs:
+            mul = _swiglu_of(gemv)
+            if mul is None:
+                continue
+            with gm.graph.inserting_before(mul):
+                fused = gm.graph.call_function(GEMV_SWIGLU, tuple(gemv.args), dict(gemv.kwargs))
+            fused.meta.update(mul.meta)  # same shape and dtype as the product it replaces
+            mul.replace_all_uses_with(fused)
+            split = _only_user(gemv)
+            silu = next(a for a in mul.args if is_op(a, SILU))
+            gm.graph.erase_node(mul)
+            gm.graph.erase_node(silu)
+            for part in list(split.users):
+                gm.graph.erase_node(part)
+            gm.graph.erase_node(split)
+            gm.graph.erase_node(gemv)
+            num += 1
+        if num:
+            gm.recompile()
+        return gm, TransformInfo(num_matches=num)
