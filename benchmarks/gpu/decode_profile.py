@@ -64,11 +64,48 @@ def profile_decode(llm, batch: int, isl: int, steps: int, rng: random.Random, to
             kernels[ev.name].append(ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total)
     total_us = sum(sum(v) for v in kernels.values())
     table = sorted(((n, len(v) / steps, sum(v) / steps) for n, v in kernels.items()), key=lambda r: -r[2])
+    replay = graph_replay_ms(batch, steps)
     for r in reqs:
         eng.abort(r, "profiling done")
     ctx = isl + 5 + steps
     return {"batch": batch, "step_ms": step_ms, "wall_ms": wall_ms, "kernel_us": total_us / steps,
-            "kernels_per_step": sum(len(v) for v in kernels.values()) / steps, "ctx": ctx, "table": table[:top]}
+            "kernels_per_step": sum(len(v) for v in kernels.values()) / steps, "ctx": ctx, "table": table[:top],
+            "replay_ms": replay}
+
+
+def graph_replay_ms(batch: int, steps: int) -> float | None:
+    """GPU time of one decode step without the engine: the captured graph of this batch replayed back to back on
+    the last step's inputs (the step time above is the larger of this and the host's time per step)."""
+    import gc
+
+    from ad_runtime.compile.cuda_graph import CudaGraphModel
+
+    models = [m for m in gc.get_objects() if isinstance(m, CudaGraphModel)]
+    rows = next((r for m in models for r in sorted(m.graphs) if r >= batch), None)
+    if rows is None:
+        return None
+    graph = next(m.graphs[rows] for m in models if rows in m.graphs)
+    for _ in range(10):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(4 * steps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (4 * steps)
+
+
+def sm_clock() -> str:
+    """The SM clock nvidia-smi reads now (the card's clocks move with its load; printed beside each timing)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "SM clock unknown"
+    return f"SM clock now/max {out}" if out else "SM clock unknown"
 
 
 def profile_host(llm, batch: int, isl: int, steps: int, rng: random.Random, top: int) -> None:
@@ -179,6 +216,9 @@ def main() -> None:
             print(f"\nbatch {b}, context ~{r['ctx']}: decode step {r['step_ms']:.3f} ms (host wall {r['wall_ms']:.3f}),"
                   f" roofline {roof:.3f} ms -> {100 * roof / r['step_ms']:.0f}% of it | {r['kernels_per_step']:.0f} kernels"
                   f"/step, busy {100 * r['kernel_us'] / 1e3 / r['step_ms']:.0f}% of the step")
+            if r["replay_ms"] is not None:
+                print(f"  the captured graph replayed alone: {r['replay_ms']:.3f} ms a step ({100 * roof / r['replay_ms']:.0f}%"
+                      f" of the roofline); the rest of the step above is host time | {sm_clock()}")
             print(f"  {'kernel':90s} {'calls':>6s} {'us/step':>9s} {'share':>6s}")
             for name, calls, us in r["table"]:
                 print(f"  {name[:90]:90s} {calls:6.1f} {us:9.1f} {100 * us / r['kernel_us']:5.1f}%")
