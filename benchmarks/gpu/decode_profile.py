@@ -64,7 +64,7 @@ def profile_decode(llm, batch: int, isl: int, steps: int, rng: random.Random, to
             kernels[ev.name].append(ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total)
     total_us = sum(sum(v) for v in kernels.values())
     table = sorted(((n, len(v) / steps, sum(v) / steps) for n, v in kernels.items()), key=lambda r: -r[2])
-    replay = graph_replay_ms(batch, steps)
+    replay = graph_replay_ms(eng, batch, steps)
     for r in reqs:
         eng.abort(r, "profiling done")
     ctx = isl + 5 + steps
@@ -73,14 +73,13 @@ def profile_decode(llm, batch: int, isl: int, steps: int, rng: random.Random, to
             "replay_ms": replay}
 
 
-def graph_replay_ms(batch: int, steps: int) -> float | None:
+def graph_replay_ms(eng, batch: int, steps: int) -> float | None:
     """GPU time of one decode step without the engine: the captured graph of this batch replayed back to back on
     the last step's inputs (the step time above is the larger of this and the host's time per step)."""
-    import gc
-
     from ad_runtime.compile.cuda_graph import CudaGraphModel
 
-    models = [m for m in gc.get_objects() if isinstance(m, CudaGraphModel)]
+    module = getattr(getattr(eng, "runner", None), "module", None)
+    models = [m for m in module.modules() if isinstance(m, CudaGraphModel)] if module is not None else []
     rows = next((r for m in models for r in sorted(m.graphs) if r >= batch), None)
     if rows is None:
         return None
