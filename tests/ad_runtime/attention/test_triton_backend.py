@@ -12,6 +12,8 @@ try:
 except RuntimeError as e:
     _UNAVAILABLE = str(e)
 pytestmark = pytest.mark.skipif(bool(_UNAVAILABLE), reason=_UNAVAILABLE)
+# Compiled Triton reads only GPU memory: where there is a GPU these run on it, else in the interpreter on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # seq 0: prefill 7, chunked prefill 5, then decodes; seq 1: prefill 3, then decodes; seq 2 joins late
 SCHEDULE = [
@@ -32,13 +34,13 @@ def _check(results, atol=1e-4, rtol=1e-4):
 
 
 def test_prefill_only():
-    (out, ref), = run_paged_steps("triton", [9], [[(0, 9)]], n_heads=2, n_kv_heads=2, page_size=16)
+    (out, ref), = run_paged_steps("triton", [9], [[(0, 9)]], n_heads=2, n_kv_heads=2, page_size=16, device=DEVICE)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("n_heads, n_kv_heads", [(4, 4), (4, 2), (6, 1)])
 def test_mixed_steps_gqa(n_heads, n_kv_heads):
-    _check(run_paged_steps("triton", SEQ_LENS, SCHEDULE, n_heads=n_heads, n_kv_heads=n_kv_heads))
+    _check(run_paged_steps("triton", SEQ_LENS, SCHEDULE, n_heads=n_heads, n_kv_heads=n_kv_heads, device=DEVICE))
 
 
 @pytest.mark.parametrize(
@@ -51,11 +53,11 @@ def test_mixed_steps_gqa(n_heads, n_kv_heads):
     ],
 )
 def test_mixed_steps_options(kw):
-    _check(run_paged_steps("triton", SEQ_LENS, SCHEDULE, page_size=3, **kw))
+    _check(run_paged_steps("triton", SEQ_LENS, SCHEDULE, page_size=3, **kw, device=DEVICE))
 
 
 def test_decode_only_steps_and_one_token_prompt():
-    res = run_paged_steps("triton", [1, 5], [[(1, 4), (0, 1)], [(1, 1)]])
+    res = run_paged_steps("triton", [1, 5], [[(1, 4), (0, 1)], [(1, 1)]], device=DEVICE)
     for out, ref in res:
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
