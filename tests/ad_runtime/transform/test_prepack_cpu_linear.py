@@ -6,12 +6,13 @@ import pytest
 import torch
 from ad_compiler.transform.interface import SharedConfig
 from ad_compiler.transform.optimizer import InferenceOptimizer
-from ad_compiler.utils.graph_utils import count_op
+from ad_compiler.utils.graph_utils import count_op, get_attr_tensor
 from ad_config import LlmArgs
 from ad_runtime import LLM, SamplingParams
 from ad_runtime.build import build_graph
+from ad_runtime.kernels import cpu_linear
 from ad_runtime.memory_plan import weight_bytes
-from ad_runtime.transform.library.prepack_cpu_linear import onednn_problem
+from ad_runtime.transform.library.prepack_cpu_linear import onednn_problem  # also defines cpu_packed_linear
 from tiny_llama import build_cached, export_with_attention_ops, greedy_cached, tiny_llama
 
 pytestmark = pytest.mark.skipif(onednn_problem() is not None, reason=str(onednn_problem()))
@@ -23,6 +24,8 @@ PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7], [4]]
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 LINEAR = torch.ops.aten.linear.default
 PACKED = torch.ops.mkldnn._linear_pointwise.default
+ROW_DISPATCH = torch.ops.auto_deploy.cpu_packed_linear.default
+row_dispatch_fn = cpu_linear.cpu_packed_linear._init_fn  # what the eager CPU graph calls instead of the op
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,9 @@ def tied_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_every_linear_is_packed_and_the_answers_stay(tied_model: Path) -> None:
-    module, _, _, report = build_graph(LlmArgs(model=str(tied_model), **COMMON))
+    # packed only (one_row_dense false): the graph calls oneDNN on the packed weights, whose dense forms are gone
+    packed_only = {"prepack_cpu_linear": {"one_row_dense": False}}
+    module, _, _, report = build_graph(LlmArgs(model=str(tied_model), transforms=packed_only, **COMMON))
     dense, *_ = build_graph(LlmArgs(model=str(tied_model), transforms=OFF, **COMMON))
     assert count_op(module, LINEAR) == 0 and count_op(module, PACKED) == count_op(dense, LINEAR) > 0
     # The layers' dense weights are gone (replaced, not copied); the tied embedding stays for its lookup.
@@ -59,6 +64,33 @@ def test_every_linear_is_packed_and_the_answers_stay(tied_model: Path) -> None:
         got = [o.outputs[0].token_ids for o in packed.generate(PROMPTS, GREEDY)]
         want = [o.outputs[0].token_ids for o in ref.generate(PROMPTS, GREEDY)]
     assert got == want
+
+
+def test_one_row_dense_keeps_both_copies_and_the_plan_counts_them(tied_model: Path) -> None:
+    module, _, _, report = build_graph(LlmArgs(model=str(tied_model), **COMMON))  # the default: one_row_dense
+    dense, _, _, dense_report = build_graph(LlmArgs(model=str(tied_model), transforms=OFF, **COMMON))
+    assert count_op(module, LINEAR) == 0 and count_op(module, PACKED) == 0
+    # The eager CPU graph calls the op's Python function directly (compile/direct_calls.py).
+    calls = [n for n in module.graph.nodes if n.op == "call_function" and n.target in (ROW_DISPATCH, row_dispatch_fn)]
+    assert len(calls) == count_op(dense, LINEAR) > 0
+    # Every dense weight stays (one-row products read it); the packed copies come on top, each linear's once.
+    assert {n for n, _ in dense.named_parameters()} <= {n for n, _ in module.named_parameters()}
+    packed_bytes = weight_bytes(module) - weight_bytes(dense)
+    weights = {get_attr_tensor(dense, n.args[1].target) for n in dense.graph.nodes if n.target is LINEAR}
+    assert packed_bytes == sum(w.numel() * 4 for w in weights)  # the layers' (fused) linears and the tied head
+    plan = report.memory.weight_bytes
+    assert plan <= weight_bytes(module) <= 1.05 * plan
+    assert plan == dense_report.memory.weight_bytes + packed_bytes
+
+
+def test_the_row_dispatch_answers_as_aten_for_one_row_and_more() -> None:
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w)
+    for shape in ((1, 1, 16), (1, 5, 16), (3, 16)):
+        x = torch.randn(*shape, generator=g)
+        torch.testing.assert_close(ROW_DISPATCH(x, w, packed, b), torch.nn.functional.linear(x, w, b),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_logits_match_the_unpacked_graph() -> None:

@@ -106,6 +106,9 @@ class PrepackCpuLinearConfig(TransformConfig):
     decode products than MKL on the weights as stored); skipped on other devices."""
 
     stage: Stage = Stage.COMPILE
+    one_row_dense: bool = Field(default=True, description="Keep each packed weight's dense tensor too and multiply "
+                                "one-row inputs (batch-1 decode) with it through MKL, faster there than oneDNN; "
+                                "costs a second copy of the linear weights (false: packed only).")
 
 
 @register_transform_config("gemv_decode_linear")

@@ -165,7 +165,8 @@ def plan_memory(
     except Exception as e:  # noqa: BLE001 - weights and KV still plan; the line says what is not counted
         logger.warning("memory plan without activations: %s: %s", type(e).__name__, str(e).strip()[:200])
         activations = 0
-    weights, available = weight_bytes(gm) - _tied_bytes(gm, cm, args, tied or {}), device_free_bytes(cm.device)
+    weights = weight_bytes(gm) - _tied_bytes(gm, cm, args, tied or {}) + _dense_copy_bytes(gm, cm, args)
+    available = device_free_bytes(cm.device)
     return MemoryPlan(
         weight_bytes=weights,
         kv_bytes_per_token=per_token,
@@ -196,13 +197,25 @@ def pages_that_fit(spare_bytes: int, free_mem_ratio: float, bytes_per_page: int,
     return min(pages, max_num_pages) if max_num_pages is not None else pages
 
 
-def _tied_bytes(gm: GraphModule, cm: "CachedSequenceInterface", args: "LlmArgs", tied: dict[str, str]) -> int:
-    """Bytes the loader shares between tied weights (lm_head.weight takes model.embed_tokens.weight's tensor): two
-    tensors on meta, one storage once loaded. Not shared when prepack_cpu_linear packs one side (the packed copy
-    replaces it while the other stays dense) or when sharding gave the two different shapes."""
+def _dense_copy_bytes(gm: GraphModule, cm: "CachedSequenceInterface", args: "LlmArgs") -> int:
+    """Bytes of the packed copies prepack_cpu_linear makes beside weights it keeps dense (one_row_dense)."""
     from .transform.library import prepack_cpu_linear
 
-    packed = prepack_cpu_linear.packed_targets(gm) if prepack_cpu_linear.will_run(args, cm.device) else set()
+    if not (prepack_cpu_linear.will_run(args, cm.device) and prepack_cpu_linear.keeps_dense(args)):
+        return 0
+    tensors = (get_attr_tensor(gm, t) for t in prepack_cpu_linear.packed_targets(gm))
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _tied_bytes(gm: GraphModule, cm: "CachedSequenceInterface", args: "LlmArgs", tied: dict[str, str]) -> int:
+    """Bytes the loader shares between tied weights (lm_head.weight takes model.embed_tokens.weight's tensor): two
+    tensors on meta, one storage once loaded. Not shared when prepack_cpu_linear replaces one side by its packed
+    copy (without one_row_dense) or when sharding gave the two different shapes."""
+    from .transform.library import prepack_cpu_linear
+
+    # With one_row_dense the packed copy is counted by _dense_copy_bytes and the dense head still shares.
+    replaced = prepack_cpu_linear.will_run(args, cm.device) and not prepack_cpu_linear.keeps_dense(args)
+    packed = prepack_cpu_linear.packed_targets(gm) if replaced else set()
     total = 0
     for target, source in tied.items():
         try:

@@ -2,11 +2,15 @@
 
 Before:  y = aten.linear(x, weight, bias)                                   (MKL, weight as stored)
 After:   y = mkldnn._linear_pointwise(x, packed, bias, "none", [], "")      (packed: oneDNN's blocked layout)
+or, with one_row_dense (the default):
+         y = auto_deploy::cpu_packed_linear(x, weight, packed, bias)        (one row: MKL, more: oneDNN packed)
 
 A decode step multiplies a few rows by every weight matrix: on the 2-core development VM MKL reached ~10 GB/s on
 those products and oneDNN with packed weights ~16 GB/s, the tied LM head of the bundled model (49,152 x 576) up to
-3x faster at batch 8 (benchmarks/README.md). A weight that only linears read is replaced by its packed form (no
-second copy); one read elsewhere too (a tied embedding) keeps its dense tensor beside the packed one.
+3x faster at batch 8 (benchmarks/README.md). On the same VM in its eleventh session MKL's one-row product was the
+faster one (42 against 52 ms a SmolLM2 step), so by default each weight keeps its dense tensor for one-row calls
+beside the packed one for more rows (one_row_dense: a second copy of the linear weights). Without it, a weight that
+only linears read is replaced by its packed form; one read elsewhere too (a tied embedding) keeps its dense tensor.
 """
 
 import logging
@@ -20,6 +24,8 @@ from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 from ad_compiler.utils.graph_utils import get_attr_tensor, nodes_calling
 from torch.fx import GraphModule, Node
+
+from ...kernels import cpu_linear  # noqa: F401 - defines auto_deploy::cpu_packed_linear
 
 if TYPE_CHECKING:
     from ad_config import LlmArgs
@@ -66,6 +72,12 @@ def skip_reason(device: str | torch.device | None, compile_backend: str | None) 
     return onednn_problem()
 
 
+def keeps_dense(args: "LlmArgs") -> bool:
+    """Whether packed linears keep their dense weights too (one_row_dense), so that the memory plan counts both."""
+    cfg = args.transforms.get("prepack_cpu_linear")
+    return bool(getattr(cfg, "one_row_dense", False))
+
+
 def will_run(args: "LlmArgs", device: torch.device) -> bool:
     """Whether a build with these args on `device` packs linears (the memory plan counts the copies it makes)."""
     from ...compile.backends import compile_backend_of
@@ -103,6 +115,7 @@ class PrepackCpuLinear(BaseTransform):
                 logger.info("prepack_cpu_linear: off (%s); linear layers run through MKL", reason)
             return mod, TransformInfo(skipped=True, reason=reason)
         gm = mod
+        one_row_dense = bool(getattr(self.config, "one_row_dense", False))
         packed: dict[str, str] = {}  # weight target -> packed buffer name
         num = 0
         for node in nodes_calling(gm, torch.ops.aten.linear.default):
@@ -120,8 +133,12 @@ class PrepackCpuLinear(BaseTransform):
                 packed[weight.target] = name
             with gm.graph.inserting_before(node):
                 w_node = gm.graph.get_attr(name)
-                new = gm.graph.call_function(torch.ops.mkldnn._linear_pointwise.default,
-                                             (node.args[0], w_node, bias, "none", [], ""))
+                if one_row_dense:
+                    new = gm.graph.call_function(torch.ops.auto_deploy.cpu_packed_linear.default,
+                                                 (node.args[0], weight, w_node, bias))
+                else:
+                    new = gm.graph.call_function(torch.ops.mkldnn._linear_pointwise.default,
+                                                 (node.args[0], w_node, bias, "none", [], ""))
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
