@@ -92,3 +92,37 @@ def test_page_tables_longer_than_the_step_needs():
     assert a["slot_mapping"].tolist() == [24, 25, 6]
     with pytest.raises(ValueError, match="has 9 pages; needs 1 \\(at most 8\\)"):
         info.nest_sequences([[1]], [0], [list(range(9))])
+
+
+@pytest.mark.parametrize("graph_sizes", [[], [2, 4]])  # [2, 4]: the row is padded to 2 (CUDA graphs)
+@pytest.mark.parametrize("token, pos, pages, slot", [
+    (7, 0, [3], None),  # first token of a page
+    (-1, 5, [2, 9], 1),  # a placeholder id (overlap), second page, a state slot
+    (11, 7, [4, 6, 8], 2),  # last slot of page 1 of 3 held
+    (5, 31, [0, 1, 2, 3, 4, 5, 6, 7], None),  # the last position max_seq_len allows
+])
+def test_lone_decode_fills_what_the_general_path_fills(graph_sizes, token, pos, pages, slot):
+    fast, ref = _info(), _info()
+    for info in (fast, ref):
+        info.scratch_page, info.cuda_graph_batch_sizes = 15, graph_sizes
+        info.nest_sequences([[1, 2, 3], [4]], [0, 2], [[0], [1]])  # leave other values in the buffers first
+    slots = None if slot is None else [slot]
+    fast.nest_sequences([[token]], [pos], [pages], slots)  # the scalar path
+    ref._nest_many([[token]], [pos], [pages], slots)  # the numpy path every batch of more takes
+    assert torch.equal(fast._host, ref._host) and torch.equal(fast._dev, ref._dev)
+    assert fast.batch_info_host.tolist() == ref.batch_info_host.tolist() == [0, 0, 1]
+    assert (fast.num_sequences, fast.num_tokens, fast.num_padded_rows) == (ref.num_sequences, ref.num_tokens,
+                                                                             ref.num_padded_rows)
+    assert fast.num_padded_rows == (1 if not graph_sizes else 2)
+
+
+@pytest.mark.parametrize("pos, pages, msg", [
+    (32, [0] * 8, "max_seq_len"),
+    (4, [0], "has 1 pages; needs 2"),
+    (0, list(range(9)), "has 9 pages; needs 1 \\(at most 8\\)"),
+])
+def test_lone_decode_refuses_what_the_general_path_refuses(pos, pages, msg):
+    with pytest.raises(ValueError, match=msg):
+        _info().nest_sequences([[1]], [pos], [pages])
+    with pytest.raises(ValueError, match=msg):
+        _info()._nest_many([[1]], [pos], [pages], None)

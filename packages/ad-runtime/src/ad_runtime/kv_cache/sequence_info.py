@@ -73,6 +73,7 @@ class SequenceInfo:
         self._np = {name: self._host_view(name).numpy() for name in self._layout}
         self._copy_done: torch.cuda.Event | None = None
         self.batch_info_host = torch.zeros(3, dtype=torch.int32)
+        self._batch_info_np = self.batch_info_host.numpy()  # one numpy store, not three torch item writes
         # What padded_decode_args passes as batch_info_host. A persistent tensor like batch_info_host, not a new
         # one per call: one made under inference_mode has other dispatch keys, and torch.compile, guarding on
         # them, traced the model again at the first step that was not a padded decode.
@@ -139,11 +140,11 @@ class SequenceInfo:
 
     @property
     def num_prefill(self) -> int:
-        return int(self.batch_info_host[0])
+        return int(self._batch_info_np[0])
 
     @property
     def num_decode(self) -> int:
-        return int(self.batch_info_host[2])
+        return int(self._batch_info_np[2])
 
     @property
     def is_decode_only(self) -> bool:
@@ -174,6 +175,14 @@ class SequenceInfo:
         Sequences with more than one new token (prefill, chunked prefill) must come before those with
         one (decode). Page tables must cover input_pos + len(tokens) tokens.
         """
+        if len(token_ids) == 1 and len(token_ids[0]) == 1 and len(input_pos) == 1 and len(page_tables) == 1:
+            self._nest_lone_decode(token_ids[0][0], int(input_pos[0]), page_tables[0], -1 if slots is None else slots[0])
+        else:
+            self._nest_many(token_ids, input_pos, page_tables, slots)
+
+    def _nest_many(self, token_ids: Sequence[Sequence[int]], input_pos: Sequence[int],
+                   page_tables: Sequence[Sequence[int]], slots: Sequence[int] | None) -> None:
+        """nest_sequences for any batch, a numpy pass per field."""
         b = len(token_ids)
         seq_len, pos0, num_decode, num_pages = self._checked_lengths(token_ids, input_pos, page_tables)
         ps, mp = self.page_size, self.max_pages_per_seq
@@ -210,10 +219,38 @@ class SequenceInfo:
         if rows > b:
             self._fill_padding(b, rows, t)
 
-        self.batch_info_host[0] = b - num_decode
-        self.batch_info_host[1] = t - num_decode
-        self.batch_info_host[2] = num_decode
+        self._batch_info_np[:] = (b - num_decode, t - num_decode, num_decode)
         self._num_seqs, self._num_tokens, self._num_rows = b, t, rows
+        self._copy_to_device(rows)
+
+    def _nest_lone_decode(self, token: int, pos: int, pages: Sequence[int], slot: int) -> None:
+        """nest_sequences for one sequence with one new token (a batch-1 chat decode step): the same fields by
+        scalar stores. The general path's ~40 numpy calls on one-element arrays took ~95 us of host time a step on
+        the development VM; a small model's GPU step is shorter than that and the host sets the pace."""
+        ps, mp = self.page_size, self.max_pages_per_seq
+        total, held = pos + 1, len(pages)
+        need = -(-total // ps)
+        if total > self.max_seq_len:
+            raise ValueError(f"a sequence reaches {total} tokens, above max_seq_len={self.max_seq_len}")
+        if not need <= held <= mp:
+            raise ValueError(f"a page table has {held} pages; needs {need} (at most {mp})")
+        rows = self._padded_rows(1, 1)
+        if self._copy_done is not None:
+            self._copy_done.synchronize()  # the previous step's copy still reads the host buffer
+        a = self._np
+        a["seq_len"][0], a["input_pos"][0], a["cu_seqlen"][:2] = 1, pos, (0, 1)
+        table = a["page_table"][:mp]
+        table.fill(-1)
+        table[:held] = pages
+        a["input_ids"][0], a["position_ids"][0], a["batch_indices"][0] = token, pos, 0
+        a["slot_mapping"][0] = int(table[pos // ps]) * ps + pos % ps
+        a["last_token_idx"][0], a["last_page_len"][0], a["slot_idx"][0] = 0, pos % ps + 1, slot
+        a["cu_num_pages"][:2] = (0, need)
+        a["page_indices"][:need] = table[:need]
+        if rows > 1:
+            self._fill_padding(1, rows, 1)
+        self._batch_info_np[:] = (0, 0, 1)
+        self._num_seqs, self._num_tokens, self._num_rows = 1, 1, rows
         self._copy_to_device(rows)
 
     def _padded_rows(self, b: int, num_decode: int) -> int:
