@@ -126,3 +126,17 @@ def test_lone_decode_refuses_what_the_general_path_refuses(pos, pages, msg):
         _info().nest_sequences([[1]], [pos], [pages])
     with pytest.raises(ValueError, match=msg):
         _info()._nest_many([[1]], [pos], [pages], None)
+
+
+def test_views_are_made_once_per_shape_and_read_the_current_step():
+    info = _info()
+    info.nest_sequences([[1, 2], [3]], [0, 4], [[0], [1, 2]])
+    first = info.args()
+    first["input_ids"] = None  # the caller's dict: the next call is not affected
+    info.nest_sequences([[7, 8], [9]], [0, 5], [[3], [1, 2]])
+    again = info.args()
+    assert again["input_ids"] is not None and again["input_ids"].tolist() == [[7, 8, 9]]
+    assert again["position_ids"].tolist() == [[0, 1, 5]] and again["seq_len_host"].tolist() == [2, 1]
+    assert again["page_table"] is info.args()["page_table"]  # one view per shape, reused
+    info.nest_sequences([[4]], [2], [[6]])
+    assert info.args()["input_ids"].shape == (1, 1) and info.args()["page_table"].shape == (1, info.max_pages_per_seq)

@@ -78,6 +78,7 @@ class SequenceInfo:
         # one per call: one made under inference_mode has other dispatch keys, and torch.compile, guarding on
         # them, traced the model again at the first step that was not a padded decode.
         self._padded_batch_info = torch.zeros(3, dtype=torch.int32)
+        self._views: dict[tuple[int, int, bool, bool], dict[str, torch.Tensor]] = {}  # _args' memo, by shape
         self._num_seqs = 0
         self._num_tokens = 0
         self._num_rows = 0  # sequences incl. padding rows written this step
@@ -115,6 +116,18 @@ class SequenceInfo:
         return self._args(batch_size, batch_size, self._padded_batch_info)
 
     def _args(self, b: int, t: int, batch_info: torch.Tensor) -> dict[str, torch.Tensor]:
+        # The views depend only on the step's shape (the buffers never move), so each shape's are made once: ~17
+        # views a step were ~30 us of host time on the development VM, a batch-1 decode step's every step. Keyed
+        # by inference mode too, since views made under it carry other dispatch keys (torch.compile guards on them).
+        key = (b, t, batch_info is self.batch_info_host, torch.is_inference_mode_enabled())
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) >= 1024:  # every (sequences, tokens) pair a long run meets: bound the memo
+                self._views.clear()
+            views = self._views[key] = self._make_args(b, t, batch_info)
+        return dict(views)  # the caller's own dict: changing it leaves the memo alone
+
+    def _make_args(self, b: int, t: int, batch_info: torch.Tensor) -> dict[str, torch.Tensor]:
         # last_token_idx is included for graphs that gather the last tokens themselves (gather_logits_before_lm_head).
         out = {name: self._field(name, b, t) for name in self._layout}
         out["batch_info_host"] = batch_info
