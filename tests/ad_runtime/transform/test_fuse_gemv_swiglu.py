@@ -71,3 +71,40 @@ def test_a_gate_used_elsewhere_is_left_alone():
     gm.recompile()
     out = InferenceOptimizer(None, {"fuse_gemv_swiglu": {}})(cm=SimpleNamespace(device="cuda"), mod=gm)
     assert count_op(out, GEMV_SWIGLU) == 1 and count_op(out, SILU) == 1
+
+
+class _MergedMlp(torch.nn.Module):
+    """An MLP whose model merges gate and up itself and cuts them with chunk or split (Phi-3 style), up first in
+    the product."""
+
+    def __init__(self, cut: str):
+        super().__init__()
+        self.gate_up, self.down, self.cut = torch.nn.Linear(16, 48, bias=False), torch.nn.Linear(24, 16), cut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gu = self.gate_up(x)
+        gate, up = gu.chunk(2, dim=-1) if self.cut == "chunk" else gu.split(24, dim=-1)
+        return self.down(up * torch.nn.functional.silu(gate))
+
+
+@pytest.mark.parametrize("cut", ["chunk", "split"])
+def test_a_model_merged_gate_up_cut_by_chunk_or_split_fuses(cut):
+    try:
+        use_interpreter_without_gpu()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    from torch.export import Dim
+    from ad_compiler.export.export import torch_export_to_gm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = _MergedMlp(cut).to(device).eval()
+    x = torch.randn(1, 3, 16, device=device)
+    gm = torch_export_to_gm(model, args=(x,), dynamic_shapes=({1: Dim.DYNAMIC},))
+    gm = InferenceOptimizer(None, {"gemv_decode_linear": {}, "fuse_gemv_swiglu": {}})(
+        cm=SimpleNamespace(device="cuda"), mod=gm)
+    assert count_op(gm, GEMV_SWIGLU) == 1 and count_op(gm, SILU) == 0
+    with torch.no_grad():
+        for rows in (1, 4):
+            xr = torch.randn(1, rows, 16, device=device)
+            torch.testing.assert_close(gm(xr), model(xr), atol=1e-5, rtol=1e-5)

@@ -1,7 +1,7 @@
 """fuse_gemv_swiglu: the merged gate/up GEMV writes silu(gate) * up itself, so no activation kernel follows it.
 
 Before:  gu = triton_gemv_linear(x, W_gate_up, b)
-         gate, up = split_with_sizes(gu, [n, n], -1)
+         gate, up = split_with_sizes(gu, [n, n], -1)      (or split(gu, n, -1), or chunk(gu, 2, -1))
          h = mul(silu(gate), up)
 After:   h = triton_gemv_swiglu(x, W_gate_up, b)
 
@@ -19,7 +19,7 @@ from ad_compiler.errors import CompileError
 from ad_compiler.models.factory import ModelFactory
 from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
-from ad_compiler.utils.graph_utils import is_last_dim, is_op, nodes_calling
+from ad_compiler.utils.graph_utils import is_last_dim, is_op, nodes_calling, static_shape
 from torch.fx import GraphModule, Node
 
 from ...kernels import ops  # noqa: F401 - defines auto_deploy::triton_gemv_linear and triton_gemv_swiglu
@@ -27,6 +27,8 @@ from ...kernels import ops  # noqa: F401 - defines auto_deploy::triton_gemv_line
 GEMV = torch.ops.auto_deploy.triton_gemv_linear.default
 GEMV_SWIGLU = torch.ops.auto_deploy.triton_gemv_swiglu.default
 SPLIT = torch.ops.aten.split_with_sizes.default
+SPLIT_EVEN = torch.ops.aten.split.Tensor  # split(x, size, dim): pieces of `size`
+CHUNK = torch.ops.aten.chunk.default  # chunk(x, 2, dim): what a model that merges gate/up itself (Phi-3) exports
 SILU = torch.ops.aten.silu.default
 MUL = torch.ops.aten.mul.Tensor
 
@@ -35,14 +37,27 @@ def _only_user(node: Node) -> Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
+def _splits_in_halves(split: Node, gemv: Node) -> bool:
+    """Whether `split` cuts the GEMV's output in two equal halves along its last dimension."""
+    shape = static_shape(gemv)
+    if shape is None or shape[-1] is None or shape[-1] % 2:
+        return False
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if is_op(split, SPLIT):
+        halves = list(split.args[1]) == [shape[-1] // 2] * 2
+    elif is_op(split, SPLIT_EVEN):
+        halves = split.args[1] == shape[-1] // 2
+    elif is_op(split, CHUNK):
+        halves = split.args[1] == 2
+    else:
+        return False
+    return halves and is_last_dim(dim, gemv)
+
+
 def _halves(gemv: Node) -> tuple[Node, Node] | None:
     """(gate, up): the two getitems of the GEMV's only user, an even split of its last dimension."""
     split = _only_user(gemv)
-    if split is None or not is_op(split, SPLIT) or len(split.users) != 2:
-        return None
-    sizes = split.args[1]
-    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-    if len(sizes) != 2 or sizes[0] != sizes[1] or not is_last_dim(dim, gemv):
+    if split is None or len(split.users) != 2 or not _splits_in_halves(split, gemv):
         return None
     parts = {u.args[1]: u for u in split.users if u.target is operator.getitem}
     return (parts[0], parts[1]) if set(parts) == {0, 1} else None
