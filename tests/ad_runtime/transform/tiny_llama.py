@@ -97,3 +97,19 @@ def greedy_reference(model: nn.Module, prompts: list[list[int]], steps: int) -> 
                 s.append(int(model(ids, torch.arange(len(s), device=dev)[None])[0, -1].argmax()))
         out.append(s[len(p):])
     return out
+
+
+def calls_by_rows(gm: GraphModule, ref: GraphModule, device: str, calls: list) -> dict[int, int]:
+    """Run both graphs on one row, a 5-token prompt and 3 decode rows; their logits must agree. Returns, per row
+    count, how many entries `calls` (a list a monkeypatched kernel appends to) gained on that shape."""
+    g = torch.Generator().manual_seed(0)
+    counted = {}
+    for batch, seq in ((1, 1), (1, 5), (3, 1)):
+        ids = torch.randint(0, VOCAB, (batch, seq), generator=g).to(device)
+        pos = torch.arange(seq, device=device).expand(batch, seq) + 3
+        calls.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(gm(input_ids=ids, position_ids=pos), ref(input_ids=ids, position_ids=pos),
+                                       atol=1e-5, rtol=1e-5)
+        counted[batch * seq] = len(calls)
+    return counted

@@ -244,9 +244,9 @@ class SequenceInfo:
         total, held = pos + 1, len(pages)
         need = -(-total // ps)
         if total > self.max_seq_len:
-            raise ValueError(f"a sequence reaches {total} tokens, above max_seq_len={self.max_seq_len}")
+            raise self._too_long(total)
         if not need <= held <= mp:
-            raise ValueError(f"a page table has {held} pages; needs {need} (at most {mp})")
+            raise self._bad_pages(held, need)
         rows = self._padded_rows(1, 1)
         if self._copy_done is not None:
             self._copy_done.synchronize()  # the previous step's copy still reads the host buffer
@@ -303,7 +303,7 @@ class SequenceInfo:
         if t > self.max_num_tokens:
             raise ValueError(f"{t} tokens in one step exceed max_num_tokens={self.max_num_tokens}")
         if total.max() > self.max_seq_len:
-            raise ValueError(f"a sequence reaches {int(total.max())} tokens, above max_seq_len={self.max_seq_len}")
+            raise self._too_long(int(total.max()))
         is_decode = seq_len == 1
         num_decode = int(is_decode.sum())
         if not is_decode[b - num_decode :].all():
@@ -314,8 +314,14 @@ class SequenceInfo:
         bad = (num_pages < need) | (num_pages > mp)
         if bad.any():
             i = int(bad.argmax())
-            raise ValueError(f"a page table has {int(num_pages[i])} pages; needs {int(need[i])} (at most {mp})")
+            raise self._bad_pages(int(num_pages[i]), int(need[i]))
         return seq_len, pos0, num_decode, num_pages
+
+    def _too_long(self, total: int) -> ValueError:
+        return ValueError(f"a sequence reaches {total} tokens, above max_seq_len={self.max_seq_len}")
+
+    def _bad_pages(self, held: int, need: int) -> ValueError:
+        return ValueError(f"a page table has {held} pages; needs {need} (at most {self.max_pages_per_seq})")
 
     def resolve_future_tokens(self, future: torch.Tensor) -> None:
         """Replace placeholder ids -(row + 1) of this step's tokens by `future[row]`, on the device.

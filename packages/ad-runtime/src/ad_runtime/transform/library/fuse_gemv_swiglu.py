@@ -19,7 +19,7 @@ from ad_compiler.errors import CompileError
 from ad_compiler.models.factory import ModelFactory
 from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
-from ad_compiler.utils.graph_utils import is_last_dim, is_op, nodes_calling, static_shape
+from ad_compiler.utils.graph_utils import erase_dead, is_last_dim, is_op, nodes_calling, static_shape
 from torch.fx import GraphModule, Node
 
 from ...kernels import ops  # noqa: F401 - defines auto_deploy::triton_gemv_linear and triton_gemv_swiglu
@@ -95,14 +95,7 @@ class FuseGemvSwiglu(BaseTransform):
                 fused = gm.graph.call_function(GEMV_SWIGLU, tuple(gemv.args), dict(gemv.kwargs))
             fused.meta.update(mul.meta)  # same shape and dtype as the product it replaces
             mul.replace_all_uses_with(fused)
-            split = _only_user(gemv)
-            silu = next(a for a in mul.args if is_op(a, SILU))
-            gm.graph.erase_node(mul)
-            gm.graph.erase_node(silu)
-            for part in list(split.users):
-                gm.graph.erase_node(part)
-            gm.graph.erase_node(split)
-            gm.graph.erase_node(gemv)
+            erase_dead(gm, mul)  # and with it the silu, the halves, their split and the GEMV
             num += 1
         if num:
             gm.recompile()

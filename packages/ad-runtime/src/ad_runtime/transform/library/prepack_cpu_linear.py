@@ -75,7 +75,7 @@ def skip_reason(device: str | torch.device | None, compile_backend: str | None) 
 def keeps_dense(args: "LlmArgs") -> bool:
     """Whether packed linears keep their dense weights too (one_row_dense), so that the memory plan counts both."""
     cfg = args.transforms.get("prepack_cpu_linear")
-    return bool(getattr(cfg, "one_row_dense", False))
+    return cfg is not None and cfg.one_row_dense
 
 
 def will_run(args: "LlmArgs", device: torch.device) -> bool:
@@ -115,7 +115,7 @@ class PrepackCpuLinear(BaseTransform):
                 logger.info("prepack_cpu_linear: off (%s); linear layers run through MKL", reason)
             return mod, TransformInfo(skipped=True, reason=reason)
         gm = mod
-        one_row_dense = bool(getattr(self.config, "one_row_dense", False))
+        one_row_dense = self.config.one_row_dense
         packed: dict[str, str] = {}  # weight target -> packed buffer name
         num = 0
         for node in nodes_calling(gm, torch.ops.aten.linear.default):
