@@ -54,6 +54,7 @@ def profile_decode(llm, batch: int, isl: int, steps: int, rng: random.Random, to
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t) * 1e3 / steps
     step_ms = start.elapsed_time(end) / steps
+    phases = host_phases(eng, steps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             eng.step()
@@ -70,7 +71,30 @@ def profile_decode(llm, batch: int, isl: int, steps: int, rng: random.Random, to
     ctx = isl + 5 + steps
     return {"batch": batch, "step_ms": step_ms, "wall_ms": wall_ms, "kernel_us": total_us / steps,
             "kernels_per_step": sum(len(v) for v in kernels.values()) / steps, "ctx": ctx, "table": table[:top],
-            "replay_ms": replay}
+            "replay_ms": replay, "phases": phases}
+
+
+def host_phases(eng, steps: int) -> dict:
+    """The engine's StepTimer over STEPS more decode steps: host ms per phase and the GPU's busy ms per step."""
+    from ad_runtime.executor.step_timer import StepTimer
+
+    eng.timer = StepTimer(eng.runner.device)
+    for _ in range(steps):
+        eng.step()
+    summary = eng.timer.summary().get("decode", {})
+    eng.timer = None
+    return summary
+
+
+def host_cpu() -> str:
+    """Which core the process runs on and how many it may use (host speed differed between processes)."""
+    import os
+
+    try:
+        core = open("/proc/self/stat").read().rsplit(")", 1)[1].split()[36]
+    except (OSError, IndexError):
+        core = "?"
+    return f"host: pid {os.getpid()} on core {core} of {len(os.sched_getaffinity(0))} allowed"
 
 
 def graph_replay_ms(eng, batch: int, steps: int) -> float | None:
@@ -218,6 +242,12 @@ def main() -> None:
             if r["replay_ms"] is not None:
                 print(f"  the captured graph replayed alone: {r['replay_ms']:.3f} ms a step ({100 * roof / r['replay_ms']:.0f}%"
                       f" of the roofline); the rest of the step above is host time | {sm_clock()}")
+            ph = r["phases"]
+            if ph:
+                print("  host ms per step: " + ", ".join(f"{k} {ph[f'{k}_ms']:.3f}" for k in
+                                                       ("schedule", "forward", "sample", "post"))
+                      + f" = {ph['host_ms']:.3f}; GPU busy {ph.get('gpu_ms', 0):.3f} ms, idle "
+                      f"{100 * ph.get('gpu_idle_share', 0):.0f}% between steps | {host_cpu()}")
             print(f"  {'kernel':90s} {'calls':>6s} {'us/step':>9s} {'share':>6s}")
             for name, calls, us in r["table"]:
                 print(f"  {name[:90]:90s} {calls:6.1f} {us:9.1f} {100 * us / r['kernel_us']:5.1f}%")

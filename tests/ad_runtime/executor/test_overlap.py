@@ -181,3 +181,51 @@ def test_engine_refuses_n_and_out_of_vocabulary_bias():
     r = eng.add_request([1, 2], SamplingParams(logit_bias={VOCAB: 1.0}))
     assert r.status == RequestStatus.FAILED and "logit_bias has token id 97" in r.error
     _clean(eng)
+
+
+class GraphGreedyRunner(FuturePagedRunner):
+    """Also hands out the greedy pick of decode steps as a CUDA-graph runner does (`last_greedy`): from one buffer
+    that every such step rewrites after reading its placeholders, or `wrong` ids that show where it was used."""
+
+    def __init__(self, num_pages: int, page_size: int, wrong: bool = False):
+        super().__init__(num_pages, page_size)
+        self.buf = torch.full((16,), -7, dtype=torch.long)
+        self.wrong = wrong
+        self.last_greedy = None
+        self.picks = 0
+
+    def forward(self, batch, num_prefill, future=None):
+        logits = super().forward(batch, num_prefill, future)  # placeholders read first, as in the graph
+        self.last_greedy = None
+        if num_prefill == 0:
+            b = len(batch)
+            self.buf[:b] = 0 if self.wrong else logits.argmax(-1)
+            self.last_greedy = self.buf[:b]
+            self.picks += 1
+        return logits
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_runner_greedy_pick_gives_the_same_tokens(overlap):
+    prompts = _prompts(12, seed=3)
+    params = [SamplingParams(max_tokens=4 + i % 7, temperature=0.0, ignore_eos=True) for i in range(12)]
+    sync = _run(_engine(False), prompts, params)
+    eng = _engine(overlap)
+    eng.runner = GraphGreedyRunner(64, 4)
+    got = _run(eng, prompts, params)
+    assert [r.output_token_ids for r in got] == [r.output_token_ids for r in sync]
+    assert eng.runner.picks > 0
+    _clean(eng)
+
+
+def test_runner_greedy_pick_is_taken_only_when_every_row_is_greedy():
+    # The runner's pick is all zeros: tokens show which rows took it (every greedy batch) and which sampled.
+    eng = _engine(False)
+    eng.runner = GraphGreedyRunner(64, 4, wrong=True)
+    greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    alone = _run(eng, _prompts(1, seed=5), [greedy])[0]
+    assert alone.output_token_ids[1:] == [0, 0]  # the first token came from a prefill step (no pick)
+    assert alone.output_token_ids[0] != 0
+    hot = SamplingParams(max_tokens=3, temperature=1.0, seed=1, ignore_eos=True)
+    mixed = _run(eng, _prompts(2, seed=6), [greedy, hot])
+    assert 0 not in mixed[0].output_token_ids  # a batch with a sampled row argmaxes the logits itself

@@ -99,6 +99,8 @@ def test_all_backends_same_greedy_tokens_on_gpu(backend):
         replays = mod.num_replays
         tokens, samples = greedy_cached(mod, cm, PROMPTS[:3], steps=6)
         assert mod.num_replays > replays
+        # the graph's own greedy pick of the last (replayed) step: the argmax of the logits it returned
+        assert mod.last_greedy.tolist() == [int(lg.argmax()) for _, _, lg in samples[-3:]]
         eager = {(i, len(c)): lg for i, c, lg in ref_samples}
         for i, c, lg in samples:
             torch.testing.assert_close(lg, eager[(i, len(c))], atol=1e-4, rtol=1e-4)

@@ -13,6 +13,7 @@ from ad_compiler.export.graph_pickle import loads_graph
 from ad_config.transform_config import Stage
 
 from .compile.backends import compile_backend_of
+from .compile.cuda_graph import CudaGraphModel
 from .executor.core import EngineCore
 from .executor.engine import Engine, StepSequence
 from .executor.request import Request
@@ -51,6 +52,9 @@ class GraphRunner:
         self.module = module
         self.cm = cm
         self.device = cm.device
+        # The decode graphs' greedy pick of the last step's logits (CudaGraphModel.last_greedy), or None.
+        self._graphs = module if isinstance(module, CudaGraphModel) else None
+        self.last_greedy: torch.Tensor | None = None
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[StepSequence], num_prefill: int, future: torch.Tensor | None = None
@@ -63,7 +67,9 @@ class GraphRunner:
         if logits.shape[1] == len(batch):
             # One row per sequence: the graph gathered the last tokens (gather_logits_before_lm_head),
             # or every sequence fed one token; T == B means last_token_idx is 0..B-1 either way.
+            self.last_greedy = None if self._graphs is None else self._graphs.last_greedy
             return logits[0]
+        self.last_greedy = None
         return logits[0].index_select(0, self.cm.info.last_token_idx)
 
 

@@ -42,6 +42,11 @@ class _BroadcastRunner:
     def __init__(self, runner: Any, group: Any):
         self.runner, self.group, self.device = runner, group, runner.device
 
+    @property
+    def last_greedy(self) -> torch.Tensor | None:
+        """The greedy pick rank 0's own graphs made of the last step's logits (see ModelRunner)."""
+        return self.runner.last_greedy
+
     def forward(self, batch: Sequence[StepSequence], num_prefill: int) -> torch.Tensor:
         import torch.distributed as dist
 

@@ -1,11 +1,13 @@
 """CUDA graphs for decode: one graph per captured batch size, replayed on the cm's own input buffers."""
 
 import logging
+import os
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from ..executor.sampler import greedy_tokens
 from ..kv_cache.interface import CachedSequenceInterface
 
 logger = logging.getLogger(__name__)
@@ -17,6 +19,12 @@ class CudaGraphModel(nn.Module):
     No input copies: SequenceInfo keeps every input at a fixed address and, once `batch_sizes` are
     set on it, writes the padding rows of decode-only batches in the same host-to-device copy as the
     real ones. A replayed step returns a view of the graph's static output, valid until the next step.
+
+    Each graph also holds the greedy pick of its logits (argmax per row, as the sampler computes it): after a
+    replay `last_greedy` is that pick for the step's rows, so a greedy batch is sampled without a launch of its
+    own (two Triton launches, ~20 us of host time each, on a decode step that small models finish in ~0.6 ms).
+    Its buffer is rewritten by the next replay; the engine reads it (next step's placeholders, the copy to the
+    host) in stream order before that. `AUTODEPLOY_GRAPH_GREEDY=0` captures without it (an A/B switch).
     """
 
     def __init__(self, model: nn.Module, cm: CachedSequenceInterface, batch_sizes: list[int]):
@@ -30,6 +38,8 @@ class CudaGraphModel(nn.Module):
             logger.warning("cuda graph batch sizes %s exceed max_batch_size/max_num_tokens and are skipped", dropped)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.greedy: dict[int, torch.Tensor] = {}  # rows -> the argmax of that graph's logits, [rows] int64
+        self.last_greedy: torch.Tensor | None = None  # the last step's greedy pick when it was a replay
         self._input_ptr = 0
         self.num_replays = 0  # steps served by a graph (observability; tests check it)
         self.capture()
@@ -37,6 +47,7 @@ class CudaGraphModel(nn.Module):
     @torch.inference_mode()  # as GraphRunner calls the model: under no_grad, the compiled model's guards on its
     def capture(self) -> None:  # inputs' dispatch keys failed at the first request, which then compiled it again
         info, pool = self.cm.info, None
+        with_greedy = os.environ.get("AUTODEPLOY_GRAPH_GREEDY", "1") != "0"
         info.cuda_graph_batch_sizes = []  # no padding while we set up the dummy batches ourselves
         # Largest first: smaller graphs then fit into the memory pool the largest one reserved.
         for bs in tqdm(sorted(self.batch_sizes, reverse=True), desc="capturing CUDA graphs", disable=None):
@@ -46,17 +57,27 @@ class CudaGraphModel(nn.Module):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up: torch.compile, cuBLAS workspaces, allocator
-                    self.model(**args)
+                for _ in range(2):  # warm-up: torch.compile, Triton's compiles, cuBLAS workspaces, allocator
+                    self._step(args, bs, with_greedy)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self.model(**args)
+                self.outputs[bs], greedy = self._step(args, bs, with_greedy)
+            if greedy is not None:
+                self.greedy[bs] = greedy
             pool = graph.pool()
             self.graphs[bs] = graph
         self._input_ptr = self.cm.padded_decode_args(1)["input_ids"].data_ptr() if self.batch_sizes else 0
         info.cuda_graph_batch_sizes = list(self.batch_sizes)
         logger.info("captured CUDA graphs for decode batch sizes %s", self.batch_sizes)
+
+    def _step(self, args: dict[str, torch.Tensor], rows: int, with_greedy: bool
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The captured work: the model, and the greedy pick of its [1, rows, V] logits."""
+        out = self.model(**args)
+        if with_greedy and isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[:2] == (1, rows):
+            return out, greedy_tokens(out[0])
+        return out, None
 
     def forward(self, **kwargs: torch.Tensor) -> torch.Tensor:
         info = self.cm.info
@@ -70,5 +91,8 @@ class CudaGraphModel(nn.Module):
         ):
             self.graphs[rows].replay()
             self.num_replays += 1
+            greedy = self.greedy.get(rows)
+            self.last_greedy = None if greedy is None else greedy[:b]
             return self.outputs[rows][:, :b]
+        self.last_greedy = None
         return self.model(**kwargs)

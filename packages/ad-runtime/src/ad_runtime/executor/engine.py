@@ -43,6 +43,9 @@ class ModelRunner(Protocol):
     With overlapped scheduling a token id may be a placeholder -(row + 1): the runner replaces it on the
     device by `future[row]` (the previous step's sampled tokens) before the model reads its inputs; only
     runners that take `future` are used with overlap.
+
+    A runner may also set `last_greedy`: the argmax of the logits it just returned, one per sequence, computed
+    on the device with them (inside a CUDA graph); greedy batches then take it instead of sampling.
     """
 
     device: torch.device
@@ -247,8 +250,11 @@ class Engine:
                 timer.device_work_queued()
             return None
         reqs = [batch[i].request for i in sample_rows]
-        rows = logits if len(sample_rows) == len(batch) else logits[torch.tensor(sample_rows, device=logits.device)]
-        launched = self._sample(rows, reqs, failed)
+        if len(sample_rows) == len(batch):
+            rows, greedy = logits, getattr(self.runner, "last_greedy", None)  # see ModelRunner
+        else:
+            rows, greedy = logits[torch.tensor(sample_rows, device=logits.device)], None
+        launched = self._sample(rows, reqs, failed, greedy)
         if timer is not None:
             timer.device_work_queued()
             timer.mark("sample")
@@ -256,13 +262,15 @@ class Engine:
             req.future.append(j)
         return launched
 
-    def _sample(self, rows: torch.Tensor, reqs: list[Request], failed: list[Request]) -> LaunchedStep:
-        """Start sampling one token per row; a row whose sampling fails fails its request alone."""
+    def _sample(self, rows: torch.Tensor, reqs: list[Request], failed: list[Request],
+                greedy: torch.Tensor | None = None) -> LaunchedStep:
+        """Start sampling one token per row; a row whose sampling fails fails its request alone. `greedy`: the
+        argmax of `rows` if the runner computed it already."""
         if self.grammars.active:
-            rows = self._mask(rows, reqs, failed)
+            rows, greedy = self._mask(rows, reqs, failed), None  # the masks change the argmax
         try:
             out = self.sampler.sample(rows, [r.params for r in reqs], [r.request_id for r in reqs],
-                                      [r.prompt_token_ids for r in reqs])
+                                      [r.prompt_token_ids for r in reqs], greedy)
             return LaunchedStep.start(reqs, out.tokens, self._host_tokens, out.logprobs)
         except Exception:  # noqa: BLE001 - find the culprit by sampling each row alone
             logger.exception("batched sampling failed; sampling row by row")

@@ -57,16 +57,17 @@ class Sampler:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[int],
-               prompts: Sequence[Sequence[int]] | None = None) -> SamplerOutput:
+               prompts: Sequence[Sequence[int]] | None = None, greedy: torch.Tensor | None = None) -> SamplerOutput:
         """One token per row, and the logprobs of the rows that ask. `prompts` (each row's prompt ids) is needed
-        only by repetition_penalty, for the first sampling of a request."""
+        only by repetition_penalty, for the first sampling of a request. `greedy`: greedy_tokens(logits) when the
+        caller has it already (a CUDA graph computed it with the logits); used for batches that are all greedy."""
         # Requests often share one SamplingParams object: each distinct one is checked once, not once per row.
         distinct = {id(p): p for p in params}.values()
         plain = not any(p.processes_logits or p.logprobs is not None for p in distinct)
         if plain and all(p.greedy for p in distinct):
             # Greedy picks straight from the model's logits: bf16 -> fp32 is exact, so the argmax (first of the
             # maxima) is the same, without writing and reading a float32 copy (256 rows x 128k vocab: 131 MB).
-            return SamplerOutput(greedy_tokens(logits), None)
+            return SamplerOutput(greedy_tokens(logits) if greedy is None else greedy, None)
         raw = logits.float()
         if plain:  # one pass for plain batches
             return SamplerOutput(self._pick(raw, params, request_ids, distinct), None)
