@@ -109,7 +109,9 @@ def test_lone_decode_fills_what_the_general_path_fills(graph_sizes, token, pos, 
     slots = None if slot is None else [slot]
     fast.nest_sequences([[token]], [pos], [pages], slots)  # the scalar path
     ref._nest_many([[token]], [pos], [pages], slots)  # the numpy path every batch of more takes
-    assert torch.equal(fast._host, ref._host) and torch.equal(fast._dev, ref._dev)
+    for side in ("_small", "_large"):
+        a, b = getattr(fast, side), getattr(ref, side)
+        assert torch.equal(a.host, b.host) and torch.equal(a.dev, b.dev), side
     assert fast.batch_info_host.tolist() == ref.batch_info_host.tolist() == [0, 0, 1]
     assert (fast.num_sequences, fast.num_tokens, fast.num_padded_rows) == (ref.num_sequences, ref.num_tokens,
                                                                              ref.num_padded_rows)
@@ -140,3 +142,23 @@ def test_views_are_made_once_per_shape_and_read_the_current_step():
     assert again["page_table"] is info.args()["page_table"]  # one view per shape, reused
     info.nest_sequences([[4]], [2], [[6]])
     assert info.args()["input_ids"].shape == (1, 1) and info.args()["page_table"].shape == (1, info.max_pages_per_seq)
+
+
+def test_steps_of_few_tokens_use_the_small_buffers_and_longer_ones_the_large():
+    info = _info()  # max_batch_size 4, max_num_tokens 16: steps of up to 4 tokens use the small buffers
+    assert info._small.dev.numel() < info._large.dev.numel()
+    info.nest_sequences([[1, 2, 3, 4, 5]], [0], [[0, 1]])
+    big = info.args()
+    assert big["input_ids"].data_ptr() == info._large.dev.data_ptr()
+    assert big["input_ids"].tolist() == [[1, 2, 3, 4, 5]] and info.last_token_idx.tolist() == [4]
+    info.nest_sequences([[-1]], [5], [[0, 1]])  # a decode, its token still on the device (overlap)
+    info.resolve_future_tokens(torch.tensor([6]))
+    one = info.args()
+    # the address CUDA graphs capture is the one a real decode step fills
+    assert one["input_ids"].data_ptr() == info._small.dev.data_ptr() == info.padded_decode_args(1)["input_ids"].data_ptr()
+    assert one["input_ids"].tolist() == [[6]] and one["position_ids"].tolist() == [[5]]
+    assert one["slot_mapping"].tolist() == [5] and one["page_table"].tolist() == [[0, 1] + [-1] * 6]
+    info.nest_sequences([[7, 8], [9]], [6, 0], [[0, 1], [2]])  # a mixed step of 3 tokens: small too
+    mixed = info.args()
+    assert mixed["input_ids"].tolist() == [[7, 8, 9]] and mixed["batch_indices"].tolist() == [0, 0, 1]
+    assert mixed["cu_seqlen"].tolist() == [0, 2, 3] and info.last_token_idx.tolist() == [1, 2]
