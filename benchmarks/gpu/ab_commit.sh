@@ -22,7 +22,7 @@ fi
 rounds=${3:?rounds}; script=${4:?a benchmarks/gpu script, e.g. decode_profile.py}; shift 4
 [ -d "$dir/packages" ] || { echo "no $dir: run 'ab_commit.sh prepare $rev' here before the call"; exit 2; }
 old_path=/tmp/site:$(ls -d "$PWD/$dir"/packages/*/src | paste -sd:)
-summary() { grep -h "build: \|decode step\|replayed alone\|tok/s" "$1" | cut -c1-230 || true; }
+summary() { grep -h "build: \|decode step\|replayed alone\|host ms\|tok/s" "$1" | cut -c1-230 || true; }
 for i in $(seq 1 "$rounds"); do
   python3 "benchmarks/gpu/$script" "$@" > "$OUT/ab_new_$i.log" 2>&1 || echo "new round $i: rc=$?"
   echo "== new ($(git rev-parse --short HEAD 2>/dev/null || echo tree)), round $i"; summary "$OUT/ab_new_$i.log"
