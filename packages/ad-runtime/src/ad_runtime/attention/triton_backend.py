@@ -1,7 +1,5 @@
 """The "triton" attention backend: our paged Triton kernels (context/chunked prefill and split-K decode)."""
 
-import os
-
 import torch
 
 from ad_runtime.kernels.triton import paged_attention as _pa
@@ -16,11 +14,6 @@ from .registry import AttentionRegistry
 def _rows(x: torch.Tensor) -> torch.Tensor:
     # Kernels index rows and heads by stride but need the head dim contiguous.
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-# A decode-only step with RoPE fused in runs RoPE, the K/V write and attention in one launch a layer
-# (paged_decode.RopeWrite); AUTODEPLOY_DECODE_ROPE_IN_ATTENTION=0 keeps the two launches (an A/B switch).
-_ROPE_IN_DECODE = os.environ.get("AUTODEPLOY_DECODE_ROPE_IN_ATTENTION", "1") != "0"
 
 
 @torch.library.custom_op("auto_deploy::triton_cached_attention", mutates_args=("k_cache", "v_cache"))
@@ -52,15 +45,6 @@ def triton_cached_attention(
     if v.shape[-1] != q.shape[-1]:
         raise ValueError("the triton attention backend needs the value head dim equal to the query head dim")
     t = q.shape[1]
-    num_prefill, num_prefill_tokens, num_decode = batch_info_host.tolist()
-    window = sliding_window if sliding_window is not None and sliding_window > 0 else None
-    opts = {"scale": scale, "sliding_window": window, "logit_cap": logit_cap, "sinks": sinks}
-    if rope_cos_sin is not None and num_prefill == 0 and _ROPE_IN_DECODE:
-        rope = _pd.RopeWrite(_rows(k[0]), _rows(v[0]), slot_mapping[:t], rope_position_ids[0, :t], _rows(rope_cos_sin))
-        out = q.new_empty(q.shape, dtype=torch.result_type(q, rope_cos_sin))
-        _pd.decode_attention(_rows(q[0]), k_cache, v_cache, seq_len[:num_decode], input_pos[:num_decode],
-                             page_table[:num_decode], out=out[0], rope=rope, **opts)
-        return out
     if rope_cos_sin is None:
         _kv.write_paged_kv(_rows(k[0]), _rows(v[0]), k_cache, v_cache, slot_mapping[:t])
         q3 = _rows(q[0])
@@ -69,7 +53,10 @@ def triton_cached_attention(
             _rows(q[0]), _rows(k[0]), _rows(v[0]), k_cache, v_cache, slot_mapping[:t], rope_position_ids[0, :t],
             _rows(rope_cos_sin),
         )
+    num_prefill, num_prefill_tokens, num_decode = batch_info_host.tolist()
     out = q3.new_empty((1, *q3.shape))
+    window = sliding_window if sliding_window is not None and sliding_window > 0 else None
+    opts = {"scale": scale, "sliding_window": window, "logit_cap": logit_cap, "sinks": sinks}
     if num_prefill > 0:
         # The longest chunk sizes the grid; read from the host copy so the GPU is not synchronised.
         max_q_len = int(seq_len_host[:num_prefill].max())

@@ -1,23 +1,16 @@
-"""Split-KV (flash-decoding) Triton attention of one new query per sequence over the paged KV cache.
-
-With `rope` (RopeWrite) the same launch also does what rope_kv_write does for a decode step: every program rotates
-its query heads itself, and the split that holds a sequence's newest position rotates that token's key into the
-cache and copies its value there before reading its keys. A batch-1 decode step then runs one kernel a layer for
-RoPE, the K/V write and attention instead of two (SmolLM2-135M shapes: 30 of ~250 kernels a step).
-"""
+"""Split-KV (flash-decoding) Triton attention of one new query per sequence over the paged KV cache."""
 
 import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import cuda
 
-from .paged_attention import _TL_DTYPES, LOG2E, _dot_dtype, _dot_precision, _kv_tile, _online_softmax_step, _window
+from .paged_attention import LOG2E, _dot_dtype, _dot_precision, _kv_tile, _online_softmax_step, _window
 from .pdl import pdl_launch_args
 
 
@@ -33,11 +26,10 @@ def _decode_split_kernel(
     s_pt,
     s_ob, s_oh, s_os, s_lb, s_lh, s_fb, s_fh,
     qk_scale, window, cap,
-    kn_ptr, vn_ptr, slot_ptr, pos_ptr, cs_ptr, s_knt, s_knh, s_vnt, s_vnh, s_cst,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SOFT_CAP: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_SINKS: tl.constexpr, MIN_KEYS: tl.constexpr,
-    ROPE: tl.constexpr, HALF: tl.constexpr, QROT_DTYPE: tl.constexpr, USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         cuda.gdc_wait()
@@ -56,72 +48,25 @@ def _decode_split_kernel(
     else:
         active = tl.maximum(tl.cdiv(kv_len - start, chunk), 1)
     if split < active:
-        offs_d = tl.arange(0, BLOCK_D)
-        c = tl.zeros([BLOCK_D], dtype=tl.float32)
-        sn = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if ROPE:  # this token's [cos | sin] row, both halves of a head on the same angles
-            pos = tl.load(pos_ptr + b).to(tl.int64)
-            half_i = offs_d % HALF
-            d_ok = offs_d < HEAD_DIM
-            c = tl.load(cs_ptr + pos * s_cst + half_i, mask=d_ok, other=0.0).to(tl.float32)
-            sn = tl.load(cs_ptr + pos * s_cst + HALF + half_i, mask=d_ok, other=0.0).to(tl.float32)
-            if split == (kv_len - 1 - start) // chunk:  # the split that reads the newest key writes it first
-                _write_new_kv(kn_ptr, vn_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, b, kvh, c, sn, offs_d,
-                              s_knt, s_knh, s_vnt, s_vnh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, HEAD_DIM, PAGE_SIZE, HALF)
         _decode_split(q_ptr, k_cache_ptr, v_cache_ptr, part_o_ptr, part_lse_ptr, o_ptr, sinks_ptr, arrivals_ptr,
                       page_table_ptr, b, kvh, split, start + split * chunk,
-                      tl.minimum(start + split * chunk + chunk, kv_len), active, c, sn,
+                      tl.minimum(start + split * chunk + chunk, kv_len), active,
                       s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_pt, s_ob, s_oh, s_os, s_lb, s_lh, s_fb, s_fh,
                       qk_scale, cap, GROUP, HEAD_DIM, PAGE_SIZE, NUM_SPLITS, BLOCK_G, BLOCK_N, BLOCK_D, SOFT_CAP,
-                      DOT_PREC, DOT_DTYPE, HAS_SINKS, ROPE, HALF, QROT_DTYPE)
-
-
-@triton.jit
-def _rotated(ptr, rows_off, rows_ok, c, sn, offs_d, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
-    """Rotate-half RoPE of rows [rows, d] at ptr + rows_off[:, None] + d, in fp32: rope_kv_write's arithmetic
-    (x1 * cos - x2 * sin, x2 * cos + x1 * sin), one element at a time."""
-    d_ok = offs_d < HEAD_DIM
-    first = offs_d < HALF
-    partner = tl.where(first, offs_d + HALF, offs_d - HALF)
-    mask = rows_ok[:, None] & d_ok[None, :]
-    x = tl.load(ptr + rows_off[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(ptr + rows_off[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-    return tl.where(first[None, :], x * c[None, :] - xp * sn[None, :], x * c[None, :] + xp * sn[None, :])
-
-
-@triton.jit
-def _write_new_kv(kn_ptr, vn_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, b, kvh, c, sn, offs_d,
-                  s_knt, s_knh, s_vnt, s_vnh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh,
-                  HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, HALF: tl.constexpr):
-    """Token b's key (rotated) and value of KV head kvh into their cache slot; visible to this whole program after."""
-    slot = tl.load(slot_ptr + b).to(tl.int64)
-    page = slot // PAGE_SIZE
-    off = slot % PAGE_SIZE
-    one = tl.full([1], 0, dtype=tl.int64)
-    row_ok = one == 0
-    k = _rotated(kn_ptr + b.to(tl.int64) * s_knt + kvh * s_knh, one, row_ok, c, sn, offs_d, HEAD_DIM, HALF)
-    d_ok = (offs_d < HEAD_DIM)[None, :]
-    k_dst = k_cache_ptr + page * s_kp + off * s_ks + kvh * s_kh + offs_d[None, :]
-    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=d_ok)
-    v = tl.load(vn_ptr + b.to(tl.int64) * s_vnt + kvh * s_vnh + offs_d[None, :], mask=d_ok)
-    tl.store(v_cache_ptr + page * s_vp + off * s_vs + kvh * s_vh + offs_d[None, :],
-             v.to(v_cache_ptr.dtype.element_ty), mask=d_ok)
-    tl.debug_barrier()  # the key loop below reads this slot from other threads of the program
+                      DOT_PREC, DOT_DTYPE, HAS_SINKS)
 
 
 @triton.jit
 def _decode_split(
     q_ptr, k_cache_ptr, v_cache_ptr, part_o_ptr, part_lse_ptr, o_ptr, sinks_ptr, arrivals_ptr, page_table_ptr,
-    b, kvh, split, lo, hi, active, c, sn,
+    b, kvh, split, lo, hi, active,
     s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_pt, s_ob, s_oh, s_os, s_lb, s_lh, s_fb, s_fh,
     qk_scale, cap,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SOFT_CAP: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_SINKS: tl.constexpr,
-    ROPE: tl.constexpr, HALF: tl.constexpr, QROT_DTYPE: tl.constexpr,
 ):
-    """One split of one (sequence, KV head): its keys [lo, hi); the last of the `active` splits merges them all.
-    With ROPE the query heads arrive unrotated and are rotated at (c, sn), rounded as rope_kv_write stores them."""
+    """One split of one (sequence, KV head): its keys [lo, hi); the last of the `active` splits merges them all."""
 
     # All query heads of one KV head are processed together: each K/V tile is loaded once per group.
     offs_g = tl.arange(0, BLOCK_G)
@@ -129,12 +74,8 @@ def _decode_split(
     g_ok = offs_g < GROUP
     d_ok = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g
-    if ROPE:
-        q = _rotated(q_ptr + b.to(tl.int64) * s_qb, heads * s_qh, g_ok, c, sn, offs_d, HEAD_DIM, HALF)
-        q = q.to(QROT_DTYPE).to(DOT_DTYPE)
-    else:
-        q = tl.load(q_ptr + b.to(tl.int64) * s_qb + heads[:, None] * s_qh + offs_d[None, :],
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+    q = tl.load(q_ptr + b.to(tl.int64) * s_qb + heads[:, None] * s_qh + offs_d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -245,29 +186,6 @@ class DecodeLaunch:
                             min_keys=int(os.environ.get("AUTODEPLOY_DECODE_MIN_KEYS", "64")))
 
 
-class RopeWrite(NamedTuple):
-    """The step's unrotated keys and values [B, n_kv, d], their cache slots [B], positions [B] and the
-    [max_pos, d] = [cos | sin] table: decode_attention rotates q and k and writes k and v itself."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    slot_mapping: torch.Tensor
-    position_ids: torch.Tensor
-    cos_sin: torch.Tensor
-
-    def kernel_args(self, head_dim: int) -> tuple[list, dict]:
-        """The kernel's RoPE arguments (positional, then constexprs)."""
-        assert self.cos_sin.shape[-1] == head_dim and head_dim % 2 == 0, "full-width rotate-half RoPE only"
-        assert all(x.stride(-1) == 1 for x in (self.k, self.v, self.cos_sin))
-        args = [self.k, self.v, self.slot_mapping, self.position_ids, self.cos_sin, self.k.stride(0),
-                self.k.stride(1), self.v.stride(0), self.v.stride(1), self.cos_sin.stride(0)]
-        return args, {"ROPE": True, "HALF": head_dim // 2}
-
-
-def _no_rope(q: torch.Tensor) -> tuple[list, dict]:
-    return [q, q, q, q, q, 0, 0, 0, 0, 0], {"ROPE": False, "HALF": 1}
-
-
 _ARRIVALS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -313,21 +231,18 @@ def decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     launch: DecodeLaunch | None = None,
-    rope: RopeWrite | None = None,
 ) -> torch.Tensor:
     """Split-K (flash-decoding) attention of one new query per sequence over its paged cache.
 
-    q: [B, n_heads, head_dim]; the new key/value must already be in the cache, or be given unrotated in `rope`
-    (then q is unrotated too). Each sequence's visible keys (input_pos + seq_len of them, cut by the window) are
-    split in `num_splits` ranges computed in parallel, then merged by their log-sum-exp (by the last split to
-    finish). Returns [B, n_heads, head_dim] in q's dtype (with `rope`: result_type(q, cos_sin), the dtype
-    rope_kv_write gives the rotated queries). No host sync.
+    q: [B, n_heads, head_dim]; the new key/value must already be in the cache. Each sequence's visible keys
+    (input_pos + seq_len of them, cut by the window) are split in `num_splits` ranges computed in parallel,
+    then merged by their log-sum-exp (by the last split to finish). Returns [B, n_heads, head_dim] in q's dtype.
+    No host sync.
     """
     batch, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[2]
     assert n_heads % n_kv == 0, "n_heads must be a multiple of n_kv_heads"
-    q_dtype = q.dtype if rope is None else torch.result_type(q, rope.cos_sin)
-    out = torch.empty(q.shape, dtype=q_dtype, device=q.device) if out is None else out
+    out = torch.empty_like(q) if out is None else out
     if batch == 0:
         return out
     assert q.stride(-1) == 1 and out.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
@@ -339,7 +254,6 @@ def decode_attention(
     part_o, part_lse = _partials(out, num_splits)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     launch = launch or DecodeLaunch.for_splits(num_splits)
-    rope_args, rope_consts = _no_rope(q) if rope is None else rope.kernel_args(head_dim)
     _decode_split_kernel[(batch, n_kv, num_splits)](
         q, k_cache, v_cache, part_o, part_lse, out, sinks if sinks is not None else q,
         _arrival_counters(batch * n_kv, q.device),
@@ -350,12 +264,11 @@ def decode_attention(
         page_table.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1),
-        scale * LOG2E, _window(sliding_window), float(logit_cap or 0.0), *rope_args,
+        scale * LOG2E, _window(sliding_window), float(logit_cap or 0.0),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
         # tl.dot needs at least 16 rows; padded heads are masked out.
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=launch.block_n, BLOCK_D=block_d,
-        SOFT_CAP=bool(logit_cap), DOT_PREC=_dot_precision(q_dtype), DOT_DTYPE=_dot_dtype(q_dtype),
-        QROT_DTYPE=_TL_DTYPES[q_dtype], **rope_consts,
+        SOFT_CAP=bool(logit_cap), DOT_PREC=_dot_precision(q.dtype), DOT_DTYPE=_dot_dtype(q.dtype),
         HAS_SINKS=sinks is not None, MIN_KEYS=launch.min_keys, num_warps=launch.num_warps, num_stages=launch.num_stages,
         **pdl_launch_args(q.device),
     )
