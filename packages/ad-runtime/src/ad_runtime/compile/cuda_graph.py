@@ -2,6 +2,7 @@
 
 import logging
 import os
+import time
 
 import torch
 import torch.nn as nn
@@ -48,6 +49,7 @@ class CudaGraphModel(nn.Module):
     def capture(self) -> None:  # inputs' dispatch keys failed at the first request, which then compiled it again
         info, pool = self.cm.info, None
         with_greedy = os.environ.get("AUTODEPLOY_GRAPH_GREEDY", "1") != "0"
+        t0 = time.perf_counter()
         info.cuda_graph_batch_sizes = []  # no padding while we set up the dummy batches ourselves
         # Largest first: smaller graphs then fit into the memory pool the largest one reserved.
         for bs in tqdm(sorted(self.batch_sizes, reverse=True), desc="capturing CUDA graphs", disable=None):
@@ -57,7 +59,9 @@ class CudaGraphModel(nn.Module):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up: torch.compile, Triton's compiles, cuBLAS workspaces, allocator
+                # Warm-up: Inductor's and Triton's compiles, cuBLAS workspaces, the allocator. Twice for the first
+                # (largest) size; once is enough for the rest, whose only new work is a shape's first launches.
+                for _ in range(1 if self.graphs else 2):
                     self._step(args, bs, with_greedy)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
@@ -69,7 +73,8 @@ class CudaGraphModel(nn.Module):
             self.graphs[bs] = graph
         self._input_ptr = self.cm.padded_decode_args(1)["input_ids"].data_ptr() if self.batch_sizes else 0
         info.cuda_graph_batch_sizes = list(self.batch_sizes)
-        logger.info("captured CUDA graphs for decode batch sizes %s", self.batch_sizes)
+        logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s", self.batch_sizes,
+                    time.perf_counter() - t0)
 
     def _step(self, args: dict[str, torch.Tensor], rows: int, with_greedy: bool
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
