@@ -106,12 +106,13 @@ def test_unknown_keyword_is_a_config_error():
 
 
 def test_preemption_with_small_pool_keeps_tokens(prompt_ids, hf_tokens):
-    """32 requests, 4 at a time, in a pool too small for four: newest ones are preempted and recomputed."""
+    """16 requests, 4 at a time, in a pool too small for four: newest ones are preempted and recomputed."""
     page = 16
-    max_tokens = [32, 20, 8, 28]  # mixed lengths: each prompt 4 times with different budgets (kept short: CPU time)
+    max_tokens = [32, 20, 8, 28]  # mixed lengths: each prompt twice with different budgets (kept short: CPU time)
     longest = max(len(p) for p in prompt_ids) + max(max_tokens)
     pool_tokens = -(-longest // page) * page + 2 * page  # one full request fits; four never do
-    reqs = [(i % len(prompt_ids), max_tokens[(i // len(prompt_ids)) % 4]) for i in range(32)]
+    n = len(prompt_ids)
+    reqs = [(i % n, max_tokens[(i + i // n) % 4]) for i in range(2 * n)]
     with LLM(max_batch_size=4, attn_page_size=page, kv_cache_config={"max_tokens": pool_tokens}, **COMMON) as small:
         pool = small.engine.scheduler.pool
         assert pool.num_pages * page < 4 * longest
