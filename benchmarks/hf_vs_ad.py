@@ -153,11 +153,19 @@ def main() -> None:
         from ad_runtime import LLM
 
         max_bs = max(args.batch_sizes)
+        t = time.perf_counter()
         llm = LLM(
             model=path, skip_loading_weights=random_weights, skip_tokenizer_init=random_weights, dtype=args.dtype,
             max_batch_size=max_bs, max_seq_len=args.isl + args.osl + 8, max_num_tokens=max(args.isl * max_bs, 2048),
             compile_backend=args.compile_backend, attn_backend=args.attn_backend,
         )
+        built = time.perf_counter() - t
+        from ad_runtime import SamplingParams
+
+        t = time.perf_counter()  # a first short request: what a compiling backend compiles on first use
+        llm.generate([[100] * 8], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        print(f"build: {built:.1f} s to a ready engine, then {time.perf_counter() - t:.1f} s for a first short request "
+              f"({args.compile_backend})", flush=True)
         print(memory_plan_check(llm), flush=True)
         vocab = llm.vocab_size
         workloads = [(bs, [[rng.randrange(100, vocab) for _ in range(args.isl)] for _ in range(bs)])

@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.fx import GraphModule
 
 from .inductor_fallbacks import register_custom_op_fallbacks
+from .inductor_inlined_ops import inlined_op_bodies
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class InductorCompiled(nn.Module):
     def _compile(self, inputs: list[Any]) -> _Variant:
         from torch._guards import TracingContext, tracing
         from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.decomposition import select_decomp_table
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
@@ -97,8 +99,12 @@ class InductorCompiled(nn.Module):
         # A plain copy of the graph: compile_fx may rewrite the graph it gets, and the exported module carries
         # forward hooks (closures) that its cache keys could not pickle.
         plain = GraphModule(self.model, copy.deepcopy(self.model.graph))
+        # Only where there is an op to inline: a table of our own makes AOTAutograd bypass its on-disk cache, which
+        # a warm 8B build on a GPU (Triton ops, nothing to inline) relies on.
+        inlined = inlined_op_bodies(plain)
+        decompositions = {**select_decomp_table(), **inlined} if inlined else None
         with fx_config.patch(backed_size_oblivious=True), torch.no_grad(), tracing(TracingContext(mode)):
-            fn = compile_fx(plain, fakes)
+            fn = compile_fx(plain, fakes, decompositions=decompositions)
         guards = env.produce_guards_expression(fakes, ignore_static=True)
         self.num_compiles += 1
         logger.info("inductor compile %d of the graph%s", self.num_compiles,
