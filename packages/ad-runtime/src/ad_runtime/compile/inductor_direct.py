@@ -59,6 +59,7 @@ class InductorCompiled(nn.Module):
         super().__init__()
         self.model = model
         register_custom_op_fallbacks(model)
+        self.inlined = inlined_op_bodies(model)  # ops Inductor compiles through (the graph never changes)
         self.names = [n.target for n in model.graph.nodes if n.op == "placeholder"]
         self.static_inputs = set(static_inputs)  # inputs whose shape never changes (the KV caches)
         self.variants: list[_Variant] = []
@@ -101,8 +102,7 @@ class InductorCompiled(nn.Module):
         plain = GraphModule(self.model, copy.deepcopy(self.model.graph))
         # Only where there is an op to inline: a table of our own makes AOTAutograd bypass its on-disk cache, which
         # a warm 8B build on a GPU (Triton ops, nothing to inline) relies on.
-        inlined = inlined_op_bodies(plain)
-        decompositions = {**select_decomp_table(), **inlined} if inlined else None
+        decompositions = {**select_decomp_table(), **self.inlined} if self.inlined else None
         with fx_config.patch(backed_size_oblivious=True), torch.no_grad(), tracing(TracingContext(mode)):
             fn = compile_fx(plain, fakes, decompositions=decompositions)
         guards = env.produce_guards_expression(fakes, ignore_static=True)

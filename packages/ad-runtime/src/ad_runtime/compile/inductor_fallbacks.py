@@ -14,6 +14,16 @@ from torch.fx import GraphModule
 NAMESPACE = "auto_deploy"
 
 
+def custom_ops(gm: GraphModule) -> list[torch._ops.OpOverload]:
+    """The distinct `auto_deploy` ops `gm` calls, in graph order."""
+    ops = {}
+    for node in gm.graph.nodes:
+        op = node.target
+        if node.op == "call_function" and isinstance(op, torch._ops.OpOverload) and op.namespace == NAMESPACE:
+            ops[op] = None
+    return list(ops)
+
+
 def register_custom_op_fallbacks(gm: GraphModule) -> list[torch._ops.OpOverload]:
     """Give every `auto_deploy` op called in `gm` without an Inductor lowering the fallback Inductor would make;
     returns the ops registered now."""
@@ -22,10 +32,7 @@ def register_custom_op_fallbacks(gm: GraphModule) -> list[torch._ops.OpOverload]
     from torch._library.utils import get_layout_constraint_tag
 
     added = []
-    for node in gm.graph.nodes:
-        op = node.target
-        if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload) or op.namespace != NAMESPACE:
-            continue
+    for op in custom_ops(gm):
         if op in lowerings:
             continue
         make_fallback(op, layout_constraint=tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True)))

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch.fx import GraphModule
 
+from .inductor_fallbacks import custom_ops
+
 INLINED = (
     "torch_rmsnorm_fused",
     "torch_fused_add_rmsnorm",
@@ -26,14 +28,5 @@ def inlined_op_bodies(gm: GraphModule) -> dict[torch._ops.OpOverload, Callable]:
     """The INLINED ops `gm` calls, each mapped to its Python body (the function its custom_op was made from)."""
     from torch._library.custom_ops import _maybe_get_opdef
 
-    bodies = {}
-    for node in gm.graph.nodes:
-        op = node.target
-        if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload):
-            continue
-        if op.namespace != "auto_deploy" or op._opname not in INLINED or op in bodies:
-            continue
-        opdef = _maybe_get_opdef(op)
-        if opdef is not None:
-            bodies[op] = opdef._init_fn
-    return bodies
+    opdefs = {op: _maybe_get_opdef(op) for op in custom_ops(gm) if op._opname in INLINED}
+    return {op: opdef._init_fn for op, opdef in opdefs.items() if opdef is not None}
