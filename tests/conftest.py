@@ -33,3 +33,8 @@ if "triton" not in sys.modules and _cuda_count() == 0:
 # The build cache stays off in tests unless a test turns it on with its own folder: a hit would skip transforms
 # that tests patch or inspect, and tests must not fill the user's cache. Subprocesses inherit the setting.
 os.environ.setdefault("AD_BUILD_CACHE", "false")
+
+# Ranks fork from one server process that imported torch once, instead of each importing it again: the suite
+# launches ranks ~40 times (about 4 s saved each on the 2-core VM). Production keeps "spawn" (launch's default);
+# test_launch covers both, and tests that name a start method keep theirs.
+os.environ.setdefault("AUTODEPLOY_RANK_START_METHOD", "forkserver")

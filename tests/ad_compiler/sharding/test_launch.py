@@ -126,3 +126,25 @@ def test_torchrun_env_is_joined(monkeypatch) -> None:
         monkeypatch.setenv(k, v)
     ctx = torchrun_context()
     assert ctx is not None and (ctx.rank, ctx.world_size, ctx.local_rank) == (1, 2, 1)
+
+
+def _env_and_pid(ctx: RankContext, key: str) -> tuple[str | None, int]:
+    return os.environ.get(key), os.getppid()
+
+
+def test_forkserver_ranks_see_the_launchers_environment_of_each_launch(monkeypatch) -> None:
+    """The forkserver starts once (with the environment of that moment); each launch's ranks still get the
+    launcher's environment as it is then, as spawned ranks would."""
+    monkeypatch.setenv("AD_TEST_LAUNCH_MARK", "first")
+    first = launch(_env_and_pid, 2, ("AD_TEST_LAUNCH_MARK",), backend="gloo", start_method="forkserver")
+    monkeypatch.setenv("AD_TEST_LAUNCH_MARK", "second")
+    second = launch(_env_and_pid, 2, ("AD_TEST_LAUNCH_MARK",), backend="gloo", start_method="forkserver")
+    assert [v for v, _ in first] == ["first"] * 2 and [v for v, _ in second] == ["second"] * 2
+    # Both launches forked from one server process (not from this one).
+    parents = {p for _, p in first + second}
+    assert len(parents) == 1 and parents != {os.getpid()}
+
+
+def test_start_method_comes_from_the_environment_when_not_given(monkeypatch) -> None:
+    monkeypatch.setenv("AUTODEPLOY_RANK_START_METHOD", "fork")
+    assert launch(_env_and_pid, 2, ("X",), backend="gloo")[0][1] == os.getpid()

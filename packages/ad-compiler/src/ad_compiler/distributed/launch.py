@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 # A spawned rank imports torch (and the caller's modules) before its heartbeat starts: on a loaded machine
 # that can take longer than a short dist_timeout.
 STARTUP_ALLOWANCE_S = 60.0
+# How ranks start when the caller does not say: "spawn" (the default: a fresh interpreter per rank) or
+# "forkserver" (one server process imports torch once per parent process; ranks fork from it: a process that
+# launches ranks many times, such as the test suite, saves the imports). "fork" is not safe after torch has
+# started threads.
+START_METHOD_ENV = "AUTODEPLOY_RANK_START_METHOD"
 # After the first sign of failure, how long to collect the others (a peer's "connection closed" error often
 # arrives together with the death that caused it) before choosing which rank to blame.
 FAILURE_GRACE_S = 1.0
@@ -108,8 +113,14 @@ def _rank_main(
     heartbeat_s: float,
     pg_timeout_s: float,
     forked: bool,
+    env: dict[str, str] | None,
     conn: Any,
 ) -> None:
+    if env is not None:
+        # A forkserver child starts with the server's environment, taken when it started: use the launcher's now,
+        # as a spawned rank would.
+        os.environ.clear()
+        os.environ.update(env)
     threading.Thread(target=_heartbeat, args=(stamps, rank, heartbeat_s), name="ad-heartbeat",
                      daemon=True).start()
     if forked:
@@ -226,7 +237,7 @@ def _died(rank: int, world_size: int, code: int, start_method: str) -> str:
     if code == 0:
         return f"rank {rank} of {world_size} exited (code 0) without returning a result"
     hint = ""
-    if start_method == "spawn" and code == 1:
+    if start_method in ("spawn", "forkserver") and code == 1:
         # The usual cause: the spawned child re-ran an unguarded script that starts ranks again.
         hint = "; its error is on stderr (a script that starts ranks needs `if __name__ == \"__main__\":`)"
     return f"rank {rank} of {world_size} exited with code {code} and no message{hint}"
@@ -237,7 +248,7 @@ def launch(
     world_size: int,
     args: tuple = (),
     backend: str | None = None,
-    start_method: str = "spawn",
+    start_method: str | None = None,
     timeout_s: float = 300.0,
     dist_timeout: float = DEFAULT_DIST_TIMEOUT_S,
     pg_timeout_s: float | None = None,
@@ -248,7 +259,8 @@ def launch(
     and raises DistributedError with a one-line reason naming it (for an exception: its last traceback line;
     the full traceback is the error's cause and is logged at debug level); so does running past `timeout_s`.
     Collectives time out after `pg_timeout_s` (default: dist_timeout + 10 s, at least 60 s). With start_method "fork" the
-    ranks inherit the parent's objects (e.g. an exported graph) without pickling them.
+    ranks inherit the parent's objects (e.g. an exported graph) without pickling them. No start_method: the
+    AUTODEPLOY_RANK_START_METHOD environment variable, else "spawn".
     """
     backend = backend or default_backend()
     if backend == "nccl" and torch.cuda.device_count() < world_size:
@@ -258,8 +270,13 @@ def launch(
     if pg_timeout_s is None:
         pg_timeout_s = max(MIN_PG_TIMEOUT_S, dist_timeout + PG_TIMEOUT_SLACK_S)
     heartbeat_s = min(1.0, dist_timeout / 5)
+    start_method = start_method or os.environ.get(START_METHOD_ENV, "spawn")
     mp_ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        # The server imports the rank's module once (torch with it); every later launch forks a ready process.
+        mp_ctx.set_forkserver_preload([fn.__module__])
     forked = start_method == "fork"
+    env = dict(os.environ) if start_method == "forkserver" else None
     ranks = _Ranks(mp_ctx, world_size)
     listener = loopback_listener()
     port = int(listener.getsockname()[1])
@@ -270,7 +287,7 @@ def launch(
                 # Rank 0 gets the listening socket; with fork every rank inherits it anyway (and closes it).
                 sock = listener if rank == 0 or forked else None
                 ranks.start(mp_ctx, rank, _rank_main, (fn, rank, world_size, port, sock, backend, args, ranks.stamps,
-                                                        heartbeat_s, pg_timeout_s, forked))
+                                                        heartbeat_s, pg_timeout_s, forked, env))
         finally:
             listener.close()  # rank 0 holds its own copy
         out = _watch(ranks, start_method, timeout_s, dist_timeout)
