@@ -131,7 +131,7 @@ def model_path(args: argparse.Namespace, tmp: str) -> tuple[str, bool]:
     return model_source(argparse.Namespace(preset=args.preset), folder)
 
 
-def run_workload(llm, prompts: list[list[int]], osl: int, overlap: bool) -> dict:
+def run_workload(llm, prompts: list[list[int]], osl: int, overlap: bool, sampling: dict | None = None) -> dict:
     from ad_runtime import SamplingParams
     from ad_runtime.executor.step_timer import StepTimer
 
@@ -142,7 +142,9 @@ def run_workload(llm, prompts: list[list[int]], osl: int, overlap: bool) -> dict
     rng = random.Random(len(prompts) * 7919 + isl)
     warm = [[rng.randrange(100, max(prompts[0]) + 1) for _ in range(isl)] for _ in range(min(num, 64))]
     llm.generate(warm, SamplingParams(max_tokens=min(osl, 8), temperature=0.0, ignore_eos=True))
-    sp = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True)
+    # Greedy unless --temperature: a served batch usually samples (temperature, top-p), which the sampler runs
+    # outside the captured graph.
+    sp = SamplingParams(max_tokens=osl, ignore_eos=True, **(sampling or {"temperature": 0.0}))
     timer = StepTimer(llm.engine.runner.device)
     llm.engine.timer = timer
     torch.cuda.synchronize() if torch.cuda.is_available() else None
@@ -187,6 +189,9 @@ def main() -> None:
     p.add_argument("--overlap", choices=["on", "off", "both"], default="on",
                    help="overlapped scheduling; both: run each workload without, then with, and compare tokens")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); above: every row samples")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
     add_build_options(p)
     p.add_argument("--model-dir", default=None,
                    help="keep the random-weight model's config here (default: a temporary folder); the same folder "
@@ -215,11 +220,12 @@ def main() -> None:
         modes = {"on": [True], "off": [False], "both": [False, True]}[args.overlap]
         for isl, osl, num in workloads:
             prompts = [[rng.randrange(100, llm.vocab_size) for _ in range(isl)] for _ in range(num)]
-            results = [run_workload(llm, prompts, osl, overlap) for overlap in modes]
+            sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+            results = [run_workload(llm, prompts, osl, overlap, sampling) for overlap in modes]
             for r in results:
                 print_row(r, bw, wbytes, kv_tok)
                 rows.append({k: v for k, v in r.items() if k != "tokens"})
-            if len(results) == 2:
+            if len(results) == 2 and args.temperature == 0.0:
                 same = sum(a == b for a, b in zip(results[0]["tokens"], results[1]["tokens"]))
                 print(f"  greedy tokens equal with and without overlap: {same} of {num} requests")
         print(f"\ncompiles in all (build and workloads): {compile_counts()}")
