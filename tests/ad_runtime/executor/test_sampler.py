@@ -56,6 +56,47 @@ def test_top_p_keeps_nucleus():
     assert seen == {0, 1}
 
 
+def _reference_draw(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+    """One row the textbook way: temperature, top-k mask, top-p mask over a second sort, softmax, then the
+    exponential race over the vocabulary in token order with the row's own generator."""
+    x = logits / p.temperature
+    if p.top_k:
+        x = x.masked_fill(x < x.topk(p.top_k).values[-1], float("-inf"))
+    if p.top_p < 1.0:
+        vals, idx = torch.sort(x, descending=True)
+        probs = torch.softmax(vals, -1)
+        drop = torch.zeros_like(x, dtype=torch.bool)
+        drop[idx] = torch.cumsum(probs, -1) - probs >= p.top_p
+        x = x.masked_fill(drop, float("-inf"))
+    noise = torch.empty_like(x).exponential_(generator=gen)
+    return int(torch.argmax(torch.softmax(x, -1) / noise))
+
+
+def test_seeded_rows_draw_like_the_reference_whatever_their_batch():
+    """One sort serves top-k and top-p and the race runs in sorted order, yet a seeded row gets the token the
+    textbook procedure gives with the same generator, alone or beside rows that sort, cut or take the argmax."""
+    torch.manual_seed(2)
+    logits = torch.randn(4, 300) * 3
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=3), SamplingParams(temperature=1.3, seed=4),
+              SamplingParams(temperature=0.0), SamplingParams(top_k=20, top_p=0.95, seed=5)]
+    gens = {i: torch.Generator().manual_seed(params[i].seed) for i in (0, 1, 3)}
+    expected = {i: [] for i in gens}
+    for _ in range(20):
+        for i, g in gens.items():
+            expected[i].append(_reference_draw(logits[i], params[i], g))
+    together, alone = Sampler("cpu"), Sampler("cpu")
+    got_together = {i: [] for i in gens}
+    got_alone = {i: [] for i in gens}
+    for _ in range(20):
+        out = together(logits, params, [0, 1, 2, 3]).tolist()
+        assert out[2] == int(logits[2].argmax())
+        for i in gens:
+            got_together[i].append(out[i])
+            got_alone[i].append(alone(logits[i : i + 1], [params[i]], [i]).item())
+    assert got_together == got_alone == expected
+    assert all(len(set(v)) > 1 for v in expected.values())  # the draws are draws, not an argmax
+
+
 def test_invalid_params_rejected():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)

@@ -80,46 +80,56 @@ class Sampler:
     def _pick(self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[int],
               distinct: Iterable[SamplingParams]) -> torch.Tensor:
         """`distinct`: the different objects among `params`."""
-        out = greedy_tokens(logits)
         if all(p.greedy for p in distinct):
-            return out
+            return greedy_tokens(logits)
         rows = [i for i, p in enumerate(params) if not p.greedy]
-        idx = device_tensor(rows, logits.device)
-        sub = logits.index_select(0, idx)
-        temps = device_tensor([params[i].temperature for i in rows], logits.device, torch.float32)
-        sub = sub / temps.unsqueeze(-1)
-        sub = _apply_top_k(sub, [params[i].top_k for i in rows])
-        sub = _apply_top_p(sub, [params[i].top_p for i in rows])
-        probs = torch.softmax(sub, dim=-1)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; lets each row use its own
-        # generator (seeded requests) without a host sync.
-        noise = torch.empty_like(probs)
-        for j, i in enumerate(rows):
-            noise[j].exponential_(generator=self.generator_for(request_ids[i], params[i].seed))
-        picked = torch.argmax(probs / noise, dim=-1)
+        # A batch where every row samples (a served batch at one temperature) needs no argmax and no row gather.
+        every_row = len(rows) == len(params)
+        idx = None if every_row else device_tensor(rows, logits.device)
+        sub = logits if idx is None else logits.index_select(0, idx)
+        temps = [params[i].temperature for i in rows]
+        if any(t != 1.0 for t in temps):
+            sub = sub / device_tensor(temps, logits.device, torch.float32).unsqueeze(-1)
+        picked = _draw(sub, [params[i].top_k for i in rows], [params[i].top_p for i in rows],
+                       [self.generator_for(request_ids[i], params[i].seed) for i in rows])
+        if idx is None:
+            return picked
+        out = greedy_tokens(logits)
         out[idx] = picked
         return out
 
 
-def _apply_top_k(logits: torch.Tensor, top_ks: list[int | None]) -> torch.Tensor:
+def _draw(logits: torch.Tensor, top_ks: list[int | None], top_ps: list[float],
+          generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row from softmax(logits), cut to each row's top-k then top-p.
+
+    Both cuts come from one sort, and the draw happens in sorted order (mapped back at the end): no scatter over
+    the vocabulary, no second softmax. The draw is the exponential race, argmax(p / E) with E ~ Exp(1): it needs
+    no normalised p (a cut token just gets p = 0) and no host sync, and each seeded row draws its own noise, over
+    the vocabulary in token order."""
     vocab = logits.shape[-1]
-    ks = [k if k and k > 0 else vocab for k in top_ks]
-    if all(k >= vocab for k in ks):
-        return logits
-    k_t = device_tensor([min(k, vocab) for k in ks], logits.device)
-    sorted_vals, _ = torch.sort(logits, dim=-1, descending=True)
-    kth = sorted_vals.gather(-1, (k_t - 1).unsqueeze(-1))
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def _apply_top_p(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
-    if all(p >= 1.0 for p in top_ps):
-        return logits
-    p_t = device_tensor(top_ps, logits.device, logits.dtype).unsqueeze(-1)
-    sorted_vals, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_vals, dim=-1)
-    # Drop a token when the mass strictly before it already reaches top_p (keeps at least one).
-    before = torch.cumsum(probs, dim=-1) - probs
-    drop_sorted = before >= p_t
-    drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    ks = [min(k, vocab) if k and k > 0 else vocab for k in top_ks]
+    cut_k, cut_p = any(k < vocab for k in ks), any(p < 1.0 for p in top_ps)
+    order = None
+    if cut_k or cut_p:
+        logits, order = torch.sort(logits, dim=-1, descending=True)
+        if cut_k:
+            kth = logits.gather(-1, device_tensor([k - 1 for k in ks], logits.device).unsqueeze(-1))
+            logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th value stay
+    probs = torch.softmax(logits, dim=-1)
+    if cut_p:
+        # Drop a token when the mass strictly before it already reaches top_p (keeps at least one).
+        p_t = device_tensor(top_ps, logits.device, probs.dtype).unsqueeze(-1)
+        probs = probs.masked_fill(torch.cumsum(probs, dim=-1) - probs >= p_t, 0.0)
+    noise = torch.empty_like(probs)
+    seeded = [j for j, g in enumerate(generators) if g is not None]
+    if len(seeded) < len(generators):
+        noise.exponential_()  # every row without a seed in one launch
+    for j in seeded:
+        noise[j].exponential_(generator=generators[j])
+    if order is None:
+        return torch.argmax(probs / noise, dim=-1)
+    # Token t keeps the noise it would get unsorted, so a seeded row draws the same token whatever its batch
+    # companions make the batch do (sort or not).
+    picked = torch.argmax(probs / noise.gather(-1, order), dim=-1)
+    return order.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
