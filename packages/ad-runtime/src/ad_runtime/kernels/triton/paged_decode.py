@@ -175,20 +175,15 @@ class DecodeLaunch:
 
     @staticmethod
     def for_splits(num_splits: int) -> "DecodeLaunch":
-        """One split (every program reads a whole sequence: many rows): 32-key tiles, 2 stages. Two: 64-key tiles,
-        3 stages. More (few rows, long contexts): 32-key tiles, 3 stages.
+        """64-key tiles once each program reads a whole sequence or half of one (many rows), else 32.
 
-        H200, Llama-3.1-8B layer, page 64, one CUDA graph per kernel (small_batch_kernels.py --sweep-launch, 36
-        configs): 256 rows of 149 keys 45.5 us with 32-key tiles and 2 stages against 53.5 with 64 and 3 (K/V byte
-        roofline 37.3; FlashInfer FA2 83.1), 128 rows of 149 keys 24.6 against 29.6, 256 rows of 1024 keys 249.8
-        against 258.6 (roofline 255.5 at the copy bandwidth); with a short context a program has only a few tiles,
-        so a shallower pipeline lets more programs share an SM. 32 rows of 1024 keys (2 splits) stay best with
-        64-key tiles and 3 stages: 37.9 us against 41.5 for 32-key tiles.
+        H200, Llama-3.1-8B layer, one CUDA graph per kernel (small_batch_kernels.py --sweep-launch): 64-key tiles
+        with 4 warps and 3 stages read 256 rows of 1024 keys in 253 us (the K/V byte roofline: 253 us; FlashInfer
+        FA2: 274 us; 32-key tiles: 287 us), 64 rows in 67 us (FA2 78), 32 rows (2 splits) in 38 us (FA2 42); 256
+        rows of 160 keys: 54 us against FA2's 85.
         """
-        min_keys = int(os.environ.get("AUTODEPLOY_DECODE_MIN_KEYS", "64"))
-        if num_splits == 1:
-            return DecodeLaunch(block_n=32, num_stages=2, min_keys=min_keys)
-        return DecodeLaunch(block_n=64 if num_splits == 2 else 32, min_keys=min_keys)
+        return DecodeLaunch(block_n=64 if num_splits <= 2 else 32,
+                            min_keys=int(os.environ.get("AUTODEPLOY_DECODE_MIN_KEYS", "64")))
 
 
 _ARRIVALS: dict[torch.device, torch.Tensor] = {}
