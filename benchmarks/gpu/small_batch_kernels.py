@@ -135,24 +135,24 @@ def linears(rows: list[int], bw: float, shapes: str) -> None:
         del w
 
 
-def attention(rows: list[int], bw: float, ctx: int, sweep: bool = False) -> None:
+def attention(rows: list[int], bw: float, ctx: int, sweep: bool = False, page: int = 16) -> None:
     import flashinfer
 
     from ad_runtime.kernels.triton import paged_decode as pa
 
-    n_heads, n_kv, d, page = 32, 8, 128, 16
+    n_heads, n_kv, d = 32, 8, 128
     print(f"\n## decode attention, one layer, context {ctx}, page {page}; roofline = K+V bytes / copy bandwidth")
     print("| rows | roofline us | FlashInfer tc (auto) | FlashInfer tc fa2 | FlashInfer cuda-cores | Triton split-KV |")
     print("|---|---|---|---|---|---|")
     for b in rows:
-        pages = ctx // page
+        pages = -(-ctx // page)
         total = b * pages
         kc = torch.randn(total, page, n_kv, d, device="cuda", dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
         q = torch.randn(b, n_heads, d, device="cuda", dtype=torch.bfloat16)
         indptr = torch.arange(0, total + 1, pages, device="cuda", dtype=torch.int32)
         indices = torch.arange(total, device="cuda", dtype=torch.int32)
-        last = torch.full((b,), page, device="cuda", dtype=torch.int32)
+        last = torch.full((b,), ctx - (pages - 1) * page, device="cuda", dtype=torch.int32)
         roof = 2 * b * ctx * n_kv * d * 2 / bw * 1e6
         cells = []
         for kw in (dict(use_tensor_cores=True), dict(use_tensor_cores=True, backend="fa2"),
@@ -178,7 +178,7 @@ def attention(rows: list[int], bw: float, ctx: int, sweep: bool = False) -> None
               + f" | {best_tri[1]:.1f} (splits {best_tri[0]}, occupancy {occ}; "
               + ", ".join(f"{s}:{u:.1f}" for s, u in cells[3:]) + ") |")
         if sweep:
-            launches = [pa.DecodeLaunch(n, w, st) for n in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
+            launches = [pa.DecodeLaunch(n, w, st) for n in (32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3, 4)]
             timed = []
             for la in launches:
                 try:
@@ -198,6 +198,7 @@ def main() -> None:
     p.add_argument("--skip-linears", action="store_true")
     p.add_argument("--skip-attention", action="store_true")
     p.add_argument("--sweep-launch", action="store_true", help="time the Triton decode kernel's launch configs")
+    p.add_argument("--page", type=int, default=16, help="tokens per KV-cache page (the engine's default: 64)")
     p.add_argument("--shapes", choices=sorted(LINEARS), default="llama3.1-8b", help="whose linear layers")
     a = p.parse_args()
     bw = copy_bandwidth()
@@ -205,7 +206,7 @@ def main() -> None:
     if not a.skip_linears:
         linears(a.rows, bw, a.shapes)
     if not a.skip_attention:
-        attention(a.rows, bw, a.ctx, a.sweep_launch)
+        attention(a.rows, bw, a.ctx, a.sweep_launch, a.page)
 
 
 if __name__ == "__main__":
