@@ -73,13 +73,15 @@ def _reference_draw(logits: torch.Tensor, p: SamplingParams, gen: torch.Generato
 
 
 def test_seeded_rows_draw_like_the_reference_whatever_their_batch():
-    """One sort serves top-k and top-p and the race runs in sorted order, yet a seeded row gets the token the
-    textbook procedure gives with the same generator, alone or beside rows that sort, cut or take the argmax."""
+    """One sort serves top-k and top-p and the race runs in sorted order (top-k alone: a partial selection, no
+    sort), yet a seeded row gets the token the textbook procedure gives with the same generator, alone or beside
+    rows that sort, cut or take the argmax."""
     torch.manual_seed(2)
-    logits = torch.randn(4, 300) * 3
+    logits = torch.randn(5, 300) * 3
     params = [SamplingParams(temperature=0.8, top_p=0.9, seed=3), SamplingParams(temperature=1.3, seed=4),
-              SamplingParams(temperature=0.0), SamplingParams(top_k=20, top_p=0.95, seed=5)]
-    gens = {i: torch.Generator().manual_seed(params[i].seed) for i in (0, 1, 3)}
+              SamplingParams(temperature=0.0), SamplingParams(top_k=20, top_p=0.95, seed=5),
+              SamplingParams(temperature=4.0, top_k=7, seed=6)]
+    gens = {i: torch.Generator().manual_seed(params[i].seed) for i in (0, 1, 3, 4)}
     expected = {i: [] for i in gens}
     for _ in range(20):
         for i, g in gens.items():
@@ -88,7 +90,7 @@ def test_seeded_rows_draw_like_the_reference_whatever_their_batch():
     got_together = {i: [] for i in gens}
     got_alone = {i: [] for i in gens}
     for _ in range(20):
-        out = together(logits, params, [0, 1, 2, 3]).tolist()
+        out = together(logits, params, [0, 1, 2, 3, 4]).tolist()
         assert out[2] == int(logits[2].argmax())
         for i in gens:
             got_together[i].append(out[i])

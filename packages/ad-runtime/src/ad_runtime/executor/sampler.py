@@ -99,6 +99,10 @@ class Sampler:
         return out
 
 
+# Up to this k, top-k alone takes a partial selection (torch.topk) instead of sorting the whole vocabulary.
+TOPK_WITHOUT_SORT = 1024
+
+
 def _draw(logits: torch.Tensor, top_ks: list[int | None], top_ps: list[float],
           generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row from softmax(logits), cut to each row's top-k then top-p.
@@ -111,7 +115,12 @@ def _draw(logits: torch.Tensor, top_ks: list[int | None], top_ps: list[float],
     ks = [min(k, vocab) if k and k > 0 else vocab for k in top_ks]
     cut_k, cut_p = any(k < vocab for k in ks), any(p < 1.0 for p in top_ps)
     order = None
-    if cut_k or cut_p:
+    if cut_k and not cut_p and max(ks) <= TOPK_WITHOUT_SORT:
+        # Top-k alone: the k-th value from a partial selection, the draw over the vocabulary; no sort.
+        kth = torch.topk(logits, max(ks), dim=-1).values.gather(
+            -1, device_tensor([k - 1 for k in ks], logits.device).unsqueeze(-1))
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th value stay
+    elif cut_k or cut_p:
         logits, order = torch.sort(logits, dim=-1, descending=True)
         if cut_k:
             kth = logits.gather(-1, device_tensor([k - 1 for k in ks], logits.device).unsqueeze(-1))
