@@ -141,10 +141,11 @@ def run_workload(llm, prompts: list[list[int]], osl: int, overlap: bool, samplin
     # cache, and the timed run would skip its prefill.
     rng = random.Random(len(prompts) * 7919 + isl)
     warm = [[rng.randrange(100, max(prompts[0]) + 1) for _ in range(isl)] for _ in range(min(num, 64))]
-    llm.generate(warm, SamplingParams(max_tokens=min(osl, 8), temperature=0.0, ignore_eos=True))
     # Greedy unless --temperature: a served batch usually samples (temperature, top-p), which the sampler runs
-    # outside the captured graph.
-    sp = SamplingParams(max_tokens=osl, ignore_eos=True, **(sampling or {"temperature": 0.0}))
+    # outside the captured graph. The warm-up samples the same way.
+    sampling = sampling or {"temperature": 0.0}
+    llm.generate(warm, SamplingParams(max_tokens=min(osl, 8), ignore_eos=True, **sampling))
+    sp = SamplingParams(max_tokens=osl, ignore_eos=True, **sampling)
     timer = StepTimer(llm.engine.runner.device)
     llm.engine.timer = timer
     torch.cuda.synchronize() if torch.cuda.is_available() else None

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sampling_params import SamplingParams
+from . import flashinfer_sampling
 from .device_tensor import device_tensor
 from .logits_processing import LogitsProcessor
 from .logprobs import TokenLogprobs, compute_logprobs
@@ -35,6 +36,7 @@ class Sampler:
         self.device = torch.device(device)
         self._generators: dict[int, torch.Generator] = {}
         self.processor = LogitsProcessor(self.device, eos_token_ids)
+        flashinfer_sampling.warm_up(self.device)
 
     def generator_for(self, request_id: int, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -110,10 +112,14 @@ def _draw(logits: torch.Tensor, top_ks: list[int | None], top_ps: list[float],
     Both cuts come from one sort, and the draw happens in sorted order (mapped back at the end): no scatter over
     the vocabulary, no second softmax. The draw is the exponential race, argmax(p / E) with E ~ Exp(1): it needs
     no normalised p (a cut token just gets p = 0) and no host sync, and each seeded row draws its own noise, over
-    the vocabulary in token order."""
+    the vocabulary in token order. On a GPU with FlashInfer, a top-p batch without seeds is drawn by its
+    sorting-free kernels instead (flashinfer_sampling.py)."""
     vocab = logits.shape[-1]
     ks = [min(k, vocab) if k and k > 0 else vocab for k in top_ks]
     cut_k, cut_p = any(k < vocab for k in ks), any(p < 1.0 for p in top_ps)
+    seeded = [j for j, g in enumerate(generators) if g is not None]
+    if flashinfer_sampling.can_draw(logits, cut_p, bool(seeded)):
+        return flashinfer_sampling.draw(logits, ks, top_ps, cut_k)
     order = None
     if cut_k and not cut_p and max(ks) <= TOPK_WITHOUT_SORT:
         # Top-k alone: the k-th value from a partial selection, the draw over the vocabulary; no sort.
@@ -131,7 +137,6 @@ def _draw(logits: torch.Tensor, top_ks: list[int | None], top_ps: list[float],
         p_t = device_tensor(top_ps, logits.device, probs.dtype).unsqueeze(-1)
         probs = probs.masked_fill(torch.cumsum(probs, dim=-1) - probs >= p_t, 0.0)
     noise = torch.empty_like(probs)
-    seeded = [j for j, g in enumerate(generators) if g is not None]
     if len(seeded) < len(generators):
         noise.exponential_()  # every row without a seed in one launch
     for j in seeded:
