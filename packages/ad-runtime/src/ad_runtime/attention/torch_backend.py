@@ -27,8 +27,9 @@ def write_paged_kv(cache: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) 
 
 def _gather(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     """Pages [..., P] of the cache as [..., P * page_size, n_kv, d] in the cache dtype."""
-    # Advanced indexing, not index_select: measured ~1.5x faster for page gathers on the CPU.
-    g = _storage(cache)[pages].view(cache.dtype)
+    # index_select of whole pages: 18.8 us against 60.8 for advanced indexing (cache[pages]) on 8 rows of 2 pages of
+    # SmolLM2's cache on the 2-core VM (torch 2.11), twice a layer at every multi-row CPU decode step.
+    g = _storage(cache).index_select(0, pages.reshape(-1)).view(cache.dtype)
     return g.reshape(*pages.shape[:-1], -1, *cache.shape[2:])
 
 
