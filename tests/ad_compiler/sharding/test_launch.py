@@ -148,3 +148,10 @@ def test_forkserver_ranks_see_the_launchers_environment_of_each_launch(monkeypat
 def test_start_method_comes_from_the_environment_when_not_given(monkeypatch) -> None:
     monkeypatch.setenv("AUTODEPLOY_RANK_START_METHOD", "fork")
     assert launch(_env_and_pid, 2, ("X",), backend="gloo")[0][1] == os.getpid()
+
+
+def test_an_unknown_start_method_in_the_environment_is_a_one_line_error(monkeypatch) -> None:
+    monkeypatch.setenv("AUTODEPLOY_RANK_START_METHOD", "thread")
+    expected = "^AUTODEPLOY_RANK_START_METHOD='thread': expected spawn, forkserver or fork$"
+    with pytest.raises(DistributedError, match=expected):
+        launch(_env_and_pid, 2, ("X",), backend="gloo")

@@ -270,7 +270,10 @@ def launch(
     if pg_timeout_s is None:
         pg_timeout_s = max(MIN_PG_TIMEOUT_S, dist_timeout + PG_TIMEOUT_SLACK_S)
     heartbeat_s = min(1.0, dist_timeout / 5)
-    start_method = start_method or os.environ.get(START_METHOD_ENV, "spawn")
+    if start_method is None:
+        start_method = os.environ.get(START_METHOD_ENV, "spawn")
+        if start_method not in ("spawn", "forkserver", "fork"):
+            raise DistributedError(f"{START_METHOD_ENV}={start_method!r}: expected spawn, forkserver or fork")
     mp_ctx = mp.get_context(start_method)
     if start_method == "forkserver":
         # The server imports the rank's module once (torch with it); every later launch forks a ready process.
