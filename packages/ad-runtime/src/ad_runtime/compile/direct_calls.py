@@ -5,7 +5,7 @@ from torch._library.custom_ops import _maybe_get_opdef
 from torch.fx import GraphModule
 
 
-def _python_impl(target: object) -> object | None:
+def python_impl(target: object) -> object | None:
     """The Python function behind a torch.library.custom_op with one implementation for every device, else None."""
     if not isinstance(target, torch._ops.OpOverload):
         return None
@@ -27,7 +27,7 @@ def call_custom_ops_directly(gm: GraphModule) -> int:
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        fn = _python_impl(node.target)
+        fn = python_impl(node.target)
         if fn is not None:
             node.target = fn
             changed += 1

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch.fx import GraphModule
 
+from .direct_calls import python_impl
 from .inductor_fallbacks import custom_ops
 
 INLINED = (
@@ -25,8 +26,7 @@ INLINED = (
 
 
 def inlined_op_bodies(gm: GraphModule) -> dict[torch._ops.OpOverload, Callable]:
-    """The INLINED ops `gm` calls, each mapped to its Python body (the function its custom_op was made from)."""
-    from torch._library.custom_ops import _maybe_get_opdef
-
-    opdefs = {op: _maybe_get_opdef(op) for op in custom_ops(gm) if op._opname in INLINED}
-    return {op: opdef._init_fn for op, opdef in opdefs.items() if opdef is not None}
+    """The INLINED ops `gm` calls, each mapped to its Python body (the function its custom_op was made from); an op
+    with a device-specific kernel keeps it (no entry)."""
+    bodies = {op: python_impl(op) for op in custom_ops(gm) if op._opname in INLINED}
+    return {op: fn for op, fn in bodies.items() if fn is not None}
