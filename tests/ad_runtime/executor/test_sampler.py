@@ -104,3 +104,24 @@ def test_invalid_params_rejected():
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="unknown sampling"):
         SamplingParams.from_kwargs({"temprature": 1.0})
+
+
+def test_flashinfer_kernels_that_fail_to_run_leave_the_torch_path_with_a_warning(monkeypatch, caplog):
+    """A FlashInfer whose sampling kernels cannot run (a failed JIT compile) is found at warm-up, said once, and
+    every top-p batch then samples with torch instead of failing."""
+    from types import SimpleNamespace
+
+    from ad_runtime.executor import flashinfer_sampling as fs
+
+    def broken(*a, **k):
+        raise RuntimeError("ninja: build stopped")
+
+    monkeypatch.setattr(fs, "flashinfer_sampling", lambda: SimpleNamespace(top_p_sampling_from_probs=broken,
+                                                                         top_k_top_p_sampling_from_logits=broken))
+    monkeypatch.setattr(fs, "_failed", [])
+    cpu_zeros = torch.zeros
+    with caplog.at_level("WARNING"), monkeypatch.context() as m:
+        m.setattr(torch, "zeros", lambda *a, device=None, **k: cpu_zeros(*a, **k))  # the probe logits, on this CPU
+        fs.warm_up(torch.device("cuda"))
+    assert "failed to run (ninja: build stopped)" in caplog.text
+    assert not fs.can_draw(torch.zeros(1, 4), cut_p=True, seeded=False)

@@ -35,9 +35,13 @@ def flashinfer_sampling() -> ModuleType | None:
     return sampling
 
 
+# Set when the kernels failed to run in warm_up (e.g. FlashInfer could not compile them): the torch path then.
+_failed: list[str] = []
+
+
 def can_draw(logits: torch.Tensor, cut_p: bool, seeded: bool) -> bool:
-    """Whether draw() applies: a GPU batch with a top-p cut and no seeded row, FlashInfer available."""
-    return logits.is_cuda and cut_p and not seeded and flashinfer_sampling() is not None
+    """Whether draw() applies: a GPU batch with a top-p cut and no seeded row, FlashInfer available and working."""
+    return logits.is_cuda and cut_p and not seeded and not _failed and flashinfer_sampling() is not None
 
 
 def draw(logits: torch.Tensor, ks: list[int], top_ps: list[float], cut_k: bool) -> torch.Tensor:
@@ -56,8 +60,13 @@ def draw(logits: torch.Tensor, ks: list[int], top_ps: list[float], cut_k: bool) 
 def warm_up(device: torch.device) -> None:
     """Run both kernels once on `device`, so that a FlashInfer that compiles them on first use (its JIT) does so
     while the engine is built, not inside the first sampled request."""
-    if device.type != "cuda" or flashinfer_sampling() is None:
+    if device.type != "cuda" or flashinfer_sampling() is None or _failed:
         return
-    logits = torch.zeros(2, 64, device=device)
-    for cut_k in (False, True):
-        draw(logits, [8, 64], [0.9, 0.5], cut_k)
+    try:
+        logits = torch.zeros(2, 64, device=device)
+        for cut_k in (False, True):
+            draw(logits, [8, 64], [0.9, 0.5], cut_k)
+    except Exception as e:  # noqa: BLE001 - the torch path samples correctly; say why it is the one used
+        _failed.append(str(e))
+        logger.warning("FlashInfer's sampling kernels failed to run (%s); top-p sampling sorts with torch",
+                       str(e).splitlines()[0] if str(e) else type(e).__name__)
