@@ -87,14 +87,15 @@ def parse_argv(argv: list[str], model: type[BaseModel]) -> ParsedArgs:
             value = type_value(annotation, tokens, spelled)
             if path[-1] == "yaml_extra" and isinstance(value, list):
                 # Repeating --yaml-extra adds files rather than forgetting the earlier ones.
-                value = _get(values, path, []) + value
+                value = get_path(values, path, []) + value
             set_path(values, path, value)
             label = f"command line {spelled}"
             origins.overlay({path + sub: label for sub in (leaf_paths(value) or {(): None})})
     return ParsedArgs(values, dict(origins.items()), options)
 
 
-def _get(data: dict, path: Path, default: Any) -> Any:
+def get_path(data: dict, path: Path, default: Any) -> Any:
+    """The value at `path` in nested dicts, or `default` where the path does not lead to one."""
     node: Any = data
     for key in path:
         if not isinstance(node, dict) or key not in node:

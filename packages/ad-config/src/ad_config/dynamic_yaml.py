@@ -10,6 +10,7 @@ from pydantic import PrivateAttr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .cli_parse import get_path
 from .error_format import format_validation_error
 from .errors import ConfigError
 from .field_paths import is_model, resolve, type_value, unwrap
@@ -25,6 +26,7 @@ YAML_FIELDS = ("yaml_default", "yaml_extra")
 # variable that is no setting, so the environment layer passes it by without a warning.
 PLUGINS_ENV = "AD_PLUGINS"
 NOT_SETTINGS = frozenset({PLUGINS_ENV})
+_ABSENT = object()  # get_path's default where no value is given (None is a value given)
 
 
 @dataclass
@@ -204,7 +206,8 @@ class DynamicYamlMixInForSettings(BaseSettings):
             **label_layer(values, lambda p: f"{type(self)._init_label} {p[0]}"),
             **resolution.init,
         }
-        resolution.init = {p: lab for p, lab in resolution.init.items() if _has_path(values, p)}
+        resolution.init = {p: lab for p, lab in resolution.init.items()
+                           if get_path(values, p, _ABSENT) is not _ABSENT}
         req_token, res_token = _request.set(None), _active.set(resolution)
         try:
             super().__init__(**values)
@@ -264,11 +267,3 @@ class DynamicYamlMixInForSettings(BaseSettings):
     def origin_map(self) -> OriginMap:
         return self._origins
 
-
-def _has_path(data: dict, path: Path) -> bool:
-    node: Any = data
-    for key in path:
-        if not isinstance(node, dict) or key not in node:
-            return False
-        node = node[key]
-    return True

@@ -31,7 +31,6 @@ class ExportToGmConfig(TransformConfig):
                                          "registered patch.")
 
 
-
 @register_transform_config("cleanup_noop_slice")
 class CleanupNoopSliceConfig(TransformConfig):
     """Remove slices that keep a whole dimension (x[:, :])."""
@@ -116,7 +115,6 @@ class EliminateRedundantTransposesConfig(TransformConfig):
     """Remove transpose pairs that cancel (left around attention by layout changes)."""
 
     stage: Stage = Stage.PATTERN_MATCHER
-
 
 
 AttnLayout = Literal["bsnd", "bnsd"]
@@ -229,31 +227,27 @@ class FuseMoeConfig(TransformConfig):
     stage: Stage = Stage.POST_LOAD_FUSION
 
 
-@register_transform_config("fuse_rmsnorm")
-class FuseRmsnormConfig(TransformConfig):
-    """Swap torch_rmsnorm for the chosen backend's single-kernel RMSNorm."""
+class FusionKernelConfig(TransformConfig):
+    """Keys of every fusion that swaps a pattern for one kernel of a chosen backend."""
 
     stage: Stage = Stage.POST_LOAD_FUSION
-    backend: Literal["auto", "torch", "triton"] = Field(default="auto", description="RMSNorm kernel: auto is "
-                                                         "triton on a GPU, torch on a CPU.")
+    backend: Literal["auto", "torch", "triton"] = Field(default="auto", description="Kernel of the fused op: auto "
+                                                         "is triton on a GPU, torch on a CPU.")
+
+
+@register_transform_config("fuse_rmsnorm")
+class FuseRmsnormConfig(FusionKernelConfig):
+    """Swap torch_rmsnorm for the chosen backend's single-kernel RMSNorm."""
 
 
 @register_transform_config("fuse_add_rmsnorm")
-class FuseAddRmsnormConfig(TransformConfig):
+class FuseAddRmsnormConfig(FusionKernelConfig):
     """Fuse each residual add with the RMSNorm that reads it into one kernel returning the norm and the sum."""
-
-    stage: Stage = Stage.POST_LOAD_FUSION
-    backend: Literal["auto", "torch", "triton"] = Field(default="auto", description="Add + RMSNorm kernel: auto is "
-                                                         "triton on a GPU, torch on a CPU.")
 
 
 @register_transform_config("optimize_rope")
-class OptimizeRopeConfig(TransformConfig):
+class OptimizeRopeConfig(FusionKernelConfig):
     """Turn rotate-half RoPE with cos/sin tensors into one kernel reading a cos/sin cache at position ids."""
-
-    stage: Stage = Stage.POST_LOAD_FUSION
-    backend: Literal["auto", "torch", "triton"] = Field(default="auto", description="RoPE kernel: auto is triton "
-                                                         "on a GPU, torch on a CPU.")
 
 
 @register_transform_config("visualize_namespace")

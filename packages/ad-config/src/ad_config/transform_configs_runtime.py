@@ -64,8 +64,6 @@ class InsertCachedLinearAttentionConfig(StateCacheConfig):
     """Swap torch_linear_attention for its cached op with per-sequence state."""
 
 
-
-
 @register_transform_config("initialize_cache")
 class InitializeCacheConfig(TransformConfig):
     """Allocate the paged KV cache and the per-sequence state caches the graph now reads."""
@@ -78,7 +76,6 @@ class GatherLogitsBeforeLmHeadConfig(TransformConfig):
     """Compute the LM head only for each sequence's last token (not every prefill token)."""
 
     stage: Stage = Stage.CACHE_INIT
-
 
 
 @register_transform_config("verify_cached_decode")

@@ -110,17 +110,6 @@ def torch_attention(
 
 
 @torch_attention.register_fake
-def _torch_attention_fake(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = True,
-    scale: float | None = None,
-    sinks: torch.Tensor | None = None,
-    sliding_window: int | None = None,
-    logit_cap: float | None = None,
-    layout: str = "bnsd",
-) -> torch.Tensor:
+def _torch_attention_fake(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *_: object) -> torch.Tensor:
+    # The options after value never change the output's shape, and the dispatcher has checked them already.
     return query.new_empty((*query.shape[:-1], value.shape[-1]))

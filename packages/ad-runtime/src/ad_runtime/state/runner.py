@@ -32,8 +32,6 @@ def started(state: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
     return state * keep
 
 
-
-
 def run_with_state(scan: Scan, tokens: list[torch.Tensor], state: torch.Tensor, out: torch.Tensor,
                    batch_info_host: torch.Tensor, seq_len_host: torch.Tensor, input_pos_host: torch.Tensor,
                    slot_idx_host: torch.Tensor, slot_idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ one-token prompt travels with the decodes: its input_pos 0 masks whatever an ear
 """
 
 import torch
-from ad_compiler.custom_ops.mamba import causal_conv1d_with_state, ssm_discretize, ssm_scan, ssm_step
+from ad_compiler.custom_ops.mamba import (causal_conv1d_with_state, conv1d_out, ssm_discretize, ssm_out, ssm_scan,
+                                          ssm_step)
 
 from .runner import STATE_METADATA, run_with_state  # noqa: F401 - STATE_METADATA re-exported
 
@@ -31,24 +32,11 @@ def torch_cached_causal_conv1d(
     def scan(x, prev):
         return causal_conv1d_with_state(x, weight, bias, prev)
 
-    return run_with_state(scan, [x], conv_state, torch.empty_like(x), batch_info_host, seq_len_host, input_pos_host,
+    return run_with_state(scan, [x], conv_state, conv1d_out(x), batch_info_host, seq_len_host, input_pos_host,
                           slot_idx_host, slot_idx, input_pos)
 
 
-@torch_cached_causal_conv1d.register_fake
-def _torch_cached_causal_conv1d_fake(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    batch_info_host: torch.Tensor,
-    seq_len_host: torch.Tensor,
-    input_pos_host: torch.Tensor,
-    slot_idx_host: torch.Tensor,
-    slot_idx: torch.Tensor,
-    input_pos: torch.Tensor,
-    conv_state: torch.Tensor,
-) -> torch.Tensor:
-    return torch.empty_like(x)
+torch_cached_causal_conv1d.register_fake(conv1d_out)
 
 
 @torch.library.custom_op("auto_deploy::torch_cached_ssm", mutates_args=("ssm_state",))
@@ -79,29 +67,8 @@ def torch_cached_ssm(
             return y[:, None], new
         return ssm_scan(x, dts, A, B, C, D, chunk_size, prev)
 
-    return run_with_state(scan, [x, ssm_discretize(dt, dt_bias, dt_min, dt_max), B, C], ssm_state,
-                          x.new_empty(x.shape, dtype=torch.float32), batch_info_host, seq_len_host, input_pos_host,
-                          slot_idx_host, slot_idx, input_pos)
+    return run_with_state(scan, [x, ssm_discretize(dt, dt_bias, dt_min, dt_max), B, C], ssm_state, ssm_out(x),
+                          batch_info_host, seq_len_host, input_pos_host, slot_idx_host, slot_idx, input_pos)
 
 
-@torch_cached_ssm.register_fake
-def _torch_cached_ssm_fake(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    dt_bias: torch.Tensor,
-    batch_info_host: torch.Tensor,
-    seq_len_host: torch.Tensor,
-    input_pos_host: torch.Tensor,
-    slot_idx_host: torch.Tensor,
-    slot_idx: torch.Tensor,
-    input_pos: torch.Tensor,
-    ssm_state: torch.Tensor,
-    chunk_size: int,
-    dt_min: float,
-    dt_max: float,
-) -> torch.Tensor:
-    return x.new_empty(x.shape, dtype=torch.float32)
+torch_cached_ssm.register_fake(ssm_out)

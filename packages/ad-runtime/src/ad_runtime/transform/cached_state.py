@@ -8,15 +8,19 @@ where the state metadata inputs are shared by all of them and `<name>_<layer>` i
 [max_batch_size + 1, *spec.shape] registered on the cm (one row per running sequence plus a scratch row).
 """
 
-from collections.abc import Callable
-from typing import Any
+from abc import abstractmethod
+from typing import Any, ClassVar
 
 import torch
+import torch.nn as nn
 from ad_compiler.errors import CompileError
+from ad_compiler.models.factory import ModelFactory
 from ad_compiler.transform.cache_protocol import CacheInterface
+from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo
 from ad_compiler.utils.graph_utils import graph_inputs, nodes_calling, run_shape_prop
 from torch.fx import GraphModule, Node
 
+from .. import state as _state  # noqa: F401 - registers the cached state ops
 from ..kv_cache.interface import CachedSequenceInterface, StateSpec
 from ..state.runner import STATE_METADATA
 
@@ -36,33 +40,51 @@ def add_state_input(gm: GraphModule, cm: CachedSequenceInterface, name: str, spe
     return graph_inputs(gm, [name], [val])[0]
 
 
-def swap_for_cached_state_op(
-    transform: str, mod: Any, cm: CacheInterface | None, op: Any, cached_op: Any, state_name: str, num_tensors: int,
-    spec_of: Callable[[Node], StateSpec],
-) -> int:
-    """Swap every call of `op` in `mod` for `cached_op`; returns how many (0: none in the graph).
+def kv_state_spec(node: Node) -> StateSpec:
+    """The state of a linear-attention-like op (k, v its second and third arguments, [b, s, heads, head dim]):
+    [heads, k_head_dim, v_head_dim] in float32 (it accumulates over the whole sequence, whatever the dtype)."""
+    k, v = node.args[1], node.args[2]
+    _, _, h, dk = k.meta["val"].shape
+    return StateSpec((int(h), int(dk), int(v.meta["val"].shape[-1])), torch.float32)
 
-    `num_tensors` leading arguments go before the metadata, the rest after the state; `spec_of(node)` gives
-    the per-sequence state shape and dtype from the node's argument shapes.
+
+class CachedStateTransform(BaseTransform):
+    """An `insert_cached_<op>` transform: swap every call of `op` for `cached_op` (both in torch.ops.auto_deploy).
+
+    `num_tensors` leading arguments go before the metadata, the rest after the state input `<state_name>_<layer>`;
+    `state_spec(node)` gives the per-sequence state shape and dtype from the node's argument shapes.
     """
-    if not isinstance(cm, CachedSequenceInterface):
-        raise CompileError(f"{transform} needs the runtime's CachedSequenceInterface (cm)")
-    if not isinstance(mod, GraphModule):
-        raise CompileError(f"{transform} needs an exported GraphModule")
-    gm = mod
-    sources = nodes_calling(gm, op)
-    if not sources:
-        return 0
-    if any("val" not in a.meta for n in sources for a in n.all_input_nodes):
-        run_shape_prop(gm)  # a transform that left new nodes without shapes: refresh them once
-    meta = state_metadata_inputs(gm, cm)
-    for layer, node in enumerate(sources):
-        state = add_state_input(gm, cm, f"{state_name}_{layer}", spec_of(node))
-        args = node.args
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(cached_op, (*args[:num_tensors], *meta, state, *args[num_tensors:]))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-    gm.recompile()
-    return len(sources)
+
+    op: ClassVar[str]
+    cached_op: ClassVar[str]
+    state_name: ClassVar[str]
+    num_tensors: ClassVar[int]
+
+    @abstractmethod
+    def state_spec(self, node: Node) -> StateSpec:
+        """The per-sequence state of `node` (a call of `op`)."""
+
+    def _apply(
+        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
+    ) -> tuple[nn.Module, TransformInfo]:
+        if not isinstance(cm, CachedSequenceInterface):
+            raise CompileError(f"{self.registry_key} needs the runtime's CachedSequenceInterface (cm)")
+        if not isinstance(mod, GraphModule):
+            raise CompileError(f"{self.registry_key} needs an exported GraphModule")
+        gm = mod
+        sources = nodes_calling(gm, getattr(torch.ops.auto_deploy, self.op))
+        if not sources:
+            return mod, TransformInfo(skipped=True, reason=f"no {self.op} in the graph")
+        if any("val" not in a.meta for n in sources for a in n.all_input_nodes):
+            run_shape_prop(gm)  # a transform that left new nodes without shapes: refresh them once
+        cached_op, k = getattr(torch.ops.auto_deploy, self.cached_op).default, self.num_tensors
+        meta = state_metadata_inputs(gm, cm)
+        for layer, node in enumerate(sources):
+            state = add_state_input(gm, cm, f"{self.state_name}_{layer}", self.state_spec(node))
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(cached_op, (*node.args[:k], *meta, state, *node.args[k:]))
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+        gm.recompile()
+        return mod, TransformInfo(num_matches=len(sources))

@@ -6,33 +6,13 @@ with delta_state_i a new graph input of [max_batch_size + 1, heads, k_head_dim, 
 state accumulates over the whole sequence, so it stays in full precision whatever the model's dtype).
 """
 
-import torch
-import torch.nn as nn
-from ad_compiler.models.factory import ModelFactory
-from ad_compiler.transform.cache_protocol import CacheInterface
-from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
-from torch.fx import Node
+from ad_compiler.transform.interface import TransformRegistry
 
-from ...kv_cache.interface import StateSpec
-from ... import state as _state  # noqa: F401 - registers the cached state ops
-from ..cached_state import swap_for_cached_state_op
-
-
-def _spec(node: Node) -> StateSpec:
-    k, v = node.args[1], node.args[2]
-    _, _, h, dk = k.meta["val"].shape
-    return StateSpec((int(h), int(dk), int(v.meta["val"].shape[-1])), torch.float32)
+from ..cached_state import CachedStateTransform, kv_state_spec
 
 
 @TransformRegistry.register("insert_cached_gated_delta_rule")
-class InsertCachedGatedDeltaRule(BaseTransform):
-    def _apply(
-        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
-    ) -> tuple[nn.Module, TransformInfo]:
-        n = swap_for_cached_state_op(
-            "insert_cached_gated_delta_rule", mod, cm, torch.ops.auto_deploy.torch_gated_delta_rule,
-            torch.ops.auto_deploy.torch_cached_gated_delta_rule.default, "delta_state", 5, _spec,
-        )
-        if not n:
-            return mod, TransformInfo(skipped=True, reason="no torch_gated_delta_rule in the graph")
-        return mod, TransformInfo(num_matches=n)
+class InsertCachedGatedDeltaRule(CachedStateTransform):
+    op, cached_op = "torch_gated_delta_rule", "torch_cached_gated_delta_rule"
+    state_name, num_tensors = "delta_state", 5
+    state_spec = staticmethod(kv_state_spec)

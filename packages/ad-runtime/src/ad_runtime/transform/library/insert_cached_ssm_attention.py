@@ -7,32 +7,20 @@ accumulates over the whole sequence, so it stays in full precision whatever the 
 """
 
 import torch
-import torch.nn as nn
-from ad_compiler.models.factory import ModelFactory
-from ad_compiler.transform.cache_protocol import CacheInterface
-from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
+from ad_compiler.transform.interface import TransformRegistry
 from torch.fx import Node
 
 from ...kv_cache.interface import StateSpec
-from ... import state as _state  # noqa: F401 - registers the cached state ops
-from ..cached_state import swap_for_cached_state_op
-
-
-def _spec(node: Node) -> StateSpec:
-    x, B = node.args[0], node.args[3]
-    _, _, h, p = x.meta["val"].shape
-    return StateSpec((int(h), int(p), int(B.meta["val"].shape[-1])), torch.float32)
+from ..cached_state import CachedStateTransform
 
 
 @TransformRegistry.register("insert_cached_ssm_attention")
-class InsertCachedSsmAttention(BaseTransform):
-    def _apply(
-        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
-    ) -> tuple[nn.Module, TransformInfo]:
-        n = swap_for_cached_state_op(
-            "insert_cached_ssm_attention", mod, cm, torch.ops.auto_deploy.torch_ssm,
-            torch.ops.auto_deploy.torch_cached_ssm.default, "ssm_state", 7, _spec,
-        )
-        if not n:
-            return mod, TransformInfo(skipped=True, reason="no torch_ssm in the graph")
-        return mod, TransformInfo(num_matches=n)
+class InsertCachedSsmAttention(CachedStateTransform):
+    op, cached_op = "torch_ssm", "torch_cached_ssm"
+    state_name, num_tensors = "ssm_state", 7
+
+    @staticmethod
+    def state_spec(node: Node) -> StateSpec:
+        x, B = node.args[0], node.args[3]
+        _, _, h, p = x.meta["val"].shape
+        return StateSpec((int(h), int(p), int(B.meta["val"].shape[-1])), torch.float32)
