@@ -35,7 +35,8 @@ def _expected(probs: torch.Tensor, top_k: int | None, top_p: float) -> torch.Ten
 @pytest.mark.parametrize("top_k, top_p", [(None, 0.7), (3, 0.9)])
 def test_flashinfer_draws_from_the_nucleus_at_its_probabilities(monkeypatch, top_k, top_p):
     _flashinfer_or_skip()
-    sampler = Sampler("cuda")  # before the spy: building it runs the kernels once (their warm-up)
+    sampler = Sampler("cuda")  # starts loading the kernels (a compile on a machine's first use)
+    assert flashinfer_sampling.wait_ready(timeout=900), "FlashInfer's sampling kernels did not load"
     calls = []
     real = flashinfer_sampling.draw
     monkeypatch.setattr(flashinfer_sampling, "draw", lambda *a: calls.append(1) or real(*a))

@@ -106,22 +106,86 @@ def test_invalid_params_rejected():
         SamplingParams.from_kwargs({"temprature": 1.0})
 
 
-def test_flashinfer_kernels_that_fail_to_run_leave_the_torch_path_with_a_warning(monkeypatch, caplog):
-    """A FlashInfer whose sampling kernels cannot run (a failed JIT compile) is found at warm-up, said once, and
-    every top-p batch then samples with torch instead of failing."""
-    from types import SimpleNamespace
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """flashinfer_sampling's per-process loader state, fresh for one test."""
+    import threading
 
     from ad_runtime.executor import flashinfer_sampling as fs
 
-    def broken(*a, **k):
+    monkeypatch.setattr(fs, "_ready", threading.Event())
+    monkeypatch.setattr(fs, "_loader", [])
+    monkeypatch.setattr(fs, "_failed", [])
+    return fs
+
+
+def test_flashinfer_kernels_load_in_the_background_and_torch_samples_until_then(monkeypatch, fresh_loader):
+    """The loader compiles on its own thread: the build goes on, top-p batches take the torch path until the
+    kernels are ready, then FlashInfer's; one loader per process."""
+    import threading
+    from types import SimpleNamespace
+
+    fs, release, compiles = fresh_loader, threading.Event(), []
+
+    def compile_module():
+        compiles.append(1)
+        assert release.wait(60)
+
+    monkeypatch.setattr(fs, "flashinfer_sampling", lambda: SimpleNamespace(get_sampling_module=compile_module))
+    gpu_logits = SimpleNamespace(is_cuda=True)
+    fs.start_loading(torch.device("cuda"))
+    fs.start_loading(torch.device("cuda"))
+    assert not fs.wait_ready(timeout=0.01)  # still compiling: the caller was not held up
+    assert not fs.can_draw(gpu_logits, cut_p=True, seeded=False)
+    release.set()
+    assert fs.wait_ready(timeout=60)
+    assert fs.can_draw(gpu_logits, cut_p=True, seeded=False)
+    assert not fs.can_draw(gpu_logits, cut_p=True, seeded=True) and not fs.can_draw(torch.zeros(1, 4), True, False)
+    assert compiles == [1]
+    fs.start_loading(torch.device("cpu"))  # a CPU sampler starts nothing
+    assert len(fs._loader) == 1
+
+
+def test_flashinfer_kernels_that_fail_to_compile_leave_the_torch_path_with_a_warning(monkeypatch, caplog,
+                                                                                      fresh_loader):
+    """A failed JIT compile is said once, and every top-p batch then samples with torch instead of failing."""
+    from types import SimpleNamespace
+
+    fs = fresh_loader
+
+    def broken():
         raise RuntimeError("ninja: build stopped")
+
+    monkeypatch.setattr(fs, "flashinfer_sampling", lambda: SimpleNamespace(get_sampling_module=broken))
+    with caplog.at_level("WARNING"):
+        fs.start_loading(torch.device("cuda"))
+        assert not fs.wait_ready(timeout=60)
+    assert "failed to compile or load (ninja: build stopped)" in caplog.text
+    assert not fs.can_draw(SimpleNamespace(is_cuda=True), cut_p=True, seeded=False)
+
+
+def test_flashinfer_kernels_that_fail_to_run_leave_the_torch_path_with_a_warning(monkeypatch, caplog, fresh_loader):
+    """Kernels that load but cannot run (built for another GPU) fail their first batch over to torch's sort, said
+    once; later batches go to torch directly."""
+    from types import SimpleNamespace
+
+    fs = fresh_loader
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel image is available")
 
     monkeypatch.setattr(fs, "flashinfer_sampling", lambda: SimpleNamespace(top_p_sampling_from_probs=broken,
                                                                          top_k_top_p_sampling_from_logits=broken))
-    monkeypatch.setattr(fs, "_failed", [])
-    cpu_zeros = torch.zeros
-    with caplog.at_level("WARNING"), monkeypatch.context() as m:
-        m.setattr(torch, "zeros", lambda *a, device=None, **k: cpu_zeros(*a, **k))  # the probe logits, on this CPU
-        fs.warm_up(torch.device("cuda"))
-    assert "failed to run (ninja: build stopped)" in caplog.text
-    assert not fs.can_draw(torch.zeros(1, 4), cut_p=True, seeded=False)
+    fs._ready.set()
+    sampler = Sampler("cpu")
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(top_p=0.5)] * 3
+    monkeypatch.setattr(fs, "can_draw", lambda *a: not fs._failed)  # this CPU tensor stands in for a GPU's
+    with caplog.at_level("WARNING"):
+        out = sampler(logits, params, [0, 1, 2])
+    assert "failed to run (no kernel image is available)" in caplog.text
+    assert out.shape == (3,) and fs._failed
+    nucleus = torch.softmax(logits, -1).sort(-1, descending=True)
+    for row, token in enumerate(out.tolist()):
+        kept = nucleus.indices[row][(nucleus.values[row].cumsum(0) - nucleus.values[row]) < 0.5]
+        assert token in kept.tolist()

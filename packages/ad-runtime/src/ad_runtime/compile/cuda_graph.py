@@ -65,7 +65,8 @@ class CudaGraphModel(nn.Module):
                     self._step(args, bs, with_greedy)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: other threads' CUDA calls (FlashInfer's sampling loader) may not void the capture
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self.outputs[bs], greedy = self._step(args, bs, with_greedy)
             if greedy is not None:
                 self.greedy[bs] = greedy

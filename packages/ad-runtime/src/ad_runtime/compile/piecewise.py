@@ -97,7 +97,8 @@ def cuda_capturer(pool: Any) -> Capturer:
 
     def capture(fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: other threads' CUDA calls (FlashInfer's sampling loader) may not void the capture
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             out = fn()
         return graph.replay, out
 

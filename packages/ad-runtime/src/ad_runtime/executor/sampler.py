@@ -36,7 +36,7 @@ class Sampler:
         self.device = torch.device(device)
         self._generators: dict[int, torch.Generator] = {}
         self.processor = LogitsProcessor(self.device, eos_token_ids)
-        flashinfer_sampling.warm_up(self.device)
+        flashinfer_sampling.start_loading(self.device)
 
     def generator_for(self, request_id: int, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -119,7 +119,9 @@ def _draw(logits: torch.Tensor, top_ks: list[int | None], top_ps: list[float],
     cut_k, cut_p = any(k < vocab for k in ks), any(p < 1.0 for p in top_ps)
     seeded = [j for j, g in enumerate(generators) if g is not None]
     if flashinfer_sampling.can_draw(logits, cut_p, bool(seeded)):
-        return flashinfer_sampling.draw(logits, ks, top_ps, cut_k)
+        drawn = flashinfer_sampling.draw(logits, ks, top_ps, cut_k)
+        if drawn is not None:
+            return drawn
     order = None
     if cut_k and not cut_p and max(ks) <= TOPK_WITHOUT_SORT:
         # Top-k alone: the k-th value from a partial selection, the draw over the vocabulary; no sort.
