@@ -107,4 +107,3 @@ def test_shard_spec_splits_each_chunk() -> None:
     full = torch.arange(12.0)
     spec = ShardSpec(0, (4, 8), rank=1, world_size=2)
     assert spec.slice(full).tolist() == [2.0, 3.0, 8.0, 9.0, 10.0, 11.0]
-    assert spec.local_shape((12,)) == (6,)

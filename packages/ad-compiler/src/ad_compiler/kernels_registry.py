@@ -85,7 +85,7 @@ def torch_rmsnorm_fused(input: torch.Tensor, weight: torch.Tensor, eps: float) -
 
 
 @torch_rmsnorm_fused.register_fake
-def _rmsnorm_fused_fake(input: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rmsnorm_fused_fake(input: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
     return input.new_empty(input.shape, dtype=torch.result_type(weight, input))
 
 
@@ -99,9 +99,7 @@ def torch_fused_add_rmsnorm(
 
 
 @torch_fused_add_rmsnorm.register_fake
-def fused_add_rmsnorm_fake(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_rmsnorm_fake(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, *_: object) -> tuple:
     summed = x.new_empty(x.shape, dtype=torch.result_type(x, residual))
     return summed.new_empty(summed.shape, dtype=torch.result_type(weight, summed)), summed
 
@@ -123,13 +121,8 @@ def torch_rope_with_cos_sin_cache(
 
 
 @torch_rope_with_cos_sin_cache.register_fake
-def _rope_cache_fake(
-    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, cos_sin_cache: torch.Tensor, unsqueeze_dim: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return (
-        q.new_empty(q.shape, dtype=torch.result_type(q, cos_sin_cache)),
-        k.new_empty(k.shape, dtype=torch.result_type(k, cos_sin_cache)),
-    )
+def _rope_cache_fake(q: torch.Tensor, k: torch.Tensor, _pos: torch.Tensor, cache: torch.Tensor, *_: object) -> tuple:
+    return tuple(t.new_empty(t.shape, dtype=torch.result_type(t, cache)) for t in (q, k))
 
 
 @torch.library.custom_op("auto_deploy::torch_cos_sin_table_lookup", mutates_args=())

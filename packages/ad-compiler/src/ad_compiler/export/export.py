@@ -12,6 +12,7 @@ from torch.export import Dim
 from torch.fx import GraphModule, Node
 
 from ..errors import CompileError
+from ..utils.graph_utils import nodes_calling
 from .patches import apply_export_patches
 
 logger = logging.getLogger(__name__)
@@ -48,16 +49,14 @@ def _buffers_on_meta(model: nn.Module, enabled: bool) -> Iterator[dict[str, torc
             mod._buffers[name] = buf
 
 
-def _set_tensor(gm: nn.Module, fqn: str, value: torch.Tensor) -> bool:
+def _set_buffer(gm: nn.Module, fqn: str, value: torch.Tensor) -> None:
     owner_name, _, name = fqn.rpartition(".")
     try:
         owner = gm.get_submodule(owner_name) if owner_name else gm
     except AttributeError:
-        return False
+        return
     if name in owner._buffers:
         owner._buffers[name] = value
-        return True
-    return False
 
 
 def _wrapper_hop_targets() -> set[Any]:
@@ -113,7 +112,7 @@ def inline_wrapper_hops(gm: GraphModule) -> int:
 def remove_tensor_metadata_asserts(gm: GraphModule) -> int:
     """Drop `aten._assert_tensor_metadata` nodes: they pin the trace device (meta), so the graph would
     refuse real tensors after weight loading."""
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten._assert_tensor_metadata.default]
+    nodes = nodes_calling(gm, torch.ops.aten._assert_tensor_metadata.default)
     for n in nodes:
         gm.graph.erase_node(n)
     return len(nodes)
@@ -162,7 +161,7 @@ def torch_export_to_gm(
     inline_wrapper_hops(gm)
     remove_tensor_metadata_asserts(gm)
     for fqn, buf in real_buffers.items():
-        _set_tensor(gm, fqn, buf)
+        _set_buffer(gm, fqn, buf)
     if clone_state_dict:
         clones: dict[int, nn.Parameter] = {}  # by identity, so tied parameters stay tied
         for name, p in list(gm.named_parameters(remove_duplicate=False)):

@@ -44,9 +44,7 @@ def _check_level(base: dict[str, Any], overrides: dict[str, Any], source: str, p
 
     for key in MODEL_COUNT_KEYS:
         v, from_override = value(key)
-        if v is None:
-            continue
-        if not is_model_count(v):
+        if v is not None and not is_model_count(v):
             raise _blame(prefix + key, from_override, source, f"must be a positive integer, got {v!r}")
     (heads, o_heads), (kv, o_kv) = value("num_attention_heads"), value("num_key_value_heads")
     # Divisibility only between plain counts (absent or per-layer lists: nothing to check).

@@ -179,7 +179,7 @@ class AutoModelForCausalLMFactory(ModelFactory):
             "dtype": self.torch_dtype,
             "trust_remote_code": self.trust_remote_code,
         }
-        if _is_moe(self.config):
+        if _num_experts(self.config) is not None:
             kwargs["experts_implementation"] = EXPORT_EXPERTS_IMPLEMENTATION
         if device.type == "meta":
             from accelerate import init_empty_weights
@@ -210,22 +210,15 @@ class AutoModelForCausalLMFactory(ModelFactory):
             reference = self.build_model("meta").state_dict()
             random_init(model, reference, device, self.torch_dtype, self.seed, self._init_std(), self.tied_weights())
             return
-        text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
-        num_experts = next((getattr(text_config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
-                            if getattr(text_config, k, None)), None)
-        load_checkpoint_into(
-            model, self.folder, device, dtype=self.torch_dtype, tied=self.tied_weights(), num_experts=num_experts
-        )
+        tied, num_experts = self.tied_weights(), _num_experts(self.config)
+        load_checkpoint_into(model, self.folder, device, dtype=self.torch_dtype, tied=tied, num_experts=num_experts)
 
     def _init_std(self) -> float:
         return float(getattr(self.config, "initializer_range", 0.02))
 
     def tied_weights(self) -> dict[str, str]:
         """Target key -> source key for tied parameters (lm_head.weight -> model.embed_tokens.weight)."""
-        text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
-        if not getattr(text_config, "tie_word_embeddings", False) and not getattr(
-            self.config, "tie_word_embeddings", False
-        ):
+        if not any(getattr(c, "tie_word_embeddings", False) for c in (_text_config(self.config), self.config)):
             return {}
         from transformers import AutoModelForCausalLM
 
@@ -249,7 +242,7 @@ class AutoModelForCausalLMFactory(ModelFactory):
             raise CompileError(f"could not load the tokenizer from {source}: {e}") from None
 
     def get_sharding_config(self) -> dict[str, Any]:
-        text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        text_config = _text_config(self.config)
         head_dim = getattr(text_config, "head_dim", None) or (
             text_config.hidden_size // text_config.num_attention_heads
         )
@@ -257,8 +250,7 @@ class AutoModelForCausalLMFactory(ModelFactory):
 
     @property
     def vocab_size(self) -> int | None:
-        text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
-        return getattr(text_config, "vocab_size", None)
+        return getattr(_text_config(self.config), "vocab_size", None)
 
 
 # What transformers raises for a config it cannot use (its strict validators raise ValueError subclasses).
@@ -285,6 +277,12 @@ def _read_config_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _is_moe(config: Any) -> bool:
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return any(getattr(text_config, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _num_experts(config: Any) -> int | None:
+    """The routed-expert count of an MoE config (its first set key of the known names), None for a dense model."""
+    text_config = _text_config(config)
+    keys = ("num_local_experts", "num_experts", "n_routed_experts")
+    return next((n for k in keys if (n := getattr(text_config, k, None))), None)

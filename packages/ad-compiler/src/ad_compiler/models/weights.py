@@ -35,8 +35,11 @@ def _finish(model: nn.Module, device: torch.device) -> None:
                 mod._buffers[name] = buf.to(device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:
-        shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
-        raise CompileError(f"no value for {len(left)} tensors after loading: {shown}")
+        raise CompileError(f"no value for {len(left)} tensors after loading: {_first_few(left)}")
+
+
+def _first_few(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
 
 
 def checkpoint_renamer(folder: Path) -> Callable[[str], str]:
@@ -115,8 +118,7 @@ def load_checkpoint_into(
         raise CompileError(f"checkpoint {folder} has incomplete experts for {', '.join(stacker.leftover())}")
     missing = sorted(expected - loaded)
     if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise CompileError(f"checkpoint {folder} lacks {len(missing)} weights of the model: {shown}")
+        raise CompileError(f"checkpoint {folder} lacks {len(missing)} weights of the model: {_first_few(missing)}")
     if unexpected:
         # Tensors of layers the model does not have are what model_kwargs asked for (fewer layers): say so
         # at info level; anything else may be a naming mismatch worth a warning.

@@ -8,7 +8,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import CompileError
 from ..utils.graph_utils import get_attr_tensor, run_shape_prop
-from .graph import linear_bias, linear_weight, param_target
+from .graph import linear_bias, linear_weight, out_features, param_target
 from .load_hooks import register_shard_load_hook
 from .plan import ShardEntry, ShardingPlan, ShardKind, ShardSpec
 from .repair import repair_shapes
@@ -61,11 +61,8 @@ class ShardApplier:
         node = self.nodes[entry.node]
         getattr(self, f"_apply_{entry.kind.value}")(node, entry)
 
-    def _full_out(self, node: Node) -> int:
-        return get_attr_tensor(self.gm, linear_weight(node)).shape[0]
-
     def _apply_column(self, node: Node, entry: ShardEntry) -> None:
-        chunks = entry.chunks or (self._full_out(node),)
+        chunks = entry.chunks or (out_features(self.gm, node),)
         self.shard_param(linear_weight(node), 0, chunks)
         if bias := linear_bias(node):
             self.shard_param(bias, 0, chunks)

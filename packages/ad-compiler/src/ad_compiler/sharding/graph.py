@@ -1,6 +1,7 @@
 """Graph facts the sharding heuristics need: linears and their module names, residual regions, attention."""
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -156,44 +157,29 @@ def regions(gm: GraphModule) -> list[Region]:
     out = []
     for start, end in zip(stream, stream[1:]):
         lo, hi = index[start], index[end]
-        fwd: set[Node] = set()
-        todo = [start]
-        while todo:
-            for u in todo.pop().users:
-                if index[u] < hi and u not in fwd:
-                    fwd.add(u)
-                    todo.append(u)
-        back: set[Node] = set()
-        todo = [a for a in end.all_input_nodes if a is not start]
-        while todo:
-            n = todo.pop()
-            if n in back or index[n] <= lo:
-                continue
-            back.add(n)
-            todo.extend(n.all_input_nodes)
+        fwd = _reach(start, lambda n: n.users, lambda n: index[n] < hi)
+        back = _reach(end, lambda n: n.all_input_nodes, lambda n: index[n] > lo)
         # A cast of the stream that feeds the residual add is the stream, not part of the layer's computation.
         nodes = sorted((fwd & back) - set(_stream_aliases(start)), key=index.__getitem__)
         out.append(Region(start, end, nodes))
     return out
 
 
-def descendants(node: Node, within: set[Node]) -> set[Node]:
+def _reach(node: Node, step: Callable[[Node], Iterable[Node]], keep: Callable[[Node], bool]) -> set[Node]:
+    """Nodes reachable from `node` (itself excluded) through `step`, walking only over nodes that `keep` accepts."""
     seen: set[Node] = set()
     todo = [node]
     while todo:
-        for u in todo.pop().users:
-            if u in within and u not in seen:
-                seen.add(u)
-                todo.append(u)
+        for n in step(todo.pop()):
+            if n not in seen and keep(n):
+                seen.add(n)
+                todo.append(n)
     return seen
+
+
+def descendants(node: Node, within: set[Node]) -> set[Node]:
+    return _reach(node, lambda n: n.users, within.__contains__)
 
 
 def ancestors(node: Node, within: set[Node]) -> set[Node]:
-    seen: set[Node] = set()
-    todo = [node]
-    while todo:
-        for a in todo.pop().all_input_nodes:
-            if a in within and a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
+    return _reach(node, lambda n: n.all_input_nodes, within.__contains__)

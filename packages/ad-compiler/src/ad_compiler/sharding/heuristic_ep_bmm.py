@@ -15,11 +15,6 @@ def moe_ops() -> list:
     return [getattr(ad, name) for name in ("torch_moe", "torch_moe_fused") if ad is not None and hasattr(ad, name)]
 
 
-def is_moe(node: Node) -> bool:
-    ops = moe_ops()
-    return bool(ops) and is_op(node, ops)
-
-
 def moe_weights(node: Node) -> tuple[str, str] | None:
     """The stacked expert weights' attribute paths ([E, ...] each), if both are parameters."""
     gate_up, down = param_target(node.args[3]), param_target(node.args[4])
@@ -30,7 +25,7 @@ def detect_ep(gm: GraphModule, plan: ShardingPlan, source: str = "heuristic") ->
     """Each MoE node: a contiguous slice of E / world experts per rank."""
     claimed = 0
     for n in gm.graph.nodes:
-        if not is_moe(n) or (targets := moe_weights(n)) is None:
+        if not is_op(n, moe_ops()) or (targets := moe_weights(n)) is None:
             continue
         num_experts = get_attr_tensor(gm, targets[0]).shape[0]
         if num_experts % plan.world_size == 0:

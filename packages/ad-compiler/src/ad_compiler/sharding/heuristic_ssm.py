@@ -8,7 +8,7 @@ from torch.fx import GraphModule, Node
 
 from .. import custom_ops  # noqa: F401 - torch.ops.auto_deploy.torch_causal_conv1d
 from ..utils.graph_utils import get_attr_tensor, is_op
-from .graph import is_linear, linear_weight, module_name, param_target, regions, shape_of
+from .graph import linear_weight, module_name, param_target, regions, shape_of
 from .plan import ShardEntry, ShardingPlan, ShardKind
 
 logger = logging.getLogger(__name__)
@@ -98,10 +98,9 @@ def detect_ssm(gm: GraphModule, plan: ShardingPlan, source: str = "heuristic") -
     for region in regions(gm):
         if not any(is_op(n, _CONVS) for n in region.nodes):
             continue
-        lins = [n for n in region.linears if is_linear(n)]
-        if len(lins) != 2:
+        if len(region.linears) != 2:
             continue
-        in_proj, out_proj = lins
+        in_proj, out_proj = region.linears
         entry = mamba_entry(gm, in_proj, plan.world_size, source)
         if entry is None or in_proj.name in plan.entries or out_proj.name in plan.entries:
             continue

@@ -24,11 +24,6 @@ class ShardSpec:
     rank: int
     world_size: int
 
-    def local_shape(self, full: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
-        shape = list(full)
-        shape[self.dim] = sum(c // self.world_size for c in self.chunks)
-        return tuple(shape)
-
     def slice(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's piece of `full` (a copy, so the full tensor can be freed)."""
         assert full.shape[self.dim] == sum(self.chunks), (full.shape, self.chunks)
@@ -88,12 +83,6 @@ class ShardingPlan:
             return False
         self.entries[entry.node] = entry
         return True
-
-    def kinds(self) -> dict[str, ShardKind]:
-        return {n: e.kind for n, e in self.entries.items()}
-
-    def sources(self) -> dict[str, str]:
-        return {n: e.source for n, e in self.entries.items()}
 
     def __len__(self) -> int:
         return len(self.entries)

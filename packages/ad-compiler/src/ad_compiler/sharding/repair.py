@@ -71,20 +71,13 @@ class _ShapeRepair(InputDeviceFakeProp):
         if is_op(n, _VIEWS):
             old_out = self.old.get(n)
             prefix = math.prod(old_in[:dim])
-            sizes = list(n.args[1])
             for k in range(len(old_out)):
                 if math.prod(old_out[:k]) == prefix and old_out[k] % factor == 0 and old_out[k] != 1:
-                    if isinstance(sizes[k], int) and sizes[k] != -1:
-                        sizes[k] //= factor
-                    n.args = (n.args[0], sizes, *n.args[2:])
+                    _shrink_size(n, k, factor)
                     return
             raise CompileError(f"cannot rescale {n.name} {old_in} -> {old_out} after sharding dim {dim}")
         if is_op(n, aten.expand.default):
-            sizes = list(n.args[1])
-            k = len(sizes) - len(old_in) + dim
-            if isinstance(sizes[k], int) and sizes[k] != -1:
-                sizes[k] //= factor
-            n.args = (n.args[0], sizes, *n.args[2:])
+            _shrink_size(n, len(n.args[1]) - len(old_in) + dim, factor)
         elif is_op(n, aten.split_with_sizes.default) and self._is_dim(n, 2, dim, len(old_in)):
             n.args = (n.args[0], [int(s) // factor for s in n.args[1]], *n.args[2:])
         elif is_op(n, aten.split.Tensor) and self._is_dim(n, 2, dim, len(old_in)):
@@ -101,13 +94,17 @@ class _ShapeRepair(InputDeviceFakeProp):
         return d % ndim == dim
 
 
+def _shrink_size(n: Node, k: int, factor: int) -> None:
+    """Divide size `k` of a view/expand node's size list by `factor` (a -1 or symbolic size adapts by itself)."""
+    sizes = list(n.args[1])
+    if isinstance(sizes[k], int) and sizes[k] != -1:
+        sizes[k] //= factor
+    n.args = (n.args[0], sizes, *n.args[2:])
+
+
 def repair_shapes(gm: GraphModule, world_size: int) -> GraphModule:
     """Rescale literals that no longer fit the local shards; refreshes every node's meta['val']."""
-    old = {}
-    for n in gm.graph.nodes:
-        val = n.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            old[n] = _ints(val.shape)
+    old = {n: _ints(n.meta["val"].shape) for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}
     mode = _fake_mode_of(gm)
     mode.allow_non_fake_inputs = True
     inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]

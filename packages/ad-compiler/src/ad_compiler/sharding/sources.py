@@ -49,13 +49,6 @@ def split_factory_config(cfg: dict[str, Any]) -> tuple[dict[str, str], int | Non
     return plan, head_dim if isinstance(head_dim, int) else None
 
 
-def match_strategy(name: str, tp_plan: dict[str, str], compiled: list[tuple[re.Pattern[str], str]]) -> str | None:
-    for regex, strategy in compiled:
-        if regex.fullmatch(name):
-            return strategy
-    return None
-
-
 def _region_of(gm: GraphModule) -> dict[Node, tuple[int, int, int]]:
     """For each linear inside an attention region: (query heads, kv heads, head_dim) of that attention."""
     out = {}
@@ -83,7 +76,7 @@ def detect_from_tp_plan(
     linears = [n for n in gm.graph.nodes if is_linear(n) and linear_weight(n)]
     chosen: dict[Node, ShardKind] = {}
     for n in linears:
-        strategy = match_strategy(module_name(n), tp_plan, compiled)
+        strategy = next((s for regex, s in compiled if regex.fullmatch(module_name(n))), None)
         if strategy in STRATEGIES:
             chosen[n] = STRATEGIES[strategy]
     uncovered = [module_name(n) for n in linears if in_numbered_layer(module_name(n)) and n not in chosen]
@@ -113,12 +106,10 @@ def detect_from_tp_plan(
             if n_q % world or n_kv % world or any(c % (world * unit) for c in chunks):
                 demoted.add(n)
             entries.append(ShardEntry(n.name, kind, source, name, chunks, unit))
-        elif kind == ShardKind.ROW:
-            if get_attr_tensor(gm, linear_weight(n)).shape[1] % world:
-                demoted.add(n)
-            entries.append(ShardEntry(n.name, kind, source, name))
-        else:
-            entries.append(ShardEntry(n.name, kind, source, name))
+            continue
+        if kind == ShardKind.ROW and get_attr_tensor(gm, linear_weight(n)).shape[1] % world:
+            demoted.add(n)
+        entries.append(ShardEntry(n.name, kind, source, name))
     entries = _demote(gm, entries, demoted, world, source)
     return sum(plan.claim(e) for e in entries)
 

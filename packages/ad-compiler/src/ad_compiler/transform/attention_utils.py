@@ -34,11 +34,10 @@ def _is_same_dtype_cast(node: Node) -> bool:
 
 def skip_noops(node: Any) -> Any:
     """Walk up through nodes that do not change values: full slices, same-dtype casts, alias, contiguous."""
-    while isinstance(node, Node):
-        if is_noop_slice(node) or _is_same_dtype_cast(node) or is_op(node, [aten.alias, aten.contiguous]):
-            node = node.args[0]
-        else:
-            return node
+    while isinstance(node, Node) and (
+        is_noop_slice(node) or _is_same_dtype_cast(node) or is_op(node, [aten.alias, aten.contiguous])
+    ):
+        node = node.args[0]
     return node
 
 
@@ -77,12 +76,9 @@ def repeat_kv_source(node: Any) -> tuple[Node, int] | None:
     n_rep = eval_.shape[2]
     if not isinstance(n_rep, int) or not isinstance(n_kv, int):
         return None
-    expected_expand = (b, n_kv, n_rep, s, d)
-    expected_out = (b, n_kv * n_rep, s, d)
-    if not all(same_size(x, y) for x, y in zip(eval_.shape, expected_expand)):
-        return None
-    if not all(same_size(x, y) for x, y in zip(oval.shape, expected_out)):
-        return None
+    for shape, expected in ((eval_.shape, (b, n_kv, n_rep, s, d)), (oval.shape, (b, n_kv * n_rep, s, d))):
+        if not all(same_size(x, y) for x, y in zip(shape, expected)):
+            return None
     return src, n_rep
 
 
@@ -236,9 +232,7 @@ def classify_mask(gm: GraphModule, mask: Any) -> MaskInfo | None:
             window = w
             continue
         return None
-    if not causal:
-        return None
-    return MaskInfo(is_causal=True, sliding_window=window)
+    return MaskInfo(is_causal=True, sliding_window=window) if causal else None
 
 
 def insert_torch_attention(

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import GraphModule, Node
 from torch.fx.graph import _PyTreeCodeGen
 from torch.fx.node import Argument, Target
@@ -22,9 +22,8 @@ aten = torch.ops.aten
 def _targets(ops: OpLike | Iterable[OpLike]) -> set:
     if not isinstance(ops, (list, tuple, set, frozenset)):
         ops = [ops]
-    out = set()
+    out = set(ops)
     for op in ops:
-        out.add(op)
         if isinstance(op, torch._ops.OpOverloadPacket):
             out.update(getattr(op, o) for o in op.overloads())
     return out
@@ -58,7 +57,7 @@ def canonicalize_graph(gm: GraphModule) -> GraphModule:
 def _fake_mode_of(gm: GraphModule) -> FakeTensorMode:
     for n in gm.graph.nodes:
         val = n.meta.get("val")
-        if isinstance(val, torch._subclasses.fake_tensor.FakeTensor):
+        if isinstance(val, FakeTensor):
             return val.fake_mode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -90,15 +89,9 @@ class InputDeviceFakeProp(FakeTensorProp):
 def run_shape_prop(gm: GraphModule) -> GraphModule:
     """Refresh `meta['val']` of every node with fake tensors, keeping symbolic input shapes."""
     fake_mode = _fake_mode_of(gm)
-    inputs = []
-    for n in gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        val = n.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            inputs.append(val if isinstance(val, torch._subclasses.fake_tensor.FakeTensor) else fake_mode.from_tensor(val))
-        else:
-            inputs.append(val)
+    inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = [fake_mode.from_tensor(v) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) else v
+              for v in inputs]
     # Inputs added later (cache and metadata placeholders) carry meta-device values: all inputs meet on one device.
     device = next((v.device for v in inputs if isinstance(v, torch.Tensor)), None)
     fake_mode.allow_non_fake_inputs = True
@@ -150,11 +143,10 @@ def set_fake_val(node: Node) -> None:
     fakes = [val(n) for n in node.all_input_nodes]
     if any(v is None for v in fakes):
         return
-    leaves = torch.utils._pytree.tree_leaves(fakes)
-    mode = next((v.fake_mode for v in leaves if isinstance(v, torch._subclasses.FakeTensor)), None)
+    mode = next((v.fake_mode for v in pytree.tree_leaves(fakes) if isinstance(v, FakeTensor)), None)
     if mode is None:
         return
-    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: val(n))
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), val)
     try:
         with mode:
             node.meta["val"] = node.target(*args, **kwargs)
@@ -237,7 +229,7 @@ def unsqueezed(node: Node) -> tuple[Node, int] | None:
 
 def fake(node: Any) -> torch.Tensor | None:
     """The fake tensor export recorded for `node` (None if unknown)."""
-    v = node.meta.get("val") if isinstance(node, Node) else None
+    v = val(node)
     return v if isinstance(v, torch.Tensor) else None
 
 

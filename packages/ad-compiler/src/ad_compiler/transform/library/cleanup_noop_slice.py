@@ -1,30 +1,23 @@
 """cleanup_noop_slice (stage post_export): drop slices that take a whole dimension."""
 
-import sys
-
 import torch
 from torch.fx import GraphModule, Node
 
 from ...models.factory import ModelFactory
-from ...utils.graph_utils import nodes_calling
+from ...utils.graph_utils import OPEN_END, arg, nodes_calling, static_shape
 from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 
 def _is_noop_slice(node: Node) -> bool:
-    args = list(node.args) + [None] * (5 - len(node.args))
-    src, dim, start, end, step = args[:5]
-    dim = node.kwargs.get("dim", dim) or 0
-    start = node.kwargs.get("start", start)
-    end = node.kwargs.get("end", end)
-    step = node.kwargs.get("step", step)
+    start, end, step = arg(node, 2, "start"), arg(node, 3, "end"), arg(node, 4, "step")
     if start not in (None, 0) or step not in (None, 1):
         return False
-    if end in (None, sys.maxsize):  # Python `x[:, 0:]`
+    if end in (None, OPEN_END):  # Python `x[:, 0:]`
         return True
     # A literal end at or past a static dim size also takes everything; symbolic ends may cut.
-    val = src.meta.get("val") if isinstance(src, Node) else None
-    size = val.shape[dim] if isinstance(val, torch.Tensor) else None
+    shape = static_shape(node.args[0])
+    size = shape[arg(node, 1, "dim") or 0] if shape is not None else None
     return isinstance(end, int) and isinstance(size, int) and end >= size
 
 

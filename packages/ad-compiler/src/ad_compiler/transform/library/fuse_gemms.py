@@ -11,7 +11,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ...models.factory import ModelFactory
-from ...utils.graph_utils import get_attr_tensor, nodes_calling
+from ...utils.graph_utils import arg, get_attr_tensor, nodes_calling
 from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
@@ -26,7 +26,7 @@ def _owner(gm: GraphModule, target: str) -> tuple[torch.nn.Module, str]:
 def _fusable_key(gm: GraphModule, lin: Node) -> tuple | None:
     """Linears fuse only with others of the same input, weight dtype/device/in-features and bias presence."""
     weight = lin.args[1]
-    bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+    bias = arg(lin, 2, "bias")
     if not (isinstance(weight, Node) and weight.op == "get_attr"):
         return None
     if bias is not None and not (isinstance(bias, Node) and bias.op == "get_attr"):
@@ -68,7 +68,7 @@ def _fuse(gm: GraphModule, linears: list[Node]) -> None:
     weights = [lin.args[1] for lin in linears]
     sizes = [get_attr_tensor(gm, w.target).shape[0] for w in weights]
     w_node = _concat_param(gm, weights, first)
-    biases = [lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias") for lin in linears]
+    biases = [arg(lin, 2, "bias") for lin in linears]
     b_node = _concat_param(gm, biases, first) if biases[0] is not None else None
     with graph.inserting_before(first):
         fused = graph.call_function(aten.linear.default, (first.args[0], w_node, b_node))

@@ -94,9 +94,9 @@ def _probs_consumer(softmax: Node) -> Node | None:
     cur = softmax
     while len(cur.users) == 1:
         user = next(iter(cur.users))
-        if is_op(user, _CASTS) or is_op(user, [aten.contiguous, aten.alias]):
-            cur = user
-        elif is_op(user, aten.dropout) and (arg(user, 1, "p") == 0.0 or arg(user, 2, "train") is False):
+        if is_op(user, [*_CASTS, aten.contiguous, aten.alias]) or (
+            is_op(user, aten.dropout) and (arg(user, 1, "p") == 0.0 or arg(user, 2, "train") is False)
+        ):
             cur = user
         elif is_op(user, aten.matmul) and user.args[0] is cur:
             return user

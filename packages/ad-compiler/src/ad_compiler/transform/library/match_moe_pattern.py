@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Node
 
 from ... import custom_ops  # noqa: F401 - registers torch.ops.auto_deploy.*
 from ...models.factory import ModelFactory
-from ...utils.graph_utils import get_attr_tensor, is_op, nodes_calling
+from ...utils.graph_utils import fake, get_attr_tensor, is_op, nodes_calling, same_size, val
 from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
@@ -50,36 +50,29 @@ class MoeMatch:
     region: list[Node]
 
 
-def _val(node: Any) -> Any:
-    return node.meta.get("val") if isinstance(node, Node) else None
-
-
 def _same_shape(a: Node, b: Node) -> bool:
-    va, vb = _val(a), _val(b)
-    if not isinstance(va, torch.Tensor) or not isinstance(vb, torch.Tensor) or va.dim() != vb.dim():
-        return False
+    va, vb = fake(a), fake(b)
     # Symbolic sizes compare by expression: T*k and T must not be confused.
-    return all(str(x) == str(y) for x, y in zip(va.shape, vb.shape))
+    return va is not None and vb is not None and va.dim() == vb.dim() and all(map(same_size, va.shape, vb.shape))
+
+
+def _uncast(n: Any) -> Any:
+    while isinstance(n, Node) and is_op(n, _CASTS):
+        n = n.args[0]
+    return n
 
 
 def _softmax_input(topk: Node) -> Node | None:
     """The router logits feeding `topk(softmax(logits))` (casts allowed on either side), else None."""
-    n = topk.args[0]
-    while isinstance(n, Node) and is_op(n, _CASTS):
-        n = n.args[0]
+    n = _uncast(topk.args[0])
     if not isinstance(n, Node) or not is_op(n, (aten.softmax.int, aten._softmax.default)):
         return None
-    logits = n.args[0]
-    while isinstance(logits, Node) and is_op(logits, _CASTS):
-        logits = logits.args[0]
+    logits = _uncast(n.args[0])
     return logits if isinstance(logits, Node) and is_op(logits, aten.linear.default) else None
 
 
 def _getitem(node: Node, idx: int) -> Node | None:
-    for u in node.users:
-        if u.target is operator.getitem and u.args[1] == idx:
-            return u
-    return None
+    return next((u for u in node.users if u.target is operator.getitem and u.args[1] == idx), None)
 
 
 def _routing_weights(values: Node) -> tuple[Node, set[Node]]:
@@ -164,11 +157,11 @@ def _experts_region(topk: Node, x: Node) -> tuple[Node, list[Node]] | None:
 def _inputs_ok(region: list[Node], x: Node) -> bool:
     """Besides parameters, the region reads only x (through views) and tensors built from sizes (arange)."""
     for a in _outside_inputs(region):
-        if not isinstance(_val(a), torch.Tensor) or _param_of(a) is not None:
+        if not isinstance(val(a), torch.Tensor) or _param_of(a) is not None:
             continue  # SymInt sizes
         if _base(a) is _base(x):
             continue
-        if not any(isinstance(_val(b), torch.Tensor) for b in a.all_input_nodes):
+        if not any(isinstance(val(b), torch.Tensor) for b in a.all_input_nodes):
             continue
         return False
     return True
@@ -180,7 +173,7 @@ def match_moe(gm: GraphModule, topk: Node) -> MoeMatch | None:
     if logits is None or values is None or indices is None:
         return None
     x = logits.args[0]  # the router and the experts read the same hidden states [T, H]
-    if not isinstance(x, Node) or not isinstance(_val(x), torch.Tensor) or _val(x).dim() != 2:
+    if not isinstance(x, Node) or not isinstance(val(x), torch.Tensor) or val(x).dim() != 2:
         return None
     found = _experts_region(topk, x)
     if found is None:
@@ -207,8 +200,8 @@ def _rewrite(gm: GraphModule, m: MoeMatch) -> None:
         moe = graph.call_function(
             torch.ops.auto_deploy.torch_moe.default, (m.x, m.selected, m.weights, m.gate_up, m.down, m.act_fn)
         )
-    if isinstance(_val(m.x), torch.Tensor):
-        moe.meta["val"] = _val(m.x)  # same shape, dtype and device as the op's output
+    if isinstance(val(m.x), torch.Tensor):
+        moe.meta["val"] = val(m.x)  # same shape, dtype and device as the op's output
     moe.meta["nn_module_stack"] = m.exit.meta.get("nn_module_stack", {})
     m.exit.replace_all_uses_with(moe)
     # In-place nodes (clamp_, index_put_) and metadata asserts have no users but count as side effects;
