@@ -288,7 +288,8 @@ class LocalBackend:
         self.core = EngineCore(self.engine)
         self.vocab_size = int(self.factory.vocab_size)
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams], texts: list[str | None]) -> list[Request]:
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams], texts: list[str | None]
+                 ) -> list[Request]:
         reqs = [self.core.submit(p, sp, t) for p, sp, t in zip(prompts, params, texts)]
         try:
             self.core.run(reqs)

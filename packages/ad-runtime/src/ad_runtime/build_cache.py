@@ -17,6 +17,7 @@ from ad_compiler.transform.interface import TransformInfo
 from torch.fx import GraphModule
 
 from .build_key import digest, key_ingredients
+from .executor.errors import first_line
 
 if TYPE_CHECKING:
     from ad_compiler.models.factory import ModelFactory
@@ -81,7 +82,7 @@ class BuildCacheEntry:
             history = {name: TransformInfo.model_validate(info) for name, info in saved["history"].items()}
         except Exception as e:  # noqa: BLE001 - any unusable entry is rebuilt, whatever broke it
             logger.warning("build cache entry %s is unusable (%s: %s); rebuilding it", self.path, type(e).__name__,
-                           _first_line(e))
+                           first_line(e))
             return None
         return CachedBuild(graph, history)
 
@@ -93,7 +94,7 @@ class BuildCacheEntry:
             return dumps_graph(module)
         except Exception as e:  # noqa: BLE001 - an unsaveable graph costs the cache, never the build
             logger.warning("build cache entry %s not written: the graph cannot be saved (%s: %s)", self.path,
-                           type(e).__name__, _first_line(e))
+                           type(e).__name__, first_line(e))
             return None
 
     def store(self, graph_bytes: bytes, history: dict[str, TransformInfo]) -> bool:
@@ -117,7 +118,7 @@ class BuildCacheEntry:
             tmp = None
         except Exception as e:  # noqa: BLE001 - a full disk or an unpicklable history costs the entry, not the build
             logger.warning("could not write build cache entry %s (%s: %s); the next build runs in full again",
-                           self.path, type(e).__name__, _first_line(e))
+                           self.path, type(e).__name__, first_line(e))
             return False
         finally:
             if tmp is not None:
@@ -192,8 +193,3 @@ def _read_checked(path: Path) -> bytes:
     if hashlib.sha256(payload).hexdigest().encode() != data[len(MAGIC) : header_end]:
         raise ValueError("checksum mismatch (truncated or damaged)")
     return payload
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

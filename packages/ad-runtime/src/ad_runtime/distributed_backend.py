@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .executor.detokenizer import Detokenizer
+from .executor.errors import first_line
 from .executor.request import Request
 from .rank_worker import rank_main
 from .sampling_params import SamplingParams
@@ -126,7 +127,7 @@ class DistributedBackend:
             return DistributedError("the ranks were shut down")
         if isinstance(self._error, DistributedError):
             return self._error
-        error = DistributedError(f"the ranks stopped: {_one_line(self._error) if self._error else 'rank 0 ended'}")
+        error = DistributedError(f"the ranks stopped: {first_line(self._error) if self._error else 'rank 0 ended'}")
         error.__cause__ = self._error
         return error
 
@@ -171,7 +172,7 @@ class DistributedBackend:
     def _fail(self, error: BaseException) -> None:
         if not self._stopping:
             # Callers get the one-line error; the failing rank's traceback is its cause.
-            logger.debug("the model's ranks stopped: %s", _one_line(error), exc_info=error)
+            logger.debug("the model's ranks stopped: %s", first_line(error), exc_info=error)
         with self._lock:
             self._failure = error
             handlers, self._handlers = self._handlers, {}
@@ -187,7 +188,7 @@ class DistributedBackend:
             if self._thread.is_alive():
                 return None
             failure = self._stopped_error()  # the reader is about to report it; the launcher has ended
-        return _one_line(failure)
+        return first_line(failure)
 
     # ---- the request-level API --------------------------------------------------------------------
 
@@ -224,7 +225,8 @@ class DistributedBackend:
 
     # ---- the backend API (as LocalBackend) --------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams], texts: list[str | None]) -> list[Request]:
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams], texts: list[str | None]
+                 ) -> list[Request]:
         if not prompts:
             return []
         inbox: queue.Queue = queue.Queue()
@@ -299,9 +301,3 @@ def _raised(error: BaseException) -> BaseException:
     fresh = DistributedError(str(error), rank=getattr(error, "rank", None))
     fresh.__cause__ = error
     return fresh
-
-
-def _one_line(error: BaseException) -> str:
-    """The first line of an error's message (the launcher's errors are one line; others may not be)."""
-    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(error).__name__

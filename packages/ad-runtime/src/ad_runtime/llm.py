@@ -97,7 +97,8 @@ class LLM:
             tok = self._need_tokenizer()
             text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
             return tok.encode(text, add_special_tokens=False), text
-        raise TypeError(f"a prompt must be a string, a list of token ids or a list of chat messages, got {type(prompt).__name__}")
+        raise TypeError("a prompt must be a string, a list of token ids or a list of chat messages, got "
+                        f"{type(prompt).__name__}")
 
     def uses_chat_template(self, chat_template: bool | None) -> bool:
         """None (the default of generate): apply the tokenizer's chat template to plain strings when it has one."""
@@ -161,13 +162,10 @@ class LLM:
                 stream.close()
 
     def _as_list(self, prompts: Any) -> list[PromptLike]:
-        if isinstance(prompts, str):
-            return [prompts]
-        if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
-            return [prompts]
-        if isinstance(prompts, list) and prompts and all(isinstance(m, dict) for m in prompts):
-            return [prompts]
-        return list(prompts)
+        """One prompt (a string, a token-id list, a chat-message list) as a list of one; else the prompts."""
+        one = isinstance(prompts, str) or (isinstance(prompts, list) and bool(prompts) and (
+            all(isinstance(t, int) for t in prompts) or all(isinstance(m, dict) for m in prompts)))
+        return [prompts] if one else list(prompts)
 
     def _params_for(self, prompts: list, sp: Any) -> list[SamplingParams]:
         if sp is None:

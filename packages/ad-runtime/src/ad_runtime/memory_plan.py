@@ -49,14 +49,10 @@ class MemoryPlan:
 
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of every distinct parameter and buffer (tied ones once), at their final dtype and shard shape."""
-    seen: set[object] = set()
-    total = 0
+    first: dict[object, torch.Tensor] = {}
     for t in [*module.parameters(), *module.buffers()]:
-        key = _identity(t)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
+        first.setdefault(_identity(t), t)
+    return sum(t.numel() * t.element_size() for t in first.values())
 
 
 def _identity(t: torch.Tensor) -> object:
@@ -75,7 +71,7 @@ def kv_bytes_per_token(gm: GraphModule, cm: "CachedSequenceInterface", backend: 
     total = 0
     for node in nodes_calling(gm, desc.source_op()):
         for spec in desc.cache_specs(node).values():
-            total += spec.n_kv_heads * spec.head_dim * torch.empty((), dtype=cm.cache_dtype(spec)).element_size()
+            total += spec.n_kv_heads * spec.head_dim * cm.cache_dtype(spec).itemsize
     return total
 
 
@@ -158,7 +154,8 @@ def plan_memory(
         cfg = args.transforms.get("insert_cached_attention")
         per_token = kv_bytes_per_token(gm, cm, cfg.backend) if cfg is not None and cfg.enabled else 0
     except Exception as e:  # noqa: BLE001 - the plan informs; a graph it cannot read still builds
-        logger.warning("no memory plan: %s: %s", type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
+        text = str(e).strip()
+        logger.warning("no memory plan: %s: %s", type(e).__name__, text.splitlines()[0] if text else "")
         return None
     try:
         activations = activation_peak_bytes(gm, cm.info.max_num_tokens, cm.info.max_batch_size)

@@ -56,21 +56,6 @@ class _BroadcastRunner:
         except Exception as e:  # noqa: BLE001 - re-raised past the engine's per-step isolation
             raise _StepFailed(e) from e
 
-    def stop_others(self) -> None:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list([None], src=0, group=self.group)
-
-
-class _OnlyRank:
-    """The runner of a one-rank launch (an engine in its own process): nothing to broadcast to."""
-
-    def __init__(self, runner: Any):
-        self.runner = runner
-
-    def stop_others(self) -> None:
-        pass
-
 
 def _snapshot(req: Request) -> Request:
     """What travels back per update: the prompt stays behind, streams would otherwise resend it every token."""
@@ -152,17 +137,15 @@ def rank_main(ctx: Any, args_dump: dict[str, Any], conn: Any, log_level: int = l
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)  # steps travel as pickles over CPU
     pids: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(pids, os.getpid(), group=control)
-    holder: dict[str, Any] = {}
 
     def wrap(runner: Any) -> Any:
-        if ctx.world_size == 1:
-            holder["runner"] = _OnlyRank(runner)
-            return runner  # the engine calls the runner itself: overlapped scheduling keeps its `future` input
-        if ctx.rank == 0:
-            holder["runner"] = _BroadcastRunner(runner, control)
-            return holder["runner"]
-        holder["runner"] = runner
-        return runner
+        # A one-rank launch has nothing to broadcast: the engine calls the runner itself, so overlapped
+        # scheduling keeps its `future` input.
+        return _BroadcastRunner(runner, control) if ctx.world_size > 1 and ctx.rank == 0 else runner
+
+    def stop_others() -> None:
+        if ctx.world_size > 1:
+            dist.broadcast_object_list([None], src=0, group=control)
 
     engine, _, factory, report = build_engine(args, ctx.rank, ctx.world_size, runner_wrapper=wrap)
     reports: list[Any] = [None] * ctx.world_size  # every rank's build report, for rank 0 to hand to the caller
@@ -174,14 +157,14 @@ def rank_main(ctx: Any, args_dump: dict[str, Any], conn: Any, log_level: int = l
             if box[0] is None:
                 return
             batch, num_prefill = box[0]
-            holder["runner"].forward(batch, num_prefill)
+            engine.runner.forward(batch, num_prefill)
     conn.send(("ready", int(factory.vocab_size), pids, reports))
     try:
         _serve(engine, conn)
     except BaseException as e:
         with contextlib.suppress(Exception):  # the others may be gone or out of step; the launcher ends them
-            holder["runner"].stop_others()
+            stop_others()
         if isinstance(e, _StepFailed):
             raise e.error from None  # the rank's error is the step's own, not the wrapper's
         raise
-    holder["runner"].stop_others()
+    stop_others()

@@ -77,7 +77,6 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids)
         self.sampler = Sampler(runner.device, eos_token_ids)
         self._ids = itertools.count()
-        self.num_steps = 0
         # Prompt tokens the model computed (a preempted request's count again); the prefix cache's hits are not.
         self.num_prompt_tokens_computed = 0
         # Prompt tokens looked up in the prefix cache and found there (hit rate), for metrics.
@@ -107,9 +106,7 @@ class Engine:
         if problem is None:
             self.scheduler.add(req)
         else:
-            self.sampler.release(req.request_id)
-            self.grammars.release(req.request_id)
-            req.fail(problem)
+            self.abort(req, problem)
         return req
 
     def _admission_problem(self, req: Request) -> str | None:
@@ -141,7 +138,7 @@ class Engine:
         if not self.scheduler.chunked and n > self.scheduler.max_num_tokens:
             return (f"the prompt has {n} tokens, more than max_num_tokens ({self.scheduler.max_num_tokens}) "
                     "without chunked prefill: raise max_num_tokens or enable_chunked_prefill")
-        if not self.scheduler.fits_at_all(req, min(n + params.max_tokens, self.max_seq_len)):
+        if not self.scheduler.fits_at_all(min(n + params.max_tokens, self.max_seq_len)):
             return f"the request needs more KV-cache pages than exist ({self.scheduler.num_pages})"
         return None
 
@@ -233,7 +230,6 @@ class Engine:
                 self.abort(s.request, f"engine step failed: {one_line(e)}")
                 failed.append(s.request)
             return None
-        self.num_steps += 1
         if timer is not None:
             timer.mark("forward")
         sample_rows = []  # rows that complete their prompt, in the same pass (read before the count moves on)
@@ -351,20 +347,19 @@ class Engine:
                 req.text = self.detok.decode(req.output_token_ids, p.skip_special_tokens)
             req.finish(reason)
             req.future.clear()  # a token sampled after this one (overlap) is not part of the answer
-            self.scheduler.finish(req)
-            self.sampler.release(req.request_id)
-            self.grammars.release(req.request_id)
+            self._release(req)
 
     def abort(self, req: Request, message: str) -> None:
-        """End an unfinished request: free its pages, state slot and generator; it fails with `message`."""
-        if req.is_finished:
-            return
-        if req in self.scheduler.waiting:
-            self.scheduler.waiting.remove(req)
+        """End an unfinished request (waiting, running, or refused at admission); it fails with `message`."""
+        if not req.is_finished:
+            self._release(req)
+            req.fail(message)
+
+    def _release(self, req: Request) -> None:
+        """Free the request's pages, state slot, generator and grammar matcher (it leaves the scheduler's queues)."""
         self.scheduler.finish(req)
         self.sampler.release(req.request_id)
         self.grammars.release(req.request_id)
-        req.fail(message)
 
     def abort_all(self, message: str) -> list[Request]:
         """Fail every unfinished request (after an error the engine cannot pin on one of them)."""

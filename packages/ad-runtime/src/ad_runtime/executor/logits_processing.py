@@ -74,13 +74,9 @@ class LogitsProcessor:
                 self._num_sampled[request_ids[i]] = self._num_sampled.get(request_ids[i], 0) + 1
 
     def _apply_bias(self, logits: torch.Tensor, rows: list[int], params: Sequence[SamplingParams]) -> None:
-        r, t, v = [], [], []
-        for i in rows:
-            for tok, bias in (params[i].logit_bias or {}).items():
-                r.append(i)
-                t.append(tok)
-                v.append(bias)
-        if r:
+        entries = [(i, tok, bias) for i in rows for tok, bias in (params[i].logit_bias or {}).items()]
+        if entries:
+            r, t, v = zip(*entries)
             dev = logits.device
             logits.index_put_((device_tensor(r, dev), device_tensor(t, dev)), device_tensor(v, dev, logits.dtype),
                               accumulate=True)

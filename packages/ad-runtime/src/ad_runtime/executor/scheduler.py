@@ -2,38 +2,13 @@
 
 import logging
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
+from ..kv_cache.page_pool import PagePool
 from ..kv_cache.prefix_cache import ROOT_HASH, PrefixCacheStats, page_hash
 from .request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
-
-
-class PagePoolLike(Protocol):
-    page_size: int
-
-    @property
-    def num_free_pages(self) -> int: ...
-
-    def page_table(self, seq_id: int) -> list[int]: ...
-
-    def num_pages_of(self, seq_id: int) -> int: ...
-
-    def ensure_capacity(self, seq_id: int, total_tokens: int) -> list[int]: ...
-
-    def free(self, seq_id: int) -> None: ...
-
-    # Prefix caching (see PagePool)
-    def match(self, keys: Sequence[bytes]) -> list[int]: ...
-
-    def num_evictable_in(self, pages: Sequence[int]) -> int: ...
-
-    def attach(self, seq_id: int, pages: Sequence[int]) -> None: ...
-
-    def cache_pages(self, seq_id: int, keys: Sequence[bytes], num_pages: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -61,7 +36,7 @@ class Scheduler:
 
     def __init__(
         self,
-        pool: PagePoolLike,
+        pool: PagePool,
         max_batch_size: int,
         max_num_tokens: int,
         enable_chunked_prefill: bool,
@@ -94,13 +69,8 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _pages_needed(self, req: Request, total_tokens: int) -> int:
-        have = self.pool.num_pages_of(req.request_id)
-        need = -(-total_tokens // self.pool.page_size)
-        return max(0, need - have)
-
-    def fits_at_all(self, req: Request, max_total_tokens: int) -> bool:
-        return -(-max_total_tokens // self.pool.page_size) <= self.num_pages
+    def fits_at_all(self, max_total_tokens: int) -> bool:
+        return self.pool.pages_for(max_total_tokens) <= self.num_pages
 
     def _release_slot(self, req: Request) -> None:
         if req.slot is not None:
@@ -129,7 +99,7 @@ class Scheduler:
         self._release_slot(req)
         if req in self.running:
             self.running.remove(req)
-        elif req in self.waiting:  # preempted while its last token was still on the device (overlap)
+        elif req in self.waiting:  # aborted, or preempted while its last token was still on the device (overlap)
             self.waiting.remove(req)
 
     def schedule(self, skip: set[int] = frozenset()) -> list[ScheduledSequence]:
@@ -185,8 +155,8 @@ class Scheduler:
         i = 0
         while i < len(self.waiting) and len(self.running) < self.max_batch_size and budget > 0:
             req = self.waiting[i]
-            cached = self._cached_prefix(req) if self.prefix_caching else []
-            if in_flight and self._next_key(req, len(cached)) in in_flight:
+            cached, next_key = self._cached_prefix(req) if self.prefix_caching else ([], None)
+            if next_key in in_flight:
                 i += 1
                 continue
             start = len(cached) * self.pool.page_size
@@ -196,7 +166,7 @@ class Scheduler:
                     break
                 n = budget
             # Cached pages that nobody uses count as free pages until this request takes them.
-            new_pages = -(-(start + n) // self.pool.page_size) - len(cached)
+            new_pages = self.pool.pages_for(start + n) - len(cached)
             if new_pages + self.pool.num_evictable_in(cached) > self.pool.num_free_pages:
                 break  # never preempt to admit: wait for pages to free up
             del self.waiting[i]
@@ -218,7 +188,7 @@ class Scheduler:
 
     def _make_room(self, req: Request, total_tokens: int, scheduled: set[int]) -> bool:
         """Preempt the newest unscheduled running requests until `req` fits; False if it cannot."""
-        while self._pages_needed(req, total_tokens) > self.pool.num_free_pages:
+        while self.pool.num_missing_pages(total_tokens, req.request_id) > self.pool.num_free_pages:
             victims = [r for r in reversed(self.running) if r is not req and r.request_id not in scheduled]
             if not victims:
                 # Nothing else to evict: preempt `req` itself and retry it when others finish.
@@ -238,8 +208,9 @@ class Scheduler:
             toks = prompt[a:b] if b <= len(prompt) else prompt[a:] + out[max(0, a - len(prompt)) : b - len(prompt)]
             keys.append(page_hash(keys[-1] if keys else ROOT_HASH, toks))
 
-    def _cached_prefix(self, req: Request) -> list[int]:
-        """Cached pages of the longest cached prefix of a waiting request, leaving at least one token to compute.
+    def _cached_prefix(self, req: Request) -> tuple[list[int], bytes | None]:
+        """Cached pages of the longest cached prefix of a waiting request, leaving at least one token to compute, and
+        the key of the first page it would compute if that is a full page it could take from the cache (else None).
 
         The token left is the one whose logits give the next token; its KV goes to a page of its own, so a
         fully cached prompt of whole pages recomputes its last page rather than write into a shared one.
@@ -247,12 +218,8 @@ class Scheduler:
         assert req.num_computed_tokens == 0 and not self.pool.num_pages_of(req.request_id)
         self._extend_keys(req, req.num_known_tokens)
         limit = min(len(req.page_keys), (req.num_tokens - 1) // self.pool.page_size)
-        return self.pool.match(req.page_keys[:limit])
-
-    def _next_key(self, req: Request, num_cached_pages: int) -> bytes | None:
-        """Key of the first page a waiting request would compute, if it is a full page it could take from the cache."""
-        limit = min(len(req.page_keys), (req.num_tokens - 1) // self.pool.page_size)
-        return req.page_keys[num_cached_pages] if num_cached_pages < limit else None
+        cached = self.pool.match(req.page_keys[:limit])
+        return cached, req.page_keys[len(cached)] if len(cached) < limit else None
 
     def _cache_computed_pages(self, req: Request) -> None:
         """Offer the request's full pages whose KV a launched step wrote to the cache.

@@ -55,9 +55,6 @@ class StepTimer:
             self.steps.append(self._cur)
         self._cur = None
 
-    def reset(self) -> None:
-        self.steps.clear()
-
     def summary(self) -> dict[str, dict[str, float]]:
         """Per step kind: steps, mean rows, mean ms per host phase, mean GPU ms, GPU idle share between steps."""
         if self.cuda:

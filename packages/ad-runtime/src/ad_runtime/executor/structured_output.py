@@ -36,9 +36,6 @@ class GrammarMasks:
         """Some unfinished request is constrained."""
         return bool(self._matchers)
 
-    def constrains(self, request_id: int) -> bool:
-        return request_id in self._matchers
-
     def add(self, request_id: int, params: StructuredOutputParams) -> None:
         """Start a matcher for the request (compiling its grammar unless cached); ValueError if it cannot."""
         import xgrammar as xgr

@@ -1,4 +1,4 @@
-"""Page bookkeeping for the paged KV cache: a free list, per-sequence page tables and shared cached pages, no tensors."""
+"""Page bookkeeping of the paged KV cache: a free list, per-sequence page tables, shared cached pages; no tensors."""
 
 from collections.abc import Hashable, Sequence
 

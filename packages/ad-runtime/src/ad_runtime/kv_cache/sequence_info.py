@@ -108,10 +108,6 @@ class SequenceInfo:
         """The buffers a step of `num_tokens` tokens (padding rows included) is written to and read from."""
         return self._small if num_tokens <= self._small_tokens else self._large
 
-    def _dev_view(self, name: str, n: int) -> torch.Tensor:
-        """Field `name` of the current step's device buffer, its first n entries."""
-        return self._cur.dev_view(name, n)
-
     def _field(self, name: str, num_seqs: int, num_tokens: int) -> torch.Tensor:
         buf = self._buffers(num_tokens)
         if name in _TOKEN_FIELDS:
@@ -160,7 +156,7 @@ class SequenceInfo:
     @property
     def last_token_idx(self) -> torch.Tensor:
         """int64 [B]: index into the T axis of each sequence's last token (for gathering logits)."""
-        return self._dev_view("last_token_idx", self._num_seqs)
+        return self._cur.dev_view("last_token_idx", self._num_seqs)
 
     @property
     def num_sequences(self) -> int:
@@ -208,7 +204,8 @@ class SequenceInfo:
         one (decode). Page tables must cover input_pos + len(tokens) tokens.
         """
         if len(token_ids) == 1 and len(token_ids[0]) == 1 and len(input_pos) == 1 and len(page_tables) == 1:
-            self._nest_lone_decode(token_ids[0][0], int(input_pos[0]), page_tables[0], -1 if slots is None else slots[0])
+            slot = -1 if slots is None else slots[0]
+            self._nest_lone_decode(token_ids[0][0], int(input_pos[0]), page_tables[0], slot)
         else:
             self._nest_many(token_ids, input_pos, page_tables, slots)
 
@@ -350,7 +347,7 @@ class SequenceInfo:
         Overlapped scheduling feeds a token sampled by the previous step before the host has read it; this
         runs after the step's input copy and before the model (or a CUDA-graph replay) reads input_ids.
         """
-        ids = self._dev_view("input_ids", self._num_tokens)
+        ids = self._cur.dev_view("input_ids", self._num_tokens)
         if ids.is_cuda:
             from ..kernels.triton.future_tokens import resolve_future_tokens_  # Triton only where a GPU runs
 
