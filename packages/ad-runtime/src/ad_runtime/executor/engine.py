@@ -15,6 +15,7 @@ import torch
 
 from ..sampling_params import SamplingParams
 from .detokenizer import Detokenizer
+from .device_tensor import device_tensor
 from .errors import one_line
 from .launched_step import HostTokens, LaunchedStep
 from .logprobs import TokenLogprobs
@@ -249,7 +250,8 @@ class Engine:
         if len(sample_rows) == len(batch):
             rows, greedy = logits, getattr(self.runner, "last_greedy", None)  # see ModelRunner
         else:
-            rows, greedy = logits[torch.tensor(sample_rows, device=logits.device)], None
+            # device_tensor: a pageable copy would wait for this step's forward (every mixed step's host stalled)
+            rows, greedy = logits[device_tensor(sample_rows, logits.device)], None
         launched = self._sample(rows, reqs, failed, greedy)
         if timer is not None:
             timer.device_work_queued()
