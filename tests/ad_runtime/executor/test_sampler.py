@@ -142,6 +142,8 @@ def test_flashinfer_kernels_load_in_the_background_and_torch_samples_until_then(
     assert fs.can_draw(gpu_logits, cut_p=True, seeded=False)
     assert not fs.can_draw(gpu_logits, cut_p=True, seeded=True) and not fs.can_draw(torch.zeros(1, 4), True, False)
     assert compiles == [1]
+    monkeypatch.setattr(fs, "flashinfer_sampling", lambda: None)  # the switch, AUTODEPLOY_FLASHINFER_SAMPLING=0
+    assert not fs.can_draw(gpu_logits, cut_p=True, seeded=False)
     fs.start_loading(torch.device("cpu"))  # a CPU sampler starts nothing
     assert len(fs._loader) == 1
 

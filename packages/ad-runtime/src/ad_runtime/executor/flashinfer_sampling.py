@@ -85,7 +85,8 @@ def wait_ready(timeout: float | None = None) -> bool:
 def can_draw(logits: torch.Tensor, cut_p: bool, seeded: bool) -> bool:
     """Whether draw() applies: a GPU batch with a top-p cut and no seeded row, FlashInfer's kernels loaded and
     working."""
-    return logits.is_cuda and cut_p and not seeded and _ready.is_set() and not _failed
+    return (logits.is_cuda and cut_p and not seeded and _ready.is_set() and not _failed
+            and flashinfer_sampling() is not None)
 
 
 def draw(logits: torch.Tensor, ks: list[int], top_ps: list[float], cut_k: bool) -> torch.Tensor | None:
