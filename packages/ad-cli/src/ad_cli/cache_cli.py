@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import OneLineErrorParser
+from .errors import OneLineErrorParser, parse_number
 
 PROG = "ad-cache"
 MB = 1e6
@@ -14,10 +14,7 @@ DAY_S = 86400.0
 
 
 def _days(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+    value = parse_number(text, float, "number of days")
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a number of days >= 0, got {text}")
     return value
@@ -25,9 +22,10 @@ def _days(text: str) -> float:
 
 def parser() -> argparse.ArgumentParser:
     """`ad-cache list` and `ad-cache clear`, each with its own --help."""
-    p = OneLineErrorParser(prog=PROG, description="Show and free the build cache: the graphs build_and_run_ad saves after the "
-                "sharding stage, one file per rank. Converted checkpoints beside it are never touched.",
-                epilog="`ad-cache list --help` and `ad-cache clear --help` describe their options.")
+    p = OneLineErrorParser(prog=PROG, description="Show and free the build cache: the graphs build_and_run_ad saves "
+                           "after the sharding stage, one file per rank. Converted checkpoints beside it are never "
+                           "touched.",
+                           epilog="`ad-cache list --help` and `ad-cache clear --help` describe their options.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{list,clear}")
     dir_help = ("the build cache folder (default: the one a build uses: $AD_BUILD_CACHE_DIR, else "
                 "$AD_CACHE_DIR/builds, else ~/.cache/ad_autodeploy/builds); give it where a YAML file sets "

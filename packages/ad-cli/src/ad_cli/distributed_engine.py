@@ -56,8 +56,10 @@ class DistributedEngine:
     def kv_cache_usage(self) -> float:
         return self.backend.engine_stats[2]
 
-    def submit(self, token_ids: list[int], params: SamplingParams, prompt: str | None, stream: bool = True) -> asyncio.Queue:
-        """Send a request to rank 0; returns the asyncio queue that receives its Updates (only the last unless `stream`)."""
+    def submit(self, token_ids: list[int], params: SamplingParams, prompt: str | None,
+               stream: bool = True) -> asyncio.Queue:
+        """Send a request to rank 0; returns the asyncio queue that receives its Updates (the last only unless
+        `stream`)."""
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
         tracker = self._metrics.track(len(token_ids)) if self._metrics is not None else None

@@ -5,6 +5,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,7 @@ class EngineThread:
             raise ValueError("EngineThread needs the engine in this process (world_size 1); use DistributedEngine")
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        self._crash: str | None = None  # why the thread ended, if it did by an error
+        self._stopped: str | None = None  # "the engine stopped: <why>", once the thread ended by an error
         self._loops: dict[asyncio.Queue, asyncio.AbstractEventLoop] = {}  # each request's caller's event loop
         # A step's updates, per event loop, handed over together before the next step (_flush): one wake-up of
         # each loop a step, not one per request (256 streams: 256 self-pipe writes and wake-ups a step, all
@@ -70,12 +71,13 @@ class EngineThread:
         self._thread = threading.Thread(target=self._run, name="ad-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, token_ids: list[int], params: SamplingParams, prompt: str | None, stream: bool = True) -> asyncio.Queue:
+    def submit(self, token_ids: list[int], params: SamplingParams, prompt: str | None,
+               stream: bool = True) -> asyncio.Queue:
         """Queue a request; returns the asyncio queue that receives its Updates (only the last unless `stream`)."""
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
-        if self._crash is not None:
-            out.put_nowait(failed_update(f"the engine stopped: {self._crash}"))
+        if self._stopped is not None:
+            out.put_nowait(failed_update(self._stopped))
             return out
         self._loops[out] = loop
         if self._metrics is not None:
@@ -109,8 +111,8 @@ class EngineThread:
 
     def health(self) -> str | None:
         """None while the engine thread serves; else why it cannot."""
-        if self._crash is not None:
-            return f"the engine stopped: {self._crash}"
+        if self._stopped is not None:
+            return self._stopped
         if not self._thread.is_alive() and not self._stop.is_set():
             return "the engine thread is not running"
         return None
@@ -156,10 +158,8 @@ class EngineThread:
         requests see the closed loop at their next update and are aborted)."""
         pending, self._pending = self._pending, {}
         for loop, items in pending.items():
-            try:
+            with suppress(RuntimeError):  # the loop closed
                 loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the loop closed
-                pass
 
     def _observe(self, out: asyncio.Queue, req: Any) -> None:
         """After every step that changed the request (streamed or not): its tracker counts the new tokens."""
@@ -173,9 +173,9 @@ class EngineThread:
             self._flush()  # the stop came after a step: its updates still go out
         except BaseException as e:  # noqa: BLE001 - a bug here must not leave callers waiting forever
             logger.exception("the engine thread failed")
-            self._crash = one_line(e)
+            self._stopped = f"the engine stopped: {one_line(e)}"
             self._flush()  # updates of the last good step come before the failure
-            for out, _ in self._requests.fail_all(f"the engine stopped: {self._crash}"):
+            for out, _ in self._requests.fail_all(self._stopped):
                 self._tell_failed(out)
             while True:  # submissions that raced the crash
                 try:
@@ -191,22 +191,12 @@ class EngineThread:
             tracker.failed()
         loop = self._loops.pop(out, None)
         if loop is not None:
-            _put(loop, out, failed_update(f"the engine stopped: {self._crash}"))
+            with suppress(RuntimeError):  # the loop closed: nobody listens
+                loop.call_soon_threadsafe(out.put_nowait, failed_update(self._stopped))
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-
-
-def _put(loop: asyncio.AbstractEventLoop, out: asyncio.Queue, update: Update) -> bool:
-    """Put `update` on a queue of another thread's event loop; False if that loop has closed."""
-    if loop.is_closed():
-        return False
-    try:
-        loop.call_soon_threadsafe(out.put_nowait, update)
-    except RuntimeError:  # closed between the check and the call
-        return False
-    return True
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Update]]) -> None:

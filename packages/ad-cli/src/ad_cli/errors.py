@@ -4,7 +4,9 @@ import argparse
 import logging
 import sys
 import traceback
-from typing import NoReturn
+from typing import NoReturn, TypeVar
+
+_Number = TypeVar("_Number", int, float)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -14,6 +16,14 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog.split()[0]}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def parse_number(text: str, kind: type[_Number], what: str) -> _Number:
+    """`text` as an argparse option's number; `not a {what}: '...'` otherwise."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a {what}: {text!r}") from None
 
 
 def one_line(e: BaseException) -> str:

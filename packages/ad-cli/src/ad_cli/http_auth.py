@@ -1,10 +1,9 @@
 """`--api-key`: every route but /health, /version and /metrics asks for `Authorization: Bearer KEY` (401 otherwise)."""
 
 import hmac
-import json
 from typing import Any
 
-from .http_limits import Receive, Scope, Send, header_value
+from .http_limits import Receive, Scope, Send, header_value, send_error
 
 # Open without a key: probes (load balancers, orchestrators), what a client checks before it has a key, and the
 # Prometheus scrape (as vLLM's, whose key guards /v1 only; scrapers are configured apart from API clients).
@@ -34,28 +33,13 @@ class ApiKeyMiddleware:
         self._key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
         token = bearer_token(scope)
-        if token is not None and hmac.compare_digest(token, self._key):
+        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS or (
+                token is not None and hmac.compare_digest(token, self._key)):
             await self.app(scope, receive, send)
             return
-        if token is None:
-            message = "no API key: send the header 'Authorization: Bearer <key>'"
-        else:
-            message = "invalid API key"
-        await _unauthorized(scope, send, message)
-
-
-async def _unauthorized(scope: Scope, send: Send, message: str) -> None:
-    """401 with OpenAI's error body; the connection closes when a request body may follow (it is not read)."""
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": "invalid_api_key"}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"www-authenticate", b"Bearer")]
-    length = header_value(scope, b"content-length")
-    if header_value(scope, b"transfer-encoding") is not None or (length is not None and length.strip() != b"0"):
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": 401, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+        message = "no API key: send the header 'Authorization: Bearer <key>'" if token is None else "invalid API key"
+        # The connection closes when a request body may follow (it is not read).
+        length = header_value(scope, b"content-length")
+        close = header_value(scope, b"transfer-encoding") is not None or (length is not None and length.strip() != b"0")
+        await send_error(send, 401, message, close, "invalid_api_key", ((b"www-authenticate", b"Bearer"),))

@@ -37,15 +37,15 @@ class ServerLimits:
     max_queued_requests: int = 256
 
 
-def error_body(status: int, message: str, param: str | None = None) -> bytes:
-    """OpenAI's error body as JSON bytes."""
+def error_object(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body."""
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": None}}).encode()
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def raw_response(status: int, message: str) -> bytes:
     """A complete HTTP/1.1 response that closes the connection (for answers given below the ASGI app)."""
-    body = error_body(status, message)
+    body = json.dumps(error_object(status, message)).encode()
     head = [
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
         "content-type: application/json",
@@ -78,10 +78,11 @@ def one_line(message: str) -> str:
     return line if len(line) <= 500 else line[:497] + "..."
 
 
-async def send_error(send: Send, status: int, message: str, close: bool = True) -> None:
-    """Answer with OpenAI's error body; `close` asks the server to drop the connection afterwards."""
-    body = error_body(status, message)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+async def send_error(send: Send, status: int, message: str, close: bool = True, code: str | None = None,
+                     extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """Answer with OpenAI's error body (and `extra` headers); `close` asks the server to drop the connection after."""
+    body = json.dumps(error_object(status, message, code=code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -89,10 +90,6 @@ async def send_error(send: Send, status: int, message: str, close: bool = True) 
 
 
 class _TooLarge(Exception):
-    pass
-
-
-class _Gone(Exception):
     pass
 
 
@@ -149,7 +146,7 @@ class BodyLimitMiddleware:
             await send_error(send, 413, f"the request body is larger than the server's limit of "
                                         f"{self.max_body_bytes} bytes")
             return
-        except _Gone:
+        if body is None:  # the client went away
             return
         delivered = False
 
@@ -162,13 +159,13 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _read(self, receive: Receive) -> bytes:
+    async def _read(self, receive: Receive) -> bytes | None:
         parts: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise _Gone
+                return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:

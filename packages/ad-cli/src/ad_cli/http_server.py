@@ -13,6 +13,7 @@ import asyncio
 import logging
 import resource
 import socket
+from dataclasses import replace
 from typing import Any
 
 import h11
@@ -87,7 +88,8 @@ class GuardedH11Protocol(H11Protocol):
                 return
             self.tally.note("closed idle connection to make room")
             victim._end_idle("the server needed this idle connection for another client")
-        self._become_idle()
+        self.idle[self] = None
+        self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:
@@ -116,10 +118,6 @@ class GuardedH11Protocol(H11Protocol):
 
     # ---- helpers -------------------------------------------------------------------------------------
 
-    def _become_idle(self) -> None:
-        self.idle[self] = None
-        self._arm_header_timer()
-
     def _arm_header_timer(self) -> None:
         self._stop_header_timer()
         self._header_timer = self.loop.call_later(self.limits.header_timeout, self._header_timeout)
@@ -134,12 +132,12 @@ class GuardedH11Protocol(H11Protocol):
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
             return
         self.tally.note("408 request headers timeout")
-        self._end_idle(f"the request headers did not arrive within {self.limits.header_timeout:g} s", 408)
+        self._end_idle(f"the request headers did not arrive within {self.limits.header_timeout:g} s")
 
-    def _end_idle(self, why: str, status: int = 408) -> None:
+    def _end_idle(self, why: str) -> None:
         """Close a connection with no request in progress: 408 if part of a request came, else silently."""
         if self._got_bytes:
-            self._answer_and_close(status, why)
+            self._answer_and_close(408, why)
         else:
             self._close()
 
@@ -180,8 +178,6 @@ def effective_limits(limits: ServerLimits) -> ServerLimits:
     if limits.max_connections > cap:
         logger.warning("max connections lowered from %d to %d (the open-files limit is %d)",
                        limits.max_connections, cap, fds)
-        from dataclasses import replace
-
         return replace(limits, max_connections=cap)
     return limits
 

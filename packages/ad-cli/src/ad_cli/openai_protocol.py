@@ -11,7 +11,7 @@ from typing import Annotated, Any, ClassVar
 
 from ad_runtime import SamplingParams
 from ad_runtime.sampling_params import MAX_BIAS, MAX_LOGPROBS, MAX_N, MAX_PENALTY
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
 
 from .http_limits import one_line
 from .structured_request import FieldError, StructuredOutputFields
@@ -32,6 +32,11 @@ class BadRequest(Exception):
         self.status, self.message, self.param = status, message, param
 
 
+def bad_field(param: str, message: str) -> BadRequest:
+    """A 400 blaming `param`, its message `param: message`."""
+    return BadRequest(400, f"{param}: {message}", param)
+
+
 def _valid_text(text: str) -> str:
     """Text must encode as UTF-8: a lone surrogate ("\\ud800", legal in JSON) breaks the tokenizer."""
     try:
@@ -43,6 +48,17 @@ def _valid_text(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_valid_text)]
 TokenId = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+
+
+def _listed(v: Any) -> Any:
+    return [v] if isinstance(v, str) else v  # `stop: "x"` is `stop: ["x"]`
+
+
+def _token_id_keys(v: dict[str, float] | None) -> dict[str, float] | None:
+    for key in v or ():
+        if not (key.isascii() and key.isdigit()) or int(key) > MAX_COUNT:
+            raise ValueError(f"keys must be token ids (decimal strings of ints >= 0), got {json.dumps(key)[:40]}")
+    return v
 
 
 def _name(key: str) -> str:
@@ -58,10 +74,18 @@ def _is_off(value: Any, off: Any) -> bool:
     return type(value) is type(off) and value == off
 
 
-def _refuse_unless_off(key: str, value: Any, offs: tuple, where: str = "") -> None:
-    if not any(_is_off(value, off) for off in offs):
-        shown = " or ".join(json.dumps(o) for o in offs)
-        raise BadRequest(400, f"{where}{_name(key)}: not supported yet (only {shown} is accepted)", where + _name(key))
+def _without_off_fields(data: dict[str, Any], known: Any, not_yet: dict[str, tuple], where: str = "") -> dict:
+    """`data` less its known-but-"off" fields; BadRequest naming the first field that is unknown or not off."""
+    out = {}
+    for key, value in data.items():
+        if key in known:
+            out[key] = value
+        elif key not in not_yet:
+            raise bad_field(where + _name(key), "unknown field")
+        elif not any(_is_off(value, off) for off in not_yet[key]):
+            shown = " or ".join(json.dumps(o) for o in not_yet[key])
+            raise bad_field(where + _name(key), f"not supported yet (only {shown} is accepted)")
+    return out
 
 
 class RequestBody(BaseModel):
@@ -72,15 +96,10 @@ class RequestBody(BaseModel):
 
     @classmethod
     def precheck(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """The body without its "off" fields; BadRequest naming the first field it cannot honour."""
-        out = {}
-        for key, value in data.items():
-            if key in cls.model_fields:
-                out[key] = value
-            elif key in cls._not_yet:
-                _refuse_unless_off(key, value, cls._not_yet[key])
-            else:
-                raise BadRequest(400, f"{_name(key)}: unknown field", _name(key))
+        """The body without its "off" fields (nor its chat messages'); BadRequest naming the first it cannot honour."""
+        out = _without_off_fields(data, cls.model_fields, cls._not_yet)
+        if "messages" in out:  # a field of this body (else refused above): its messages' keys are checked too
+            out["messages"] = _check_messages(out["messages"])
         return out
 
     def check(self) -> None:
@@ -102,7 +121,7 @@ class SamplingRequest(StructuredOutputFields, RequestBody):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=0, le=MAX_COUNT)  # 0: off
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    stop: list[Annotated[Text, Field(min_length=1)]] | None = None
+    stop: Annotated[list[Annotated[Text, Field(min_length=1)]] | None, BeforeValidator(_listed)] = None
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -114,24 +133,12 @@ class SamplingRequest(StructuredOutputFields, RequestBody):
     frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)
     repetition_penalty: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     # JSON object keys are strings: token ids as decimal strings; checked against the vocabulary when tokenising.
-    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS, allow_inf_nan=False)]] | None = None
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS, allow_inf_nan=False)]] | None,
+                          AfterValidator(_token_id_keys)] = None
     min_tokens: int | None = Field(default=None, ge=0, le=MAX_COUNT)
     # Accepted and unused: OpenAI's end-user id for abuse monitoring (and its newer name).
     user: str | None = None
     safety_identifier: str | None = None
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _one_stop(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _token_id_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        for key in v or ():
-            if not (key.isascii() and key.isdigit()) or int(key) > MAX_COUNT:
-                raise ValueError(f"keys must be token ids (decimal strings of ints >= 0), got {json.dumps(key)[:40]}")
-        return v
 
     @property
     def bias(self) -> dict[int, float]:
@@ -148,13 +155,13 @@ class SamplingRequest(StructuredOutputFields, RequestBody):
         except FieldError as e:
             raise BadRequest(400, str(e), e.param) from None
         if self.max_completion_tokens is not None and self.max_tokens not in (None, self.max_completion_tokens):
-            raise BadRequest(400, f"max_completion_tokens: {self.max_completion_tokens} differs from max_tokens "
-                                  f"({self.max_tokens}); give one of them", "max_completion_tokens")
+            raise bad_field("max_completion_tokens", f"{self.max_completion_tokens} differs from max_tokens "
+                                                     f"({self.max_tokens}); give one of them")
         if self.stream_options is not None and not self.stream:
-            raise BadRequest(400, "stream_options: only allowed with stream: true", "stream_options")
+            raise bad_field("stream_options", "only allowed with stream: true")
         if self.min_tokens and self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens:
-            raise BadRequest(400, f"min_tokens: {self.min_tokens} is more than {self.max_tokens_param} "
-                                  f"({self.max_new_tokens})", "min_tokens")
+            raise bad_field("min_tokens",
+                            f"{self.min_tokens} is more than {self.max_tokens_param} ({self.max_new_tokens})")
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -172,8 +179,8 @@ class SamplingRequest(StructuredOutputFields, RequestBody):
     def params(self, default_max: int) -> SamplingParams:
         max_tokens = self.max_new_tokens or default_max
         if (self.min_tokens or 0) > max_tokens:
-            raise BadRequest(400, f"min_tokens: {self.min_tokens} is more than the server's default max_tokens "
-                                  f"({max_tokens}); give max_tokens", "min_tokens")
+            raise bad_field("min_tokens", f"{self.min_tokens} is more than the server's default max_tokens "
+                                          f"({max_tokens}); give max_tokens")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -200,29 +207,19 @@ def _prompt(v: Any) -> str | list[int]:
 
 class CompletionRequest(SamplingRequest):
     _not_yet: ClassVar[dict[str, tuple]] = COMPLETION_NOT_YET
-    prompt: Any
+    prompt: Annotated[Any, AfterValidator(_prompt)]
     echo: bool = False  # the prompt's text comes first in the answer (the first chunk of a stream)
     _echo_text: str = PrivateAttr("")  # filled when the prompt is tokenised
     # The legacy form: top logprobs per token (0: the sampled token's only). Strict: `true` is not a count.
-    logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None = None
-
-    @field_validator("logprobs", mode="before")
-    @classmethod
-    def _false_is_off(cls, v: Any) -> Any:
-        return None if v is False else v
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: Any) -> str | list[int]:
-        return _prompt(v)
+    logprobs: Annotated[Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None,
+                        BeforeValidator(lambda v: None if v is False else v)] = None
 
     def check(self) -> None:
         super().check()
         if self.echo and self.logprobs is not None:
             # OpenAI's answer would then hold the echoed prompt's logprobs too: the model runner computes the
             # logits of the last prompt position only, so prompt logprobs are not available.
-            raise BadRequest(400, "logprobs: not supported together with echo (it needs the prompt's logprobs)",
-                             "logprobs")
+            raise bad_field("logprobs", "not supported together with echo (it needs the prompt's logprobs)")
 
     @property
     def num_logprobs(self) -> int | None:
@@ -243,56 +240,33 @@ def _check_messages(messages: Any) -> Any:
         return messages  # the model's validation says what is wrong
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            out.append(m)
-            continue
-        where = f"messages.{i}."
-        m = dict(m)
-        for key in list(m):
-            if key in ("role", "content"):
-                continue
-            if key not in MESSAGE_NOT_YET:
-                raise BadRequest(400, f"{where}{_name(key)}: unknown field", where + _name(key))
-            _refuse_unless_off(key, m.pop(key), MESSAGE_NOT_YET[key], where)
-        if isinstance(m.get("content"), list):
-            m["content"] = _join_parts(m["content"], f"{where}content")
+        if isinstance(m, dict):
+            m = _without_off_fields(m, ("role", "content"), MESSAGE_NOT_YET, f"messages.{i}.")
+            if isinstance(m.get("content"), list):
+                m["content"] = _join_parts(m["content"], f"messages.{i}.content")
         out.append(m)
     return out
 
 
 def _join_parts(parts: list, where: str) -> str:
     if not parts:
-        raise BadRequest(400, f"{where}: must be a string or a non-empty list of text parts", where)
+        raise bad_field(where, "must be a string or a non-empty list of text parts")
     texts = []
     for j, part in enumerate(parts):
         at = f"{where}.{j}"
         if not isinstance(part, dict):
-            raise BadRequest(400, f"{at}: must be an object like {{\"type\": \"text\", \"text\": ...}}", at)
+            raise bad_field(at, 'must be an object like {"type": "text", "text": ...}')
         kind = part.get("type")
         if kind != "text":
-            raise BadRequest(400, f"{at}.type: only text parts are supported, got {json.dumps(kind)[:40]}",
-                             f"{at}.type")
-        for key in part:
-            if key not in ("type", "text"):
-                raise BadRequest(400, f"{at}.{_name(key)}: unknown field", f"{at}.{_name(key)}")
+            raise bad_field(f"{at}.type", f"only text parts are supported, got {json.dumps(kind)[:40]}")
+        _without_off_fields(part, ("type", "text"), {}, f"{at}.")
         if not isinstance(part.get("text"), str):
-            raise BadRequest(400, f"{at}.text: must be a string", f"{at}.text")
+            raise bad_field(f"{at}.text", "must be a string")
         texts.append(part["text"])
     return "\n".join(texts)
 
 
-class _MessagesPrecheck:
-    """For bodies with chat `messages`: their keys are checked (refused by name) before parsing."""
-
-    @classmethod
-    def precheck(cls, data: dict[str, Any]) -> dict[str, Any]:
-        data = super().precheck(data)  # type: ignore[misc]
-        if "messages" in data:
-            data["messages"] = _check_messages(data["messages"])
-        return data
-
-
-class ChatRequest(_MessagesPrecheck, SamplingRequest):
+class ChatRequest(SamplingRequest):
     _not_yet: ClassVar[dict[str, tuple]] = CHAT_NOT_YET
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: Annotated[bool, Field(strict=True)] | None = None
@@ -301,14 +275,14 @@ class ChatRequest(_MessagesPrecheck, SamplingRequest):
     def check(self) -> None:
         super().check()
         if self.top_logprobs and not self.logprobs:
-            raise BadRequest(400, "top_logprobs: needs logprobs: true", "top_logprobs")
+            raise bad_field("top_logprobs", "needs logprobs: true")
 
     @property
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(_MessagesPrecheck, RequestBody):
+class TokenizeRequest(RequestBody):
     """/tokenize: a text prompt (tokenised as /v1/completions does) or chat messages (as chat does)."""
 
     model: str | None = None

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from .engine_thread import Update
 from .http_limits import EventTally, ServerLimits, one_line
 from .logprobs_format import TokenTexts, chat_logprobs, completion_logprobs, text_length
-from .openai_protocol import BadRequest, CompletionRequest, RequestBody, SamplingRequest, parse_request
+from .openai_protocol import BadRequest, CompletionRequest, RequestBody, SamplingRequest, bad_field, parse_request
 from .prompt_encoding import Encoder, PromptEncoder, llm_arg
 
 logger = logging.getLogger("ad_cli.http")
@@ -185,12 +185,8 @@ class OpenAIHandlers:
         """Refuse a token limit over max_seq_len and a logit_bias for ids the vocabulary lacks."""
         limit, max_seq_len = req.max_new_tokens, self.prompts.max_seq_len
         if max_seq_len and limit is not None and limit > max_seq_len:
-            raise BadRequest(400, f"{req.max_tokens_param}: {limit} is more than the server's max_seq_len "
-                                  f"({max_seq_len})", req.max_tokens_param)
-        bad = self.prompts.outside_vocab(req.bias)
-        if bad is not None:
-            raise BadRequest(400, f"logit_bias: token id {bad} is outside the vocabulary (size {self.prompts.vocab})",
-                             "logit_bias")
+            raise bad_field(req.max_tokens_param, f"{limit} is more than the server's max_seq_len ({max_seq_len})")
+        self.prompts.check_vocab(req.bias, "logit_bias")
 
     async def parse_and(self, http: Request, model: type[RequestBody], work: Callable[[Any], Any]) -> Any:
         """Parse a request and run `work` on it, both off the event loop (`work` holding the tokenizer)."""

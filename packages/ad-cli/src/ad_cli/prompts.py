@@ -26,9 +26,11 @@ def normalize_queries(queries: Any, batch_size: int) -> list[Prompt]:
             elif "prompt" in q:
                 q = q["prompt"]
             else:
-                raise ValueError(f"prompt.queries[{i}]: a dict query needs a 'prompt' or 'messages' key, got {sorted(q)}")
+                raise ValueError(f"prompt.queries[{i}]: a dict query needs a 'prompt' or 'messages' key, "
+                                 f"got {sorted(q)}")
         if not (isinstance(q, str) or (isinstance(q, list) and q and all(isinstance(m, dict) for m in q))):
-            raise ValueError(f"prompt.queries[{i}]: expected a string or a list of chat messages, got {type(q).__name__}")
+            raise ValueError(f"prompt.queries[{i}]: expected a string or a list of chat messages, "
+                             f"got {type(q).__name__}")
         out.append(q)
     return [out[i % len(out)] for i in range(batch_size)]
 

@@ -104,10 +104,8 @@ def run_experiment(config: Any) -> dict[str, Any]:
         outs = llm.generate([as_chat(q, has_template) for q in queries], sp)
         pairs = []
         for i, (q, o) in enumerate(zip(queries, outs)):
-            if o.error:
-                print(f"[{i}] prompt: {display(q)}\n    error: {o.error}", flush=True)
-            else:
-                print(f"[{i}] prompt: {display(q)}\n    output: {o.outputs[0].text}", flush=True)
+            answer = f"error: {o.error}" if o.error else f"output: {o.outputs[0].text}"
+            print(f"[{i}] prompt: {display(q)}\n    {answer}", flush=True)
             pairs.append([display(q), o.outputs[0].text])
         results["prompts_and_outputs"] = pairs
         if config.benchmark.enabled:

@@ -6,9 +6,9 @@ import logging
 import math
 import os
 import sys
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from ad_cli.errors import OneLineErrorParser, report
+from ad_cli.errors import OneLineErrorParser, parse_number, report
 from ad_cli.http_limits import ServerLimits
 
 if TYPE_CHECKING:
@@ -19,32 +19,24 @@ PROG = "ad-serve"
 # settings). The environment keeps the key out of the process list, where a command-line argument shows.
 API_KEY_ENV = "SERVE_API_KEY"
 _DEFAULTS = ServerLimits()
-_Number = TypeVar("_Number", int, float)
-
-
-def _parse(text: str, kind: type[_Number], what: str) -> _Number:
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a {what}: {text!r}") from None
 
 
 def _port(text: str) -> int:
-    port = _parse(text, int, "port number")
+    port = parse_number(text, int, "port number")
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535; 0 picks a free one)")
     return port
 
 
 def _positive_int(text: str) -> int:
-    value = _parse(text, int, "whole number")
+    value = parse_number(text, int, "whole number")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def _seconds(text: str) -> float:
-    value = _parse(text, float, "number of seconds")
+    value = parse_number(text, float, "number of seconds")
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .distributed_engine import DistributedEngine
 from .engine_thread import EngineThread, Update
 from .http_auth import ApiKeyMiddleware
-from .http_limits import BodyLimitMiddleware, ServerLimits, one_line
+from .http_limits import BodyLimitMiddleware, ServerLimits, error_object, one_line
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServerMetrics
 from .openai_protocol import BadRequest, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, first_error
@@ -27,13 +27,7 @@ DISCONNECT_POLL_S = 1.0
 
 def _error(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     """OpenAI's error body, so OpenAI clients show the message; always one line."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": one_line(message), "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    return first_error(list(exc.errors()))
+    return JSONResponse(error_object(status, one_line(message), param), status_code=status, headers=headers)
 
 
 def _version() -> str:
@@ -105,8 +99,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return _error(400, message, param)
+        return _error(400, *first_error(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
