@@ -14,21 +14,15 @@ if TYPE_CHECKING:
 # Transform -> {backend: what to use instead on a CPU}. Triton kernels run on a CPU only in Triton's
 # interpreter (TRITON_INTERPRET=1, slow, used by the tests); without it they fail late in the build
 # ("0 active drivers"). FlashInfer and CUDA graphs have no CPU path at all.
-_CPU_FALLBACK_ATTN = "use 'torch' or 'auto' on a CPU"
-_CPU_FALLBACK_KERNEL = "use 'torch' or 'auto' on a CPU"
-_CPU_FALLBACK_COMPILE = "use 'torch-simple', 'torch-compile' or 'auto' on a CPU"
+_USE_TORCH = "use 'torch' or 'auto' on a CPU"
+_USE_CPU_COMPILE = "use 'torch-simple', 'torch-compile' or 'auto' on a CPU"
 GPU_ONLY_BACKENDS: dict[str, dict[str, str]] = {
-    "insert_cached_attention": {"flashinfer": _CPU_FALLBACK_ATTN, "triton": _CPU_FALLBACK_ATTN},
-    "fuse_rmsnorm": {"triton": _CPU_FALLBACK_KERNEL},
-    "fuse_add_rmsnorm": {"triton": _CPU_FALLBACK_KERNEL},
-    "optimize_rope": {"triton": _CPU_FALLBACK_KERNEL},
-    "compile_model": {"torch-cudagraph": _CPU_FALLBACK_COMPILE, "torch-opt": _CPU_FALLBACK_COMPILE},
+    "insert_cached_attention": {"flashinfer": _USE_TORCH, "triton": _USE_TORCH},
+    "fuse_rmsnorm": {"triton": _USE_TORCH},
+    "fuse_add_rmsnorm": {"triton": _USE_TORCH},
+    "optimize_rope": {"triton": _USE_TORCH},
+    "compile_model": {"torch-cudagraph": _USE_CPU_COMPILE, "torch-opt": _USE_CPU_COMPILE},
 }
-
-
-def triton_interpreter_on() -> bool:
-    """TRITON_INTERPRET=1: Triton kernels run (slowly) on a CPU."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def gpu_only_problems(args: "AutoDeployConfig", device: str) -> list[tuple[Path, str, Any]]:
@@ -43,7 +37,7 @@ def gpu_only_problems(args: "AutoDeployConfig", device: str) -> list[tuple[Path,
         if cfg is None or not getattr(cfg, "enabled", True):
             continue
         backend = getattr(cfg, "backend", None)
-        if backend not in choices or (backend == "triton" and triton_interpreter_on()):
+        if backend not in choices or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
             continue
         reason = f"backend {backend!r} needs a CUDA GPU, but the target is {device}; {choices[backend]}"
         problems.append((("transforms", name, "backend"), reason, backend))

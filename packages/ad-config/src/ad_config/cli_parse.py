@@ -8,8 +8,8 @@ from pydantic import BaseModel
 
 from .errors import ConfigError
 from .field_paths import is_mapping, is_model, resolve, type_value, unwrap
-from .merge import Path, leaf_paths, set_path
-from .origins import OriginMap
+from .merge import Path, get_path, set_path
+from .origins import OriginMap, leaf_labels
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -30,27 +30,27 @@ class ParsedArgs:
     options: CliOptions
 
 
-def _split(argv: list[str]) -> list[tuple[str, list[str], bool]]:
-    """(key, value tokens, had '=') per option; values run until the next `--` token."""
-    out: list[tuple[str, list[str], bool]] = []
+def _split(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """(key, value tokens) per option; values run until the next `--` token."""
+    out: list[tuple[str, list[str]]] = []
     i = 0
     while i < len(argv):
         tok = argv[i]
         if tok in ("-h", "--help"):
-            out.append(("help", [], False))
+            out.append(("help", []))
             i += 1
             continue
         if not tok.startswith("--") or tok == "--":
             raise ConfigError(f"unexpected argument {tok!r}: options are written --key=value or --key value")
         key, eq, inline = tok[2:].partition("=")
         if eq:
-            out.append((key, [inline], True))
+            out.append((key, [inline]))
             i += 1
             continue
         j = i + 1
         while j < len(argv) and not argv[j].startswith("--"):
             j += 1
-        out.append((key, argv[i + 1 : j], False))
+        out.append((key, argv[i + 1 : j]))
         i = j
     return out
 
@@ -68,7 +68,7 @@ def parse_argv(argv: list[str], model: type[BaseModel]) -> ParsedArgs:
     values: dict[str, Any] = {}
     origins = OriginMap()
     options = CliOptions()
-    for key, tokens, _ in _split(argv):
+    for key, tokens in _split(argv):
         spelled = f"--{key}"
         norm = key.replace("_", "-")
         if norm == "help":
@@ -89,19 +89,8 @@ def parse_argv(argv: list[str], model: type[BaseModel]) -> ParsedArgs:
                 # Repeating --yaml-extra adds files rather than forgetting the earlier ones.
                 value = get_path(values, path, []) + value
             set_path(values, path, value)
-            label = f"command line {spelled}"
-            origins.overlay({path + sub: label for sub in (leaf_paths(value) or {(): None})})
+            origins.overlay(leaf_labels(path, value, f"command line {spelled}"))
     return ParsedArgs(values, dict(origins.items()), options)
-
-
-def get_path(data: dict, path: Path, default: Any) -> Any:
-    """The value at `path` in nested dicts, or `default` where the path does not lead to one."""
-    node: Any = data
-    for key in path:
-        if not isinstance(node, dict) or key not in node:
-            return default
-        node = node[key]
-    return node
 
 
 def _type_name(annotation: Any) -> str:

@@ -3,11 +3,12 @@
 import logging
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import yaml
 
-from .cli_parse import CliOptions, help_lines, parse_argv
+from .cli_parse import help_lines, parse_argv
 from .errors import ConfigError
 from .experiment import ExperimentConfig, prompts_not_run
 from .llm_args import LlmArgs
@@ -32,29 +33,16 @@ def load_experiment_config(argv: list[str] | None = None, runs_prompts: bool = T
     `runs_prompts=False` (ad-serve): the prompt section runs nothing, so prompt.batch_size does not raise
     args.max_batch_size (a server given --args.max_batch_size=1 runs one request at a time).
     """
-    argv = sys.argv[1:] if argv is None else argv
-    if runs_prompts:
-        return parse_command_line(argv)[0]
-    with prompts_not_run():
-        return parse_command_line(argv)[0]
+    parsed = parse_argv(sys.argv[1:] if argv is None else argv, ExperimentConfig)
+    if parsed.options.help:
+        return ExperimentConfig.model_construct()
+    with nullcontext() if runs_prompts else prompts_not_run():
+        return ExperimentConfig.build(parsed.values, init_origins=parsed.origins)
 
 
 def load_llm_args(**kwargs: Any) -> LlmArgs:
     """LlmArgs from keyword arguments (as `LLM(**kwargs)` gets them); an unknown keyword is a ConfigError."""
     return LlmArgs.build(kwargs)
-
-
-def parse_command_line(argv: list[str]) -> tuple[ExperimentConfig, CliOptions]:
-    """The resolved configuration and the command's own options."""
-    parsed = parse_argv(argv, ExperimentConfig)
-    if parsed.options.help:
-        return ExperimentConfig.model_construct(), parsed.options
-    return ExperimentConfig.build(parsed.values, init_origins=parsed.origins), parsed.options
-
-
-def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
-    """The configuration as plain YAML-ready data (what --dry-run prints)."""
-    return config.model_dump(mode="json", exclude=_NOT_PRINTED)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -73,7 +61,7 @@ _Dumper.add_representer(list, _represent_list)
 def render_yaml(config: ExperimentConfig) -> str:
     """The configuration as YAML; fed back through --yaml-extra it gives the same configuration."""
     return yaml.dump(
-        config_to_dict(config),
+        config.model_dump(mode="json", exclude=_NOT_PRINTED),
         Dumper=_Dumper,
         sort_keys=False,
         default_flow_style=False,
@@ -108,7 +96,7 @@ def _transform_help() -> list[str]:
     lines = ["", "Transforms (--args.transforms.<name>.<key>=VALUE; default.yaml lists them in pipeline order):"]
     for name, cls in TRANSFORM_CONFIGS.items():
         stage = cls.model_fields["stage"].default
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        doc = cls.__doc__.strip().splitlines()[0] if cls.__doc__ else ""
         lines.append(f"  {name} [{getattr(stage, 'value', stage)}]  {doc}")
         lines += help_lines(cls, f"args.transforms.{name.replace('_', '-')}.", skip=common, indent="    ")
     lines += ["", "Keys every transform takes (its stage, in brackets above, is fixed by the pipeline):"]
@@ -129,9 +117,8 @@ def run_command(
     which must show where a refused value came from); a ConfigError it raises is reported like any other.
     Returns the exit code: 0 on success, 2 for a configuration error (printed as one or two lines).
     """
-    argv = sys.argv[1:] if argv is None else argv
     try:
-        parsed = parse_argv(argv, ExperimentConfig)
+        parsed = parse_argv(sys.argv[1:] if argv is None else argv, ExperimentConfig)
         options = parsed.options
         # Logging first, so warnings met while resolving (e.g. unknown AD_ variables) are shown.
         logging.basicConfig(
@@ -147,14 +134,10 @@ def run_command(
             return 0
         if check is not None:
             check(config)
-    except ConfigError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    if run is None or config.dry_run:
-        sys.stdout.write(render_yaml(config))
-        return 0
-    log.info("resolved configuration for model %s", config.model or "bundled SmolLM2")
-    try:
+        if run is None or config.dry_run:
+            sys.stdout.write(render_yaml(config))
+            return 0
+        log.info("resolved configuration for model %s", config.model or "bundled SmolLM2")
         return run(config) or 0
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

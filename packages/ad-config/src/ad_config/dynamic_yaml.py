@@ -4,18 +4,17 @@ import logging
 import os
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 from pydantic import PrivateAttr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from .cli_parse import get_path
 from .error_format import format_validation_error
 from .errors import ConfigError
 from .field_paths import is_model, resolve, type_value, unwrap
-from .merge import Path, deep_merge_dicts, dotted, set_path
-from .origins import OriginMap, label_layer
+from .merge import Path, deep_merge_dicts, dotted, get_path, leaf_paths, set_path
+from .origins import OriginMap, leaf_labels
 from .transform_config import closest_name
 from .yaml_files import describe_file, load_yaml_file
 
@@ -67,34 +66,38 @@ def active_resolution(owner: type) -> _Resolution | None:
     return res if res is not None and res.owner is owner else None
 
 
-class _EnvSource(PydanticBaseSettingsSource):
+class _Source(PydanticBaseSettingsSource):
+    """A layer that reads its source itself in __call__ and records the origin labels in `resolution`."""
+
+    def __init__(self, settings_cls: type[BaseSettings], resolution: _Resolution) -> None:
+        super().__init__(settings_cls)
+        self.resolution = resolution
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the source itself
+
+
+def _nested_settings(cls: type[BaseSettings]) -> list[tuple[str, type[BaseSettings]]]:
+    """(field name, class) of the settings objects nested in `cls` (LlmArgs inside ExperimentConfig)."""
+    return [(name, ann) for name, info in cls.model_fields.items()
+            if is_model(ann := unwrap(info.annotation)) and issubclass(ann, DynamicYamlMixInForSettings)]
+
+
+class _EnvSource(_Source):
     """`AD_<FIELD>[__<SUB>...]` variables, typed like command-line text.
 
     A name that is not a field of this class but of a nested settings field (LlmArgs inside
     ExperimentConfig) is forwarded there, so `AD_WORLD_SIZE` means the same for every command.
     """
 
-    def __init__(self, settings_cls: type[BaseSettings], resolution: _Resolution, enabled: bool) -> None:
-        super().__init__(settings_cls)
-        self.resolution = resolution
-        self.enabled = enabled
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False  # unused: __call__ reads the environment itself
-
     def _forward(self, name: str) -> list[str] | None:
-        fields = self.settings_cls.model_fields
-        if name in fields:
+        if name in self.settings_cls.model_fields:
             return [name]
-        for fname, info in fields.items():
-            ann = unwrap(info.annotation)
-            if is_model(ann) and issubclass(ann, DynamicYamlMixInForSettings) and name in ann.model_fields:
-                if name not in YAML_FIELDS:
-                    return [fname, name]
-        return None
+        nested = _nested_settings(self.settings_cls)
+        return next(([f, name] for f, cls in nested if name in cls.model_fields and name not in YAML_FIELDS), None)
 
     def __call__(self) -> dict[str, Any]:
-        if not self.enabled:
+        if not self.resolution.read_env:
             return {}
         prefix = (self.config.get("env_prefix") or "").upper()
         delimiter = self.config.get("env_nested_delimiter") or "__"
@@ -105,44 +108,19 @@ class _EnvSource(PydanticBaseSettingsSource):
             parts = var[len(prefix) :].lower().split(delimiter)
             target = self._forward(parts[0])
             if target is None:
-                hint = closest_name(parts[0], _all_names(self.settings_cls))
+                nested = [n for _, cls in _nested_settings(self.settings_cls) for n in cls.model_fields]
+                hint = closest_name(parts[0], list(self.settings_cls.model_fields) + nested)
                 log.warning("ignoring %s: no field %r%s", var, parts[0], f" (did you mean {hint!r}?)" if hint else "")
                 continue
             path, ann = resolve(self.settings_cls, target + parts[1:], f"environment {var}")
-            set_path(data, path, type_value(ann, [os.environ[var]], f"environment {var}"))
-            self.resolution.env.update(label_layer(_nest(path, data), lambda _p, v=var: f"environment {v}"))
+            value = type_value(ann, [os.environ[var]], f"environment {var}")
+            set_path(data, path, value)
+            self.resolution.env.update(leaf_labels(path, value, f"environment {var}"))
         return data
 
 
-def _all_names(cls: type[BaseSettings]) -> list[str]:
-    """Field names of `cls` and of its nested settings fields (the names an AD_ variable may use)."""
-    names = list(cls.model_fields)
-    for info in cls.model_fields.values():
-        ann = unwrap(info.annotation)
-        if is_model(ann) and issubclass(ann, DynamicYamlMixInForSettings):
-            names += list(ann.model_fields)
-    return names
-
-
-def _nest(path: Path, data: dict) -> dict:
-    """`data` restricted to the subtree at `path`, still nested from the root."""
-    node: Any = data
-    for key in path:
-        node = node[key]
-    out: dict = {}
-    set_path(out, path, node)
-    return out
-
-
-class _YamlFilesSource(PydanticBaseSettingsSource):
+class _YamlFilesSource(_Source):
     """`yaml_default` then each `yaml_extra` file, deep-merged in order (later files win)."""
-
-    def __init__(self, settings_cls: type[BaseSettings], resolution: _Resolution) -> None:
-        super().__init__(settings_cls)
-        self.resolution = resolution
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False  # unused: __call__ reads the files itself
 
     def _files(self) -> list[tuple[str, str]]:
         """(path, who named it) for every file to read, in order."""
@@ -193,21 +171,14 @@ class DynamicYamlMixInForSettings(BaseSettings):
     yaml_extra: list[str] = []
 
     _origins: OriginMap = PrivateAttr(default_factory=OriginMap)
-    # How init kwargs are labelled when the caller says nothing (LLM(**kwargs), tests).
-    _init_label: ClassVar[str] = "keyword argument"
 
     def __init__(self, **values: Any) -> None:
         request = _request.get() or _Request(None)
-        resolution = _Resolution(owner=type(self), read_env=request.read_env)
-        if request.init_origins is not None:
-            resolution.init = dict(request.init_origins)
-        # Anything given without a label is labelled as a keyword argument; given labels win.
-        resolution.init = {
-            **label_layer(values, lambda p: f"{type(self)._init_label} {p[0]}"),
-            **resolution.init,
-        }
-        resolution.init = {p: lab for p, lab in resolution.init.items()
-                           if get_path(values, p, _ABSENT) is not _ABSENT}
+        # Anything given without a label (LLM(**kwargs), tests) is a keyword argument; given labels win, for
+        # the values actually given.
+        labels = {**{p: f"keyword argument {p[0]}" for p in leaf_paths(values)}, **(request.init_origins or {})}
+        init = {p: label for p, label in labels.items() if get_path(values, p, _ABSENT) is not _ABSENT}
+        resolution = _Resolution(owner=type(self), read_env=request.read_env, init=init)
         req_token, res_token = _request.set(None), _active.set(resolution)
         try:
             super().__init__(**values)
@@ -236,7 +207,7 @@ class DynamicYamlMixInForSettings(BaseSettings):
         assert resolution is not None, "settings sources are built inside __init__"
         return (
             init_settings,
-            _EnvSource(settings_cls, resolution, enabled=resolution.read_env),
+            _EnvSource(settings_cls, resolution),
             _YamlFilesSource(settings_cls, resolution),
         )
 

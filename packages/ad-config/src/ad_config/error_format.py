@@ -20,10 +20,10 @@ MAX_SHOWN = 80
 
 
 class FieldErrors(ConfigError):
-    """Problems found by a validator below its own field: (relative path, reason[, offending value])."""
+    """Problems found by a validator below its own field: (relative path, reason, offending value or NO_VALUE)."""
 
-    def __init__(self, items: list[tuple[Path, str] | tuple[Path, str, Any]]) -> None:
-        self.items: list[tuple[Path, str, Any]] = [(i[0], i[1], i[2] if len(i) > 2 else NO_VALUE) for i in items]
+    def __init__(self, items: list[tuple[Path, str, Any]]) -> None:
+        self.items = items
         super().__init__("; ".join(f"{dotted(p)}: {r}" for p, r, _ in self.items))
 
 
@@ -49,6 +49,12 @@ def explain(err: dict[str, Any], model: type[BaseModel], loc: Path) -> str:
     return msg
 
 
+def validation_problems(error: ValidationError, model: type[BaseModel], prefix: Path = ()) -> list[tuple]:
+    """FieldErrors items (path under `prefix`, reason, offending value) for the errors of validating a `model`."""
+    return [(prefix + tuple(err["loc"]), explain(err, model, tuple(err["loc"])),
+             NO_VALUE if err["type"] == "missing" else err.get("input", NO_VALUE)) for err in error.errors()]
+
+
 def _list_choices(model: type[BaseModel], loc: Path) -> str | None:
     """'tp', 'ep' or 'bmm' when the field at `loc` is a list of string choices, else None."""
     owner = model_at(model, loc[:-1]) if len(loc) > 1 else model
@@ -67,10 +73,10 @@ def _clean_loc(loc: tuple) -> Path:
     return tuple(p for p in loc if isinstance(p, int) or ("[" not in p and p not in ("str", "int", "list", "dict")))
 
 
-def _one_line(path: Path, reason: str, value: Any, origins: OriginMap, has_value: bool, prefix: Path) -> str:
+def _one_line(path: Path, reason: str, value: Any, origins: OriginMap, prefix: Path) -> str:
     origin = origins.get(tuple(p for p in path if not isinstance(p, int))) if path else None
     parts = [f"{dotted(prefix + path)}: {reason}" if path else reason]
-    if has_value and not isinstance(value, (dict, BaseModel)):
+    if value is not NO_VALUE and not isinstance(value, (dict, BaseModel)):
         parts.append(f"(got {shown(value)}" + (f" from {origin})" if origin else ")"))
     elif origin:
         parts.append(f"(from {origin})")
@@ -89,19 +95,19 @@ def format_validation_error(
         loc = _clean_loc(tuple(err["loc"]))
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, FieldErrors):
-            lines += [_one_line(loc + p, r, v, origins, v is not NO_VALUE, prefix) for p, r, v in cause.items]
+            lines += [_one_line(loc + p, r, v, origins, prefix) for p, r, v in cause.items]
         elif isinstance(cause, ConfigError):
             # Already phrased by a nested settings object (it knew its own sources).
             lines.append(str(cause))
         else:
-            has_value = err["type"] not in ("missing",)
-            lines.append(_one_line(loc, explain(err, model, loc), err.get("input"), origins, has_value, prefix))
+            value = NO_VALUE if err["type"] == "missing" else err.get("input")
+            lines.append(_one_line(loc, explain(err, model, loc), value, origins, prefix))
     return _join(lines) or str(error)
 
 
 def format_field_problems(items: list[tuple[Path, str, Any]], origins: OriginMap, prefix: Path = ()) -> str:
     """FieldErrors-style (path, reason, value) items found outside validation, phrased like validation errors."""
-    return _join([_one_line(p, r, v, origins, v is not NO_VALUE, prefix) for p, r, v in items])
+    return _join([_one_line(p, r, v, origins, prefix) for p, r, v in items])
 
 
 def _join(lines: list[str]) -> str:

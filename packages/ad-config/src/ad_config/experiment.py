@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from .dynamic_yaml import DynamicYamlMixInForSettings, active_resolution
-from .error_format import FieldErrors, explain
+from .error_format import FieldErrors, validation_problems
 from .limits import MAX_BATCH, MAX_COUNT, MAX_SEED, MAX_TOKENS
 from .llm_args import LlmArgs
 from .merge import deep_merge_dicts
@@ -81,10 +81,7 @@ class PromptConfig(BaseModel):
         try:
             _SamplingKwargsCheck.model_validate(value)
         except ValidationError as e:
-            raise FieldErrors(
-                [(tuple(err["loc"]), explain(err, _SamplingKwargsCheck, tuple(err["loc"])), err.get("input"))
-                 for err in e.errors()]
-            ) from None
+            raise FieldErrors(validation_problems(e, _SamplingKwargsCheck)) from None
         return value
 
     @field_validator("queries")

@@ -48,10 +48,6 @@ def is_list(annotation: Any) -> bool:
     return any(m is list or typing.get_origin(m) in (list, tuple, set) for m in _members(annotation))
 
 
-def is_bool(annotation: Any) -> bool:
-    return unwrap(annotation) is bool
-
-
 def _is_text(ann: Any) -> bool:
     if ann is str or (isinstance(ann, type) and issubclass(ann, (PurePath, Enum))):
         return True
@@ -69,10 +65,6 @@ def list_item_is_text(annotation: Any) -> bool:
             args = typing.get_args(m)
             return bool(args) and is_text(args[0])
     return False
-
-
-def field_names(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
 
 
 def model_at(model: type[BaseModel], path: Path) -> type[BaseModel] | None:
@@ -111,7 +103,7 @@ def resolve(model: type[BaseModel], parts: list[str], spelled: str) -> tuple[Pat
         name = part.replace("-", "_")
         field = current.model_fields.get(name)
         if field is None:
-            hint = closest_name(name, field_names(current))
+            hint = closest_name(name, list(current.model_fields))
             where = f" in {'.'.join(path)}" if path else ""
             owner = _transform_owning(name) if "transforms" in current.model_fields else None
             if owner is not None:
@@ -155,7 +147,7 @@ def type_value(annotation: Any, tokens: list[str], spelled: str) -> Any:
             raise _arity(tokens, spelled)
         return scalar_from_text(tokens[0], spelled)
     if not tokens:
-        if is_bool(annotation):
+        if unwrap(annotation) is bool:
             return True
         raise ConfigError(f"{spelled}: expects a value")
     if is_list(annotation):

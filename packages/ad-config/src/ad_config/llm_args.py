@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from .backends import gpu_only_problems
 from .dynamic_yaml import DynamicYamlMixInForSettings, active_resolution
-from .error_format import NO_VALUE, FieldErrors, explain
+from .error_format import NO_VALUE, FieldErrors, validation_problems
 from .errors import ConfigError
 from .limits import MAX_BATCH, MAX_SEED, MAX_TOKENS, MAX_WORLD_SIZE, bad_model_counts
 from .merge import Path
@@ -113,18 +113,14 @@ class AutoDeployConfig(DynamicYamlMixInForSettings):
         if not isinstance(value, dict):
             raise ValueError("must be a mapping of transform name to its settings")
         out: dict[str, TransformConfig] = {}
-        problems: list[tuple[Path, str]] = []
+        problems: list[tuple[Path, str, Any]] = []
         for name, cfg in value.items():
             try:
                 out.update(parse_transforms({name: cfg}))
             except ConfigError as e:
-                problems.append(((name,), str(e)))
+                problems.append(((name,), str(e), NO_VALUE))
             except ValidationError as e:
-                model = transform_config_class(name)
-                for err in e.errors():
-                    loc = tuple(err["loc"])
-                    value = err.get("input", NO_VALUE) if err["type"] != "missing" else NO_VALUE
-                    problems.append(((name,) + loc, explain(err, model, loc), value))
+                problems += validation_problems(e, transform_config_class(name), (name,))
         if problems:
             raise FieldErrors(problems)
         return out
@@ -144,15 +140,14 @@ class AutoDeployConfig(DynamicYamlMixInForSettings):
                     setattr(cfg, key, value)
                 except ValidationError as e:
                     raise ValueError(f"{short}: {e.errors()[0]['msg']}") from None
-                # Report the transform's normalised value (e.g. sorted batch sizes).
-                setattr(self, short, getattr(cfg, key))
                 if res is not None:
                     res.derived.set(("transforms", name, key), f"shortcut {short} <- {origins.get((short,))}")
             elif cfg is not None:
-                setattr(self, short, getattr(cfg, key))
                 src = origins.get(("transforms", name, key)) if origins else None
                 if res is not None and src is not None:
                     res.derived.set((short,), f"transforms.{name}.{key} <- {src}")
+            if cfg is not None:  # the shortcut shows the transform's (normalised: sorted batch sizes) value
+                setattr(self, short, getattr(cfg, key))
         self.check_limits()
         if self.device == "cpu":
             # Refused here, in seconds, rather than by the build after half a minute of work.

@@ -69,6 +69,16 @@ def set_path(data: dict, path: Path, value: Any) -> None:
     node[path[-1]] = value
 
 
+def get_path(data: dict, path: Path, default: Any) -> Any:
+    """The value at `path` in nested dicts, or `default` where the path does not lead to one."""
+    node: Any = data
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
 def dotted(path: Path) -> str:
     """`("args", "world_size")` -> `args.world_size`."""
     return ".".join(str(p) for p in path)

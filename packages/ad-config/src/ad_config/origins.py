@@ -56,9 +56,9 @@ class OriginMap:
         return list(self._origins.items())
 
 
-def label_layer(data: dict[str, Any], label_of: Any) -> dict[Path, str]:
-    """Labels for every leaf of `data`; `label_of(path)` gives each one."""
-    return {path: label_of(path) for path in leaf_paths(data)}
+def leaf_labels(path: Path, value: Any, label: str) -> dict[Path, str]:
+    """`label` for every leaf of `value` set at `path` (`path` itself for a scalar, a list or an empty mapping)."""
+    return {path + sub: label for sub in (leaf_paths(value) or {(): None})}
 
 
 def format_origins(values: dict[str, Any], origins: OriginMap) -> list[str]:
@@ -66,10 +66,8 @@ def format_origins(values: dict[str, Any], origins: OriginMap) -> list[str]:
     lines = []
     known = dict(origins.items())
     for path, value in leaf_paths(values).items():
-        label = known.get(path)
-        if label is None:
-            # A list or mapping value set as a whole by a higher source, or a leaf below a labelled one.
-            label = next((known[path[:n]] for n in range(len(path) - 1, 0, -1) if path[:n] in known), None)
+        # Its own label, else that of the closest labelled parent (a list or mapping set as a whole).
+        label = next((known[path[:n]] for n in range(len(path), 0, -1) if path[:n] in known), None)
         if label is not None:
             lines.append(f"{dotted(path)} = {json.dumps(value)}  [{label}]")
     return lines

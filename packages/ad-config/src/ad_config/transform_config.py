@@ -87,7 +87,7 @@ def transform_config_class(name: str) -> type[TransformConfig]:
         raise ConfigError(f"unknown transform {name!r}{extra}") from None
 
 
-def parse_transforms(raw: dict, source: str = "transforms") -> dict[str, TransformConfig]:
+def parse_transforms(raw: dict) -> dict[str, TransformConfig]:
     """Validate a `transforms:` mapping into typed configs, keeping its order."""
     out: dict[str, TransformConfig] = {}
     for name, value in (raw or {}).items():

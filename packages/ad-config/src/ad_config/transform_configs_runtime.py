@@ -136,9 +136,9 @@ class CompileModelConfig(TransformConfig):
     stage: Stage = Stage.COMPILE
     backend: CompileBackend = Field(default="auto", description="auto is torch-opt (Inductor + CUDA graphs) on a "
                                     "GPU, torch-simple (eager graph) on a CPU; torch-compile is Inductor alone.")
-    cuda_graph_batch_sizes: list[int] | None = Field(default=None, description="Decode batch sizes captured as "
-                                                     "CUDA graphs; None: 1, 2, 4, 8, 16, then steps of 16 to 128, 32 to 256, 64 to "
-                                                     "512... up to max_batch_size (a batch pads by 15 rows or ~25% at most).")
+    cuda_graph_batch_sizes: list[int] | None = Field(
+        default=None, description="Decode batch sizes captured as CUDA graphs; None: 1, 2, 4, 8, 16, then steps of 16 "
+        "to 128, 32 to 256, 64 to 512... up to max_batch_size (a batch pads by 15 rows or ~25% at most).")
     piecewise_num_tokens: list[int] | None = Field(
         default=None, description="Token counts of prefill and mixed steps captured as piecewise CUDA graphs "
         "(torch-cudagraph, torch-opt): the graph between its attention/state ops is replayed, those ops run "

@@ -62,8 +62,6 @@ def _check_expansion(root: yaml.Node, name: str) -> None:
             continue
         if key in size:
             continue
-        if key in on_path:
-            raise ConfigError(f"{name}:{node.start_mark.line + 1}: a YAML alias refers to a value that contains it")
         if depth > MAX_DEPTH:
             raise ConfigError(f"{name}:{node.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep")
         on_path.add(key)
@@ -74,8 +72,7 @@ def _check_expansion(root: yaml.Node, name: str) -> None:
                 raise ConfigError(f"{name}:{line}: a YAML alias refers to a value that contains it")
             if id(child) not in size:
                 stack.append((child, depth + 1, False))
-    distinct = len(size)
-    if size[id(root)] - distinct > MAX_ALIAS_EXPANSION:
+    if size[id(root)] - len(size) > MAX_ALIAS_EXPANSION:  # values beyond the distinct nodes
         raise ConfigError(
             f"{name}: YAML aliases expand the document by more than {MAX_ALIAS_EXPANSION} values "
             f"({size[id(root)]} in all); write the values out or use fewer nested aliases"
@@ -131,20 +128,8 @@ def load_yaml_file(path: str | FsPath) -> tuple[dict[str, Any], dict[Path, int]]
 
 def parse_yaml_text(text: str, name: str) -> tuple[dict[str, Any], dict[Path, int]]:
     """Parse YAML `text` (called `name` in messages) into a mapping and the line of each leaf."""
-    node, data = _parse(text, name)
-    if data is None:
-        return {}, {}
-    if not isinstance(data, dict):
-        line = node.start_mark.line + 1 if node is not None else 1
-        raise ConfigError(f"{name}:{line}: the top level must be a mapping of keys, not {type(data).__name__}")
-    lines: dict[Path, int] = {}
-    _lines(node, (), lines)
-    return data, lines
-
-
-def _parse(text: str, name: str) -> tuple[yaml.Node | None, Any]:
     try:
-        return _compose_and_construct(text, name)
+        node, data = _compose_and_construct(text, name)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{name}:{mark.line + 1}" if mark else name
@@ -156,6 +141,14 @@ def _parse(text: str, name: str) -> tuple[yaml.Node | None, Any]:
         raise ConfigError(f"{name}:{line}: YAML error: {e.reason} (#x{code:04x})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{name}: YAML error: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        line = node.start_mark.line + 1 if node is not None else 1
+        raise ConfigError(f"{name}:{line}: the top level must be a mapping of keys, not {type(data).__name__}")
+    lines: dict[Path, int] = {}
+    _lines(node, (), lines)
+    return data, lines
 
 
 def scalar_from_text(text: str, name: str = "value") -> Any:
