@@ -178,16 +178,14 @@ class PiecewiseGraphs(nn.Module):
         tokens = kwargs["input_ids"].shape[-1]
         if self.cm.info.is_decode_only or not self.covers(tokens):
             return self.fallback(**kwargs)
-        bucket = self.num_tokens[bisect.bisect_left(self.num_tokens, tokens)]
-        with torch.inference_mode():  # the buffers were made under it (as GraphRunner runs every step)
-            return self._replay(self.replays[bucket], tokens, kwargs)
+        replays = self.replays[self.num_tokens[bisect.bisect_left(self.num_tokens, tokens)]]
 
-    def _replay(self, replays: dict[str, "_Replay"], tokens: int, kwargs: dict[str, torch.Tensor]) -> Any:
         def piece(_: int, node: Node, env: dict[str, Any]) -> Any:
             rep = replays.get(node.name)
             return rep.run(env, tokens) if rep is not None else self._eager(node, env)
 
-        out = self._walk(kwargs, piece)
+        with torch.inference_mode():  # the buffers were made under it (as GraphRunner runs every step)
+            out = self._walk(kwargs, piece)
         self.num_replays += 1
         return out
 
@@ -306,15 +304,9 @@ class PiecewiseGraphs(nn.Module):
     def _output_reads(self, node: Node, n: int) -> list[tuple[str, int | None]]:
         """Per output of a captured piece: its value's name and the last node index where eager code reads it
         (None: only graphs read it, straight from the pool)."""
-        items = {u.args[1]: u for u in node.users if u.op == "call_function"}
-        values = [items.get(k) for k in range(n)] if items else [node]
-        out = []
-        for v in values:
-            if v is None or v.name not in self.plan.eager_read:
-                out.append((v.name if v is not None else "", None))
-            else:
-                out.append((v.name, self.plan.last_use[v.name]))
-        return out
+        items = {u.args[1]: u.name for u in node.users if u.op == "call_function"}
+        names = [items.get(k, "") for k in range(n)] if items else [node.name]  # "": an output nothing reads
+        return [(v, self.plan.last_use[v] if v in self.plan.eager_read else None) for v in names]
 
 
 def _free_slot(slots: dict[tuple, int], key: tuple, start: int, end: int) -> int:

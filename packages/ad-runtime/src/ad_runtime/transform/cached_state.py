@@ -12,17 +12,14 @@ from abc import abstractmethod
 from typing import Any, ClassVar
 
 import torch
-import torch.nn as nn
-from ad_compiler.errors import CompileError
-from ad_compiler.models.factory import ModelFactory
-from ad_compiler.transform.cache_protocol import CacheInterface
-from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo
+from ad_compiler.transform.interface import TransformInfo
 from ad_compiler.utils.graph_utils import graph_inputs, nodes_calling, run_shape_prop
 from torch.fx import GraphModule, Node
 
 from .. import state as _state  # noqa: F401 - registers the cached state ops
 from ..kv_cache.interface import CachedSequenceInterface, StateSpec
 from ..state.runner import STATE_METADATA
+from .graph_transform import GraphTransform
 
 
 def state_metadata_inputs(gm: GraphModule, cm: CachedSequenceInterface) -> list[Any]:
@@ -48,7 +45,7 @@ def kv_state_spec(node: Node) -> StateSpec:
     return StateSpec((int(h), int(dk), int(v.meta["val"].shape[-1])), torch.float32)
 
 
-class CachedStateTransform(BaseTransform):
+class CachedStateTransform(GraphTransform):
     """An `insert_cached_<op>` transform: swap every call of `op` for `cached_op` (both in torch.ops.auto_deploy).
 
     `num_tensors` leading arguments go before the metadata, the rest after the state input `<state_name>_<layer>`;
@@ -64,17 +61,10 @@ class CachedStateTransform(BaseTransform):
     def state_spec(self, node: Node) -> StateSpec:
         """The per-sequence state of `node` (a call of `op`)."""
 
-    def _apply(
-        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
-    ) -> tuple[nn.Module, TransformInfo]:
-        if not isinstance(cm, CachedSequenceInterface):
-            raise CompileError(f"{self.registry_key} needs the runtime's CachedSequenceInterface (cm)")
-        if not isinstance(mod, GraphModule):
-            raise CompileError(f"{self.registry_key} needs an exported GraphModule")
-        gm = mod
+    def _rewrite(self, gm: GraphModule, cm: CachedSequenceInterface) -> tuple[GraphModule, TransformInfo]:
         sources = nodes_calling(gm, getattr(torch.ops.auto_deploy, self.op))
         if not sources:
-            return mod, TransformInfo(skipped=True, reason=f"no {self.op} in the graph")
+            return gm, TransformInfo(skipped=True, reason=f"no {self.op} in the graph")
         if any("val" not in a.meta for n in sources for a in n.all_input_nodes):
             run_shape_prop(gm)  # a transform that left new nodes without shapes: refresh them once
         cached_op, k = getattr(torch.ops.auto_deploy, self.cached_op).default, self.num_tensors
@@ -87,4 +77,4 @@ class CachedStateTransform(BaseTransform):
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
         gm.recompile()
-        return mod, TransformInfo(num_matches=len(sources))
+        return gm, TransformInfo(num_matches=len(sources))

@@ -106,31 +106,27 @@ def launch_config(n: int, k: int, device: torch.device) -> dict:
     return dict(BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)), num_warps=4, num_stages=3)
 
 
-def _check_weight(weight: torch.Tensor) -> None:
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
+    """One GEMV launch for an x of exactly one row; with `swiglu`, silu(gate) * up of a merged [gate; up] weight."""
     if weight.dim() != 2 or weight.stride(1) != 1:
         raise ValueError("gemv needs a 2-D weight with unit stride along its input features")
-
-
-def _one_row(x: torch.Tensor, k: int) -> torch.Tensor:
-    """x as a contiguous vector of k features (it must hold exactly one row)."""
+    rows, k = weight.shape
+    if swiglu and rows % 2:
+        raise ValueError(f"gemv_swiglu needs a merged [gate; up] weight of even rows, got {rows}")
     if x.numel() != k:
         raise ValueError(f"gemv needs one row of {k} features, got input of shape {tuple(x.shape)}")
     x1 = x.reshape(k)
-    return x1 if x1.stride(0) == 1 else x1.contiguous()
-
-
-def _launch(
-    x1: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, k: int, swiglu: bool = False
-) -> None:
-    rows = weight.shape[0]
+    x1 = x1 if x1.stride(0) == 1 else x1.contiguous()
+    n = rows // 2 if swiglu else rows  # the width of the output
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     cfg = launch_config(rows, k, x1.device)
-    n = rows // 2 if swiglu else rows
     if swiglu:  # each program reads its gate rows and as many up rows: the tile the plain GEMV would read
         cfg["BLOCK_N"] = max(1, cfg["BLOCK_N"] // 2)
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x1, weight, bias if bias is not None else weight, y, k, n, weight.stride(0),
         HAS_BIAS=bias is not None, SWIGLU=swiglu, **cfg, **pdl_launch_args(x1.device),
     )
+    return y
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -138,30 +134,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
 
     weight [N, K] with unit stride along K; x, weight and bias of one floating dtype (as aten.linear needs).
     """
-    _check_weight(weight)
-    n, k = weight.shape
-    x1 = _one_row(x, k)
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    _launch(x1, weight, bias, y, k)
-    return y
-
-
-def _check_merged(weight: torch.Tensor) -> int:
-    """Half the rows of a merged [gate; up] weight (the width of silu(gate) * up)."""
-    _check_weight(weight)
-    if weight.shape[0] % 2:
-        raise ValueError(f"gemv_swiglu needs a merged [gate; up] weight of even rows, got {weight.shape[0]}")
-    return weight.shape[0] // 2
+    return _gemv(x, weight, bias, swiglu=False)
 
 
 def gemv_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """silu(gate) * up of y = aten.linear(x, weight, bias), y = [gate | up], for an x of exactly one row."""
-    n = _check_merged(weight)
-    k = weight.shape[1]
-    x1 = _one_row(x, k)
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    _launch(x1, weight, bias, y, k, swiglu=True)
-    return y
+    return _gemv(x, weight, bias, swiglu=True)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

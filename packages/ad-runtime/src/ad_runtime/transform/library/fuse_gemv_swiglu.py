@@ -14,15 +14,13 @@ Runs after gemv_decode_linear and fuse_gemms (which merges gate and up, gate fir
 import operator
 
 import torch
-import torch.nn as nn
-from ad_compiler.errors import CompileError
-from ad_compiler.models.factory import ModelFactory
 from ad_compiler.transform.cache_protocol import CacheInterface
-from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
+from ad_compiler.transform.interface import TransformInfo, TransformRegistry
 from ad_compiler.utils.graph_utils import erase_dead, is_last_dim, is_op, nodes_calling, static_shape
 from torch.fx import GraphModule, Node
 
 from ...kernels import ops  # noqa: F401 - defines auto_deploy::triton_gemv_linear and triton_gemv_swiglu
+from ..graph_transform import GraphTransform
 
 GEMV = torch.ops.auto_deploy.triton_gemv_linear.default
 GEMV_SWIGLU = torch.ops.auto_deploy.triton_gemv_swiglu.default
@@ -76,13 +74,10 @@ def _swiglu_of(gemv: Node) -> Node | None:
 
 
 @TransformRegistry.register("fuse_gemv_swiglu")
-class FuseGemvSwiglu(BaseTransform):
-    def _apply(
-        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
-    ) -> tuple[nn.Module, TransformInfo]:
-        if not isinstance(mod, GraphModule):
-            raise CompileError("fuse_gemv_swiglu needs an exported GraphModule")
-        gm = mod
+class FuseGemvSwiglu(GraphTransform):
+    needs_cm = False
+
+    def _rewrite(self, gm: GraphModule, cm: CacheInterface | None) -> tuple[GraphModule, TransformInfo]:
         gemvs = nodes_calling(gm, GEMV)
         if not gemvs:
             return gm, TransformInfo(skipped=True, reason="no triton_gemv_linear (gemv_decode_linear did not run)")

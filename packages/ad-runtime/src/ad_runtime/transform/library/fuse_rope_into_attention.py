@@ -13,16 +13,14 @@ Only rotations whose outputs feed nothing but that attention call are fused; the
 import operator
 
 import torch
-import torch.nn as nn
-from ad_compiler.errors import CompileError
-from ad_compiler.models.factory import ModelFactory
 from ad_compiler.transform.cache_protocol import CacheInterface
-from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
+from ad_compiler.transform.interface import TransformInfo, TransformRegistry
 from ad_compiler.utils.graph_utils import nodes_calling, set_fake_val
 from torch.fx import GraphModule, Node
 
 from ...attention import triton_backend  # noqa: F401 - defines auto_deploy::triton_cached_attention
 from ...kernels import ops  # noqa: F401 - defines auto_deploy::triton_rope_with_cos_sin_cache
+from ..graph_transform import GraphTransform
 
 ATTENTION = torch.ops.auto_deploy.triton_cached_attention.default
 ROPE = torch.ops.auto_deploy.triton_rope_with_cos_sin_cache.default
@@ -45,13 +43,10 @@ def _rotation_of(q: object, k: object) -> Node | None:
 
 
 @TransformRegistry.register("fuse_rope_into_attention")
-class FuseRopeIntoAttention(BaseTransform):
-    def _apply(
-        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
-    ) -> tuple[nn.Module, TransformInfo]:
-        if not isinstance(mod, GraphModule):
-            raise CompileError("fuse_rope_into_attention needs an exported GraphModule")
-        gm = mod
+class FuseRopeIntoAttention(GraphTransform):
+    needs_cm = False
+
+    def _rewrite(self, gm: GraphModule, cm: CacheInterface | None) -> tuple[GraphModule, TransformInfo]:
         attentions = nodes_calling(gm, ATTENTION)
         if not attentions:
             return gm, TransformInfo(skipped=True, reason="no triton_cached_attention (another attention backend)")

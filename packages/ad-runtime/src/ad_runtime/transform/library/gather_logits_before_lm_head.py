@@ -7,15 +7,12 @@ and the vocab projection of a long prefill is the largest matmul of a small mode
 """
 
 import torch
-import torch.nn as nn
-from ad_compiler.errors import CompileError
-from ad_compiler.models.factory import ModelFactory
-from ad_compiler.transform.cache_protocol import CacheInterface
-from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
+from ad_compiler.transform.interface import TransformInfo, TransformRegistry
 from ad_compiler.utils.graph_utils import add_graph_inputs, is_op
 from torch.fx import GraphModule, Node
 
 from ...kv_cache.interface import CachedSequenceInterface
+from ..graph_transform import GraphTransform
 
 INPUT_NAME = "last_token_idx"
 
@@ -67,15 +64,8 @@ def find_lm_head(gm: GraphModule) -> Node | None:
 
 
 @TransformRegistry.register("gather_logits_before_lm_head")
-class GatherLogitsBeforeLmHead(BaseTransform):
-    def _apply(
-        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
-    ) -> tuple[nn.Module, TransformInfo]:
-        if not isinstance(cm, CachedSequenceInterface):
-            raise CompileError("gather_logits_before_lm_head needs the runtime's CachedSequenceInterface (cm)")
-        if not isinstance(mod, GraphModule):
-            raise CompileError("gather_logits_before_lm_head needs an exported GraphModule")
-        gm = mod
+class GatherLogitsBeforeLmHead(GraphTransform):
+    def _rewrite(self, gm: GraphModule, cm: CachedSequenceInterface) -> tuple[GraphModule, TransformInfo]:
         if INPUT_NAME in {n.target for n in gm.graph.nodes if n.op == "placeholder"}:
             return gm, TransformInfo(skipped=True, reason="the graph already gathers the last tokens")
         lm_head = find_lm_head(gm)

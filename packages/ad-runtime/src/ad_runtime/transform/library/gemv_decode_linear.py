@@ -10,15 +10,13 @@ hold the GEMV and prefill, mixed and larger decode batches run exactly as before
 """
 
 import torch
-import torch.nn as nn
-from ad_compiler.errors import CompileError
-from ad_compiler.models.factory import ModelFactory
 from ad_compiler.transform.cache_protocol import CacheInterface
-from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
+from ad_compiler.transform.interface import TransformInfo, TransformRegistry
 from ad_compiler.utils.graph_utils import arg, fake, get_attr_tensor, nodes_calling
 from torch.fx import GraphModule, Node
 
 from ...kernels import ops  # noqa: F401 - defines auto_deploy::triton_gemv_linear
+from ..graph_transform import GraphTransform
 
 LINEAR = torch.ops.aten.linear.default
 GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -41,22 +39,18 @@ def _rewritable(gm: GraphModule, node: Node) -> bool:
 
 
 @TransformRegistry.register("gemv_decode_linear")
-class GemvDecodeLinear(BaseTransform):
-    def _apply(
-        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
-    ) -> tuple[nn.Module, TransformInfo]:
-        if not isinstance(mod, GraphModule):
-            raise CompileError("gemv_decode_linear needs an exported GraphModule")
+class GemvDecodeLinear(GraphTransform):
+    needs_cm = False
+
+    def _rewrite(self, gm: GraphModule, cm: CacheInterface | None) -> tuple[GraphModule, TransformInfo]:
         reason = skip_reason(getattr(cm, "device", None))
         if reason is not None:
-            return mod, TransformInfo(skipped=True, reason=reason)
-        gm = mod
+            return gm, TransformInfo(skipped=True, reason=reason)
         num = 0
         for node in nodes_calling(gm, LINEAR):
             if not _rewritable(gm, node):
                 continue
-            x, weight = arg(node, 0, "input"), arg(node, 1, "weight")
-            bias = arg(node, 2, "bias")
+            x, weight, bias = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(torch.ops.auto_deploy.triton_gemv_linear.default, (x, weight, bias))
             new.meta.update(node.meta)

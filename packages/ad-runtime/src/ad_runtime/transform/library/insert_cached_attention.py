@@ -10,11 +10,8 @@ import operator
 from typing import Any
 
 import torch
-import torch.nn as nn
 from ad_compiler.errors import CompileError
-from ad_compiler.models.factory import ModelFactory
-from ad_compiler.transform.cache_protocol import CacheInterface
-from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
+from ad_compiler.transform.interface import TransformInfo, TransformRegistry
 from ad_compiler.utils.graph_utils import add_graph_inputs, graph_inputs, nodes_calling
 from ad_compiler.utils.unmatched_attention import find_unmatched_attention
 from torch.fx import GraphModule, Node
@@ -22,6 +19,7 @@ from torch.fx import GraphModule, Node
 from ...attention import AttentionRegistry, resolve_attention_backend
 from ...attention.descriptor import attention_constants, source_op_args
 from ...kv_cache.interface import CachedSequenceInterface
+from ..graph_transform import GraphTransform
 
 
 def _check_supported(node: Node) -> str:
@@ -52,15 +50,8 @@ def _transpose(gm: GraphModule, x: Any) -> Node:
 
 
 @TransformRegistry.register("insert_cached_attention")
-class InsertCachedAttention(BaseTransform):
-    def _apply(
-        self, mod: nn.Module, cm: CacheInterface | None, factory: ModelFactory | None, shared_config: SharedConfig
-    ) -> tuple[nn.Module, TransformInfo]:
-        if not isinstance(cm, CachedSequenceInterface):
-            raise CompileError("insert_cached_attention needs the runtime's CachedSequenceInterface (cm)")
-        if not isinstance(mod, GraphModule):
-            raise CompileError("insert_cached_attention needs an exported GraphModule")
-        gm = mod
+class InsertCachedAttention(GraphTransform):
+    def _rewrite(self, gm: GraphModule, cm: CachedSequenceInterface) -> tuple[GraphModule, TransformInfo]:
         desc = AttentionRegistry.get(resolve_attention_backend(self.config.backend, cm.device, cm.kv_cache_dtype))
         _refuse_unmatched_attention(gm)
         sources = nodes_calling(gm, desc.source_op())
@@ -70,9 +61,8 @@ class InsertCachedAttention(BaseTransform):
 
         example = cm.info.padded_decode_args(1)  # shapes of a one-sequence step, for meta["val"]
         names = list(desc.metadata_names())
-        meta_vals = [example[n].to("meta") for n in names]
-        meta = dict(zip(names, graph_inputs(gm, names, meta_vals)))
-        for name in desc.metadata_names():
+        meta = dict(zip(names, graph_inputs(gm, names, [example[n].to("meta") for n in names])))
+        for name in names:
             cm.add_metadata(name)
         cm.add_attention_backend(desc)
         prepared: list[Node] = []
@@ -88,11 +78,8 @@ class InsertCachedAttention(BaseTransform):
             names = [f"{name}_{layer}" for name in specs]
             for name, spec in zip(names, specs.values()):
                 cm.add_cache(name, spec)
-            cache_vals = [
-                torch.empty(cm.num_pages + 1, cm.page_size, sp.n_kv_heads, sp.head_dim, dtype=cm.cache_dtype(sp),
-                            device="meta")
-                for sp in specs.values()
-            ]
+            cache_vals = [torch.empty(cm.num_pages + 1, cm.page_size, sp.n_kv_heads, sp.head_dim,
+                                      dtype=cm.cache_dtype(sp), device="meta") for sp in specs.values()]
             caches = add_graph_inputs(gm, names, cache_vals, recompile=False)  # recompiled once below
             args = source_op_args(node)
             consts = attention_constants(node)
