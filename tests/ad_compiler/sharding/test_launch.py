@@ -10,7 +10,7 @@ import psutil
 import pytest
 import torch
 import torch.distributed as dist
-from ad_compiler.distributed import DistributedError, RankContext, launch, torchrun_context
+from ad_compiler.distributed import DistributedError, RankContext, launch
 from ad_compiler.distributed.launch import RankTraceback
 
 # Short, so the stopped-rank tests are quick; far above the ranks' heartbeat gaps on a loaded machine (< 2 s).
@@ -115,17 +115,6 @@ def test_timeout_stops_ranks() -> None:
     with pytest.raises(DistributedError, match="did not finish"):
         launch(_too_slow, 2, backend="gloo", start_method="fork", timeout_s=3)
     assert time.monotonic() - start < 15
-
-
-def test_torchrun_env_is_joined(monkeypatch) -> None:
-    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-    assert torchrun_context() is None
-    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": "29999"}.items():
-        monkeypatch.setenv(k, v)
-    ctx = torchrun_context()
-    assert ctx is not None and (ctx.rank, ctx.world_size, ctx.local_rank) == (1, 2, 1)
 
 
 def _env_and_pid(ctx: RankContext, key: str) -> tuple[str | None, int]:

@@ -31,7 +31,8 @@ def load_plugins() -> list[str]:
     return loaded
 
 
-# The compiler's own providers: canonical ops, torch kernel backends, transforms, model factories, export patches.
+# The compiler's own providers, each package with all its modules: canonical ops, torch kernel backends, transforms,
+# model factories, export patches (one module a patch, which their registry's module must not import).
 _BUILTINS = ("ad_compiler.custom_ops", "ad_compiler.kernels_registry", "ad_compiler.transform.library",
              "ad_compiler.models.hf", "ad_compiler.export.patches")
 _state = {"loaded": False}
@@ -43,10 +44,8 @@ def load_builtins_and_plugins() -> None:
         return
     _state["loaded"] = True  # first: a plugin that looks something up while it imports must not re-enter
     for name in _BUILTINS:
-        module = importlib.import_module(name)
-        if name == "ad_compiler.export.patches":  # one module a patch
-            for m in pkgutil.iter_modules(module.__path__):
-                importlib.import_module(f"{name}.{m.name}")
+        for m in pkgutil.iter_modules(getattr(importlib.import_module(name), "__path__", [])):
+            importlib.import_module(f"{name}.{m.name}")
     try:
         load_plugins()
     except ImportError as e:

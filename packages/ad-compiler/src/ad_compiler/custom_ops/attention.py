@@ -29,16 +29,8 @@ def _allowed_mask(
 
 
 def _attention_bnsd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float,
-    sinks: torch.Tensor | None,
-    sliding_window: int | None,
-    logit_cap: float | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, dropout_p: float,
+    is_causal: bool, scale: float, sinks: torch.Tensor | None, sliding_window: int | None, logit_cap: float | None,
 ) -> torch.Tensor:
     s_q, s_k = q.shape[-2], k.shape[-2]
     plain = sinks is None and logit_cap is None and sliding_window is None

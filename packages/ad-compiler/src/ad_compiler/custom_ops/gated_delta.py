@@ -9,7 +9,7 @@ export path); the runtime's cached version continues from each sequence's stored
 
 import torch
 
-from .linear_attention import chunk_decay, read_and_write, scan_chunks
+from .linear_attention import chunk_decay, out_like_v, read_and_write, scan_chunks
 
 
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -75,8 +75,4 @@ def torch_gated_delta_rule(
     return gated_delta_scan(q, k, v, g, beta, None, use_qk_l2norm)[0].to(q.dtype)
 
 
-@torch_gated_delta_rule.register_fake
-def _torch_gated_delta_rule_fake(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, use_qk_l2norm: bool
-) -> torch.Tensor:
-    return q.new_empty(*v.shape)
+torch_gated_delta_rule.register_fake(out_like_v)

@@ -65,6 +65,9 @@ def torch_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     return linear_attention_scan(q, k, v, g)[0].to(q.dtype)
 
 
-@torch_linear_attention.register_fake
-def _torch_linear_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def out_like_v(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_: object) -> torch.Tensor:
+    """The fake of this op and of torch_gated_delta_rule: v's shape in q's dtype."""
     return q.new_empty(*v.shape)
+
+
+torch_linear_attention.register_fake(out_like_v)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 def causal_conv1d_with_state(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [b, s, c] after the k-1 inputs `state` [b, c, k-1] (zeros when None) -> (y [b, s, c], new state [b, c, k-1])."""
+    """x [b, s, c] after the k-1 inputs `state` [b, c, k-1] (zeros if None) -> (y [b, s, c], new state [b, c, k-1])."""
     b, s, c = x.shape
     k = weight.shape[-1]
     xt = x.transpose(1, 2).to(weight.dtype)  # [b, c, s]
@@ -37,14 +37,8 @@ def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
 
 
 def ssm_scan(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    chunk_size: int,
-    state: torch.Tensor | None = None,
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
+    chunk_size: int, state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The scan over s tokens with discretized dt [b, s, h] (float32), from `state` [b, h, p, n] (zeros when None).
 

@@ -1,6 +1,7 @@
 """Canonical routed-experts ops: `auto_deploy::torch_moe` (reference) and `torch_moe_fused` (grouped GEMMs)."""
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -9,8 +10,8 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
     "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
     "relu": F.relu,
 }
 
@@ -22,13 +23,14 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _sort_by_expert(selected_experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-slot indices (into the flattened [T*k]) grouped by expert, and the slot count per expert."""
+    """The token-slot indices (into the flattened [T*k]) routed to experts in [0, E), grouped by expert, and the
+    slot count per expert. Other ids (experts owned by another rank) are left out: never computed."""
     flat = selected_experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    # Ids outside [0, E) (experts owned by another rank) land in no bin and are never computed.
+    order = torch.argsort(flat, stable=True)  # out-of-range ids sort to the ends
     valid = (flat >= 0) & (flat < num_experts)
     counts = torch.bincount(flat[valid], minlength=num_experts)[:num_experts]
-    return order, counts
+    n_neg = int((flat < 0).sum())
+    return order[n_neg : n_neg + int(counts.sum())], counts
 
 
 @torch.library.custom_op("auto_deploy::torch_moe", mutates_args=())
@@ -48,15 +50,11 @@ def torch_moe(
     act = get_activation(act_fn)
     num_experts, top_k = gate_up_weight.shape[0], selected_experts.shape[-1]
     out = torch.zeros_like(x)
-    order, counts = _sort_by_expert(selected_experts, num_experts)
+    grouped, counts = _sort_by_expert(selected_experts, num_experts)
     flat_w = routing_weights.reshape(-1)
-    # Slots of out-of-range experts sort to the ends; skip the negative ones at the front.
-    start = int((selected_experts < 0).sum())
-    for e, c in enumerate(counts.tolist()):
-        if c == 0:
+    for e, slots in enumerate(grouped.split(counts.tolist())):
+        if len(slots) == 0:
             continue
-        slots = order[start : start + c]
-        start += c
         tokens = slots // top_k
         gate, up = F.linear(x[tokens], gate_up_weight[e]).chunk(2, dim=-1)
         y = F.linear(act(gate) * up, down_weight[e]) * flat_w[slots, None]
@@ -102,11 +100,7 @@ def torch_moe_fused(
     act = get_activation(act_fn)
     num_tokens, top_k = selected_experts.shape
     num_experts = gate_up_weight_t.shape[0]
-    flat = selected_experts.reshape(-1)
-    order, counts = _sort_by_expert(selected_experts, num_experts)
-    n_neg = int((flat < 0).sum())
-    n_valid = int(counts.sum())
-    slots = order[n_neg : n_neg + n_valid]
+    slots, counts = _sort_by_expert(selected_experts, num_experts)
     offs = torch.cumsum(counts, 0).to(torch.int32)
     xs = x[slots // top_k].to(gate_up_weight_t.dtype)
     gate, up = _grouped_mm(xs, gate_up_weight_t, offs).chunk(2, dim=-1)

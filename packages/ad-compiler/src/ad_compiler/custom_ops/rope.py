@@ -18,13 +18,12 @@ def torch_rope_with_explicit_cos_sin(
     return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
 
 
-@torch_rope_with_explicit_cos_sin.register_fake
-def _explicit_fake(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    dtype_q = torch.result_type(q, cos)
-    dtype_k = torch.result_type(k, cos)
-    return q.new_empty(q.shape, dtype=dtype_q), k.new_empty(k.shape, dtype=dtype_k)
+def _rotated_fake(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, *_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fake of both cos/sin ops: q and k's shapes, each promoted with cos's dtype."""
+    return q.new_empty(q.shape, dtype=torch.result_type(q, cos)), k.new_empty(k.shape, dtype=torch.result_type(k, cos))
+
+
+torch_rope_with_explicit_cos_sin.register_fake(_rotated_fake)
 
 
 def _rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -45,14 +44,7 @@ def torch_rope_with_qk_interleaving(
     return _rotate_interleaved(q, cos, sin), _rotate_interleaved(k, cos, sin)
 
 
-@torch_rope_with_qk_interleaving.register_fake
-def _interleaved_fake(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return (
-        q.new_empty(q.shape, dtype=torch.result_type(q, cos)),
-        k.new_empty(k.shape, dtype=torch.result_type(k, cos)),
-    )
+torch_rope_with_qk_interleaving.register_fake(_rotated_fake)
 
 
 def _rotate_complex(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -70,7 +62,5 @@ def torch_rope_with_complex_freqs(
 
 
 @torch_rope_with_complex_freqs.register_fake
-def _complex_fake(
-    xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor, unsqueeze_dim: int = 2
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _complex_fake(xq: torch.Tensor, xk: torch.Tensor, *_: object) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(xq), torch.empty_like(xk)

@@ -1,6 +1,6 @@
-"""Process launch and process-group set-up for multi-rank runs (torch.multiprocessing or torchrun)."""
+"""Process launch and process-group set-up for multi-rank runs (torch.multiprocessing)."""
 
 from .launch import DistributedError, launch
-from .process_group import RankContext, free_port, init_process_group, torchrun_context
+from .process_group import RankContext
 
-__all__ = ["DistributedError", "RankContext", "free_port", "init_process_group", "launch", "torchrun_context"]
+__all__ = ["DistributedError", "RankContext", "launch"]

@@ -1,4 +1,4 @@
-"""Start one process per rank (or join a torchrun launch) and fail fast: one rank's error ends them all.
+"""Start one process per rank and fail fast: one rank's error ends them all.
 
 A rank ends the run when it raises (its own error is the message), dies (the signal or exit code is), or
 stops answering for `dist_timeout` seconds. "Answering" is a heartbeat: every rank runs a daemon thread that
@@ -101,21 +101,9 @@ def _private_progress_bar_lock() -> None:
     tqdm.set_lock(threading.RLock())
 
 
-def _rank_main(
-    fn: Callable[..., Any],
-    rank: int,
-    world_size: int,
-    port: int,
-    listener: socket.socket | None,
-    backend: str,
-    args: tuple,
-    stamps: Any,
-    heartbeat_s: float,
-    pg_timeout_s: float,
-    forked: bool,
-    env: dict[str, str] | None,
-    conn: Any,
-) -> None:
+def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, listener: socket.socket | None,
+               backend: str, args: tuple, stamps: Any, heartbeat_s: float, pg_timeout_s: float, forked: bool,
+               env: dict[str, str] | None, conn: Any) -> None:
     if env is not None:
         # A forkserver child starts with the server's environment, taken when it started: use the launcher's now,
         # as a spawned rank would.
@@ -258,9 +246,9 @@ def launch(
     The first rank to fail (exception, death, or no heartbeat for `dist_timeout` seconds) ends every rank
     and raises DistributedError with a one-line reason naming it (for an exception: its last traceback line;
     the full traceback is the error's cause and is logged at debug level); so does running past `timeout_s`.
-    Collectives time out after `pg_timeout_s` (default: dist_timeout + 10 s, at least 60 s). With start_method "fork" the
-    ranks inherit the parent's objects (e.g. an exported graph) without pickling them. No start_method: the
-    AUTODEPLOY_RANK_START_METHOD environment variable, else "spawn".
+    Collectives time out after `pg_timeout_s` (default: dist_timeout + 10 s, at least 60 s). With start_method
+    "fork" the ranks inherit the parent's objects (e.g. an exported graph) without pickling them. No start_method:
+    the AUTODEPLOY_RANK_START_METHOD environment variable, else "spawn".
     """
     backend = backend or default_backend()
     if backend == "nccl" and torch.cuda.device_count() < world_size:
@@ -312,36 +300,32 @@ def _watch(ranks: _Ranks, start_method: str, timeout_s: float, dist_timeout: flo
         now = time.monotonic()
         # Before draining: a reader seen finished here has queued everything it will ever read.
         read_all = {r for r, reader in enumerate(ranks.readers) if not reader.is_alive()}
-        while True:
-            try:
-                rank, msg = ranks.events.get_nowait()
-            except queue.Empty:
-                break
-            if msg is None:
-                pass  # EOF
-            elif msg[0] == "ok":
+        while not ranks.events.empty():  # this thread is the queue's only consumer
+            rank, msg = ranks.events.get_nowait()
+            if msg is not None and msg[0] == "ok":  # None: EOF
                 done[rank] = msg[1]
-            elif rank not in failures:
+            elif msg is not None and rank not in failures:
                 _, when, summary, details = msg
                 failures[rank] = _Failure(rank, 2, when, f"rank {rank} of {world} failed: {summary}", details)
         for rank, p in enumerate(ranks.procs):
             if rank not in exited_at and p.exitcode is not None:
                 exited_at[rank] = now
-            if rank in exited_at and rank not in done and rank not in failures:
+            if rank in done or rank in failures:
+                continue
+            if rank in exited_at:
                 # Its last message was written before it exited: classify it once its reader has seen the lot.
                 if rank in read_all or now - exited_at[rank] > EXIT_READ_WAIT_S:
-                    failures[rank] = _Failure(rank, 0, exited_at[rank],
-                                              _died(rank, world, p.exitcode, start_method))
-            if rank not in exited_at and rank not in done and rank not in failures:
-                silent, allowance = ranks.silent_for(rank, now)
-                if silent > max(dist_timeout, allowance):
-                    failures[rank] = _Failure(
-                        rank, 1, now - silent, f"rank {rank} of {world} stopped answering for {dist_timeout:g} s"
-                        " (dist_timeout)")
+                    failures[rank] = _Failure(rank, 0, exited_at[rank], _died(rank, world, p.exitcode, start_method))
+                continue
+            silent, allowance = ranks.silent_for(rank, now)
+            if silent > max(dist_timeout, allowance):
+                why = f"rank {rank} of {world} stopped answering for {dist_timeout:g} s (dist_timeout)"
+                failures[rank] = _Failure(rank, 1, now - silent, why)
         if len(done) == world:
             return [done[r] for r in range(world)]
         if now > deadline and first_failure is None:
-            failures[-1] = _Failure(-1, 3, now, f"ranks did not finish within {timeout_s:.0f}s; finished: {sorted(done)}")
+            failures[-1] = _Failure(-1, 3, now,
+                                    f"ranks did not finish within {timeout_s:.0f}s; finished: {sorted(done)}")
         if failures and first_failure is None:
             first_failure = now
         if first_failure is not None:

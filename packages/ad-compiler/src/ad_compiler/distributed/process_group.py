@@ -1,8 +1,7 @@
 """Process-group set-up for one rank: who it is (RankContext) and how it joins the group (a rendezvous store on
-the loopback interface, or torchrun's env://)."""
+the loopback interface)."""
 
 import datetime
-import os
 import socket
 from dataclasses import dataclass
 
@@ -18,7 +17,6 @@ PG_TIMEOUT_SLACK_S = 10.0
 # ...and never less than this: a live peer may legitimately arrive late (one rank still exporting or
 # compiling while the other waits), which a collective cannot tell from a hang; the heartbeat can.
 MIN_PG_TIMEOUT_S = 60.0
-DEFAULT_PG_TIMEOUT_S = DEFAULT_DIST_TIMEOUT_S + PG_TIMEOUT_SLACK_S
 
 
 @dataclass(frozen=True)
@@ -42,18 +40,11 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 
-def free_port() -> int:
-    """An unused TCP port on localhost (bind 0 asks the kernel for one)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
-def loopback_listener(port: int = 0) -> socket.socket:
-    """A listening socket on 127.0.0.1 only, for rank 0's rendezvous store (port 0: the kernel picks one)."""
+def loopback_listener() -> socket.socket:
+    """A listening socket on 127.0.0.1 only (at a port the kernel picks), for rank 0's rendezvous store."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        s.bind((LOOPBACK, port))
+        s.bind((LOOPBACK, 0))
         s.listen(128)
     except BaseException:
         s.close()
@@ -61,43 +52,23 @@ def loopback_listener(port: int = 0) -> socket.socket:
     return s
 
 
-def torchrun_context() -> RankContext | None:
-    """The rank this process was given by torchrun (RANK/WORLD_SIZE/MASTER_ADDR set), else None."""
-    env = os.environ
-    if not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
-        return None
-    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    local = int(env.get("LOCAL_RANK", rank))
-    return RankContext(rank=rank, world_size=world, local_rank=local, backend=default_backend())
-
-
 def init_process_group(
-    rank: int,
-    world_size: int,
-    port: int | None = None,
-    backend: str | None = None,
-    timeout_s: float = DEFAULT_PG_TIMEOUT_S,
-    listener: socket.socket | None = None,
+    rank: int, world_size: int, port: int, backend: str, timeout_s: float, listener: socket.socket | None
 ) -> RankContext:
-    """Join the default process group: env:// when torchrun set it up, else a store at 127.0.0.1:port.
+    """Join the default process group through a store at 127.0.0.1:port; `timeout_s` bounds every collective.
 
-    Rank 0 hosts that store on `listener` (a socket bound to the loopback interface; made here when None),
-    so the rendezvous is never reachable from other machines. `timeout_s` bounds every collective.
+    Rank 0 hosts that store on `listener` (a socket bound to the loopback interface, see `loopback_listener`),
+    so the rendezvous is never reachable from other machines; the other ranks pass None.
     """
-    backend = backend or default_backend()
     ctx = RankContext(rank=rank, world_size=world_size, local_rank=rank, backend=backend)
     if dist.is_initialized():
         return ctx
     if backend == "nccl":
         torch.cuda.set_device(ctx.local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
-    if port is None:
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
-                                timeout=timeout)
-        return ctx
     if rank == 0:
         # TCPStore's own server listens on every interface; on a socket we bound, it listens where we said.
-        fd = (listener or loopback_listener(port)).detach()  # the store owns (and closes) the fd from here
+        fd = listener.detach()  # the store owns (and closes) the fd from here
         store = dist.TCPStore(LOOPBACK, port, world_size, True, timeout, master_listen_fd=fd)
     else:
         store = dist.TCPStore(LOOPBACK, port, world_size, False, timeout)

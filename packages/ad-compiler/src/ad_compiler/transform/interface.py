@@ -111,9 +111,7 @@ class BaseTransform(ABC):
                     run_shape_prop(mod)
                     state.shapes_valid = True
             mod, applied = self._apply(mod, cm, factory, shared_config)
-            info.num_matches = applied.num_matches
-            info.skipped = applied.skipped
-            info.reason = applied.reason
+            info.num_matches, info.skipped, info.reason = applied.num_matches, applied.skipped, applied.reason
             if isinstance(mod, GraphModule) and not applied.skipped:
                 state = _GraphState.of(mod)
                 if applied.num_matches > 0:
@@ -163,10 +161,6 @@ class BaseTransform(ABC):
         """Rewrite `mod`; return it with what was done (num_matches, or skipped with a reason)."""
 
 
-def _set_registry_key(name: str, transform: type[BaseTransform]) -> None:
-    transform.registry_key = name
-
-
 def _provided_by_runtime(name: str) -> str | None:
     """For a transform of the cache_init or compile stage: which package provides it."""
     try:
@@ -178,9 +172,10 @@ def _provided_by_runtime(name: str) -> str | None:
     return None
 
 
-# Transforms by name; `TransformRegistry.register(name)` is the decorator every transform class uses.
-TransformRegistry: Registry[type[BaseTransform]] = Registry("transform", on_register=_set_registry_key,
-                                                           missing_hint=_provided_by_runtime)
+# Transforms by name; `TransformRegistry.register(name)` is the decorator every transform class uses, and tells the
+# class its name.
+TransformRegistry: Registry[type[BaseTransform]] = Registry(
+    "transform", on_register=lambda name, cls: setattr(cls, "registry_key", name), missing_hint=_provided_by_runtime)
 
 
 __all__ = ["BaseTransform", "SharedConfig", "TransformInfo", "TransformRegistry"]

@@ -1,6 +1,5 @@
 """The pipeline: run the configured transforms in stage order, then YAML order within a stage."""
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,13 +10,10 @@ from ..models.factory import ModelFactory
 from .cache_protocol import CacheInterface
 from .interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
-logger = logging.getLogger(__name__)
-
 
 def ordered_transforms(configs: dict[str, TransformConfig]) -> list[tuple[str, TransformConfig]]:
     """Sort by stage; Python's sort is stable, so within a stage the mapping's order is kept."""
-    items = list(configs.items())
-    return sorted(items, key=lambda kv: Stage(kv[1].stage).order)
+    return sorted(configs.items(), key=lambda kv: Stage(kv[1].stage).order)
 
 
 class InferenceOptimizer:

@@ -9,9 +9,9 @@ sliding-window) mask `[1, 1, s, s]` built here from arange comparisons: HF's own
 constants that, traced on meta, would be lifted without values.
 """
 
-import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -63,14 +63,8 @@ def _patched(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @ExportPatchRegistry.register("hf_causal_mask")
-@contextlib.contextmanager
-def hf_causal_mask() -> Iterator[None]:
+def hf_causal_mask() -> AbstractContextManager[None]:
     from transformers import masking_utils
 
-    with contextlib.ExitStack() as stack:
-        for name in _MASK_FUNCTIONS:
-            original = getattr(masking_utils, name, None)
-            if original is None:
-                continue
-            stack.enter_context(replace_everywhere(original, _patched(original), "transformers"))
-        yield
+    originals = [getattr(masking_utils, name, None) for name in _MASK_FUNCTIONS]
+    return replace_everywhere({f: _patched(f) for f in originals if f is not None}, "transformers")

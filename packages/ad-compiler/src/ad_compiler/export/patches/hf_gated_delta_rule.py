@@ -7,14 +7,13 @@ triangular solve are dozens of ops tied to the example's length. While patched i
 The layers' causal conv goes through `hf_mamba2_ops` (same `causal_conv1d_fn`).
 """
 
-import contextlib
-import sys
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
 from . import ExportPatchRegistry
+from ._util import loaded, swapped
 
 DELTA_NET_MODULES = (
     "transformers.models.qwen3_next.modeling_qwen3_next",
@@ -37,16 +36,6 @@ def chunk_gated_delta_rule(
 
 
 @ExportPatchRegistry.register("hf_gated_delta_rule")
-@contextlib.contextmanager
-def hf_gated_delta_rule() -> Iterator[None]:
-    swapped: list[tuple[Any, Any]] = []
-    for name in DELTA_NET_MODULES:
-        mod = sys.modules.get(name)  # a model being exported has imported its modeling module already
-        if mod is not None and hasattr(mod, "torch_chunk_gated_delta_rule"):
-            swapped.append((mod, mod.torch_chunk_gated_delta_rule))
-            mod.torch_chunk_gated_delta_rule = chunk_gated_delta_rule
-    try:
-        yield
-    finally:
-        for mod, original in swapped:
-            mod.torch_chunk_gated_delta_rule = original
+def hf_gated_delta_rule() -> AbstractContextManager[None]:
+    return swapped([(mod, "torch_chunk_gated_delta_rule", chunk_gated_delta_rule) for mod in loaded(DELTA_NET_MODULES)
+                    if hasattr(mod, "torch_chunk_gated_delta_rule")])

@@ -10,7 +10,7 @@ of `hf_causal_mask` at export, which is_causal and the module's window say alrea
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -39,13 +39,10 @@ def gpt_oss_attention_forward(
 
 
 @ExportPatchRegistry.register("hf_gpt_oss_attention")
-@contextlib.contextmanager
-def hf_gpt_oss_attention() -> Iterator[None]:
+def hf_gpt_oss_attention() -> AbstractContextManager[None]:
     import ad_compiler.custom_ops.attention  # noqa: F401  (registers auto_deploy::torch_attention)
 
     modeling = sys.modules.get(_MODULE)  # a gpt-oss model being exported has imported it already
     if modeling is None:
-        yield
-        return
-    with replace_everywhere(modeling.eager_attention_forward, gpt_oss_attention_forward, _MODULE):
-        yield
+        return contextlib.nullcontext()
+    return replace_everywhere({modeling.eager_attention_forward: gpt_oss_attention_forward}, _MODULE)

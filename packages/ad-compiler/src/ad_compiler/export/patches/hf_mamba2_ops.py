@@ -9,15 +9,14 @@ runtime later swaps for versions with cached state. Pattern-matching the referen
 would be far more fragile.
 """
 
-import contextlib
 import math
-import sys
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
 from . import ExportPatchRegistry
+from ._util import loaded, swapped
 
 MIXER_MODULES = (
     "transformers.models.mamba2.modeling_mamba2",
@@ -68,19 +67,7 @@ def mamba2_chunk_scan(
 
 
 @ExportPatchRegistry.register("hf_mamba2_ops")
-@contextlib.contextmanager
-def hf_mamba2_ops() -> Iterator[None]:
-    swapped: list[tuple[Any, str, Any]] = []
-    for name in MIXER_MODULES:
-        mod = sys.modules.get(name)  # a model being exported has imported its modeling module already
-        if mod is None:
-            continue
-        for attr, replacement in (("causal_conv1d_fn", causal_conv1d_fn), ("mamba2_chunk_scan", mamba2_chunk_scan)):
-            if hasattr(mod, attr):
-                swapped.append((mod, attr, getattr(mod, attr)))
-                setattr(mod, attr, replacement)
-    try:
-        yield
-    finally:
-        for mod, attr, original in swapped:
-            setattr(mod, attr, original)
+def hf_mamba2_ops() -> AbstractContextManager[None]:
+    replacements = {"causal_conv1d_fn": causal_conv1d_fn, "mamba2_chunk_scan": mamba2_chunk_scan}
+    return swapped([(mod, attr, new) for mod in loaded(MIXER_MODULES) for attr, new in replacements.items()
+                    if hasattr(mod, attr)])

@@ -6,15 +6,14 @@ so while patched the layer's no-cache forward computes q/k/v as HF does, calls t
 g = -slope per head, then applies HF's norm, output gate and projection unchanged.
 """
 
-import contextlib
-import sys
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from . import ExportPatchRegistry
+from ._util import loaded, swapped
 
 
 def lightning_forward(self: Any, hidden_states: torch.Tensor, position_embeddings: Any = None,
@@ -35,16 +34,7 @@ def lightning_forward(self: Any, hidden_states: torch.Tensor, position_embedding
 
 
 @ExportPatchRegistry.register("hf_minimax_lightning")
-@contextlib.contextmanager
-def hf_minimax_lightning() -> Iterator[None]:
-    modeling = sys.modules.get("transformers.models.minimax.modeling_minimax")  # imported by a MiniMax model
-    if modeling is None:
-        yield
-        return
-    cls = modeling.MiniMaxLightningAttention
-    original = cls.forward
-    cls.forward = lightning_forward
-    try:
-        yield
-    finally:
-        cls.forward = original
+def hf_minimax_lightning() -> AbstractContextManager[None]:
+    # Only where a MiniMax model has imported its modeling module.
+    return swapped([(modeling.MiniMaxLightningAttention, "forward", lightning_forward)
+                    for modeling in loaded(["transformers.models.minimax.modeling_minimax"])])
