@@ -20,6 +20,7 @@ from types import ModuleType
 import torch
 
 from .device_tensor import device_tensor
+from .errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ _failed: list[str] = []  # why the kernels cannot be used (a failed compile or r
 def _fail(e: Exception, when: str) -> None:
     _failed.append(str(e))
     logger.warning("FlashInfer's sampling kernels failed to %s (%s); top-p sampling sorts with torch", when,
-                   str(e).splitlines()[0] if str(e) else type(e).__name__)
+                   first_line(e))
 
 
 def _load(sampling: ModuleType) -> None:
