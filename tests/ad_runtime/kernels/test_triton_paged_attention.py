@@ -48,6 +48,19 @@ def test_context_attention(seq_lens, ctx_lens, n_heads, n_kv):
     torch.testing.assert_close(out, reference_attention(b), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("split_full", [True, False])
+@pytest.mark.parametrize("kw", [{}, {"sliding_window": 7}, {"logit_cap": 2.0}])
+def test_context_key_blocks_before_the_diagonal(split_full, kw):
+    # Query and key blocks of 16 over 37 cached keys: every query block has whole key blocks before its first
+    # query (run without a mask when split_full and no window) and masked ones on its diagonal.
+    b = make_paged_batch([45, 20], [37, 0], 4, 2, head_dim=16, page_size=4, device=DEVICE)
+    _write(b, 4)
+    launch = pa.PrefillLaunch(16, 16, 4, 3, split_full)
+    out = pa.context_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlen, b.input_pos, b.page_table, launch=launch,
+                               **kw)
+    torch.testing.assert_close(out, reference_attention(b, **kw), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("min_keys", [0, 64])
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 def test_decode_split_k(num_splits, min_keys):

@@ -3,6 +3,7 @@ the helpers that the decode kernel (paged_decode.py) shares."""
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -58,12 +59,14 @@ def _kv_tile(k_cache_ptr, v_cache_ptr, pt_row, offs_n, n_ok, kvh, offs_d, d_ok,
 
 @triton.jit
 def _online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale, cap, SOFT_CAP: tl.constexpr,
-                         DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """One key tile of flash attention in the log2 domain: returns the updated (max, denominator, accumulator)."""
+                         DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of flash attention in the log2 domain: returns the updated (max, denominator, accumulator).
+    MASKED=False: every query of the tile sees every key of it (`visible` is not read)."""
     s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PREC, out_dtype=tl.float32) * qk_scale
     if SOFT_CAP:
         s = _softcap_log2(s, cap)
-    s = tl.where(visible, s, float("-inf"))
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -84,8 +87,10 @@ def _context_attn_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SOFT_CAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    SPLIT_FULL: tl.constexpr,
 ):
-    m_blk = tl.program_id(0)
+    # The last query blocks see the most keys: they start first, so the grid's tail is short ones.
+    m_blk = tl.num_programs(0) - 1 - tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
     kvh = h // GROUP
@@ -116,7 +121,18 @@ def _context_attn_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     pt_row = page_table_ptr + b * s_pt
-    for start_n in range(lo, hi, BLOCK_N):
+    # Key blocks before the tile's first query are seen by all its queries (no window): no mask to build.
+    full_hi = lo
+    if SPLIT_FULL:
+        if window >= 1073741824:  # NO_WINDOW
+            full_hi = ((ctx + m_blk * BLOCK_M + 1) // BLOCK_N) * BLOCK_N
+    for start_n in range(lo, full_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k, v = _kv_tile(k_cache_ptr, v_cache_ptr, pt_row, offs_n, offs_n < kv_len, kvh, offs_d, d_ok,
+                        s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, PAGE_SIZE)
+        m_i, l_i, acc = _online_softmax_step(q, k, v, None, m_i, l_i, acc, qk_scale, cap,
+                                             SOFT_CAP, DOT_PREC, DOT_DTYPE, False)
+    for start_n in range(full_hi, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < kv_len
         k, v = _kv_tile(k_cache_ptr, v_cache_ptr, pt_row, offs_n, n_ok, kvh, offs_d, d_ok,
@@ -124,7 +140,7 @@ def _context_attn_kernel(
         dist = q_pos[:, None] - offs_n[None, :]
         visible = (dist >= 0) & (dist < window) & n_ok[None, :]
         m_i, l_i, acc = _online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale, cap,
-                                             SOFT_CAP, DOT_PREC, DOT_DTYPE)
+                                             SOFT_CAP, DOT_PREC, DOT_DTYPE, True)
 
     if HAS_SINKS:
         # Sinks join the softmax denominator only; they carry no value.
@@ -137,6 +153,32 @@ def _context_attn_kernel(
     out = acc / l_i[:, None]
     tl.store(o_ptr + q_rows[:, None] * s_ot + h * s_oh + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+class PrefillLaunch(NamedTuple):
+    """Tile sizes and launch of the context kernel (benchmarks/gpu/attention_prefill_bench.py sweeps them)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    split_full: bool = True  # key blocks every query of a tile sees run without building a mask
+
+
+def prefill_launch(max_q_len: int, head_dim: int) -> PrefillLaunch:
+    """Tiles by the longest chunk of the step. Measured on an H200 (benchmarks/README.md, fifteenth session; one
+    layer of Llama-3.1-8B shapes, bf16, against 64 x 32 tiles in four warps and three stages): 32 x 256-token prompts
+    run fastest with those, 8 x 1024 and 8 x 512 over 3,584 cached keys with 64 x 64 tiles in two stages (+9%, +25%),
+    one 8,192-token prompt with 128 x 128 tiles in eight warps and two stages (+37%)."""
+    if max_q_len <= 16:
+        return PrefillLaunch(16, 32, 4, 3)
+    if max_q_len < 512:
+        return PrefillLaunch(64, 32, 4, 3)
+    if max_q_len < 2048 and head_dim <= 128:
+        return PrefillLaunch(64, 64, 4, 2)
+    if head_dim <= 128:
+        return PrefillLaunch(128, 128, 8, 2)
+    return PrefillLaunch(64, 32, 4, 3)  # wider heads: the tiles above would need more shared memory than measured
 
 
 def context_attention(
@@ -153,13 +195,15 @@ def context_attention(
     sinks: torch.Tensor | None = None,
     max_q_len: int | None = None,
     out: torch.Tensor | None = None,
+    launch: PrefillLaunch | None = None,
 ) -> torch.Tensor:
     """Causal attention of new queries over each sequence's paged cache (its context plus its new tokens).
 
     q: [T, n_heads, head_dim], sequences given by cu_seqlen [B+1]; the new keys/values must already be in
     the cache (`paged_kv_write.py`). Query t of sequence b sits at position input_pos[b] + t - cu_seqlen[b]
     and sees keys j with pos - sliding_window < j <= pos. Returns [T, n_heads, head_dim] in q's dtype.
-    `max_q_len` (longest new-token run) sizes the grid; given, the launch needs no host sync.
+    `max_q_len` (longest new-token run) sizes the grid; given, the launch needs no host sync. `launch`: tiles
+    and launch other than prefill_launch's choice (benchmarks).
     """
     num_tokens, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[2]
@@ -171,8 +215,8 @@ def context_attention(
     assert q.stride(-1) == 1 and out.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     if max_q_len is None:
         max_q_len = int((cu_seqlen[1:] - cu_seqlen[:-1]).max().item())
-    block_m = 16 if max_q_len <= 16 else 64
-    block_n = 32
+    launch = launch or prefill_launch(max_q_len, head_dim)
+    block_m, block_n = launch.block_m, launch.block_n
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     grid = (triton.cdiv(max(max_q_len, 1), block_m), batch, n_heads)
     _context_attn_kernel[grid](
@@ -186,6 +230,7 @@ def context_attention(
         GROUP=n_heads // n_kv, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         SOFT_CAP=bool(logit_cap), HAS_SINKS=sinks is not None,
-        DOT_PREC=_dot_precision(q.dtype), DOT_DTYPE=_dot_dtype(q.dtype),
+        DOT_PREC=_dot_precision(q.dtype), DOT_DTYPE=_dot_dtype(q.dtype), SPLIT_FULL=launch.split_full,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return out

@@ -87,7 +87,7 @@ def _decode_split(
         k, v = _kv_tile(k_cache_ptr, v_cache_ptr, pt_row, offs_n, n_ok, kvh, offs_d, d_ok,
                         s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, PAGE_SIZE)
         m_i, l_i, acc = _online_softmax_step(q, k, v, n_ok[None, :], m_i, l_i, acc, qk_scale, cap,
-                                             SOFT_CAP, DOT_PREC, DOT_DTYPE)
+                                             SOFT_CAP, DOT_PREC, DOT_DTYPE, True)
 
     empty = l_i == 0.0
     b64 = b.to(tl.int64)
