@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from ad_compiler.errors import CompileError
 from ad_compiler.transform.optimizer import InferenceOptimizer
 from ad_runtime.attention import CacheSpec
 from ad_runtime.kv_cache.interface import CachedSequenceInterface
+from ad_runtime.transform.library.initialize_cache import first_pages
 from cached_attention_models import TinyAttentionModel, export_tiny
 
 import ad_runtime  # noqa: F401
@@ -36,3 +38,12 @@ def test_skips_without_specs_and_reallocates():
     nbytes = cm.initialize_caches(num_pages=9)
     assert nbytes == 10 * 4 * 1 * 2 * 2
     assert cm.pool.num_free_pages == 9  # re-allocation resets the pool
+
+
+def test_first_allocation_on_a_gpu_fits_in_half_the_free_memory():
+    # 1 MiB pages, 100 MiB free: 50 MiB for the first allocation, one of them the scratch page
+    mib = 2**20
+    assert first_pages(configured=40, bytes_per_page=mib, free_bytes=100 * mib, min_pages=8) == 40
+    assert first_pages(configured=4096, bytes_per_page=mib, free_bytes=100 * mib, min_pages=8) == 49
+    with pytest.raises(CompileError, match="max_seq_len"):
+        first_pages(configured=4096, bytes_per_page=mib, free_bytes=100 * mib, min_pages=64)
