@@ -9,6 +9,7 @@ import torch
 from ..sampling_params import SamplingParams
 from . import flashinfer_sampling
 from .device_tensor import device_tensor
+from .graph_sampling import GraphSampling
 from .logits_processing import LogitsProcessor
 from .logprobs import TokenLogprobs, compute_logprobs
 
@@ -36,6 +37,7 @@ class Sampler:
         self.device = torch.device(device)
         self._generators: dict[int, torch.Generator] = {}
         self.processor = LogitsProcessor(self.device, eos_token_ids)
+        self.graphs = GraphSampling(self.device)
         flashinfer_sampling.start_loading(self.device)
 
     def generator_for(self, request_id: int, seed: int | None) -> torch.Generator | None:
@@ -70,6 +72,14 @@ class Sampler:
             # Greedy picks straight from the model's logits: bf16 -> fp32 is exact, so the argmax (first of the
             # maxima) is the same, without writing and reading a float32 copy (256 rows x 128k vocab: 131 MB).
             return SamplerOutput(greedy_tokens(logits) if greedy is None else greedy, None)
+        if (plain and self.graphs.applies(logits) and not any(p.greedy or p.seed is not None for p in distinct)
+                and not flashinfer_sampling.can_draw(logits, any(p.top_p < 1.0 for p in distinct), False)):
+            # A small batch where every row samples: one replay instead of the ~15 launches below (graph_sampling.py)
+            vocab = logits.shape[-1]
+            return SamplerOutput(self.graphs.draw(
+                logits, [p.temperature for p in params],
+                [min(p.top_k, vocab) if p.top_k and p.top_k > 0 else vocab for p in params],
+                [p.top_p for p in params]), None)
         raw = logits.float()
         if plain:  # one pass for plain batches
             return SamplerOutput(self._pick(raw, params, request_ids, distinct), None)
