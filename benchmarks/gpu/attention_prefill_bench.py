@@ -9,9 +9,14 @@ difference from the first launch's output; the first case is also checked agains
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from ad_runtime.kernels.triton import paged_attention as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention_decode_bench import bench  # noqa: E402 - the benchmarks folder is no package
 
 LAUNCHES = [  # (block_m, block_n, num_warps, num_stages, split_full); the first is the old default
     (64, 32, 4, 3, False), (64, 32, 4, 3, True), (64, 64, 4, 3, True), (64, 64, 4, 2, True), (64, 64, 8, 3, True),
@@ -51,19 +56,6 @@ def sdpa_reference(case: dict, num: int, new: int, ctx: int) -> torch.Tensor:
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         outs.append(o.transpose(0, 1))
     return torch.cat(outs)
-
-
-def bench(fn, runs: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(runs):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1e3 / runs
 
 
 def main() -> None:
