@@ -74,26 +74,10 @@ def triton_cached_attention(
 
 
 @triton_cached_attention.register_fake
-def _triton_cached_attention_fake(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    batch_info_host: torch.Tensor,
-    seq_len_host: torch.Tensor,
-    seq_len: torch.Tensor,
-    input_pos: torch.Tensor,
-    cu_seqlen: torch.Tensor,
-    page_table: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    sinks: torch.Tensor | None,
-    scale: float | None,
-    sliding_window: int | None,
-    logit_cap: float | None,
-    rope_cos_sin: torch.Tensor | None = None,
-    rope_position_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
+def _triton_cached_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: object,
+                                  **kwargs: object) -> torch.Tensor:
+    # Only q and, with RoPE fused in, the cos/sin table (14th after v) decide the output.
+    rope_cos_sin = rest[13] if len(rest) > 13 else kwargs.get("rope_cos_sin")
     dtype = q.dtype if rope_cos_sin is None else torch.result_type(q, rope_cos_sin)
     return q.new_empty(q.shape, dtype=dtype)
 
