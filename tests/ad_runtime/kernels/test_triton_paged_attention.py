@@ -61,6 +61,18 @@ def test_context_key_blocks_before_the_diagonal(split_full, kw):
     torch.testing.assert_close(out, reference_attention(b, **kw), atol=1e-4, rtol=1e-4)
 
 
+def test_prefill_tiles_by_chunk_dtype_and_shared_memory():
+    assert pa.prefill_launch(8, 128) == pa.PrefillLaunch(16, 32, 4, 3)
+    assert pa.prefill_launch(256, 128) == pa.PrefillLaunch(64, 32, 4, 3)
+    assert pa.prefill_launch(1024, 128) == pa.PrefillLaunch(64, 64, 4, 2)
+    assert pa.prefill_launch(8192, 128, smem_limit=227 * 1024) == pa.PrefillLaunch(128, 128, 8, 2)  # Hopper
+    # 128 x 128 tiles need 160 KiB: not on a GPU with 163 KiB (A100) or 99 KiB a block; fp32 and wide heads neither
+    assert pa.prefill_launch(8192, 128, smem_limit=163 * 1024) == pa.PrefillLaunch(64, 32, 4, 3)
+    assert pa.prefill_launch(1024, 128, smem_limit=99 * 1024) == pa.PrefillLaunch(64, 32, 4, 3)
+    assert pa.prefill_launch(8192, 128, elem_size=4) == pa.PrefillLaunch(64, 32, 4, 3)
+    assert pa.prefill_launch(8192, 256) == pa.PrefillLaunch(64, 32, 4, 3)
+
+
 @pytest.mark.parametrize("min_keys", [0, 64])
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 def test_decode_split_k(num_splits, min_keys):

@@ -1,6 +1,7 @@
 """Triton paged context (prefill) attention over the [num_pages, page_size, n_kv_heads, head_dim] KV cache, and
 the helpers that the decode kernel (paged_decode.py) shares."""
 
+import functools
 import math
 import os
 from typing import NamedTuple
@@ -165,20 +166,33 @@ class PrefillLaunch(NamedTuple):
     split_full: bool = True  # key blocks every query of a tile sees run without building a mask
 
 
-def prefill_launch(max_q_len: int, head_dim: int) -> PrefillLaunch:
+def prefill_launch(max_q_len: int, head_dim: int, elem_size: int = 2, smem_limit: int | None = None) -> PrefillLaunch:
     """Tiles by the longest chunk of the step. Measured on an H200 (benchmarks/README.md, fifteenth session; one
     layer of Llama-3.1-8B shapes, bf16, against 64 x 32 tiles in four warps and three stages): 32 x 256-token prompts
     run fastest with those, 8 x 1024 and 8 x 512 over 3,584 cached keys with 64 x 64 tiles in two stages (+9%, +25%),
-    one 8,192-token prompt with 128 x 128 tiles in eight warps and two stages (+37%)."""
-    if max_q_len <= 16:
-        return PrefillLaunch(16, 32, 4, 3)
-    if max_q_len < 512:
-        return PrefillLaunch(64, 32, 4, 3)
-    if max_q_len < 2048 and head_dim <= 128:
-        return PrefillLaunch(64, 64, 4, 2)
-    if head_dim <= 128:
-        return PrefillLaunch(128, 128, 8, 2)
-    return PrefillLaunch(64, 32, 4, 3)  # wider heads: the tiles above would need more shared memory than measured
+    one 8,192-token prompt with 128 x 128 tiles in eight warps and two stages (+37%). The larger tiles are taken only
+    for 16-bit inputs and heads up to 128 wide, and only where their tiles fit the device's shared memory
+    (`smem_limit`, bytes a block may opt in to; None: not checked) with a quarter to spare."""
+    base = PrefillLaunch(16, 32, 4, 3) if max_q_len <= 16 else PrefillLaunch(64, 32, 4, 3)
+    if max_q_len < 512 or elem_size != 2 or head_dim > 128:
+        return base
+    tuned = PrefillLaunch(64, 64, 4, 2) if max_q_len < 2048 else PrefillLaunch(128, 128, 8, 2)
+    if smem_limit is not None and 5 * _tile_bytes(tuned, head_dim, elem_size) > 4 * smem_limit:
+        return base
+    return tuned
+
+
+def _tile_bytes(launch: PrefillLaunch, head_dim: int, elem_size: int) -> int:
+    """Shared memory the q tile and the pipelined k/v tiles take."""
+    d = max(16, triton.next_power_of_2(head_dim))
+    return (launch.block_m * d + launch.num_stages * 2 * launch.block_n * d) * elem_size
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
 def context_attention(
@@ -215,7 +229,7 @@ def context_attention(
     assert q.stride(-1) == 1 and out.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     if max_q_len is None:
         max_q_len = int((cu_seqlen[1:] - cu_seqlen[:-1]).max().item())
-    launch = launch or prefill_launch(max_q_len, head_dim)
+    launch = launch or prefill_launch(max_q_len, head_dim, q.element_size(), _smem_limit(q.device))
     block_m, block_n = launch.block_m, launch.block_n
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     grid = (triton.cdiv(max(max_q_len, 1), block_m), batch, n_heads)
