@@ -4,6 +4,8 @@ a GPU the captured graph does, takes new parameters, and is used only for plain,
 import pytest
 import torch
 from ad_runtime.executor import flashinfer_sampling
+from types import SimpleNamespace
+
 from ad_runtime.executor.graph_sampling import MAX_ROWS, GraphSampling, sample_rows
 from ad_runtime.executor.sampler import Sampler
 from ad_runtime.sampling_params import SamplingParams
@@ -65,6 +67,35 @@ def test_not_used_on_a_cpu():
     assert not GraphSampling(torch.device("cpu")).applies(torch.zeros(2, 8))
 
 
+def test_draw_pads_rows_to_a_bucket_and_copies_parameters_when_they_change(monkeypatch):
+    g, captured, replays = GraphSampling(torch.device("cpu")), [], []
+
+    def capture(key):  # stands in for the CUDA graph: its buffers, a replay that is counted
+        bucket, vocab, dtype, _ = key
+        captured.append(key)
+        g._graphs[key] = (SimpleNamespace(replay=lambda: replays.append(key)), torch.zeros(bucket, vocab, dtype=dtype),
+                          torch.zeros(3 * bucket), torch.arange(bucket))
+        return g._graphs[key]
+
+    monkeypatch.setattr(g, "_capture", capture)
+    logits = torch.randn(3, 10)
+    tokens = g.draw(logits, [0.5, 0.7, 0.9], [10, 4, 10], [1.0, 1.0, 0.8])
+    (key,) = captured
+    assert key == (4, 10, torch.float32, True) and tokens.tolist() == [0, 1, 2]
+    _, static_logits, static_params, _ = g._graphs[key]
+    assert torch.equal(static_logits[:3], logits)
+    # the padded fourth row: temperature 1, top-k 1, top-p 1
+    expected = torch.tensor([0.5, 0.7, 0.9, 1.0, 10, 4, 10, 1, 1.0, 1.0, 0.8, 1.0])
+    assert torch.equal(static_params, expected)
+    static_params.fill_(-1)  # the same parameters again: not copied
+    g.draw(logits, [0.5, 0.7, 0.9], [10, 4, 10], [1.0, 1.0, 0.8])
+    assert static_params.eq(-1).all()
+    g.draw(logits, [0.6, 0.7, 0.9], [10, 4, 10], [1.0, 1.0, 0.8])
+    assert static_params[0].item() == pytest.approx(0.6)
+    g.draw(torch.randn(5, 10), [1.0] * 5, [10] * 5, [1.0] * 5)  # 5 rows, no cut: another graph (8 rows)
+    assert captured[1] == (8, 10, torch.float32, False) and len(replays) == 4
+
+
 def test_flashinfer_draws_top_p_batches_the_graph_the_rest(monkeypatch):
     s = Sampler("cpu")
     used = []
@@ -103,6 +134,9 @@ def test_captured_graph_draws_the_distribution_and_takes_new_parameters():
                        for _ in range(N // MAX_ROWS)])
     expected = _expected(torch.softmax(logits[0].float().cpu(), -1), None, 1.0, 0.5)
     assert torch.allclose(_frequencies(draws, vocab), expected, atol=0.03) and len(g._graphs) == 2
+    # three rows take the four-row graph; each row keeps its own parameters
+    three = g.draw(logits[:3], [1.0] * 3, [1, vocab, vocab], [1.0, 0.01, 1.0])
+    assert three.shape == (3,) and three[:2].tolist() == [0, 0] and len(g._graphs) == 3
 
 
 @pytest.mark.gpu

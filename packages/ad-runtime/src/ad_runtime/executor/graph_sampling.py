@@ -1,8 +1,8 @@
-"""Temperature / top-k / top-p sampling of small GPU batches replayed as one CUDA graph per row count.
+"""Temperature / top-k / top-p sampling of small GPU batches replayed as captured CUDA graphs (few launches).
 
 Outside a graph the sampler launches ~15 kernels and copies a step: 0.39-0.53 ms of host time at 1 and 8 rows of
-SmolLM2-135M shapes on an H200. Here the same draw (sample_rows) is captured once per row count, on first use, and
-a step costs two copies (the logits, the rows' parameters) and one replay: 0.09-0.14 ms of host time
+SmolLM2-135M shapes on an H200. Here the same draw (sample_rows) is captured once per bucket of row counts, on first
+use, and a step costs two copies (the logits, the rows' parameters) and one replay: 0.09-0.14 ms of host time
 (benchmarks/README.md, fifteenth session). Those steps were the GPU's (0.72 ms against 0.60 greedy: the sort and
 its passes), so they did not get shorter; the host keeps the time for the rest of the engine (HTTP, detokenizing).
 
@@ -21,8 +21,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 # Above this many rows a step's own work outweighs the launches, and the graph's sort buffers (rows x vocab
-# x 12 bytes) would stay allocated.
-MAX_ROWS = 16
+# x ~28 bytes) would stay allocated. A batch takes the graph of the next of these row counts up (its extra rows
+# draw from whatever logits they hold, and are dropped); all graphs share one memory pool.
+BUCKETS = (1, 2, 4, 8, 16)
+MAX_ROWS = BUCKETS[-1]
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -44,14 +46,15 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
 
 
 class GraphSampling:
-    """Captured sample_rows graphs, one per row count, on one device."""
+    """Captured sample_rows graphs, one per bucket of row counts (BUCKETS), on one device."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.enabled = device.type == "cuda" and os.environ.get("AUTODEPLOY_GRAPH_SAMPLING", "1") != "0"
-        # (rows, vocab, dtype, any top-k/top-p cut) -> (graph, its logits, its parameters, its tokens)
+        # (bucket, vocab, dtype, any top-k/top-p cut) -> (graph, its logits, its parameters, its tokens)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._last_params: dict[tuple, tuple] = {}
+        self._pool = None  # the graphs' shared memory pool (replays never overlap: one engine stream)
         self.num_replays = 0  # observability (tests check it)
 
     def applies(self, logits: torch.Tensor) -> bool:
@@ -59,22 +62,24 @@ class GraphSampling:
 
     def draw(self, logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float]
              ) -> torch.Tensor:
-        """Tokens [R] (int64, a view of the graph's output, valid until the next draw of R rows). `top_k`: V for
-        none."""
-        vocab = logits.shape[1]
-        key = (logits.shape[0], vocab, logits.dtype, any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p))
+        """Tokens [R] (int64, a view of the graph's output, valid until the next draw in the same bucket).
+        `top_k`: V for none."""
+        rows, vocab = logits.shape
+        bucket = next(b for b in BUCKETS if b >= rows)
+        key = (bucket, vocab, logits.dtype, any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p))
         entry = self._graphs.get(key) or self._capture(key)
         graph, static_logits, static_params, tokens = entry
-        static_logits.copy_(logits)
-        params = (tuple(temperature), tuple(top_k), tuple(top_p))
+        static_logits[:rows].copy_(logits)
+        pad = bucket - rows  # extra rows: temperature 1, top-k 1, no top-p (any valid row)
+        params = (*temperature, *[1.0] * pad, *top_k, *[1] * pad, *top_p, *[1.0] * pad)
         if self._last_params.get(key) != params:  # a served batch keeps its parameters from step to step
             # from pinned memory: queued behind the running step, no wait (device_tensor.py)
-            host = torch.tensor([*temperature, *top_k, *top_p], dtype=torch.float32).pin_memory()
-            static_params.copy_(host, non_blocking=True)
+            host = torch.tensor(params, dtype=torch.float32)
+            static_params.copy_(host.pin_memory() if self.device.type == "cuda" else host, non_blocking=True)
             self._last_params[key] = params
         graph.replay()
         self.num_replays += 1
-        return tokens
+        return tokens[:rows]
 
     def _capture(self, key: tuple[int, int, torch.dtype, bool]):
         rows, vocab, dtype, cut = key
@@ -92,9 +97,10 @@ class GraphSampling:
             run()  # warm-up: the allocator and the sort's workspace
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             tokens = run()
+        self._pool = graph.pool()
         self._graphs[key] = (graph, static_logits, static_params, tokens)
         self._last_params.pop(key, None)
-        logger.info("captured the sampling graph for %d rows", rows)
+        logger.info("captured the sampling graph for up to %d rows", rows)
         return self._graphs[key]
