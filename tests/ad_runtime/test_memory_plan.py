@@ -59,9 +59,25 @@ def test_kv_pages_on_a_gpu_are_what_resize_kv_cache_will_allocate() -> None:
     per_token, gib = 1000, 1024**3
     # Half of what the weights, activations and state caches leave, in pages of 16 tokens, less the scratch page.
     expected = int(0.5 * (10 * gib - 2 * gib - 1024)) // (per_token * 16) - 1
-    assert _kv_pages(_cm("cuda"), args, per_token, available=10 * gib, used=2 * gib) == expected
-    assert _kv_pages(_cm("cuda", max_num_pages=50), args, per_token, available=10 * gib, used=2 * gib) == 50
-    # A CPU keeps the configured pages; so does a GPU build with resize_kv_cache switched off.
-    assert _kv_pages(_cm("cpu"), args, per_token, available=10 * gib, used=2 * gib) == 10
+    assert _kv_pages(_cm("cuda"), args, per_token, available=10 * gib, weights=gib, activations=gib) == expected
+    assert _kv_pages(_cm("cuda", max_num_pages=50), args, per_token, available=10 * gib, weights=gib,
+                     activations=gib) == 50
+    # A CPU keeps the configured pages where they fit; so does a GPU build with resize_kv_cache switched off.
+    assert _kv_pages(_cm("cpu"), args, per_token, available=10 * gib, weights=gib, activations=gib) == 10
     off = LlmArgs(model="m", transforms={"resize_kv_cache": {"enabled": False}})
-    assert _kv_pages(_cm("cuda"), off, per_token, available=10 * gib, used=2 * gib) == 10
+    assert _kv_pages(_cm("cuda"), off, per_token, available=10 * gib, weights=gib, activations=gib) == 10
+
+
+def test_kv_pages_on_a_cpu_short_of_memory_are_what_initialize_cache_fits() -> None:
+    from ad_config import LlmArgs
+    from ad_runtime.memory_plan import _kv_pages
+
+    # 16,000-byte pages; 1 GiB + 800,000 bytes free, 1 GiB of it for the weights: half of the rest is 25 pages,
+    # one of them the scratch page (the activations are not allocated yet when the cache is)
+    pages = _kv_pages(_cm("cpu"), LlmArgs(model="m"), 1000, available=1024**3 + 800_000, weights=1024**3,
+                      activations=10**9)
+    assert pages == 10  # the ten configured fit
+    cm = _cm("cpu")
+    cm.num_pages = 100
+    assert _kv_pages(cm, LlmArgs(model="m"), 1000, available=1024**3 + 800_000, weights=1024**3,
+                     activations=10**9) == 24

@@ -167,7 +167,7 @@ def plan_memory(
     return MemoryPlan(
         weight_bytes=weights,
         kv_bytes_per_token=per_token,
-        kv_pages=_kv_pages(cm, args, per_token, available, weights + activations),
+        kv_pages=_kv_pages(cm, args, per_token, available, weights, activations),
         page_size=cm.page_size,
         min_kv_tokens=args.max_seq_len,
         available_bytes=available,
@@ -177,14 +177,38 @@ def plan_memory(
 
 
 def _kv_pages(cm: "CachedSequenceInterface", args: "LlmArgs", per_token: int, available: int | None,
-              used: int) -> int:
-    """The usable pages the build will allocate: as configured, or on a GPU what resize_kv_cache will make of the
-    memory left after the weights and the activations (its free_mem_ratio of it, capped by max_tokens)."""
+              weights: int, activations: int) -> int:
+    """The usable pages the build will allocate: on a GPU what resize_kv_cache will make of the memory left after
+    the weights and the activations (its free_mem_ratio of it, capped by max_tokens); on a CPU the configured pages,
+    or what initialize_cache fits in half the memory the weights leave (first_kv_pages)."""
     resize = args.transforms.get("resize_kv_cache")
-    if cm.device.type != "cuda" or resize is None or not resize.enabled or not per_token or available is None:
+    if not per_token or available is None:
         return cm.num_pages
-    return max(0, pages_that_fit(available - used - cm.state_bytes(), resize.free_mem_ratio,
+    if cm.device.type == "cpu":
+        return first_kv_pages(cm.num_pages, per_token * cm.page_size, (available - weights) // host_ranks())
+    if cm.device.type != "cuda" or resize is None or not resize.enabled:
+        return cm.num_pages
+    return max(0, pages_that_fit(available - weights - activations - cm.state_bytes(), resize.free_mem_ratio,
                                  per_token * cm.page_size, getattr(cm, "max_num_pages", None)))
+
+
+# Share of the free memory the first KV allocation may take: on a GPU the forward that resize_kv_cache runs to
+# measure activations needs the rest (and resize_kv_cache then sizes the cache); on a CPU it is the cache's size.
+FIRST_ALLOCATION_SHARE = 0.5
+
+
+def first_kv_pages(configured: int, bytes_per_page: int, free_bytes: int) -> int:
+    """initialize_cache's rule: the configured pages (max_batch_size sequences of max_seq_len) where they fit in
+    FIRST_ALLOCATION_SHARE of `free_bytes` with the scratch page, else as many as fit (0 or more)."""
+    fit = int(FIRST_ALLOCATION_SHARE * free_bytes) // bytes_per_page - 1
+    return min(configured, max(fit, 0))
+
+
+def host_ranks() -> int:
+    """Ranks that share this host's memory: all of them (the launcher starts every CPU rank on one host)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def pages_that_fit(spare_bytes: int, free_mem_ratio: float, bytes_per_page: int, max_num_pages: int | None) -> int:
