@@ -217,6 +217,8 @@ def main() -> None:
         if args.temperature > 0:
             # Top-p batches sort with torch until FlashInfer's kernels have loaded (a compile on a fresh machine):
             # wait, so that every timed batch takes the path a long-running engine takes.
+            print("waiting for FlashInfer's sampling kernels (a JIT compile of ~80-100 s on a machine's first use; "
+                  "AUTODEPLOY_FLASHINFER_SAMPLING=0 sorts with torch instead)")
             t = time.perf_counter()
             ready = flashinfer_sampling.wait_ready(timeout=900)
             print(f"FlashInfer sampling kernels {'ready' if ready else 'not used'} "
