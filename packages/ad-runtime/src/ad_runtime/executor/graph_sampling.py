@@ -37,12 +37,22 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     if not cut:  # temperature alone: the race over the whole vocabulary, no sort
         return torch.argmax(torch.softmax(x, dim=-1) / torch.empty_like(x).exponential_(), dim=-1)
     x, order = torch.sort(x, dim=-1, descending=True)
-    kth = x.gather(-1, (top_k - 1).clamp(0, x.shape[-1] - 1).unsqueeze(-1))
-    x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
-    probs = probs.masked_fill(torch.cumsum(probs, dim=-1) - probs >= top_p.unsqueeze(-1), 0.0)
+    probs = cut_probs(x, top_k, top_p)
     picked = torch.argmax(probs / torch.empty_like(probs).exponential_(), dim=-1)
     return order.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
+
+
+def cut_probs(sorted_logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """softmax of [R, V] logits sorted in descending order, cut to each row's top_k ([R] int64; ties with the k-th
+    value stay) and then its top_p ([R]; a token is dropped when the mass strictly before it reaches top_p, so at
+    least one stays). None: that cut is not made. The sampler's rule, shared with its torch path."""
+    x = sorted_logits
+    if top_k is not None:
+        x = x.masked_fill(x < x.gather(-1, (top_k - 1).clamp(0, x.shape[-1] - 1).unsqueeze(-1)), float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if top_p is not None:
+        probs = probs.masked_fill(torch.cumsum(probs, dim=-1) - probs >= top_p.unsqueeze(-1), 0.0)
+    return probs
 
 
 class GraphSampling:

@@ -9,7 +9,7 @@ import torch
 from ..sampling_params import SamplingParams
 from . import flashinfer_sampling
 from .device_tensor import device_tensor
-from .graph_sampling import GraphSampling
+from .graph_sampling import GraphSampling, cut_probs
 from .logits_processing import LogitsProcessor
 from .logprobs import TokenLogprobs, compute_logprobs
 
@@ -137,17 +137,13 @@ def _draw(logits: torch.Tensor, top_ks: list[int | None], top_ps: list[float],
         # Top-k alone: the k-th value from a partial selection, the draw over the vocabulary; no sort.
         kth = torch.topk(logits, max(ks), dim=-1).values.gather(
             -1, device_tensor([k - 1 for k in ks], logits.device).unsqueeze(-1))
-        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th value stay
+        probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)  # ties with the k-th stay
     elif cut_k or cut_p:
         logits, order = torch.sort(logits, dim=-1, descending=True)
-        if cut_k:
-            kth = logits.gather(-1, device_tensor([k - 1 for k in ks], logits.device).unsqueeze(-1))
-            logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th value stay
-    probs = torch.softmax(logits, dim=-1)
-    if cut_p:
-        # Drop a token when the mass strictly before it already reaches top_p (keeps at least one).
-        p_t = device_tensor(top_ps, logits.device, probs.dtype).unsqueeze(-1)
-        probs = probs.masked_fill(torch.cumsum(probs, dim=-1) - probs >= p_t, 0.0)
+        probs = cut_probs(logits, device_tensor(ks, logits.device) if cut_k else None,
+                          device_tensor(top_ps, logits.device, torch.float32) if cut_p else None)
+    else:
+        probs = torch.softmax(logits, dim=-1)
     noise = torch.empty_like(probs)
     if len(seeded) < len(generators):
         noise.exponential_()  # every row without a seed in one launch
