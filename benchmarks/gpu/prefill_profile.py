@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_profile import sm_clock  # noqa: E402 - the benchmarks folder is no package
+from attention_decode_bench import bench  # noqa: E402 - the benchmarks folder is no package
+from decode_profile import sm_clock  # noqa: E402
 from hf_vs_ad import PRESETS, machine_name  # noqa: E402
 from throughput import add_build_options, make_llm, model_path  # noqa: E402
 
@@ -53,15 +54,7 @@ def gemms_alone_ms(cfg: dict, tokens: int, dtype: torch.dtype, reps: int = 10) -
     for name, k, n in linear_shapes(cfg):
         a = torch.randn(tokens, k, device="cuda", dtype=dtype)
         w = torch.randn(n, k, device="cuda", dtype=dtype)
-        for _ in range(3):
-            torch.mm(a, w.t())
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            torch.mm(a, w.t())
-        end.record()
-        torch.cuda.synchronize()
-        out[name] = start.elapsed_time(end) / reps * cfg["num_hidden_layers"]
+        out[name] = bench(lambda: torch.mm(a, w.t()), reps) / 1e3 * cfg["num_hidden_layers"]
         del a, w
     return out
 
