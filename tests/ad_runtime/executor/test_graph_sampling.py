@@ -96,6 +96,21 @@ def test_draw_pads_rows_to_a_bucket_and_copies_parameters_when_they_change(monke
     assert captured[1] == (8, 10, torch.float32, False) and len(replays) == 4
 
 
+def test_a_graph_that_fails_turns_graphs_off_and_the_batch_samples_without_them(monkeypatch, caplog):
+    s = Sampler("cpu")
+    monkeypatch.setattr(s.graphs, "enabled", True)
+    monkeypatch.setattr(s.graphs, "applies", lambda logits: s.graphs.enabled)
+
+    def capture(key):
+        raise RuntimeError("CUDA out of memory\nmore detail")
+
+    monkeypatch.setattr(s.graphs, "_capture", capture)
+    logits = torch.log(PROBS).expand(4, -1)
+    tokens = s.sample(logits, [SamplingParams(temperature=0.8, top_p=0.3)] * 4, [0, 1, 2, 3]).tokens
+    assert tokens.tolist() == [0, 0, 0, 0]  # the nucleus of 0.3 is token 0 alone, drawn by the torch path
+    assert not s.graphs.enabled and "sampling graphs are off" in caplog.text and "more detail" not in caplog.text
+
+
 def test_flashinfer_draws_top_p_batches_the_graph_the_rest(monkeypatch):
     s = Sampler("cpu")
     used = []

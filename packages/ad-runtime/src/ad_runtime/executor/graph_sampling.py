@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from .errors import first_line
+
 logger = logging.getLogger(__name__)
 
 # Above this many rows a step's own work outweighs the launches, and the graph's sort buffers (rows x vocab
@@ -71,9 +73,20 @@ class GraphSampling:
         return self.enabled and logits.is_cuda and logits.dim() == 2 and logits.shape[0] <= MAX_ROWS
 
     def draw(self, logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float]
-             ) -> torch.Tensor:
+             ) -> torch.Tensor | None:
         """Tokens [R] (int64, a view of the graph's output, valid until the next draw in the same bucket).
-        `top_k`: V for none."""
+        `top_k`: V for none. None where a graph failed to capture or replay: said once, graphs are then off and
+        the caller samples without them (as every later batch does)."""
+        try:
+            return self._draw(logits, temperature, top_k, top_p)
+        except Exception as e:  # noqa: BLE001 - e.g. no memory left for a capture: the eager path samples correctly
+            self.enabled = False
+            logger.warning("sampling graphs are off after a failure (%s); small batches sample without them",
+                           first_line(e))
+            return None
+
+    def _draw(self, logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float]
+              ) -> torch.Tensor:
         rows, vocab = logits.shape
         bucket = next(b for b in BUCKETS if b >= rows)
         key = (bucket, vocab, logits.dtype, any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p))

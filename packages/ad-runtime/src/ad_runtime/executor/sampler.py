@@ -76,10 +76,11 @@ class Sampler:
                 and not flashinfer_sampling.can_draw(logits, any(p.top_p < 1.0 for p in distinct), False)):
             # A small batch where every row samples: one replay instead of the ~15 launches below (graph_sampling.py)
             vocab = logits.shape[-1]
-            return SamplerOutput(self.graphs.draw(
-                logits, [p.temperature for p in params],
-                [min(p.top_k, vocab) if p.top_k and p.top_k > 0 else vocab for p in params],
-                [p.top_p for p in params]), None)
+            tokens = self.graphs.draw(logits, [p.temperature for p in params],
+                                      [min(p.top_k, vocab) if p.top_k and p.top_k > 0 else vocab for p in params],
+                                      [p.top_p for p in params])
+            if tokens is not None:
+                return SamplerOutput(tokens, None)
         raw = logits.float()
         if plain:  # one pass for plain batches
             return SamplerOutput(self._pick(raw, params, request_ids, distinct), None)
