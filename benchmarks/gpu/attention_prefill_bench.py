@@ -18,10 +18,12 @@ from ad_runtime.kernels.triton import paged_attention as pa
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_decode_bench import bench  # noqa: E402 - the benchmarks folder is no package
 
-LAUNCHES = [  # (block_m, block_n, num_warps, num_stages, split_full); the first is the old default
-    (64, 32, 4, 3, False), (64, 32, 4, 3, True), (64, 64, 4, 3, True), (64, 64, 4, 2, True), (64, 64, 8, 3, True),
-    (128, 32, 8, 3, True), (128, 64, 8, 3, True), (128, 64, 8, 2, True), (128, 64, 4, 3, True),
-    (128, 128, 8, 2, True),
+LAUNCHES = [  # (block_m, block_n, num_warps, num_stages, split_full, pack_gqa); the first is the old default
+    (64, 32, 4, 3, True, False), (64, 64, 4, 2, True, False), (128, 128, 8, 2, True, False),
+    (64, 32, 4, 3, True, True), (64, 64, 4, 2, True, True), (64, 64, 4, 3, True, True),
+    (128, 32, 4, 3, True, True), (128, 32, 8, 3, True, True), (128, 64, 4, 3, True, True),
+    (128, 64, 8, 2, True, True), (128, 64, 8, 3, True, True), (128, 128, 8, 2, True, True),
+    (256, 64, 8, 2, True, True),
 ]
 
 
@@ -43,6 +45,19 @@ def paged_case(num: int, new: int, ctx: int, heads: int, kv_heads: int, d: int, 
 def run(case: dict, launch: pa.PrefillLaunch) -> torch.Tensor:
     return pa.context_attention(case["q"], case["k_cache"], case["v_cache"], case["cu"], case["input_pos"],
                                 case["page_table"], max_q_len=case["max_q_len"], launch=launch)
+
+
+def flashinfer_runner(case: dict, num: int, new: int, ctx: int, heads: int, kv_heads: int, d: int, page: int):
+    """FlashInfer's paged prefill on the same case (planned once, outside the timing): the speed to reach."""
+    import flashinfer
+
+    total = ctx + new
+    pages_per = case["page_table"].shape[1]
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"), "NHD")
+    w.plan(case["cu"], torch.arange(0, num * pages_per + 1, pages_per, dtype=torch.int32, device="cuda"),
+           case["page_table"].flatten(), torch.full((num,), (total - 1) % page + 1, dtype=torch.int32, device="cuda"),
+           heads, kv_heads, d, page, causal=True, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+    return lambda: w.run(case["q"], (case["k_cache"], case["v_cache"]))
 
 
 def sdpa_reference(case: dict, num: int, new: int, ctx: int) -> torch.Tensor:
@@ -67,6 +82,7 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--flashinfer", action="store_true", help="also time FlashInfer's paged prefill (JIT on first use)")
     args = p.parse_args()
     print(f"{torch.cuda.get_device_name(0)} | heads {args.heads}, kv heads {args.kv_heads}, head dim "
           f"{args.head_dim}, pages of {args.page}, bf16 | default launch for long chunks: "
@@ -80,19 +96,24 @@ def main() -> None:
         ref = None
         if i == 0:
             ref = sdpa_reference(case, num, new, ctx)
-            print(f"  {'torch SDPA (reference)':34s} {bench(lambda: sdpa_reference(case, num, new, ctx), 3):9.1f} us")
+            print(f"  {'torch SDPA (reference)':40s} {bench(lambda: sdpa_reference(case, num, new, ctx), 3):9.1f} us")
+        if args.flashinfer:
+            fi = flashinfer_runner(case, num, new, ctx, args.heads, args.kv_heads, args.head_dim, args.page)
+            fo, us = fi(), bench(fi, args.runs)
+            diff = f"  vs SDPA {(fo.float() - ref.float()).abs().max().item():.1e}" if ref is not None else ""
+            print(f"  {'FlashInfer prefill':40s} {us:9.1f} us  {case['flops'] / us / 1e6:6.0f} TFLOP/s{diff}")
         first = None
-        for bm, bn, warps, stages, split in LAUNCHES:
-            launch = pa.PrefillLaunch(bm, bn, warps, stages, split)
+        for spec in LAUNCHES:
+            launch = pa.PrefillLaunch(*spec)
             try:
                 out = run(case, launch)
                 us = bench(lambda: run(case, launch), args.runs)
             except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: reported, the sweep goes on
-                print(f"  {str(tuple(launch)):34s} failed: {type(e).__name__}: {str(e).splitlines()[0][:90]}")
+                print(f"  {str(tuple(launch)):40s} failed: {type(e).__name__}: {str(e).splitlines()[0][:90]}")
                 continue
             first = out if first is None else first
             err = (out.float() - first.float()).abs().max().item()
-            line = f"  {str(tuple(launch)):34s} {us:9.1f} us  {case['flops'] / us / 1e6:6.0f} TFLOP/s  max|diff| {err:.1e}"
+            line = f"  {str(tuple(launch)):40s} {us:9.1f} us  {case['flops'] / us / 1e6:6.0f} TFLOP/s  max|diff| {err:.1e}"
             if ref is not None:
                 line += f"  vs SDPA {(out.float() - ref.float()).abs().max().item():.1e}"
             print(line)

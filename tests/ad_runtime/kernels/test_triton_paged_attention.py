@@ -61,6 +61,22 @@ def test_context_key_blocks_before_the_diagonal(split_full, kw):
     torch.testing.assert_close(out, reference_attention(b, **kw), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n_heads, block_m", [(8, 64), (6, 64), (4, 32), (4, 16)])
+@pytest.mark.parametrize("kw", [{}, {"sliding_window": 7}, {"logit_cap": 2.0}, {"sinks": True}])
+def test_context_packs_query_heads_of_a_kv_head(n_heads, block_m, kw):
+    # Tiles of block_m // group positions x the group's heads: groups of 4 (8 / 2), of 2, of 3 with idle rows (6 / 2:
+    # 21 positions, 63 of 64 rows), and of 2 that a 16-row tile cannot pack (the unpacked kernel runs).
+    b = make_paged_batch([45, 20, 3], [37, 0, 5], n_heads, 2, head_dim=16, page_size=4, device=DEVICE)
+    _write(b, 4)
+    if kw.get("sinks"):
+        kw = {"sinks": torch.randn(n_heads, device=DEVICE)}
+    launch = pa.PrefillLaunch(block_m, 16, 4, 3, True, pack_gqa=True)
+    assert pa.packs_gqa(launch, n_heads // 2) == (block_m > 16)
+    out = pa.context_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlen, b.input_pos, b.page_table, launch=launch,
+                               **kw)
+    torch.testing.assert_close(out, reference_attention(b, **kw), atol=1e-4, rtol=1e-4)
+
+
 def test_prefill_tiles_by_chunk_dtype_and_shared_memory():
     assert pa.prefill_launch(8, 128) == pa.PrefillLaunch(16, 32, 4, 3)
     assert pa.prefill_launch(256, 128) == pa.PrefillLaunch(64, 32, 4, 3)

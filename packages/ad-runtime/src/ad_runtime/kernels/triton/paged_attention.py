@@ -88,32 +88,42 @@ def _context_attn_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SOFT_CAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    SPLIT_FULL: tl.constexpr,
+    SPLIT_FULL: tl.constexpr, PACK_GQA: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
+    # PACK_GQA: a tile's rows are BLOCK_Q = BLOCK_M // GROUP query positions times the GROUP query heads of one KV
+    # head, so each K/V tile loaded serves every head that reads it (else BLOCK_Q = BLOCK_M positions of one head).
     # The last query blocks see the most keys: they start first, so the grid's tail is short ones.
     m_blk = tl.num_programs(0) - 1 - tl.program_id(0)
     b = tl.program_id(1)
-    h = tl.program_id(2)
-    kvh = h // GROUP
+    r = tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        kvh = tl.program_id(2)
+        head = kvh * GROUP + r % GROUP
+        offs_m = m_blk * BLOCK_Q + r // GROUP
+    else:
+        kvh = tl.program_id(2) // GROUP
+        head = tl.program_id(2) + r * 0
+        offs_m = m_blk * BLOCK_Q + r
     q_start = tl.load(cu_seqlen_ptr + b)
     q_len = tl.load(cu_seqlen_ptr + b + 1) - q_start
-    if m_blk * BLOCK_M >= q_len:
+    if m_blk * BLOCK_Q >= q_len:
         return
     ctx = tl.load(input_pos_ptr + b)
     kv_len = ctx + q_len
 
-    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < q_len
+    if PACK_GQA:
+        row_ok = row_ok & (r < BLOCK_Q * GROUP)  # rows past the last whole group of heads stay idle
     d_ok = offs_d < HEAD_DIM
     q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * s_qt + h * s_qh + offs_d[None, :],
+    q = tl.load(q_ptr + q_rows[:, None] * s_qt + head[:, None] * s_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
     q_pos = ctx + offs_m
 
     # Only key blocks some query of this tile can see: causal upper bound, window lower bound.
-    last_pos = ctx + tl.minimum((m_blk + 1) * BLOCK_M, q_len) - 1
-    lo = tl.maximum(ctx + m_blk * BLOCK_M - window + 1, 0)
+    last_pos = ctx + tl.minimum((m_blk + 1) * BLOCK_Q, q_len) - 1
+    lo = tl.maximum(ctx + m_blk * BLOCK_Q - window + 1, 0)
     lo = (lo // BLOCK_N) * BLOCK_N
     hi = last_pos + 1
 
@@ -126,7 +136,7 @@ def _context_attn_kernel(
     full_hi = lo
     if SPLIT_FULL:
         if window >= 1073741824:  # NO_WINDOW
-            full_hi = ((ctx + m_blk * BLOCK_M + 1) // BLOCK_N) * BLOCK_N
+            full_hi = ((ctx + m_blk * BLOCK_Q + 1) // BLOCK_N) * BLOCK_N
     for start_n in range(lo, full_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = _kv_tile(k_cache_ptr, v_cache_ptr, pt_row, offs_n, offs_n < kv_len, kvh, offs_d, d_ok,
@@ -145,14 +155,14 @@ def _context_attn_kernel(
 
     if HAS_SINKS:
         # Sinks join the softmax denominator only; they carry no value.
-        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
         m_new = tl.maximum(m_i, sink)
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.exp2(sink - m_new)
         acc = acc * alpha[:, None]
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
-    tl.store(o_ptr + q_rows[:, None] * s_ot + h * s_oh + offs_d[None, :],
+    tl.store(o_ptr + q_rows[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -164,6 +174,7 @@ class PrefillLaunch(NamedTuple):
     num_warps: int
     num_stages: int
     split_full: bool = True  # key blocks every query of a tile sees run without building a mask
+    pack_gqa: bool = False  # a tile holds all query heads of one KV head (block_m // group positions each)
 
 
 def prefill_launch(max_q_len: int, head_dim: int, elem_size: int = 2, smem_limit: int | None = None) -> PrefillLaunch:
@@ -180,6 +191,12 @@ def prefill_launch(max_q_len: int, head_dim: int, elem_size: int = 2, smem_limit
     if smem_limit is not None and 5 * _tile_bytes(tuned, head_dim, elem_size) > 4 * smem_limit:
         return base
     return tuned
+
+
+def packs_gqa(launch: PrefillLaunch, group: int) -> bool:
+    """Whether `launch` packs the `group` query heads of a KV head into its tiles: asked for, and at least 16
+    query positions a tile (tl.dot's smallest row count)."""
+    return launch.pack_gqa and 1 < group <= launch.block_m // 16
 
 
 def _tile_bytes(launch: PrefillLaunch, head_dim: int, elem_size: int) -> int:
@@ -232,7 +249,10 @@ def context_attention(
     launch = launch or prefill_launch(max_q_len, head_dim, q.element_size(), _smem_limit(q.device))
     block_m, block_n = launch.block_m, launch.block_n
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    grid = (triton.cdiv(max(max_q_len, 1), block_m), batch, n_heads)
+    group = n_heads // n_kv
+    pack = packs_gqa(launch, group)
+    block_q = block_m // group if pack else block_m
+    grid = (triton.cdiv(max(max_q_len, 1), block_q), batch, n_kv if pack else n_heads)
     _context_attn_kernel[grid](
         q, k_cache, v_cache, out, sinks if sinks is not None else q,
         cu_seqlen, input_pos, page_table,
@@ -241,10 +261,11 @@ def context_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         page_table.stride(0),
         scale * LOG2E, _window(sliding_window), float(logit_cap or 0.0),
-        GROUP=n_heads // n_kv, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
+        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         SOFT_CAP=bool(logit_cap), HAS_SINKS=sinks is not None,
         DOT_PREC=_dot_precision(q.dtype), DOT_DTYPE=_dot_dtype(q.dtype), SPLIT_FULL=launch.split_full,
+        PACK_GQA=pack, BLOCK_Q=block_q,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return out
