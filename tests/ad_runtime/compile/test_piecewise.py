@@ -50,6 +50,28 @@ def test_split_puts_every_cache_op_in_an_eager_piece(cpu_llama):
         assert any(a in str(n.target) for n in getattr(split, name).graph.nodes for a in ("cached_attention", "sym"))
 
 
+class _ItemsAroundAReader(torch.nn.Module):
+    """A tuple whose two items a step-input reader separates (as a hoisted logits gather can)."""
+
+    def forward(self, input_ids, last_token_idx):
+        parts = torch.split(input_ids, 2, -1)
+        first = parts[0]
+        picked = torch.index_select(first, 1, last_token_idx)
+        return picked, parts[1] * 2
+
+
+def test_tuple_items_stay_in_their_producers_piece():
+    gm = torch.fx.symbolic_trace(_ItemsAroundAReader())
+    split, eager = split_at_eager_nodes(gm)
+    pieces = {n.target: getattr(split, n.target) for n in split.graph.nodes if n.op == "call_module"}
+    producer = next(m for m in pieces.values() if any(n.target is torch.split for n in m.graph.nodes))
+    assert sum(n.target is operator.getitem for n in producer.graph.nodes) == 2
+    assert len(eager) == 1 and "index_select" in str(pieces[next(iter(eager))].code)
+    x, idx = torch.randn(1, 5, 4), torch.tensor([4])
+    for got, want in zip(split(x, idx), _ItemsAroundAReader()(x, idx)):
+        torch.testing.assert_close(got, want)
+
+
 def _run_both(pw, ref, cm, prompts, steps, chunk=None):
     got, got_samples = greedy_cached(pw, cm, prompts, steps, chunk)
     want, want_samples = greedy_cached(ref, cm, prompts, steps, chunk)

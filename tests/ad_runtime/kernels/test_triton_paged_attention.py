@@ -87,6 +87,13 @@ def test_prefill_tiles_by_chunk_dtype_and_shared_memory():
     assert pa.prefill_launch(1024, 128, smem_limit=99 * 1024) == pa.PrefillLaunch(64, 32, 4, 3)
     assert pa.prefill_launch(8192, 128, elem_size=4) == pa.PrefillLaunch(64, 32, 4, 3)
     assert pa.prefill_launch(8192, 256) == pa.PrefillLaunch(64, 32, 4, 3)
+    # Groups of query heads per KV head that a 128-row tile holds are packed into it (Llama-3.1-8B: 4).
+    assert pa.prefill_launch(256, 128, group=4) == pa.PrefillLaunch(128, 32, 4, 3, pack_gqa=True)
+    assert pa.prefill_launch(1024, 128, group=8) == pa.PrefillLaunch(128, 32, 4, 3, pack_gqa=True)
+    assert pa.prefill_launch(8192, 128, group=4) == pa.PrefillLaunch(128, 128, 8, 2, pack_gqa=True)
+    assert pa.prefill_launch(8, 128, group=4) == pa.PrefillLaunch(16, 32, 4, 3)
+    assert pa.prefill_launch(1024, 128, group=16) == pa.PrefillLaunch(64, 64, 4, 2)  # 8 positions a tile: too few
+    assert pa.prefill_launch(1024, 128, smem_limit=99 * 1024, group=4) == pa.PrefillLaunch(64, 32, 4, 3)
 
 
 @pytest.mark.parametrize("min_keys", [0, 64])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from ad_compiler.errors import CompileError
 from ad_compiler.transform.optimizer import InferenceOptimizer
-from ad_compiler.utils.graph_utils import count_op, placeholder_names, run_shape_prop
+from ad_compiler.utils.graph_utils import placeholder_names, run_shape_prop
 from ad_runtime.kv_cache.interface import CachedSequenceInterface, ScheduledSequence
 from tiny_llama import VOCAB, export_with_attention_ops, tiny_llama
 
@@ -15,11 +15,11 @@ STEP1 = [([1, 2, 3, 4, 5], 0), ([9, 8, 7], 0), ([4], 0)]
 STEP2 = [([6, 7], 5), ([6], 3), ([5], 1)]
 
 
-def _build(gm, gather: bool):
+def _build(gm, gather: bool, hoist: bool = True):
     cm = CachedSequenceInterface(max_batch_size=4, max_seq_len=32, page_size=4)
     conf: dict = {"insert_cached_attention": {"backend": "torch"}, "initialize_cache": {}}
     if gather:
-        conf = {"gather_logits_before_lm_head": {}, **conf}
+        conf = {"gather_logits_before_lm_head": {"hoist": hoist}, **conf}
     opt = InferenceOptimizer(None, conf)
     return opt(cm=cm, mod=gm), cm, opt.history
 
@@ -35,16 +35,24 @@ def _run(gm, cm, steps):
     return outs
 
 
-def test_gathers_before_lm_head_and_matches_full_logits():
+@pytest.mark.parametrize("hoist", [False, True])
+def test_gathers_before_lm_head_and_matches_full_logits(hoist):
     model = tiny_llama()
     full_gm, full_cm, _ = _build(export_with_attention_ops(model), gather=False)
-    gm, cm, hist = _build(export_with_attention_ops(model), gather=True)
+    gm, cm, hist = _build(export_with_attention_ops(model), gather=True, hoist=hoist)
     assert hist["gather_logits_before_lm_head"].num_matches == 1
-    assert count_op(gm, torch.ops.aten.index_select) == 1
     assert "last_token_idx" in placeholder_names(gm)
     assert "last_token_idx" in cm.metadata_names
-    lm_head = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default][-1]
-    assert lm_head.args[0].target == torch.ops.aten.index_select.default
+    linears = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default]
+    picks = [n for n in gm.graph.nodes if n.target == torch.ops.aten.index_select.default]
+    if hoist:
+        # The last layer's o_proj reads the gathered attention output; its residual input is gathered too, so
+        # o_proj, the MLP (gate, up, down) and the LM head run on one row per sequence.
+        o_proj = linears[-5]
+        assert len(picks) == 2 and o_proj.args[0] in picks
+        assert all(p.args[0].target != torch.ops.aten.linear.default for p in picks)
+    else:
+        assert len(picks) == 1 and linears[-1].args[0] is picks[0]
     run_shape_prop(gm)  # the new input carries meta["val"]
 
     full = _run(full_gm, full_cm, [STEP1, STEP2])

@@ -76,6 +76,9 @@ class GatherLogitsBeforeLmHeadConfig(TransformConfig):
     """Compute the LM head only for each sequence's last token (not every prefill token)."""
 
     stage: Stage = Stage.CACHE_INIT
+    hoist: bool = Field(default=True, description="Gather above the token-wise ops feeding the LM head too (the "
+                        "last layer's output projection, norms and MLP and the final norm), so they run on one row "
+                        "per sequence; False: gather right before the LM head.")
 
 
 @register_transform_config("verify_cached_decode")

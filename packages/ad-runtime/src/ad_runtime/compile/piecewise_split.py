@@ -42,9 +42,21 @@ def eager_nodes(gm: GraphModule) -> set[Node]:
     return eager
 
 
+def _items_after_producers(gm: GraphModule) -> None:
+    """Move every tuple item right behind its producer: a piece boundary between them would hand the tuple itself
+    across (no buffer holds a tuple), e.g. where a transform inserted a step-input reader between two items."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for producer in list(gm.graph.nodes):
+        anchor = producer
+        for item in sorted((u for u in producer.users if u.target is operator.getitem), key=order.__getitem__):
+            anchor.append(item)
+            anchor = item
+
+
 def split_at_eager_nodes(gm: GraphModule) -> tuple[GraphModule, set[str]]:
     """The graph as a chain of submodules (`submod_i`), alternating captured and eager runs of nodes; returns it
     and the names of the eager submodules."""
+    _items_after_producers(gm)
     eager = eager_nodes(gm)
     part: dict[Node, int] = {}
     current, last = -1, None

@@ -177,17 +177,28 @@ class PrefillLaunch(NamedTuple):
     pack_gqa: bool = False  # a tile holds all query heads of one KV head (block_m // group positions each)
 
 
-def prefill_launch(max_q_len: int, head_dim: int, elem_size: int = 2, smem_limit: int | None = None) -> PrefillLaunch:
-    """Tiles by the longest chunk of the step. Measured on an H200 (benchmarks/README.md, fifteenth session; one
-    layer of Llama-3.1-8B shapes, bf16, against 64 x 32 tiles in four warps and three stages): 32 x 256-token prompts
-    run fastest with those, 8 x 1024 and 8 x 512 over 3,584 cached keys with 64 x 64 tiles in two stages (+9%, +25%),
-    one 8,192-token prompt with 128 x 128 tiles in eight warps and two stages (+37%). The larger tiles are taken only
-    for 16-bit inputs and heads up to 128 wide, and only where their tiles fit the device's shared memory
-    (`smem_limit`, bytes a block may opt in to; None: not checked) with a quarter to spare."""
+def prefill_launch(max_q_len: int, head_dim: int, elem_size: int = 2, smem_limit: int | None = None,
+                   group: int = 1) -> PrefillLaunch:
+    """Tiles by the longest chunk of the step and the query heads per KV head (`group`). Measured on an H200
+    (benchmarks/README.md, fifteenth and sixteenth sessions; one layer of Llama-3.1-8B shapes, bf16, group 4):
+    with the group's heads packed into a tile, 128-row tiles (32 positions x 4 heads) of 32 keys in four warps and
+    three stages run 8 x 1024 prompts 8% faster than the unpacked 64 x 64, 8 x 512 over 3,584 cached keys 3% and 32 x
+    256 4% faster than 64 x 32; from 2,048 tokens packed 128 x 128 tiles in eight warps and two stages gain 7% over
+    unpacked ones. Without packing (one head, or groups a tile cannot hold): 64 x 32 below 512 tokens, 64 x 64 in
+    two stages to 2,047, 128 x 128 from 2,048. The larger tiles are taken only for 16-bit inputs and heads up to 128
+    wide, and only where they fit the device's shared memory (`smem_limit`, bytes a block may opt in to; None: not
+    checked) with a quarter to spare."""
     base = PrefillLaunch(16, 32, 4, 3) if max_q_len <= 16 else PrefillLaunch(64, 32, 4, 3)
-    if max_q_len < 512 or elem_size != 2 or head_dim > 128:
+    if max_q_len <= 16 or elem_size != 2 or head_dim > 128:
         return base
-    tuned = PrefillLaunch(64, 64, 4, 2) if max_q_len < 2048 else PrefillLaunch(128, 128, 8, 2)
+    packed = PrefillLaunch(128, 32, 4, 3, pack_gqa=True) if max_q_len < 2048 else PrefillLaunch(128, 128, 8, 2,
+                                                                                                 pack_gqa=True)
+    if packs_gqa(packed, group):
+        tuned = packed
+    elif max_q_len < 512:
+        return base
+    else:
+        tuned = PrefillLaunch(64, 64, 4, 2) if max_q_len < 2048 else PrefillLaunch(128, 128, 8, 2)
     if smem_limit is not None and 5 * _tile_bytes(tuned, head_dim, elem_size) > 4 * smem_limit:
         return base
     return tuned
@@ -246,7 +257,7 @@ def context_attention(
     assert q.stride(-1) == 1 and out.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     if max_q_len is None:
         max_q_len = int((cu_seqlen[1:] - cu_seqlen[:-1]).max().item())
-    launch = launch or prefill_launch(max_q_len, head_dim, q.element_size(), _smem_limit(q.device))
+    launch = launch or prefill_launch(max_q_len, head_dim, q.element_size(), _smem_limit(q.device), n_heads // n_kv)
     block_m, block_n = launch.block_m, launch.block_n
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     group = n_heads // n_kv
