@@ -86,6 +86,34 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, K, N, s_xm, s_wn, s_ym,
                  mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _skinny_gemm_kernel(x_ptr, w_ptr, y_ptr, M, K, N, s_xm, s_wn, s_ym,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # A few rows against many weights: each program owns BLOCK_N output features over the whole K (every weight
+    # read once, no split-K reduce), the rows' tile multiplied on tensor cores.
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok, m_ok = offs_n < N, offs_m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        w = tl.load(w_ptr + offs_n[:, None] * s_wn + kk[None, :], mask=n_ok[:, None] & (kk[None, :] < K), other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * s_xm + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+    tl.store(y_ptr + offs_m[:, None] * s_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def skinny_gemm(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, block_n: int, block_k: int, warps: int,
+                stages: int) -> None:
+    n, k = w.shape
+    _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
+        x, w, y, x.shape[0], k, n, x.stride(0), w.stride(0), y.stride(0),
+        BLOCK_M=max(16, triton.next_power_of_2(x.shape[0])), BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages)
+
+
 def triton_gemv(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, block_n: int, block_k: int, warps: int,
                 stages: int) -> None:
     n, k = w.shape
@@ -98,10 +126,13 @@ def linears(rows: list[int], bw: float, shapes: str) -> None:
     from ad_runtime.kernels.triton import gemv as ours
 
     print(f"\n## linear layers of {shapes} (bf16), us per call; roofline = weight bytes / copy bandwidth")
-    print("| layer | rows | roofline us | cuBLAS us (% roofline) | best Triton GEMV us (% roofline) [config] "
+    print("| layer | rows | roofline us | cuBLAS us (% roofline) | best Triton GEMV (<= 4 rows) or skinny GEMM us "
+          "(% roofline) [config] "
           "| ad_runtime gemv us (% roofline) [its config] |")
     print("|---|---|---|---|---|---|")
     configs = [(bn, bk, 4, 3) for bn in (4, 8, 16, 32) for bk in (256, 512)] + [(16, 256, 8, 4), (32, 512, 8, 4)]
+    skinny = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (64, 128, 256) for w in (4,) for st in (3, 4, 6)
+              if bn * bk * st * 2 <= 160 * 1024]
     for name, n, k in LINEARS[shapes]:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         roof = n * k * 2 / bw * 1e6
@@ -110,20 +141,20 @@ def linears(rows: list[int], bw: float, shapes: str) -> None:
             ref = torch.nn.functional.linear(x, w)
             cublas = graph_us(lambda: torch.nn.functional.linear(x, w))
             best = (float("inf"), None)
-            if m <= 4:
-                y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-                for cfg in configs:
-                    try:
-                        triton_gemv(x, w, y, *cfg)
-                        torch.cuda.synchronize()
-                        if not torch.allclose(y.float(), ref.float(), atol=2e-2, rtol=2e-2):
-                            print(f"  (config {cfg} gave a wrong result)")
-                            continue
-                        us = graph_us(lambda: triton_gemv(x, w, y, *cfg), reps=10, replays=5)
-                    except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
-                        print(f"  (config {cfg}: {type(e).__name__})")
+            y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            kernel = triton_gemv if m <= 4 else skinny_gemm
+            for cfg in configs if m <= 4 else skinny:
+                try:
+                    kernel(x, w, y, *cfg)
+                    torch.cuda.synchronize()
+                    if not torch.allclose(y.float(), ref.float(), atol=2e-2, rtol=2e-2):
+                        print(f"  (config {cfg} gave a wrong result)")
                         continue
-                    best = min(best, (us, cfg), key=lambda t: t[0])
+                    us = graph_us(lambda: kernel(x, w, y, *cfg), reps=10, replays=5)
+                except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
+                    print(f"  (config {cfg}: {type(e).__name__})")
+                    continue
+                best = min(best, (us, cfg), key=lambda t: t[0])
             tri = f"{best[0]:.1f} ({100 * roof / best[0]:.0f}%) {best[1]}" if best[1] else "-"
             mine = "-"
             if m == 1:  # the kernel gemv_decode_linear puts in one-row graphs, with its own launch config
