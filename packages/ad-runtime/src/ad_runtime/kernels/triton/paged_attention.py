@@ -217,8 +217,7 @@ def _tile_bytes(launch: PrefillLaunch, head_dim: int, elem_size: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def smem_limit(device: torch.device) -> int | None:
-    """Bytes of shared memory a block may opt in to on `device` (None off a GPU: the interpreter has no limit)."""
+def _smem_limit(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
@@ -258,7 +257,7 @@ def context_attention(
     assert q.stride(-1) == 1 and out.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     if max_q_len is None:
         max_q_len = int((cu_seqlen[1:] - cu_seqlen[:-1]).max().item())
-    launch = launch or prefill_launch(max_q_len, head_dim, q.element_size(), smem_limit(q.device), n_heads // n_kv)
+    launch = launch or prefill_launch(max_q_len, head_dim, q.element_size(), _smem_limit(q.device), n_heads // n_kv)
     block_m, block_n = launch.block_m, launch.block_n
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     group = n_heads // n_kv

@@ -10,8 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_attention import smem_limit
-
 MIN_ROWS, MAX_ROWS = 8, 64  # the row counts measured
 MIN_WEIGHTS = 32 * 1024 * 1024  # smaller weights were not faster than cuBLAS
 
@@ -19,7 +17,7 @@ MIN_WEIGHTS = 32 * 1024 * 1024  # smaller weights were not faster than cuBLAS
 @triton.jit
 def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, K, N, s_xm, s_wn, s_ym,
                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+                        BLOCK_K: tl.constexpr):
     # Each program owns BLOCK_N output features over the whole K: no partial sums to reduce afterwards. The rows'
     # tile (padded to BLOCK_M >= 16, tl.dot's least) multiplies the weight tile on tensor cores in fp32.
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -33,7 +31,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, K, N, s_xm, s_wn, s_ym,
         k_ok = kk < K
         w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.load(x_ptr + offs_m[:, None] * s_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
+        acc = tl.dot(x, tl.trans(w), acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * s_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -47,17 +45,11 @@ def takes(rows: int, weight: torch.Tensor) -> bool:
             and weight.numel() >= MIN_WEIGHTS and weight.element_size() == 2)
 
 
-def launch_config(k: int, rows: int, elem_size: int = 2, smem: int | None = None) -> dict:
-    """From the H200 sweep: long rows (down, K = 14,336) 32 x 256 tiles in six stages (32 x 128 past 32 rows); the
-    others 64 x 128 in three. Fewer stages where the pipelined tiles would not fit `smem` bytes of shared memory."""
-    cfg = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+def launch_config(k: int) -> dict:
+    """From the H200 sweep: long rows (down, K = 14,336) 32 x 256 tiles in six stages; the others 64 x 128 in three."""
     if k >= 8192:
-        cfg = dict(BLOCK_N=32, BLOCK_K=256 if rows <= 32 else 128, num_warps=4, num_stages=6)
-    block_m = max(16, triton.next_power_of_2(rows))
-    per_stage = (block_m + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem_size
-    while smem is not None and cfg["num_stages"] > 1 and cfg["num_stages"] * per_stage > smem * 0.9:
-        cfg["num_stages"] -= 1
-    return cfg
+        return dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=6)
+    return dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -68,11 +60,9 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    cfg = launch_config(k, m, x.element_size(), smem_limit(x.device))
+    cfg = launch_config(k)
     _skinny_gemm_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x2, weight, bias if bias is not None else weight, y, m, k, n, x2.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=max(16, triton.next_power_of_2(m)), **cfg,
-        # fp32 inputs would otherwise go through TF32 tensor cores and lose about three digits.
-        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
     )
     return y.view(*x.shape[:-1], n)
