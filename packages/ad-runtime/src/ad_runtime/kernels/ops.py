@@ -9,7 +9,6 @@ from ad_compiler.kernels_registry import fused_add_rmsnorm_fake
 from .triton import gemv as _gemv
 from .triton import rmsnorm as _rmsnorm
 from .triton import rope as _rope
-from .triton import skinny_gemm as _skinny
 
 # Kernels are reached through their modules (not imported names) so that switching Triton to its
 # interpreter, which reloads those modules, takes effect here too.
@@ -57,22 +56,14 @@ def _cache_fake(
 
 @torch.library.custom_op("auto_deploy::triton_gemv_linear", mutates_args=())
 def triton_gemv_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """aten.linear(input, weight, bias): a one-row input through the Triton GEMV, 8-64 rows against a large
-    weight through the skinny Triton GEMM, the rest through aten (cuBLAS).
+    """aten.linear(input, weight, bias): a one-row input through the Triton GEMV, more rows through aten (cuBLAS).
 
-    The row count decides per call: a captured decode graph holds the kernel for its batch size, prefill and larger
-    batches keep cuBLAS. Triton runs on a GPU, or on a CPU in its interpreter (TRITON_INTERPRET=1, the tests).
+    The row count decides per call: a captured batch-1 decode graph holds the GEMV, prefill and larger batches
+    keep cuBLAS. Triton runs on a GPU, or on a CPU in its interpreter (TRITON_INTERPRET=1, the tests).
     """
     if _gemv_takes(input, weight):
         return _gemv.gemv(input, weight, bias)
-    return _linear(input, weight, bias)
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """More than one row: the skinny GEMM where it was measured faster than cuBLAS, else aten.linear."""
-    if _triton_runs(x) and x.dtype == weight.dtype and _skinny.takes(x.numel() // x.shape[-1], weight):
-        return _skinny.skinny_gemm(x, weight, bias)
-    return torch.ops.aten.linear.default(x, weight, bias)
+    return torch.ops.aten.linear.default(input, weight, bias)
 
 
 def _triton_runs(x: torch.Tensor) -> bool:
@@ -99,7 +90,7 @@ def triton_gemv_swiglu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """
     if _gemv_takes(input, weight):
         return _gemv.gemv_swiglu(input, weight, bias)
-    gate_up = _linear(input, weight, bias)
+    gate_up = torch.ops.aten.linear.default(input, weight, bias)
     if _triton_runs(gate_up):
         return _gemv.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
