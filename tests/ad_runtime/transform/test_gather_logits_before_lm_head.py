@@ -119,3 +119,57 @@ def test_skips_without_lm_head_and_needs_cm():
     assert "last_token_idx" not in cm.metadata_names
     with pytest.raises(CompileError, match="CachedSequenceInterface"):
         InferenceOptimizer(None, {"gather_logits_before_lm_head": {}})(mod=_export(_SoftCapHead()))
+
+
+def _reads(node, sources: set) -> bool:
+    """Whether `node` depends on any of `sources`."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in sources:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
+
+
+class _FeatureAndTokenTail(torch.nn.Module):
+    """A tail of feature-wise splits and means (token-wise), or with a mean over the tokens (not token-wise)."""
+
+    def __init__(self, over_tokens: bool):
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 8)
+        self.proj = torch.nn.Linear(8, 8, bias=False)
+        self.head = torch.nn.Linear(4, 16, bias=False)
+        self.over_tokens = over_tokens
+
+    def forward(self, input_ids, position_ids):
+        x = self.proj(self.emb(input_ids) + position_ids[..., None].float())
+        if self.over_tokens:
+            x = x - x.mean(1, keepdim=True)
+        a, b = torch.split(x, 4, -1)
+        return self.head(a * b / b.pow(2).mean(-1, keepdim=True).add(1.0))
+
+
+@pytest.mark.parametrize("over_tokens", [False, True])
+def test_hoists_over_feature_wise_ops_only(over_tokens):
+    torch.manual_seed(0)
+    model = _FeatureAndTokenTail(over_tokens).eval()
+    cm = CachedSequenceInterface(max_batch_size=4, max_seq_len=32, page_size=4)
+    opt = InferenceOptimizer(None, {"gather_logits_before_lm_head": {}})
+    gm = opt(cm=cm, mod=_export(model))
+    picks = {n for n in gm.graph.nodes if n.target == torch.ops.aten.index_select.default}
+    means = [n for n in gm.graph.nodes if n.target == torch.ops.aten.mean.dim]
+    splits = [n for n in gm.graph.nodes if "split" in str(n.target)]
+    # The feature split and the mean over features move below the gather; a mean over the tokens must see them all.
+    assert splits and all(_reads(n, picks) for n in splits)
+    assert [_reads(n, picks) for n in means] == ([False, True] if over_tokens else [True])
+    step = [([1, 2, 3, 4], 0), ([5, 6], 4)]
+    for i, (ids, cached) in enumerate(step):
+        cm.pool.ensure_capacity(i, cached + len(ids))
+    cm.update([ScheduledSequence(ids, cached, cm.pool.page_table(i)) for i, (ids, cached) in enumerate(step)])
+    args = cm.named_args
+    with torch.no_grad():
+        ref = model(args["input_ids"], args["position_ids"])[0, [3, 5]]
+    torch.testing.assert_close(gm(**args)[0], ref)

@@ -56,7 +56,7 @@ def _is_tokenwise(node: Node) -> bool:
     if is_op(node, torch.ops.aten.slice):  # a slice that keeps everything (logits_to_keep=0 leaves two)
         return strip_full_slices(node) is not node
     if is_op(node, _LAST_DIM_OPS):  # splits and means along the feature dim only
-        dim = arg(node, 2 if is_op(node, torch.ops.aten.split_with_sizes) else 1, "dim", 0)
+        dim = arg(node, 1, "dim", None) if is_op(node, torch.ops.aten.mean) else arg(node, 2, "dim", 0)
         dims = dim if isinstance(dim, (list, tuple)) else [dim]
         return len(dims) == 1 and is_last_dim(dims[0], node.args[0])
     return is_op(node, _tokenwise_ops())
