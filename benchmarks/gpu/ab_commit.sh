@@ -25,7 +25,7 @@ old_path=/tmp/site:$(ls -d "$PWD/$dir"/packages/*/src | paste -sd:)
 summary() { grep -h "build: \|decode step\|replayed alone\|host ms\|tok/s" "$1" | cut -c1-230 || true; }
 for i in $(seq 1 "$rounds"); do
   python3 "benchmarks/gpu/$script" "$@" > "$OUT/ab_new_$i.log" 2>&1 || echo "new round $i: rc=$?"
-  echo "== new ($(git rev-parse --short HEAD 2>/dev/null || echo tree)), round $i"; summary "$OUT/ab_new_$i.log"
+  echo "== new (the working tree carried to the device), round $i"; summary "$OUT/ab_new_$i.log"
   (cd "$dir" && PYTHONPATH=$old_path python3 "benchmarks/gpu/$script" "$@") > "$OUT/ab_old_$i.log" 2>&1 \
     || echo "old round $i: rc=$?"
   echo "== old ($rev), round $i"; summary "$OUT/ab_old_$i.log"
