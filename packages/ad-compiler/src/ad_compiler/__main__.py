@@ -84,7 +84,7 @@ def run(argv: list[str]) -> int:
         if not load_plugins():
             raise ValueError(f"--until {until.value} needs ad-runtime installed (or importable, with "
                              f"{PLUGINS_ENV}=ad_runtime)")
-    device = resolve_device(getattr(args, "device", None))
+    device = resolve_device(args.device)
     factory = factory_from_args(args, device=device)
     start = time.perf_counter()
     result = compile_until(

@@ -29,20 +29,21 @@ def resolve_device(device: str | None) -> str:
 
 def factory_from_args(args: "AutoDeployConfig", device: str | None = None) -> ModelFactory:
     """The registered factory named by `args.model_factory`, configured from an AutoDeployConfig (or LlmArgs)."""
-    cls = ModelFactoryRegistry.get(getattr(args, "model_factory", "AutoModelForCausalLM"))
+    cls = ModelFactoryRegistry.get(args.model_factory)
     return cls(
-        model=getattr(args, "model", None),
-        model_kwargs=dict(getattr(args, "model_kwargs", None) or {}),
-        tokenizer=getattr(args, "tokenizer", None),
-        tokenizer_kwargs=dict(getattr(args, "tokenizer_kwargs", None) or {}),
-        skip_loading_weights=getattr(args, "skip_loading_weights", False),
-        skip_tokenizer_init=getattr(args, "skip_tokenizer_init", False),
-        dtype=getattr(args, "dtype", None),
+        model=args.model,
+        model_kwargs=dict(args.model_kwargs or {}),
+        tokenizer=args.tokenizer,
+        tokenizer_kwargs=dict(args.tokenizer_kwargs or {}),
+        skip_loading_weights=args.skip_loading_weights,
+        skip_tokenizer_init=args.skip_tokenizer_init,
+        dtype=args.dtype,
+        # LlmArgs adds these two to the compiler's AutoDeployConfig
         trust_remote_code=getattr(args, "trust_remote_code", False),
-        max_seq_len=getattr(args, "max_seq_len", 512),
-        device=device or resolve_device(getattr(args, "device", None)),
+        max_seq_len=args.max_seq_len,
+        device=device or resolve_device(args.device),
         seed=getattr(args, "seed", None) or 0,
-        cache_dir=getattr(args, "cache_dir", None),
+        cache_dir=args.cache_dir,
     )
 
 
