@@ -19,7 +19,7 @@ from ad_config import LlmArgs
 from ad_runtime import LLM, SamplingParams, build_key
 from ad_runtime.build import build_graph
 from ad_runtime.build_cache import BuildCacheEntry
-from ad_runtime.kv_cache.interface import ScheduledSequence
+from ad_runtime.kv_cache.interface import StepSequence
 from ad_runtime.memory_plan import weight_bytes
 
 # A tiny Llama with random weights saved as a checkpoint: weights load from the file as for a real model.
@@ -44,7 +44,7 @@ def _save_tiny_llama(folder: Path) -> Path:
 
 def _logits_and_tokens(llm: LLM) -> tuple[torch.Tensor, list[int]]:
     runner = llm.engine.runner
-    runner.cm.update([ScheduledSequence(PROMPT, 0, [0], slot=0)])
+    runner.cm.update([StepSequence(PROMPT, 0, [0], slot=0)])
     with torch.no_grad():
         logits = runner.module(**runner.cm.named_args).clone()
     return logits, llm.generate([PROMPT], GREEDY)[0].outputs[0].token_ids

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from ad_runtime.attention import CacheSpec
-from ad_runtime.kv_cache.interface import CachedSequenceInterface, ScheduledSequence, parse_kv_cache_dtype
+from ad_runtime.kv_cache.interface import CachedSequenceInterface, StepSequence, parse_kv_cache_dtype
 
 
 def _cm() -> CachedSequenceInterface:
@@ -17,11 +17,11 @@ def _cm() -> CachedSequenceInterface:
 def test_named_args_follow_registered_inputs():
     cm = _cm()
     with pytest.raises(RuntimeError, match="initialize_cache"):
-        cm.update([ScheduledSequence([1, 2], 0, [0])])
+        cm.update([StepSequence([1, 2], 0, [0])])
         _ = cm.named_args
     cm.initialize_caches()
     cm.pool.ensure_capacity("x", 6)
-    cm.update([ScheduledSequence([5, 6, 7], 3, cm.pool.page_table("x"))])
+    cm.update([StepSequence([5, 6, 7], 3, cm.pool.page_table("x"))])
     args = cm.named_args
     assert list(args) == ["input_ids", "position_ids", "page_table", "seq_len", "k_cache_0"]
     assert args["position_ids"].tolist() == [[3, 4, 5]]
@@ -52,5 +52,5 @@ def test_host_prepare_hooks_run_on_update():
 
     cm.add_attention_backend(Hook)
     cm.initialize_caches()
-    cm.update([ScheduledSequence([1], 0, [0])])
+    cm.update([StepSequence([1], 0, [0])])
     assert seen == [1, 1]

@@ -4,7 +4,7 @@ import ad_compiler.custom_ops  # noqa: F401
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from ad_runtime.kv_cache.interface import CachedSequenceInterface, ScheduledSequence
+from ad_runtime.kv_cache.interface import CachedSequenceInterface, StepSequence
 
 
 class TinyMambaModel(nn.Module):
@@ -50,7 +50,7 @@ def run_steps(gm: nn.Module, cm: CachedSequenceInterface, steps: list[list[tuple
         seqs = []
         for sid, toks, cached in step:
             cm.pool.ensure_capacity(sid, cached + len(toks))
-            seqs.append(ScheduledSequence(toks, cached, cm.pool.page_table(sid), sid))
+            seqs.append(StepSequence(toks, cached, cm.pool.page_table(sid), sid))
         cm.update(seqs)
         with torch.no_grad():
             outs.append(gm(**cm.named_args))

@@ -5,7 +5,7 @@ import torch
 from ad_compiler.errors import CompileError
 from ad_compiler.transform.optimizer import InferenceOptimizer
 from ad_compiler.utils.graph_utils import placeholder_names, run_shape_prop
-from ad_runtime.kv_cache.interface import CachedSequenceInterface, ScheduledSequence
+from ad_runtime.kv_cache.interface import CachedSequenceInterface, StepSequence
 from tiny_llama import VOCAB, export_with_attention_ops, tiny_llama
 
 import ad_runtime  # noqa: F401 - registers the runtime transforms
@@ -29,7 +29,7 @@ def _run(gm, cm, steps):
     for step in steps:
         for i, (ids, cached) in enumerate(step):
             cm.pool.ensure_capacity(i, cached + len(ids))
-        cm.update([ScheduledSequence(ids, cached, cm.pool.page_table(i)) for i, (ids, cached) in enumerate(step)])
+        cm.update([StepSequence(ids, cached, cm.pool.page_table(i)) for i, (ids, cached) in enumerate(step)])
         with torch.no_grad():
             outs.append(gm(**cm.named_args))
     return outs
@@ -96,7 +96,7 @@ def test_walks_through_soft_cap_and_keeps_values():
     step = [([1, 2, 3], 0), ([4, 5], 2), ([6], 7)]
     for i, (ids, cached) in enumerate(step):
         cm.pool.ensure_capacity(i, cached + len(ids))
-    cm.update([ScheduledSequence(ids, cached, cm.pool.page_table(i)) for i, (ids, cached) in enumerate(step)])
+    cm.update([StepSequence(ids, cached, cm.pool.page_table(i)) for i, (ids, cached) in enumerate(step)])
     args = cm.named_args
     out = gm(**args)
     with torch.no_grad():
@@ -168,7 +168,7 @@ def test_hoists_over_feature_wise_ops_only(over_tokens):
     step = [([1, 2, 3, 4], 0), ([5, 6], 4)]
     for i, (ids, cached) in enumerate(step):
         cm.pool.ensure_capacity(i, cached + len(ids))
-    cm.update([ScheduledSequence(ids, cached, cm.pool.page_table(i)) for i, (ids, cached) in enumerate(step)])
+    cm.update([StepSequence(ids, cached, cm.pool.page_table(i)) for i, (ids, cached) in enumerate(step)])
     args = cm.named_args
     with torch.no_grad():
         ref = model(args["input_ids"], args["position_ids"])[0, [3, 5]]

@@ -5,7 +5,7 @@ import torch
 from ad_compiler.errors import CompileError
 from ad_compiler.transform.optimizer import InferenceOptimizer
 from ad_compiler.utils.graph_utils import count_op, placeholder_names, run_shape_prop
-from ad_runtime.kv_cache.interface import CachedSequenceInterface, ScheduledSequence
+from ad_runtime.kv_cache.interface import CachedSequenceInterface, StepSequence
 from cached_attention_models import TinyAttentionModel, export_tiny
 
 import ad_runtime  # noqa: F401 - registers the runtime transforms
@@ -39,7 +39,7 @@ def test_replaces_ops_and_matches_uncached(layout):
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10]]
     for i, p in enumerate(prompts):
         cm.pool.ensure_capacity(i, len(p))
-    cm.update([ScheduledSequence(p, 0, cm.pool.page_table(i)) for i, p in enumerate(prompts)])
+    cm.update([StepSequence(p, 0, cm.pool.page_table(i)) for i, p in enumerate(prompts)])
     out = gm(**cm.named_args)
     assert out.shape == (1, 10, 32)
     with torch.no_grad():

@@ -71,9 +71,9 @@ def test_needs_cm_and_skips_graphs_without_ssm():
 
 
 def test_scheduled_sequence_without_slot_is_refused():
-    from ad_runtime.kv_cache.interface import ScheduledSequence
+    from ad_runtime.kv_cache.interface import StepSequence
 
     gm, cm, _ = _cached(TinyMambaModel())
     cm.pool.ensure_capacity(0, 3)
     with pytest.raises(ValueError, match="slot"):
-        cm.update([ScheduledSequence([1, 2, 3], 0, cm.pool.page_table(0))])
+        cm.update([StepSequence([1, 2, 3], 0, cm.pool.page_table(0))])

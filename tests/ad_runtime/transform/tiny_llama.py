@@ -6,7 +6,7 @@ import torch.nn as nn
 from ad_compiler.export import torch_export_to_gm
 from ad_compiler.transform.interface import TransformRegistry
 from ad_compiler.transform.optimizer import InferenceOptimizer
-from ad_runtime.kv_cache.interface import CachedSequenceInterface, ScheduledSequence
+from ad_runtime.kv_cache.interface import CachedSequenceInterface, StepSequence
 from torch.export import Dim
 from torch.fx import GraphModule
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -72,7 +72,7 @@ def greedy_cached(
         batch.sort(key=lambda x: len(x[1]) == 1)  # prefills first
         for i, new in batch:
             cm.pool.ensure_capacity(i, cached[i] + len(new))
-        cm.update([ScheduledSequence(new, cached[i], cm.pool.page_table(i)) for i, new in batch])
+        cm.update([StepSequence(new, cached[i], cm.pool.page_table(i)) for i, new in batch])
         with torch.no_grad():
             logits = mod(**cm.named_args)[0, cm.info.last_token_idx]
         for k, (i, new) in enumerate(batch):

@@ -15,11 +15,11 @@ from ad_config.transform_config import Stage
 from .compile.backends import compile_backend_of
 from .compile.cuda_graph import CudaGraphModel
 from .executor.core import EngineCore
-from .executor.engine import Engine, StepSequence
+from .executor.engine import Engine
 from .executor.request import Request
 from .executor.request_loop import ABORT_MESSAGE  # re-exported: the server and the ranks abort with it
 from .executor.scheduler import Scheduler
-from .kv_cache.interface import CachedSequenceInterface
+from .kv_cache.interface import CachedSequenceInterface, StepSequence
 from .memory_plan import MemoryPlan, check_fits, plan_memory
 from .sampling_params import SamplingParams
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .executor.core import EngineCore
-from .executor.engine import StepSequence
+from .kv_cache.interface import StepSequence
 from .executor.request import Request
 from .executor.request_loop import RequestLoop
 

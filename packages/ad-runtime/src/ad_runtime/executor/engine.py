@@ -8,11 +8,11 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
+from ..kv_cache.interface import StepSequence
 from ..sampling_params import SamplingParams
 from .detokenizer import Detokenizer
 from .device_tensor import device_tensor
@@ -26,16 +26,6 @@ from .step_timer import StepTimer
 from .structured_output import GrammarMasks
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class StepSequence:
-    """One sequence of a step as the model runner sees it."""
-
-    token_ids: list[int]  # tokens fed this step
-    input_pos: int  # tokens of this sequence already in the cache
-    pages: list[int]  # its page table
-    slot: int = -1  # its row in per-sequence state caches (Mamba conv/SSM state); -1: none assigned
 
 
 class ModelRunner(Protocol):

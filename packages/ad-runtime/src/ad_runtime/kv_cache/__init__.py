@@ -1,6 +1,6 @@
 """Paged KV cache: page bookkeeping, the flattened step metadata and the cache interface (`cm`)."""
 
-from .interface import CachedSequenceInterface, ScheduledSequence, StateSpec, parse_kv_cache_dtype
+from .interface import CachedSequenceInterface, StateSpec, StepSequence, parse_kv_cache_dtype
 from .page_pool import OutOfPagesError, PagePool
 from .sequence_info import SequenceInfo
 
@@ -8,8 +8,8 @@ __all__ = [
     "CachedSequenceInterface",
     "OutOfPagesError",
     "PagePool",
-    "ScheduledSequence",
     "SequenceInfo",
     "StateSpec",
+    "StepSequence",
     "parse_kv_cache_dtype",
 ]

@@ -34,13 +34,13 @@ def parse_kv_cache_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     return _KV_DTYPES[value]
 
 
-@dataclass(frozen=True)
-class ScheduledSequence:
-    """One sequence of a step, as the executor schedules it."""
+@dataclass(slots=True)
+class StepSequence:
+    """One sequence of a step: what the engine runs, the model runner feeds and `update` fills the metadata from."""
 
-    token_ids: Sequence[int]  # tokens to feed this step (whole prompt, a prompt chunk, or one token)
-    num_cached: int  # tokens of this sequence already in the KV cache
-    page_ids: Sequence[int]  # its pages (from `cm.pool`), enough for num_cached + len(token_ids)
+    token_ids: Sequence[int]  # tokens fed this step (whole prompt, a prompt chunk, or one token)
+    input_pos: int  # tokens of this sequence already in the KV cache
+    pages: Sequence[int]  # its page table (from `cm.pool`), enough for input_pos + len(token_ids)
     slot: int = -1  # its row in the per-sequence state caches (needed only when the graph has state caches)
 
 
@@ -60,7 +60,7 @@ class CachedSequenceInterface:
     `initialize_cache` allocates the caches; `resize_kv_cache` may re-size them. Each step then:
 
         cm.pool.ensure_capacity(seq_id, num_cached + len(new_tokens))   # per scheduled sequence
-        cm.update([ScheduledSequence(new_tokens, num_cached, cm.pool.page_table(seq_id)), ...])
+        cm.update([StepSequence(new_tokens, num_cached, cm.pool.page_table(seq_id)), ...])
         logits = gm(**cm.named_args)                                       # [1, T, vocab]
         last = logits[0, cm.info.last_token_idx]                           # [B, vocab]
     """
@@ -155,16 +155,16 @@ class CachedSequenceInterface:
 
     # ---- per step (called by the executor) -------------------------------------------------------------
 
-    def update(self, sequences: Sequence[ScheduledSequence]) -> None:
+    def update(self, sequences: Sequence[StepSequence]) -> None:
         """Fill this step's metadata (one host-to-device copy); prefills (> 1 token) first, then decodes."""
         self.update_columns(
-            [s.token_ids for s in sequences], [s.num_cached for s in sequences], [s.page_ids for s in sequences],
+            [s.token_ids for s in sequences], [s.input_pos for s in sequences], [s.pages for s in sequences],
             [s.slot for s in sequences],
         )
 
     def update_columns(self, token_ids: Sequence[Sequence[int]], num_cached: Sequence[int],
                        page_ids: Sequence[Sequence[int]], slots: Sequence[int]) -> None:
-        """`update` with one list per field of ScheduledSequence (the executor's steps: no object per sequence)."""
+        """`update` with one list per field of StepSequence (the executor's steps: no object per sequence)."""
         if self.state_specs and min(slots) < 0:
             # Without its own row a sequence would read another one's state: refuse instead of mixing them.
             raise ValueError("the graph keeps per-sequence state (Mamba): every scheduled sequence needs a slot >= 0")

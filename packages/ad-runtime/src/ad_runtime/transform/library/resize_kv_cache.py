@@ -13,19 +13,19 @@ from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
 from ...device import free_and_total_memory, min_over_ranks
-from ...kv_cache.interface import CachedSequenceInterface, ScheduledSequence
+from ...kv_cache.interface import CachedSequenceInterface, StepSequence
 from ...memory_plan import pages_that_fit
 
 logger = logging.getLogger(__name__)
 
 
-def _largest_batch(cm: CachedSequenceInterface) -> list[ScheduledSequence]:
+def _largest_batch(cm: CachedSequenceInterface) -> list[StepSequence]:
     """Prefills filling max_num_tokens; pages reused cyclically (their contents do not matter here)."""
     info, left, seqs, page = cm.info, cm.info.max_num_tokens, [], 0
     while left > 0 and len(seqs) < info.max_batch_size:
         n = min(left, info.max_seq_len)
         npages = -(-n // info.page_size)
-        seqs.append(ScheduledSequence([0] * n, 0, [(page + i) % cm.num_pages for i in range(npages)]))
+        seqs.append(StepSequence([0] * n, 0, [(page + i) % cm.num_pages for i in range(npages)]))
         page, left = page + npages, left - n
     # prefills first: a 1-token remainder would be a decode and must go last
     return sorted(seqs, key=lambda s: len(s.token_ids) == 1)

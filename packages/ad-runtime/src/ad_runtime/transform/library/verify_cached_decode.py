@@ -16,7 +16,7 @@ from ad_compiler.models.factory import ModelFactory
 from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
-from ...kv_cache.interface import CachedSequenceInterface, ScheduledSequence
+from ...kv_cache.interface import CachedSequenceInterface, StepSequence
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _embedding_rows(mod: nn.Module) -> int | None:
     return None
 
 
-def _last_logits(mod: nn.Module, cm: CachedSequenceInterface, seq: ScheduledSequence) -> torch.Tensor:
+def _last_logits(mod: nn.Module, cm: CachedSequenceInterface, seq: StepSequence) -> torch.Tensor:
     cm.update([seq])
     with torch.no_grad():
         logits = mod(**cm.named_args)
@@ -52,11 +52,11 @@ def decode_vs_prefill(mod: nn.Module, cm: CachedSequenceInterface, token_ids: li
     None when the prefill's logits are not finite (nothing to compare against)."""
     n = len(token_ids)
     pages = list(range(-(-n // cm.info.page_size)))
-    whole = _last_logits(mod, cm, ScheduledSequence(token_ids, 0, pages, slot=0))
+    whole = _last_logits(mod, cm, StepSequence(token_ids, 0, pages, slot=0))
     first = n - NUM_DECODE
-    _last_logits(mod, cm, ScheduledSequence(token_ids[:first], 0, pages, slot=0))
+    _last_logits(mod, cm, StepSequence(token_ids[:first], 0, pages, slot=0))
     for pos in range(first, n):
-        stepped = _last_logits(mod, cm, ScheduledSequence(token_ids[pos : pos + 1], pos, pages, slot=0))
+        stepped = _last_logits(mod, cm, StepSequence(token_ids[pos : pos + 1], pos, pages, slot=0))
     if not torch.isfinite(whole).all():
         return None
     d = stepped - whole
