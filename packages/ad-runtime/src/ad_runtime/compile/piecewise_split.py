@@ -46,11 +46,15 @@ def _items_after_producers(gm: GraphModule) -> None:
     """Move every tuple item right behind its producer: a piece boundary between them would hand the tuple itself
     across (no buffer holds a tuple), e.g. where a transform inserted a step-input reader between two items."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    moved = False
     for producer in list(gm.graph.nodes):
         anchor = producer
         for item in sorted((u for u in producer.users if u.target is operator.getitem), key=order.__getitem__):
+            moved |= anchor.next is not item
             anchor.append(item)
             anchor = item
+    if moved:
+        gm.recompile()  # the graph's code follows its new order (the module also runs as the eager fallback)
 
 
 def split_at_eager_nodes(gm: GraphModule) -> tuple[GraphModule, set[str]]:

@@ -162,13 +162,13 @@ class CachedSequenceInterface:
             [s.slot for s in sequences],
         )
 
-    def update_columns(self, token_ids: Sequence[Sequence[int]], num_cached: Sequence[int],
-                       page_ids: Sequence[Sequence[int]], slots: Sequence[int]) -> None:
+    def update_columns(self, token_ids: Sequence[Sequence[int]], input_pos: Sequence[int],
+                       pages: Sequence[Sequence[int]], slots: Sequence[int]) -> None:
         """`update` with one list per field of StepSequence (the executor's steps: no object per sequence)."""
         if self.state_specs and min(slots) < 0:
             # Without its own row a sequence would read another one's state: refuse instead of mixing them.
             raise ValueError("the graph keeps per-sequence state (Mamba): every scheduled sequence needs a slot >= 0")
-        self.info.nest_sequences(token_ids, num_cached, page_ids, slots)
+        self.info.nest_sequences(token_ids, input_pos, pages, slots)
         for desc in self.attention_backends:
             desc.host_prepare(self.info)
 

@@ -191,14 +191,14 @@ def prefill_launch(max_q_len: int, head_dim: int, elem_size: int = 2, smem_limit
     base = PrefillLaunch(16, 32, 4, 3) if max_q_len <= 16 else PrefillLaunch(64, 32, 4, 3)
     if max_q_len <= 16 or elem_size != 2 or head_dim > 128:
         return base
-    packed = PrefillLaunch(128, 32, 4, 3, pack_gqa=True) if max_q_len < 2048 else PrefillLaunch(128, 128, 8, 2,
-                                                                                                 pack_gqa=True)
+    long_chunk = max_q_len >= 2048
+    packed = PrefillLaunch(*((128, 128, 8, 2) if long_chunk else (128, 32, 4, 3)), pack_gqa=True)
     if packs_gqa(packed, group):
         tuned = packed
     elif max_q_len < 512:
         return base
     else:
-        tuned = PrefillLaunch(64, 64, 4, 2) if max_q_len < 2048 else PrefillLaunch(128, 128, 8, 2)
+        tuned = PrefillLaunch(128, 128, 8, 2) if long_chunk else PrefillLaunch(64, 64, 4, 2)
     if smem_limit is not None and 5 * _tile_bytes(tuned, head_dim, elem_size) > 4 * smem_limit:
         return base
     return tuned

@@ -12,6 +12,7 @@ T (the last layer's attention output and residual stream are gathered instead). 
 its linear work; decode steps (T == B) compute the same rows as before.
 """
 
+import functools
 import operator
 
 import torch
@@ -25,20 +26,10 @@ from ..graph_transform import GraphTransform
 
 INPUT_NAME = "last_token_idx"
 
-# Row-wise ops that may sit between the LM head and the output (casts, Gemma's logit soft-cap).
-_ROWWISE = (
-    torch.ops.aten.to.dtype,
-    torch.ops.aten._to_copy.default,
-    torch.ops.aten.tanh.default,
-    torch.ops.aten.mul.Tensor,
-    torch.ops.aten.mul.Scalar,
-    torch.ops.aten.div.Tensor,
-    torch.ops.aten.div.Scalar,
-)
-
-
+@functools.cache
 def _tokenwise_ops() -> tuple:
-    """Ops whose output row t depends only on input row t (weights and constants aside)."""
+    """Ops whose output row t depends only on input row t (weights and constants aside): the ones the gather moves
+    above, and (with constant other arguments) the casts and soft-caps between the LM head and the output."""
     aten, ad = torch.ops.aten, torch.ops.auto_deploy
     ops = [aten.linear.default, aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default,
            aten.tanh.default, aten.neg.default, aten.rsqrt.default, aten.pow.Tensor_Scalar, aten.add.Tensor,
@@ -68,9 +59,9 @@ _LAST_DIM_OPS = (torch.ops.aten.split_with_sizes.default, torch.ops.aten.split.T
 def _token_axis_only(v, ndim: int, dim: int, tokens) -> bool | None:
     """True: a tensor (or tuple of them) with the hidden states' token axis; False: no token-sized dim at all (a
     weight-like operand); None: tokens along another axis (not safe to gather)."""
-    if isinstance(v, (tuple, list)):
-        kinds = {_token_axis_only(x, ndim, dim, tokens) for x in v}
-        return None if None in kinds or len(kinds) > 1 else kinds.pop() if kinds else False
+    if isinstance(v, (tuple, list)):  # every item the same kind, or not to be told
+        kinds = {_token_axis_only(x, ndim, dim, tokens) for x in v} or {False}
+        return kinds.pop() if len(kinds) == 1 else None
     if not isinstance(v, torch.Tensor):
         return False
     if v.dim() == ndim and same_size(v.shape[dim], tokens):
@@ -108,7 +99,7 @@ def token_tail(gm: GraphModule, lm_head: Node, dim: int) -> tuple[set[Node], lis
 
 def _rowwise_input(node: Node) -> Node | None:
     """The tensor input of a row-wise op whose other arguments are constants, else None."""
-    if not is_op(node, _ROWWISE) or not node.args or not isinstance(node.args[0], Node):
+    if not is_op(node, _tokenwise_ops()) or not node.args or not isinstance(node.args[0], Node):
         return None
     if any(isinstance(a, Node) for a in (*node.args[1:], *node.kwargs.values())):
         return None
