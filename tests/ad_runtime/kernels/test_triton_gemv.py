@@ -136,3 +136,62 @@ def test_swiglu_llama_8b_and_smollm2_shapes_on_gpu(n, k):
     x, w, _ = _data(2 * n, k, torch.bfloat16, False, lead=(1, 1))
     out = GEMV_SWIGLU(x, w, None)
     torch.testing.assert_close(out.float(), _swiglu_ref(x, w, None), atol=3e-2, rtol=3e-2)
+
+
+ADD_RMSNORM_GEMV = torch.ops.auto_deploy.triton_add_rmsnorm_gemv
+ADD_RMSNORM = torch.ops.auto_deploy.triton_fused_add_rmsnorm
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize(
+    "n, k, dtype, bias, norm_dtype",
+    # K wider than one 512-wide K step and not a power of two (1030), N not a multiple of the block of outputs.
+    [(70, 100, torch.float32, False, torch.float32), (64, 1030, torch.float32, True, torch.float32),
+     (34, 48, torch.bfloat16, True, torch.bfloat16), (130, 96, torch.float16, False, torch.float16)],
+)
+def test_add_rmsnorm_gemv_is_the_norm_kernel_then_the_gemv(n, k, dtype, bias, norm_dtype, swiglu):
+    x, w, b = _data(n, k, dtype, bias)
+    g = torch.Generator().manual_seed(7)
+    residual = torch.randn(1, k, generator=g).to(DEVICE, dtype)
+    norm_w = (1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE, norm_dtype)
+    y, summed = gemv_module.add_rmsnorm_gemv(x, residual, norm_w, 1e-5, w, b, swiglu)
+    normed, ref_sum = ADD_RMSNORM(x, residual, norm_w, 1e-5)
+    ref = (gemv_module.gemv_swiglu if swiglu else gemv_module.gemv)(normed, w, b)
+    # Same roundings in the same places: the sum exactly, the product to the GEMV's own fp32 summation.
+    assert torch.equal(summed, ref_sum) and y.shape == ref.shape and y.dtype == ref.dtype
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_add_rmsnorm_gemv_op_takes_one_launch_for_one_row_and_the_two_kernels_for_more(monkeypatch):
+    x1, w, b = _data(40, 24, torch.float32, True, lead=(1, 1))
+    residual, norm_w = torch.randn_like(x1), torch.rand(24, device=DEVICE) + 0.5
+    calls = []
+    real = gemv_module.add_rmsnorm_gemv
+    monkeypatch.setattr(gemv_module, "add_rmsnorm_gemv", lambda *a: calls.append(1) or real(*a))
+    for rows in (1, 3):
+        x, r = torch.randn(1, rows, 24, device=DEVICE), torch.randn(1, rows, 24, device=DEVICE)
+        y, summed = ADD_RMSNORM_GEMV(x, r, norm_w, 1e-6, w, b, False)
+        normed, ref_sum = ADD_RMSNORM(x, r, norm_w, 1e-6)
+        torch.testing.assert_close(y, torch.nn.functional.linear(normed, w, b), atol=1e-5, rtol=1e-5)
+        assert torch.equal(summed, ref_sum) and y.shape == (1, rows, 40)
+    assert calls == [1]
+
+
+def test_add_rmsnorm_gemv_refuses_a_norm_in_another_dtype_than_the_weight():
+    x, w, _ = _data(8, 16, torch.bfloat16, False)
+    with pytest.raises(ValueError, match="the norm gives torch.float32, the linear's weight is torch.bfloat16"):
+        gemv_module.add_rmsnorm_gemv(x, torch.randn_like(x), torch.ones(16, device=DEVICE), 1e-6, w, None, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("n, k", [(6144, 4096), (28672, 4096), (960, 576), (3072, 576)])
+def test_add_rmsnorm_gemv_llama_8b_and_smollm2_shapes_on_gpu(n, k, swiglu):
+    x, w, _ = _data(n, k, torch.bfloat16, False, lead=(1, 1))
+    residual = torch.randn_like(x) * 4
+    norm_w = torch.rand(k, device=DEVICE, dtype=torch.bfloat16) + 0.5
+    y, summed = ADD_RMSNORM_GEMV(x, residual, norm_w, 1e-5, w, None, swiglu)
+    normed, ref_sum = ADD_RMSNORM(x, residual, norm_w, 1e-5)
+    ref = (GEMV_SWIGLU if swiglu else GEMV_LINEAR)(normed, w, None)
+    assert torch.equal(summed, ref_sum)
+    torch.testing.assert_close(y, ref, atol=1e-2, rtol=1e-2)

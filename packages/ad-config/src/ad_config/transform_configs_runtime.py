@@ -129,6 +129,16 @@ class FuseGemvSwigluConfig(TransformConfig):
     stage: Stage = Stage.COMPILE
 
 
+@register_transform_config("fuse_add_rmsnorm_gemv")
+class FuseAddRmsnormGemvConfig(TransformConfig):
+    """After fuse_gemv_swiglu: a residual add + RMSNorm (the triton add_rmsnorm kernel) whose norm feeds only one
+    GEMV op becomes part of that op: at one row a single launch adds, normalises and multiplies (no norm kernel
+    before each attention and MLP block at batch 1); more rows run the norm kernel and the linear as before.
+    Skipped where gemv_decode_linear did not run (not a GPU) or fuse_add_rmsnorm's backend is not triton."""
+
+    stage: Stage = Stage.COMPILE
+
+
 CompileBackend = Literal["auto", "torch-simple", "torch-compile", "torch-cudagraph", "torch-opt"]
 
 

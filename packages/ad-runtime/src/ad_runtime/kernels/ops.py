@@ -1,5 +1,5 @@
 """Custom ops over the Triton kernels: `auto_deploy::triton_rmsnorm`, `triton_fused_add_rmsnorm`, `triton_rope_*`,
-`triton_gemv_linear` and `triton_gemv_swiglu`."""
+`triton_gemv_linear`, `triton_gemv_swiglu` and `triton_add_rmsnorm_gemv`."""
 
 import os
 
@@ -100,3 +100,30 @@ def triton_gemv_swiglu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 @triton_gemv_swiglu.register_fake
 def _gemv_swiglu_fake(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return input.new_empty((*input.shape[:-1], weight.shape[0] // 2))
+
+
+@torch.library.custom_op("auto_deploy::triton_add_rmsnorm_gemv", mutates_args=())
+def triton_add_rmsnorm_gemv(
+    x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(triton_gemv_linear(n, weight, bias), x + residual), or triton_gemv_swiglu's product of n with `swiglu`,
+    where (n, x + residual) = triton_fused_add_rmsnorm(x, residual, norm_weight, eps).
+
+    One row: one Triton launch does the add, the norm and the GEMV (batch-1 decode). More rows: the add_rmsnorm
+    kernel, then the linear as its op runs it (cuBLAS).
+    """
+    if _gemv_takes(x, weight):
+        return _gemv.add_rmsnorm_gemv(x, residual, norm_weight, eps, weight, bias, swiglu)
+    normed, summed = _rmsnorm.add_rmsnorm(x, residual, norm_weight, eps)
+    linear = triton_gemv_swiglu if swiglu else triton_gemv_linear
+    return linear(normed, weight, bias), summed
+
+
+@triton_add_rmsnorm_gemv.register_fake
+def _add_rmsnorm_gemv_fake(
+    x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    return x.new_empty((*x.shape[:-1], rows), dtype=weight.dtype), x.new_empty(x.shape)

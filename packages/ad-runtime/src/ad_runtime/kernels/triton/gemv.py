@@ -19,10 +19,23 @@ from .pdl import pdl_launch_args
 
 
 @triton.jit
+def _input_slice(x_ptr, r_ptr, nw_ptr, kk, k_ok, rstd, NORM: tl.constexpr, DTYPE: tl.constexpr):
+    """Input features kk of the GEMV in fp32; with NORM, rmsnorm(x + r) * nw as the add_rmsnorm kernel rounds it
+    (sum in x's dtype, normalised values in it, the product in the GEMV's dtype)."""
+    x = tl.load(x_ptr + kk, mask=k_ok, other=0.0)
+    if NORM:
+        r = tl.load(r_ptr + kk, mask=k_ok, other=0.0)
+        s = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype).to(tl.float32)
+        nw = tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        return (nw * (s * rstd).to(x.dtype).to(tl.float32)).to(DTYPE).to(tl.float32)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, K, N, s_wn,
-    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, sum_ptr, eps, K, N, s_wn,
+    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # Each program owns BLOCK_N output features over the whole K. The products are summed along K once, after
     # the loop: a [BLOCK_N, BLOCK_K] fp32 accumulator keeps the loop free of cross-thread reductions.
@@ -44,7 +57,20 @@ def _gemv_kernel(
     if USE_PDL:
         cuda.gdc_wait()
         cuda.gdc_launch_dependents()
-    x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+    rstd = 0.0
+    if NORM:
+        # x + residual and its RMS over the whole row (HIDDEN = K features in a block of BLOCK_H), as the
+        # add_rmsnorm kernel computes them; program 0 stores the sum, the next residual. Every program needs the
+        # row's RMS before its first slice: the row is small and read from L2 by all but the first.
+        offs_h = tl.arange(0, BLOCK_H)
+        h_ok = offs_h < HIDDEN
+        s = (tl.load(x_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)
+             + tl.load(r_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+        if pid == 0:
+            tl.store(sum_ptr + offs_h, s, mask=h_ok)
+        sf = s.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(sf * sf, axis=0) / HIDDEN + eps)
+    x = _input_slice(x_ptr, r_ptr, nw_ptr, offs_k, offs_k < K, rstd, NORM, w_ptr.dtype.element_ty)
     acc = w.to(tl.float32) * x[None, :]
     if SWIGLU:
         acc_up = w_up.to(tl.float32) * x[None, :]
@@ -56,7 +82,7 @@ def _gemv_kernel(
         w = tl.load(rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         if SWIGLU:
             w_up = tl.load(up_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        x = _input_slice(x_ptr, r_ptr, nw_ptr, kk, k_ok, rstd, NORM, w_ptr.dtype.element_ty)
         acc += w.to(tl.float32) * x[None, :]
         if SWIGLU:
             acc_up += w_up.to(tl.float32) * x[None, :]
@@ -106,27 +132,45 @@ def launch_config(n: int, k: int, device: torch.device) -> dict:
     return dict(BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)), num_warps=4, num_stages=3)
 
 
-def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
-    """One GEMV launch for an x of exactly one row; with `swiglu`, silu(gate) * up of a merged [gate; up] weight."""
+def _one_row(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x (one row of k features, any leading shape) as a contiguous vector."""
+    if x.numel() != k:
+        raise ValueError(f"gemv needs one row of {k} features, got input of shape {tuple(x.shape)}")
+    x1 = x.reshape(k)
+    return x1 if x1.stride(0) == 1 else x1.contiguous()
+
+
+def _gemv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
+    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One GEMV launch for an x of exactly one row; with `swiglu`, silu(gate) * up of a merged [gate; up] weight;
+    with `norm` = (residual, norm_weight, eps), of rmsnorm(x + residual) * norm_weight. Returns (y, x + residual
+    or None)."""
     if weight.dim() != 2 or weight.stride(1) != 1:
         raise ValueError("gemv needs a 2-D weight with unit stride along its input features")
     rows, k = weight.shape
     if swiglu and rows % 2:
         raise ValueError(f"gemv_swiglu needs a merged [gate; up] weight of even rows, got {rows}")
-    if x.numel() != k:
-        raise ValueError(f"gemv needs one row of {k} features, got input of shape {tuple(x.shape)}")
-    x1 = x.reshape(k)
-    x1 = x1 if x1.stride(0) == 1 else x1.contiguous()
+    x1 = _one_row(x, k)
     n = rows // 2 if swiglu else rows  # the width of the output
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    y = torch.empty((*x.shape[:-1], n), dtype=weight.dtype, device=x.device)
     cfg = launch_config(rows, k, x1.device)
     if swiglu:  # each program reads its gate rows and as many up rows: the tile the plain GEMV would read
         cfg["BLOCK_N"] = max(1, cfg["BLOCK_N"] // 2)
+    summed = None
+    r1, nw, eps = x1, x1, 0.0
+    if norm is not None:
+        residual, nw, eps = norm
+        r1, nw = _one_row(residual, k), nw.contiguous()
+        summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        x1, weight, bias if bias is not None else weight, y, k, n, weight.stride(0),
-        HAS_BIAS=bias is not None, SWIGLU=swiglu, **cfg, **pdl_launch_args(x1.device),
+        x1, weight, bias if bias is not None else weight, y, r1, nw, summed if summed is not None else y, eps,
+        k, n, weight.stride(0), HAS_BIAS=bias is not None, SWIGLU=swiglu, NORM=norm is not None,
+        HIDDEN=k if norm is not None else 0, BLOCK_H=triton.next_power_of_2(k) if norm is not None else 1,
+        **cfg, **pdl_launch_args(x1.device),
     )
-    return y
+    return y, summed
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -134,12 +178,29 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
 
     weight [N, K] with unit stride along K; x, weight and bias of one floating dtype (as aten.linear needs).
     """
-    return _gemv(x, weight, bias, swiglu=False)
+    return _gemv(x, weight, bias, swiglu=False)[0]
 
 
 def gemv_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """silu(gate) * up of y = aten.linear(x, weight, bias), y = [gate | up], for an x of exactly one row."""
-    return _gemv(x, weight, bias, swiglu=True)
+    return _gemv(x, weight, bias, swiglu=True)[0]
+
+
+def add_rmsnorm_gemv(
+    x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gemv(n), x + residual) for n = rmsnorm(x + residual) * norm_weight, one row, in one launch: the result of
+    add_rmsnorm followed by gemv (or gemv_swiglu), rounded where they round. x and residual share a shape and
+    dtype; the norm's output dtype must be the weight's (as aten.linear needs)."""
+    if x.shape != residual.shape or x.dtype != residual.dtype:
+        raise ValueError(f"add_rmsnorm_gemv needs x and residual of one shape and dtype, got {tuple(x.shape)} "
+                         f"{x.dtype} and {tuple(residual.shape)} {residual.dtype}")
+    if torch.result_type(norm_weight, x) != weight.dtype:
+        raise ValueError(f"add_rmsnorm_gemv: the norm gives {torch.result_type(norm_weight, x)}, the linear's weight "
+                         f"is {weight.dtype}")
+    y, summed = _gemv(x, weight, bias, swiglu, norm=(residual, norm_weight, eps))
+    return y, summed
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
