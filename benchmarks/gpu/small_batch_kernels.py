@@ -211,15 +211,19 @@ def attention(rows: list[int], bw: float, ctx: int, sweep: bool = False, page: i
         if sweep:
             launches = [pa.DecodeLaunch(n, w, st) for n in (32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3, 4)]
             timed = []
-            for la in launches:
-                try:
-                    timed.append((graph_us(lambda: pa.decode_attention(q, kc, vc, seq_len, pos, table, out=out,
-                                                                       num_splits=occ, launch=la)), la))
-                except Exception as e:  # out of shared memory or registers for this tile
-                    print(f"  launch {la}: {type(e).__name__}")
+            # The occupancy rule's split count and its neighbours: whether another split count with its best
+            # tile beats the rule's.
+            for splits in sorted({max(1, occ // 2), occ, 2 * occ, 4 * occ}):
+                for la in launches:
+                    try:
+                        timed.append((graph_us(lambda: pa.decode_attention(q, kc, vc, seq_len, pos, table, out=out,
+                                                                           num_splits=splits, launch=la)), splits, la))
+                    except Exception as e:  # out of shared memory or registers for this tile
+                        print(f"  splits {splits} launch {la}: {type(e).__name__}")
             timed.sort(key=lambda t: t[0])
-            print(f"  rows {b} ctx {ctx} splits {occ}, best launches: "
-                  + "; ".join(f"{u:.1f} us n{la.block_n} w{la.num_warps} s{la.num_stages}" for u, la in timed[:6]))
+            print(f"  rows {b} ctx {ctx} (occupancy splits {occ}), best launches: "
+                  + "; ".join(f"{u:.1f} us splits {s} n{la.block_n} w{la.num_warps} s{la.num_stages}"
+                              for u, s, la in timed[:8]))
 
 
 def main() -> None:
