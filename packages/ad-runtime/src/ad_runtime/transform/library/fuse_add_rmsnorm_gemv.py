@@ -58,22 +58,23 @@ def _same_dtypes(gm: GraphModule, norm: Node, gemv: Node) -> bool:
     return x.dtype == residual.dtype and normed.dtype == weight.dtype
 
 
-def _defined_before(node: Node, anchor: Node, order: dict[Node, int]) -> bool:
+def _defined_before(node: Node, anchor: Node, order: dict[Node, float]) -> bool:
     """Make sure `node` (an argument) is defined before `anchor`; a late get_attr is moved up, else False."""
     if not isinstance(node, Node) or order[node] < order[anchor]:
         return True
     if node.op != "get_attr":
         return False
     anchor.prepend(node)
+    order[node] = order[anchor] - 0.5  # a weight shared with a later fusion is then seen as defined in time
     return True
 
 
-def _fuse(gm: GraphModule, norm: Node, order: dict[Node, int]) -> bool:
+def _fuse(gm: GraphModule, norm: Node, order: dict[Node, float]) -> bool:
     items = _items(norm)
     if items is None or 0 not in items:
         return False
     gemv = _gemv_reading(items[0])
-    if gemv is None or not _same_dtypes(gm, norm, gemv) or len(gemv.args) < 2:
+    if gemv is None or len(gemv.args) < 2 or not _same_dtypes(gm, norm, gemv):
         return False
     weight, bias = gemv.args[1], gemv.args[2] if len(gemv.args) > 2 else None
     if not all(_defined_before(n, norm, order) for n in (weight, bias)):
@@ -111,7 +112,7 @@ class FuseAddRmsnormGemv(GraphTransform):
         if not norms:
             return gm, TransformInfo(skipped=True, reason="no triton_fused_add_rmsnorm (fuse_add_rmsnorm's backend "
                                                           "is not triton)")
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        order: dict[Node, float] = {n: i for i, n in enumerate(gm.graph.nodes)}
         num = sum(_fuse(gm, norm, order) for norm in norms)
         if num:
             gm.recompile()
