@@ -167,3 +167,34 @@ def test_multimodal_qwen3_5_checkpoint_runs_its_text_model(tmp_path):
     with _llm(tmp_path) as llm:
         outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outs] == _hf_greedy(tmp_path, prompts)
+
+
+# Structures the one-row GEMV fusions meet: sinks and MoE (gpt_oss), MLA (deepseek_v3), a norm feeding attention and
+# MLP at once (cohere), norms after the blocks (olmo2), LayerNorm (phi), MoE with a shared expert (glm4_moe, qwen3_moe),
+# a hybrid with Mamba2 (falcon_h1), short convs (lfm2).
+GPU_FAMILIES = ["cohere", "deepseek_v3", "falcon_h1", "glm4_moe", "gpt_oss", "lfm2", "olmo2", "phi", "qwen3_moe"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", GPU_FAMILIES)
+def test_family_batch_1_on_gpu_decodes_the_same_with_the_norm_in_the_gemv(family, tmp_path, monkeypatch):
+    # One prompt at a time: batch-1 decode steps take the one-row GEMV ops, with and without fuse_add_rmsnorm_gemv.
+    from ad_runtime.kernels.triton import gemv as gemv_module
+
+    calls = []
+    real = gemv_module.add_rmsnorm_gemv
+    monkeypatch.setattr(gemv_module, "add_rmsnorm_gemv", lambda *a: calls.append(1) or real(*a))
+    _save(family, tmp_path)
+    got = {}
+    for fused in (True, False):
+        with LLM(model=str(tmp_path), skip_tokenizer_init=True, device="cuda", dtype="float32", max_seq_len=64,
+                 attn_page_size=8, max_batch_size=4, compile_backend="torch-simple",
+                 transforms={"fuse_add_rmsnorm_gemv": {"enabled": fused}}) as llm:
+            got[fused] = [llm.generate([p], SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0,
+                                                           ignore_eos=True))[0].outputs[0].token_ids
+                          for p in _prompts()]
+        if fused:
+            print(f"{family}: {len(calls)} fused add+norm+GEMV launches")  # noqa: T201 - which families fuse
+            # Layer 1's input norm (an add + RMSNorm) feeds the merged q/k/v GEMV in these Llama-like blocks.
+            assert calls or family not in ("gpt_oss", "glm4_moe", "qwen3_moe")
+    assert got[True] == got[False]

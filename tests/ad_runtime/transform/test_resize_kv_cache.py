@@ -4,12 +4,30 @@ import copy
 
 import pytest
 import torch
+from ad_compiler.transform.optimizer import InferenceOptimizer
+from ad_runtime.kv_cache.interface import CachedSequenceInterface
 from tiny_llama import build_cached, export_with_attention_ops, greedy_cached, greedy_reference, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def graph():
     return export_with_attention_ops(tiny_llama())
+
+
+def test_the_measured_batch_gives_each_sequence_a_state_row():
+    # A hybrid (Mamba2 + attention) graph refuses a step whose sequences lack a state row: the batch that measures
+    # activations on a GPU failed falcon_h1's and lfm2's builds there before each sequence got one.
+    from ad_runtime.transform.library.resize_kv_cache import _largest_batch
+    from cached_attention_models import export_tiny
+    from cached_ssm_models import TinyMambaModel
+
+    torch.manual_seed(0)
+    cm = CachedSequenceInterface(max_batch_size=3, max_seq_len=8, page_size=4, max_num_tokens=20)
+    InferenceOptimizer(None, {"insert_cached_ssm_attention": {}, "insert_cached_causal_conv": {},
+                              "initialize_cache": {}})(cm=cm, mod=export_tiny(TinyMambaModel(n_layers=1).eval()))
+    batch = _largest_batch(cm)
+    assert sorted(s.slot for s in batch) == [0, 1, 2] and sum(len(s.token_ids) for s in batch) == 20
+    cm.update(batch)
 
 
 def test_skipped_on_cpu(graph):

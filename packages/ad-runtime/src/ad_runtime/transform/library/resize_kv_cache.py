@@ -20,12 +20,13 @@ logger = logging.getLogger(__name__)
 
 
 def _largest_batch(cm: CachedSequenceInterface) -> list[StepSequence]:
-    """Prefills filling max_num_tokens; pages reused cyclically (their contents do not matter here)."""
+    """Prefills filling max_num_tokens; pages reused cyclically (their contents do not matter here), one state
+    row each (a graph with per-sequence state refuses sequences without one)."""
     info, left, seqs, page = cm.info, cm.info.max_num_tokens, [], 0
     while left > 0 and len(seqs) < info.max_batch_size:
         n = min(left, info.max_seq_len)
         npages = -(-n // info.page_size)
-        seqs.append(StepSequence([0] * n, 0, [(page + i) % cm.num_pages for i in range(npages)]))
+        seqs.append(StepSequence([0] * n, 0, [(page + i) % cm.num_pages for i in range(npages)], slot=len(seqs)))
         page, left = page + npages, left - n
     # prefills first: a 1-token remainder would be a decode and must go last
     return sorted(seqs, key=lambda s: len(s.token_ids) == 1)
