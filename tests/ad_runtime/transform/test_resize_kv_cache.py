@@ -1,4 +1,4 @@
-"""resize_kv_cache: skipped on a CPU; on a GPU the cache grows into free memory."""
+"""resize_kv_cache: skipped on a CPU; grows the cache into free memory on a GPU, measuring with state rows."""
 
 import copy
 
@@ -6,6 +6,9 @@ import pytest
 import torch
 from ad_compiler.transform.optimizer import InferenceOptimizer
 from ad_runtime.kv_cache.interface import CachedSequenceInterface
+from ad_runtime.transform.library.resize_kv_cache import _largest_batch
+from cached_attention_models import export_tiny
+from cached_ssm_models import TinyMambaModel
 from tiny_llama import build_cached, export_with_attention_ops, greedy_cached, greedy_reference, tiny_llama
 
 
@@ -17,10 +20,6 @@ def graph():
 def test_the_measured_batch_gives_each_sequence_a_state_row():
     # A hybrid (Mamba2 + attention) graph refuses a step whose sequences lack a state row: the batch that measures
     # activations on a GPU failed falcon_h1's and lfm2's builds there before each sequence got one.
-    from ad_runtime.transform.library.resize_kv_cache import _largest_batch
-    from cached_attention_models import export_tiny
-    from cached_ssm_models import TinyMambaModel
-
     torch.manual_seed(0)
     cm = CachedSequenceInterface(max_batch_size=3, max_seq_len=8, page_size=4, max_num_tokens=20)
     InferenceOptimizer(None, {"insert_cached_ssm_attention": {}, "insert_cached_causal_conv": {},
