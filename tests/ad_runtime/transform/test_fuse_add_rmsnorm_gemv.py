@@ -25,8 +25,14 @@ def _interpreted() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _gemv_graph(model, fuse: bool, norm_backend: str = "triton", gemv: bool = True):
-    gm = export_with_attention_ops(model)
+@pytest.fixture(scope="module")
+def exported():
+    """One export of the tiny Llama (CPU, or the GPU where there is one), copied by each graph built from it."""
+    return export_with_attention_ops(tiny_llama(device="cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _gemv_graph(gm, fuse: bool, norm_backend: str = "triton", gemv: bool = True):
+    gm = copy.deepcopy(gm)
     conf = {"match_rmsnorm_pattern": {}, "fuse_gemms": {}, "fuse_add_rmsnorm": {"backend": norm_backend}}
     if gemv:
         conf.update({"gemv_decode_linear": {}, "fuse_gemv_swiglu": {}})
@@ -36,11 +42,10 @@ def _gemv_graph(model, fuse: bool, norm_backend: str = "triton", gemv: bool = Tr
     return opt(cm=SimpleNamespace(device="cuda"), mod=gm), opt.history
 
 
-def test_each_norm_read_by_one_gemv_fuses_and_answers_as_before(monkeypatch):
+def test_each_norm_read_by_one_gemv_fuses_and_answers_as_before(exported, monkeypatch):
     device = _interpreted()
-    model = tiny_llama(device=device)
-    ref, _ = _gemv_graph(copy.deepcopy(model), fuse=False)
-    gm, _ = _gemv_graph(model, fuse=True)
+    ref, _ = _gemv_graph(exported, fuse=False)
+    gm, _ = _gemv_graph(exported, fuse=True)
     # Two layers: layer 0's MLP norm, layer 1's attention and MLP norms fuse, two of them into a gate/up GEMV
     # (layer 0's first norm has no residual add; the final norm reaches the LM head through a slice and stays).
     assert count_op(ref, ADD_RMSNORM) == 4 and count_op(gm, ADD_RMSNORM) == 1 and count_op(gm, FUSED) == 3
@@ -53,9 +58,9 @@ def test_each_norm_read_by_one_gemv_fuses_and_answers_as_before(monkeypatch):
     assert calls_by_rows(gm, ref, device, calls) == {1: 3, 5: 0, 3: 0}
 
 
-def test_a_norm_read_by_something_else_too_stays():
+def test_a_norm_read_by_something_else_too_stays(exported):
     _interpreted()
-    gm, _ = _gemv_graph(tiny_llama(), fuse=False)
+    gm, _ = _gemv_graph(exported, fuse=False)
     norm = next(n for n in gm.graph.nodes if n.target is ADD_RMSNORM)
     normed = next(u for u in norm.users if u.args[1] == 0)
     with gm.graph.inserting_after(normed):
@@ -72,8 +77,8 @@ def test_a_norm_read_by_something_else_too_stays():
     ("triton", False, "gemv_decode_linear did not run"),
     ("torch", True, "fuse_add_rmsnorm's backend is not triton"),
 ])
-def test_without_its_inputs_the_transform_skips_and_says_why(norm_backend, gemv, reason):
+def test_without_its_inputs_the_transform_skips_and_says_why(exported, norm_backend, gemv, reason):
     _interpreted()
-    gm, history = _gemv_graph(tiny_llama(), fuse=True, norm_backend=norm_backend, gemv=gemv)
+    gm, history = _gemv_graph(exported, fuse=True, norm_backend=norm_backend, gemv=gemv)
     assert count_op(gm, FUSED) == 0 and history["fuse_add_rmsnorm_gemv"].skipped
     assert reason in history["fuse_add_rmsnorm_gemv"].reason
