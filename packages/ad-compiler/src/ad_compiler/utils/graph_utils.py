@@ -233,6 +233,26 @@ def fake(node: Any) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
+def node_tensor(gm: GraphModule, node: Any) -> torch.Tensor | None:
+    """The tensor a node gives: a get_attr's own parameter or buffer, else the fake tensor export recorded."""
+    if isinstance(node, Node) and node.op == "get_attr":
+        return get_attr_tensor(gm, node.target)
+    return fake(node)
+
+
+def defined_before(node: Any, anchor: Node, order: dict[Node, float]) -> bool:
+    """Make sure `node` (an argument of what goes at `anchor`) is defined before `anchor`: a later get_attr is moved
+    up (it reads no other node, so the graph stays in order; `order` records its new place for later calls); False
+    for any other later node."""
+    if not isinstance(node, Node) or order.get(node, -1) < order[anchor]:
+        return True
+    if node.op != "get_attr":
+        return False
+    anchor.prepend(node)
+    order[node] = order[anchor] - 0.5
+    return True
+
+
 def same_size(a: Any, b: Any) -> bool:
     """Static equality of two sizes; symbolic sizes are equal only if they are the same expression."""
     if isinstance(a, int) and isinstance(b, int):

@@ -61,6 +61,11 @@ def triton_gemv_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     The row count decides per call: a captured batch-1 decode graph holds the GEMV, prefill and larger batches
     keep cuBLAS. Triton runs on a GPU, or on a CPU in its interpreter (TRITON_INTERPRET=1, the tests).
     """
+    return _linear(input, weight, bias)
+
+
+def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """triton_gemv_linear's body (the fused op's many-row path calls it without a second dispatcher round trip)."""
     if _gemv_takes(input, weight):
         return _gemv.gemv(input, weight, bias)
     return torch.ops.aten.linear.default(input, weight, bias)
@@ -88,6 +93,11 @@ def triton_gemv_swiglu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     One row: a single Triton GEMV launch that writes the activation (batch-1 decode). More rows: aten.linear
     (cuBLAS) and one Triton pass for the activation on a GPU, torch on a CPU.
     """
+    return _linear_swiglu(input, weight, bias)
+
+
+def _linear_swiglu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """triton_gemv_swiglu's body (also the fused op's many-row path)."""
     if _gemv_takes(input, weight):
         return _gemv.gemv_swiglu(input, weight, bias)
     gate_up = torch.ops.aten.linear.default(input, weight, bias)
@@ -116,8 +126,7 @@ def triton_add_rmsnorm_gemv(
     if _gemv_takes(x, weight):
         return _gemv.add_rmsnorm_gemv(x, residual, norm_weight, eps, weight, bias, swiglu)
     normed, summed = _rmsnorm.add_rmsnorm(x, residual, norm_weight, eps)
-    linear = triton_gemv_swiglu if swiglu else triton_gemv_linear
-    return linear(normed, weight, bias), summed
+    return (_linear_swiglu if swiglu else _linear)(normed, weight, bias), summed
 
 
 @triton_add_rmsnorm_gemv.register_fake

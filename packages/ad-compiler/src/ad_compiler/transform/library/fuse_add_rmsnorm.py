@@ -10,7 +10,7 @@ from torch.fx import Graph, GraphModule, Node
 from ... import custom_ops  # noqa: F401 - registers torch.ops.auto_deploy.*
 from ...kernels_registry import available_backends, get_kernel
 from ...models.factory import ModelFactory
-from ...utils.graph_utils import arg, fake, is_op, nodes_calling, same_size, set_fake_val, val
+from ...utils.graph_utils import arg, defined_before, fake, is_op, nodes_calling, same_size, set_fake_val, val
 from ..cache_protocol import CacheInterface
 from ..interface import BaseTransform, SharedConfig, TransformInfo, TransformRegistry
 
@@ -45,20 +45,10 @@ def _matches(gm: GraphModule) -> list[tuple[Node, Node]]:
     return pairs
 
 
-def _weight_before(weight: Any, add: Node, order: dict[Node, int]) -> bool:
-    """Make sure `weight` is defined before `add`, where the fused node goes; False if it cannot be."""
-    if not isinstance(weight, Node) or order.get(weight, -1) < order[add]:
-        return True
-    if weight.op != "get_attr":
-        return False
-    add.prepend(weight)  # a get_attr reads no other node: moving it up keeps the graph in order
-    return True
-
-
-def _fuse(graph: Graph, norm: Node, add: Node, kernel: Callable, order: dict[Node, int]) -> bool:
+def _fuse(graph: Graph, norm: Node, add: Node, kernel: Callable, order: dict[Node, float]) -> bool:
     """Replace the pair by kernel(x, residual, weight, eps) and its two getitems; False if left as it was."""
     weight, eps = arg(norm, 1, "weight"), arg(norm, 2, "eps")
-    if not _weight_before(weight, add, order):
+    if not defined_before(weight, add, order):  # the fused node goes at the add
         return False
     x, residual = add.args
     # Right after the add: every user of the sum, also one placed before the norm, then sees its getitem defined.

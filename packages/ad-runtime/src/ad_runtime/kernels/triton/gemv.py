@@ -199,8 +199,7 @@ def add_rmsnorm_gemv(
     if torch.result_type(norm_weight, x) != weight.dtype:
         raise ValueError(f"add_rmsnorm_gemv: the norm gives {torch.result_type(norm_weight, x)}, the linear's weight "
                          f"is {weight.dtype}")
-    y, summed = _gemv(x, weight, bias, swiglu, norm=(residual, norm_weight, eps))
-    return y, summed
+    return _gemv(x, weight, bias, swiglu, norm=(residual, norm_weight, eps))
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import operator
 import torch
 from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import TransformInfo, TransformRegistry
-from ad_compiler.utils.graph_utils import fake, get_attr_tensor, is_op, nodes_calling
+from ad_compiler.utils.graph_utils import defined_before, is_op, node_tensor, nodes_calling
 from torch.fx import GraphModule, Node
 
 from ...kernels import ops  # noqa: F401 - defines the triton_* ops read and written here
@@ -45,28 +45,12 @@ def _gemv_reading(normed: Node) -> Node | None:
     return gemv
 
 
-def _tensor(gm: GraphModule, node: Node) -> torch.Tensor | None:
-    """The (fake) tensor a node gives: a get_attr's own tensor, else its recorded value."""
-    return get_attr_tensor(gm, node.target) if isinstance(node, Node) and node.op == "get_attr" else fake(node)
-
-
 def _same_dtypes(gm: GraphModule, norm: Node, gemv: Node) -> bool:
     """x and residual of one dtype and the norm's output in the linear weight's dtype (the fused kernel's rounding)."""
-    x, residual, normed, weight = (_tensor(gm, n) for n in (norm.args[0], norm.args[1], gemv.args[0], gemv.args[1]))
+    x, residual, normed, weight = (node_tensor(gm, n) for n in (norm.args[0], norm.args[1], gemv.args[0], gemv.args[1]))
     if any(t is None for t in (x, residual, normed, weight)):
         return False
     return x.dtype == residual.dtype and normed.dtype == weight.dtype
-
-
-def _defined_before(node: Node, anchor: Node, order: dict[Node, float]) -> bool:
-    """Make sure `node` (an argument) is defined before `anchor`; a late get_attr is moved up, else False."""
-    if not isinstance(node, Node) or order[node] < order[anchor]:
-        return True
-    if node.op != "get_attr":
-        return False
-    anchor.prepend(node)
-    order[node] = order[anchor] - 0.5  # a weight shared with a later fusion is then seen as defined in time
-    return True
 
 
 def _fuse(gm: GraphModule, norm: Node, order: dict[Node, float]) -> bool:
@@ -77,7 +61,7 @@ def _fuse(gm: GraphModule, norm: Node, order: dict[Node, float]) -> bool:
     if gemv is None or len(gemv.args) < 2 or not _same_dtypes(gm, norm, gemv):
         return False
     weight, bias = gemv.args[1], gemv.args[2] if len(gemv.args) > 2 else None
-    if not all(_defined_before(n, norm, order) for n in (weight, bias)):
+    if not all(defined_before(n, norm, order) for n in (weight, bias)):
         return False
     # At the norm's place: a reader of the sum placed between the norm and the GEMV then sees it defined.
     x, residual, norm_weight, eps = norm.args

@@ -25,6 +25,8 @@ from ...kv_cache.interface import CachedSequenceInterface
 from ..graph_transform import GraphTransform
 
 INPUT_NAME = "last_token_idx"
+# Ops that are token-wise when they work along the feature (last) dim only.
+_LAST_DIM_OPS = (torch.ops.aten.split_with_sizes.default, torch.ops.aten.split.Tensor, torch.ops.aten.mean.dim)
 
 @functools.cache
 def _tokenwise_ops() -> tuple:
@@ -51,9 +53,6 @@ def _is_tokenwise(node: Node) -> bool:
         dims = dim if isinstance(dim, (list, tuple)) else [dim]
         return len(dims) == 1 and is_last_dim(dims[0], node.args[0])
     return is_op(node, _tokenwise_ops())
-
-
-_LAST_DIM_OPS = (torch.ops.aten.split_with_sizes.default, torch.ops.aten.split.Tensor, torch.ops.aten.mean.dim)
 
 
 def _token_axis_only(v, ndim: int, dim: int, tokens) -> bool | None:

@@ -12,7 +12,7 @@ hold the GEMV and prefill, mixed and larger decode batches run exactly as before
 import torch
 from ad_compiler.transform.cache_protocol import CacheInterface
 from ad_compiler.transform.interface import TransformInfo, TransformRegistry
-from ad_compiler.utils.graph_utils import arg, fake, get_attr_tensor, nodes_calling
+from ad_compiler.utils.graph_utils import arg, node_tensor, nodes_calling
 from torch.fx import GraphModule, Node
 
 from ...kernels import ops  # noqa: F401 - defines auto_deploy::triton_gemv_linear
@@ -33,8 +33,7 @@ def skip_reason(device: str | torch.device | None) -> str | None:
 
 def _rewritable(gm: GraphModule, node: Node) -> bool:
     """A linear with a 2-D weight in a dtype the GEMV handles (others keep aten.linear, and cuBLAS)."""
-    weight = arg(node, 1, "weight")
-    w = get_attr_tensor(gm, weight.target) if isinstance(weight, Node) and weight.op == "get_attr" else fake(weight)
+    w = node_tensor(gm, arg(node, 1, "weight"))
     return isinstance(w, torch.Tensor) and w.dim() == 2 and w.dtype in GEMV_DTYPES
 
 
