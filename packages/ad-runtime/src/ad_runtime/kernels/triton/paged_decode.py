@@ -4,6 +4,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -21,15 +22,17 @@ from .pdl import pdl_launch_args
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, part_o_ptr, part_lse_ptr, o_ptr, sinks_ptr, arrivals_ptr,
     seq_len_ptr, input_pos_ptr, page_table_ptr,
+    kn_ptr, vn_ptr, slot_ptr, rpos_ptr, cs_ptr,
     s_qb, s_qh,
     s_kp, s_ks, s_kh, s_vp, s_vs, s_vh,
     s_pt,
     s_ob, s_oh, s_os, s_lb, s_lh, s_fb, s_fh,
+    s_knb, s_knh, s_vnb, s_vnh, s_cs,
     qk_scale, window, cap,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SOFT_CAP: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_SINKS: tl.constexpr, MIN_KEYS: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    ROPE: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         cuda.gdc_wait()
@@ -47,26 +50,72 @@ def _decode_split_kernel(
         active = NUM_SPLITS
     else:
         active = tl.maximum(tl.cdiv(kv_len - start, chunk), 1)
+    cs_row = cs_ptr
+    if ROPE:
+        cs_row = cs_ptr + tl.load(rpos_ptr + b).to(tl.int64) * s_cs
+        # The split that reads the new key (the step's last) writes it, rotated, and its value to the cache first:
+        # no other program reads that slot, and the barrier orders the write before this program's reads.
+        if split == (kv_len - 1 - start) // chunk:
+            _write_new_kv(kn_ptr + b.to(tl.int64) * s_knb + kvh * s_knh, vn_ptr + b.to(tl.int64) * s_vnb + kvh * s_vnh,
+                          k_cache_ptr, v_cache_ptr, tl.load(slot_ptr + b).to(tl.int64), kvh, cs_row,
+                          s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, HEAD_DIM, PAGE_SIZE, BLOCK_D, HALF)
+            tl.debug_barrier()
     if split < active:
         _decode_split(q_ptr, k_cache_ptr, v_cache_ptr, part_o_ptr, part_lse_ptr, o_ptr, sinks_ptr, arrivals_ptr,
-                      page_table_ptr, b, kvh, split, start + split * chunk,
+                      page_table_ptr, cs_row, b, kvh, split, start + split * chunk,
                       tl.minimum(start + split * chunk + chunk, kv_len), active,
                       s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_pt, s_ob, s_oh, s_os, s_lb, s_lh, s_fb, s_fh,
                       qk_scale, cap, GROUP, HEAD_DIM, PAGE_SIZE, NUM_SPLITS, BLOCK_G, BLOCK_N, BLOCK_D, SOFT_CAP,
-                      DOT_PREC, DOT_DTYPE, HAS_SINKS)
+                      DOT_PREC, DOT_DTYPE, HAS_SINKS, ROPE, HALF)
+
+
+@triton.jit
+def _rotated(rows, offs_d, mask, cs_row, HALF: tl.constexpr):
+    """x * cos + rotate_half(x) * sin in fp32 for head rows `rows` ([R, 1] pointers) at features offs_d, computed
+    as the RoPE kernels compute it (cos and sin of feature i and i + HALF are the cache row's entries i)."""
+    first = offs_d < HALF
+    i = tl.where(first, offs_d, offs_d - HALF)
+    x = tl.load(rows + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(rows + tl.where(first, offs_d + HALF, offs_d - HALF)[None, :], mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(cs_row + i, mask=offs_d < 2 * HALF, other=0.0).to(tl.float32)[None, :]
+    sn = tl.load(cs_row + HALF + i, mask=offs_d < 2 * HALF, other=0.0).to(tl.float32)[None, :]
+    # fma(x, cos, -+ xp * sin): the RoPE kernels' exact operations (_rotate_heads), so both round alike; written
+    # out, the compiler would fuse whichever product it likes into the add and differ from them in the last bit.
+    xs = xp * sn
+    return tl.fma(x, c, tl.where(first[None, :], -xs, xs))
+
+
+@triton.jit
+def _write_new_kv(k_row, v_row, k_cache_ptr, v_cache_ptr, slot, kvh, cs_row,
+                  s_kp, s_ks, s_kh, s_vp, s_vs, s_vh,
+                  HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, HALF: tl.constexpr):
+    """Rotate one token's key of one KV head into its cache slot and copy its value (rope_kv_write's work)."""
+    offs_r = tl.arange(0, 2)  # one row, in a block of two (the smallest shape every Triton op takes)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_r[:, None] < 1) & (offs_d[None, :] < HEAD_DIM)
+    page, off = slot // PAGE_SIZE, slot % PAGE_SIZE
+    k = _rotated(k_row + offs_r[:, None] * 0, offs_d, mask, cs_row, HALF)
+    tl.store(k_cache_ptr + page * s_kp + off * s_ks + kvh * s_kh + offs_r[:, None] * 0 + offs_d[None, :],
+             k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    v = tl.load(v_row + offs_r[:, None] * 0 + offs_d[None, :], mask=mask, other=0.0)
+    tl.store(v_cache_ptr + page * s_vp + off * s_vs + kvh * s_vh + offs_r[:, None] * 0 + offs_d[None, :],
+             v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _decode_split(
-    q_ptr, k_cache_ptr, v_cache_ptr, part_o_ptr, part_lse_ptr, o_ptr, sinks_ptr, arrivals_ptr, page_table_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, part_o_ptr, part_lse_ptr, o_ptr, sinks_ptr, arrivals_ptr, page_table_ptr, cs_row,
     b, kvh, split, lo, hi, active,
     s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_pt, s_ob, s_oh, s_os, s_lb, s_lh, s_fb, s_fh,
     qk_scale, cap,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SOFT_CAP: tl.constexpr,
-    DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_SINKS: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_SINKS: tl.constexpr, ROPE: tl.constexpr,
+    HALF: tl.constexpr,
 ):
-    """One split of one (sequence, KV head): its keys [lo, hi); the last of the `active` splits merges them all."""
+    """One split of one (sequence, KV head): its keys [lo, hi); the last of the `active` splits merges them all.
+    With ROPE the queries arrive before RoPE and are rotated here (rounded to the output's dtype, as the RoPE
+    kernel would have stored them)."""
 
     # All query heads of one KV head are processed together: each K/V tile is loaded once per group.
     offs_g = tl.arange(0, BLOCK_G)
@@ -74,8 +123,12 @@ def _decode_split(
     g_ok = offs_g < GROUP
     d_ok = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g
-    q = tl.load(q_ptr + b.to(tl.int64) * s_qb + heads[:, None] * s_qh + offs_d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+    q_rows = q_ptr + b.to(tl.int64) * s_qb + heads[:, None] * s_qh
+    if ROPE:
+        q = _rotated(q_rows, offs_d, g_ok[:, None] & d_ok[None, :], cs_row, HALF).to(o_ptr.dtype.element_ty)
+    else:
+        q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    q = q.to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -186,6 +239,20 @@ class DecodeLaunch:
                             min_keys=int(os.environ.get("AUTODEPLOY_DECODE_MIN_KEYS", "64")))
 
 
+class NewKeysWithRope(NamedTuple):
+    """A decode step's new keys and values before RoPE, for decode_attention to rotate and write into the cache.
+
+    k, v: [B, n_kv_heads, head_dim]; slot_mapping: [B] flat cache slots; position_ids: [B]; cos_sin_cache:
+    [max_pos, head_dim] = [cos | sin] (rotate-half RoPE over the whole head).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    slot_mapping: torch.Tensor
+    position_ids: torch.Tensor
+    cos_sin_cache: torch.Tensor
+
+
 _ARRIVALS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -231,18 +298,23 @@ def decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     launch: DecodeLaunch | None = None,
+    rope: "NewKeysWithRope | None" = None,
 ) -> torch.Tensor:
     """Split-K (flash-decoding) attention of one new query per sequence over its paged cache.
 
-    q: [B, n_heads, head_dim]; the new key/value must already be in the cache. Each sequence's visible keys
-    (input_pos + seq_len of them, cut by the window) are split in `num_splits` ranges computed in parallel,
-    then merged by their log-sum-exp (by the last split to finish). Returns [B, n_heads, head_dim] in q's dtype.
-    No host sync.
+    q: [B, n_heads, head_dim]; the new key/value must already be in the cache, or, with `rope`, q and the new keys
+    arrive before RoPE and the kernel rotates them and writes the new key/value itself (one launch a layer where
+    rope_and_write_paged_kv came before). Each sequence's visible keys (input_pos + seq_len of them, cut by the
+    window) are split in `num_splits` ranges computed in parallel, then merged by their log-sum-exp (by the last
+    split to finish). Returns [B, n_heads, head_dim] in q's dtype (with rope: result_type(q, cos_sin_cache), as
+    the RoPE op gives). No host sync.
     """
     batch, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[2]
     assert n_heads % n_kv == 0, "n_heads must be a multiple of n_kv_heads"
-    out = torch.empty_like(q) if out is None else out
+    if out is None:
+        out = torch.empty(q.shape, device=q.device,
+                          dtype=q.dtype if rope is None else torch.result_type(q, rope.cos_sin_cache))
     if batch == 0:
         return out
     assert q.stride(-1) == 1 and out.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
@@ -254,22 +326,28 @@ def decode_attention(
     part_o, part_lse = _partials(out, num_splits)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     launch = launch or DecodeLaunch.for_splits(num_splits)
+    r = rope if rope is not None else NewKeysWithRope(q, q, seq_len, seq_len, q)  # placeholders, never read
+    if rope is not None:
+        assert head_dim % 2 == 0 and rope.cos_sin_cache.shape[-1] == head_dim, "full-width rotate-half RoPE only"
+        assert r.k.stride(-1) == 1 and r.v.stride(-1) == 1 and r.cos_sin_cache.stride(-1) == 1
     _decode_split_kernel[(batch, n_kv, num_splits)](
         q, k_cache, v_cache, part_o, part_lse, out, sinks if sinks is not None else q,
         _arrival_counters(batch * n_kv, q.device),
         seq_len, input_pos, page_table,
+        r.k, r.v, r.slot_mapping, r.position_ids, r.cos_sin_cache,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         page_table.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1),
+        r.k.stride(0), r.k.stride(1), r.v.stride(0), r.v.stride(1), r.cos_sin_cache.stride(0),
         scale * LOG2E, _window(sliding_window), float(logit_cap or 0.0),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
         # tl.dot needs at least 16 rows; padded heads are masked out.
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=launch.block_n, BLOCK_D=block_d,
-        SOFT_CAP=bool(logit_cap), DOT_PREC=_dot_precision(q.dtype), DOT_DTYPE=_dot_dtype(q.dtype),
-        HAS_SINKS=sinks is not None, MIN_KEYS=launch.min_keys, num_warps=launch.num_warps, num_stages=launch.num_stages,
-        **pdl_launch_args(q.device),
+        SOFT_CAP=bool(logit_cap), DOT_PREC=_dot_precision(out.dtype), DOT_DTYPE=_dot_dtype(out.dtype),
+        HAS_SINKS=sinks is not None, MIN_KEYS=launch.min_keys, ROPE=rope is not None, HALF=head_dim // 2,
+        num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch_args(q.device),
     )
     return out

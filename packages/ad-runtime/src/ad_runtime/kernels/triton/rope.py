@@ -18,9 +18,10 @@ def _rotate_heads(x_ptr, out_ptr, s_xn, s_on, n_heads, c, sn, offs_i, i_ok,
         x_row = x_ptr + offs_h[:, None] * s_xn + offs_i[None, :]
         x1 = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_row + HALF, mask=mask, other=0.0).to(tl.float32)
-        # x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1].
-        o1 = x1 * c[None, :] - x2 * sn[None, :]
-        o2 = x2 * c[None, :] + x1 * sn[None, :]
+        # x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1], as explicit FMAs: the decode kernel's
+        # fused rotation (paged_decode._rotated) does the same operations and must round the same.
+        o1 = tl.fma(x1, c[None, :], -(x2 * sn[None, :]))
+        o2 = tl.fma(x2, c[None, :], x1 * sn[None, :])
         o_row = out_ptr + offs_h[:, None] * s_on + offs_i[None, :]
         tl.store(o_row, o1.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(o_row + HALF, o2.to(out_ptr.dtype.element_ty), mask=mask)
