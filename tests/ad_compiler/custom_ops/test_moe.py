@@ -79,3 +79,44 @@ def test_export_one_node_dynamic_tokens(op_name):
     assert count_calls(ep, op) == 1
     x, sel, w = torch.randn(9, 6), torch.randint(0, 4, (9, 2)), torch.rand(9, 2)
     torch.testing.assert_close(ep.module()(x, sel, w), op(x, sel, w, gu, dn))
+
+
+def test_fused_op_inside_a_graph_capture_needs_no_host_sync(monkeypatch):
+    """While a CUDA graph captures (simulated here), torch_moe_fused reads nothing on the host: the expert sort has
+    fixed shapes and, where grouped_mm would sync, every expert runs over every row and each row keeps its own."""
+    from ad_compiler.custom_ops import moe
+
+    monkeypatch.setattr(moe, "_capturing", lambda t: True)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("host sync while capturing"))
+    for reader in ("item", "__int__", "__bool__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, reader, lambda self: pytest.fail("host sync while capturing"))
+    gu, dn = torch.randn(4, 8, 6), torch.randn(4, 6, 4)
+    x = torch.randn(5, 6)
+    sel = torch.tensor([[0, 4], [0, 0], [2, -1], [3, 1], [1, 2]])  # 4 and -1: another rank's experts
+    w = torch.rand(5, 2)
+    got = ops.torch_moe_fused(x, sel, w, gu.transpose(1, 2), dn.transpose(1, 2))
+    monkeypatch.undo()
+    torch.testing.assert_close(got, ops.torch_moe(x, sel, w, gu, dn))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_op_captured_in_a_cuda_graph_matches_eager(dtype):
+    # bf16 on an H100/H200 takes grouped_mm's device-side path, float32 the per-expert products.
+    g = torch.Generator().manual_seed(0)
+    gu, dn = (torch.randn(*s, generator=g).to("cuda", dtype) for s in ((8, 64, 32), (8, 32, 32)))
+    x = torch.randn(6, 32, generator=g).to("cuda", dtype)
+    sel = torch.randint(-1, 9, (6, 2), generator=g).cuda()  # -1 and 8: another rank's experts
+    w = torch.rand(6, 2, generator=g).to("cuda", dtype)
+    args = (x, sel, w, gu.transpose(1, 2), dn.transpose(1, 2))
+    eager = ops.torch_moe_fused(*args)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.torch_moe_fused(*args)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.torch_moe_fused(*args)
+    graph.replay()
+    torch.testing.assert_close(out, eager, atol=1e-2 if dtype == torch.bfloat16 else 1e-4, rtol=1e-2)

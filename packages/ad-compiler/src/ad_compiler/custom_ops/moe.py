@@ -22,15 +22,16 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return _ACTIVATIONS[name]
 
 
-def _sort_by_expert(selected_experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The token-slot indices (into the flattened [T*k]) routed to experts in [0, E), grouped by expert, and the
-    slot count per expert. Other ids (experts owned by another rank) are left out: never computed."""
-    flat = selected_experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # out-of-range ids sort to the ends
-    valid = (flat >= 0) & (flat < num_experts)
-    counts = torch.bincount(flat[valid], minlength=num_experts)[:num_experts]
-    n_neg = int((flat < 0).sum())
-    return order[n_neg : n_neg + int(counts.sum())], counts
+def _sort_by_expert(selected_experts: torch.Tensor, num_experts: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(every token slot, i.e. index into the flattened [T*k], in expert order; the expert of each sorted slot; the
+    slot count per expert). Ids outside [0, E) (experts owned by another rank) become E: sorted last, never
+    computed. No host sync and shapes fixed by T*k, so a CUDA graph can capture it."""
+    flat = selected_experts.reshape(-1).to(torch.int64)
+    ids = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    order = torch.argsort(ids, stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+    return order, ids[order], counts[:num_experts]
 
 
 @torch.library.custom_op("auto_deploy::torch_moe", mutates_args=())
@@ -50,9 +51,10 @@ def torch_moe(
     act = get_activation(act_fn)
     num_experts, top_k = gate_up_weight.shape[0], selected_experts.shape[-1]
     out = torch.zeros_like(x)
-    grouped, counts = _sort_by_expert(selected_experts, num_experts)
+    order, _, counts = _sort_by_expert(selected_experts, num_experts)
     flat_w = routing_weights.reshape(-1)
-    for e, slots in enumerate(grouped.split(counts.tolist())):
+    # The reference loops on the host (a sync: torch_moe_fused is the op decode graphs capture).
+    for e, slots in enumerate(order[: int(counts.sum())].split(counts.tolist())):
         if len(slots) == 0:
             continue
         tokens = slots // top_k
@@ -68,14 +70,33 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.storage_offset() % n == 0 and all(s % n == 0 for s in t.stride() if s != 1)
 
 
-def _grouped_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """a [M, K] rows grouped by expert, w [E, K, N] -> [M, N]; a per-expert loop where grouped_mm can't run."""
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _graph_safe_grouped_mm(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm runs without a host sync: its CUTLASS kernels (bf16 on sm90/sm100) read the
+    offsets on the device; its fallback for other dtypes and GPUs copies them to the host first."""
+    return a.dtype == w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device)[0] in (9, 10)
+
+
+def _grouped_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """a [M, K] rows grouped by expert (`experts` [M]: each row's, E past the last group), w [E, K, N] -> [M, N].
+
+    Rows past the last group are left undefined. grouped_mm where it can run; a per-expert loop otherwise (its
+    group sizes read on the host), or, while a CUDA graph captures, every expert over every row keeping each row's
+    own product (no host sync; captured graphs run decode steps of few rows).
+    """
     a = a.contiguous()
-    if _aligned(a) and _aligned(w):
-        if hasattr(F, "grouped_mm"):
-            return F.grouped_mm(a, w, offs=offs)
-        if hasattr(torch, "_grouped_mm"):
-            return torch._grouped_mm(a, w, offs=offs)
+    capturing = _capturing(a)
+    grouped = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    if grouped is not None and _aligned(a) and _aligned(w) and (not capturing or _graph_safe_grouped_mm(a, w)):
+        return grouped(a, w, offs=offs)
+    if capturing:
+        out = a.new_zeros((a.shape[0], w.shape[-1]))
+        for e in range(w.shape[0]):
+            out = torch.where((experts == e)[:, None], a @ w[e], out)
+        return out
     out = a.new_empty((a.shape[0], w.shape[-1]))
     start = 0
     for e, end in enumerate(offs.tolist()):
@@ -100,15 +121,17 @@ def torch_moe_fused(
     act = get_activation(act_fn)
     num_tokens, top_k = selected_experts.shape
     num_experts = gate_up_weight_t.shape[0]
-    slots, counts = _sort_by_expert(selected_experts, num_experts)
+    order, experts, counts = _sort_by_expert(selected_experts, num_experts)
     offs = torch.cumsum(counts, 0).to(torch.int32)
-    xs = x[slots // top_k].to(gate_up_weight_t.dtype)
-    gate, up = _grouped_mm(xs, gate_up_weight_t, offs).chunk(2, dim=-1)
-    y = _grouped_mm(act(gate) * up, down_weight_t, offs)
-    y = y * routing_weights.reshape(-1)[slots, None]
-    # Back to slot order, then sum the k contributions of each token.
-    per_slot = y.new_zeros((num_tokens * top_k, y.shape[-1]))
-    per_slot[slots] = y
+    xs = x[order // top_k].to(gate_up_weight_t.dtype)
+    gate, up = _grouped_mm(xs, gate_up_weight_t, offs, experts).chunk(2, dim=-1)
+    y = _grouped_mm(act(gate) * up, down_weight_t, offs, experts)
+    # Slots of other ranks' experts (sorted last, their rows undefined) contribute zeros: a select, not a product,
+    # so whatever those rows hold never reaches the sum.
+    y = torch.where((experts < num_experts)[:, None], y * routing_weights.reshape(-1)[order, None], 0)
+    # Back to slot order (order is a permutation of every slot), then sum the k contributions of each token.
+    per_slot = torch.empty_like(y)
+    per_slot[order] = y
     return per_slot.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
 
 
