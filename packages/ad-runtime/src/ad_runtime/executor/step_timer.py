@@ -73,6 +73,12 @@ class StepTimer:
             out[kind] = row
         return out
 
+    def gpu_ms_of(self, kind: str) -> list[tuple[int, float]]:
+        """(rows, GPU ms) of every step of this kind, in order (where a kind's mean hides an uneven step)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        return [(s.rows, s.gpu[0].elapsed_time(s.gpu[1])) for s in self.steps if s.kind == kind and s.gpu is not None]
+
     def _gpu_share(self, kind: str) -> dict[str, float]:
         """GPU busy per step (every step of this kind), and idle: the gap from one step's last work to the next
         step's first, over the wall time of those pairs (consecutive steps of this kind only)."""
