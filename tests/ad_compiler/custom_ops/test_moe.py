@@ -82,7 +82,7 @@ def test_export_one_node_dynamic_tokens(op_name):
 
 
 def test_fused_op_inside_a_graph_capture_needs_no_host_sync(monkeypatch):
-    """While a CUDA graph captures (simulated here), torch_moe_fused reads nothing on the host: the expert sort has
+    """While a CUDA graph captures (simulated here), torch_moe_fused and torch_moe read nothing on the host: the expert sort has
     fixed shapes and, where grouped_mm would sync, every expert runs over every row and each row keeps its own."""
     from ad_compiler.custom_ops import moe
 
@@ -95,8 +95,11 @@ def test_fused_op_inside_a_graph_capture_needs_no_host_sync(monkeypatch):
     sel = torch.tensor([[0, 4], [0, 0], [2, -1], [3, 1], [1, 2]])  # 4 and -1: another rank's experts
     w = torch.rand(5, 2)
     got = ops.torch_moe_fused(x, sel, w, gu.transpose(1, 2), dn.transpose(1, 2))
+    got_reference_op = ops.torch_moe(x, sel, w, gu, dn)  # its host loop is left for the grouped maths
     monkeypatch.undo()
-    torch.testing.assert_close(got, ops.torch_moe(x, sel, w, gu, dn))
+    expected = ops.torch_moe(x, sel, w, gu, dn)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_reference_op, expected)
 
 
 @pytest.mark.gpu

@@ -48,12 +48,15 @@ def torch_moe(
     x [T, H]; selected_experts [T, k]; routing_weights [T, k]; gate_up_weight [E, 2I, H] (gate rows first);
     down_weight [E, H, I]. Loops over the experts that received tokens, like HF's eager experts.
     """
+    if _capturing(x):  # a CUDA graph cannot hold the host loop below: the grouped maths on transposed views
+        return _moe_grouped(x, selected_experts, routing_weights, gate_up_weight.transpose(1, 2),
+                            down_weight.transpose(1, 2), act_fn)
     act = get_activation(act_fn)
     num_experts, top_k = gate_up_weight.shape[0], selected_experts.shape[-1]
     out = torch.zeros_like(x)
     order, _, counts = _sort_by_expert(selected_experts, num_experts)
     flat_w = routing_weights.reshape(-1)
-    # The reference loops on the host (a sync: torch_moe_fused is the op decode graphs capture).
+    # The host loop reads the group sizes (a sync): fine outside a capture.
     for e, slots in enumerate(order[: int(counts.sum())].split(counts.tolist())):
         if len(slots) == 0:
             continue
@@ -118,6 +121,12 @@ def torch_moe_fused(
 
     All token slots are gathered in expert order once and each projection is one grouped GEMM.
     """
+    return _moe_grouped(x, selected_experts, routing_weights, gate_up_weight_t, down_weight_t, act_fn)
+
+
+def _moe_grouped(x: torch.Tensor, selected_experts: torch.Tensor, routing_weights: torch.Tensor,
+                 gate_up_weight_t: torch.Tensor, down_weight_t: torch.Tensor, act_fn: str) -> torch.Tensor:
+    """torch_moe_fused's body (torch_moe's too while a CUDA graph captures)."""
     act = get_activation(act_fn)
     num_tokens, top_k = selected_experts.shape
     num_experts = gate_up_weight_t.shape[0]
