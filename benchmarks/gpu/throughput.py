@@ -160,7 +160,8 @@ def run_workload(llm, prompts: list[list[int]], osl: int, overlap: bool, samplin
     hits = llm.engine.prefix_cache_stats.hit_tokens - hits_before
     assert hits == 0, f"{hits} prompt tokens came from the prefix cache: the figure would not include their prefill"
     return {"isl": isl, "osl": osl, "num": num, "overlap": overlap, "seconds": dt, "out_tok_s": num * osl / dt,
-            "steps": timer.summary(), "mixed_steps": timer.gpu_ms_of("mixed"), "tokens": [o.outputs[0].token_ids for o in outs]}
+            "steps": timer.summary(), "mixed_steps": timer.gpu_ms_of("mixed"),
+            "tokens": [o.outputs[0].token_ids for o in outs]}
 
 
 def print_row(r: dict, bw: float, wbytes: int, kv_tok: int) -> None:

@@ -82,8 +82,9 @@ def test_export_one_node_dynamic_tokens(op_name):
 
 
 def test_fused_op_inside_a_graph_capture_needs_no_host_sync(monkeypatch):
-    """While a CUDA graph captures (simulated here), torch_moe_fused and torch_moe read nothing on the host: the expert sort has
-    fixed shapes and, where grouped_mm would sync, every expert runs over every row and each row keeps its own."""
+    """While a CUDA graph captures (simulated here), torch_moe_fused and torch_moe read nothing on the host: the
+    expert sort has fixed shapes and, where grouped_mm would sync, every expert runs over every row and each row
+    keeps its own."""
     from ad_compiler.custom_ops import moe
 
     monkeypatch.setattr(moe, "_capturing", lambda t: True)

@@ -1,4 +1,5 @@
-"""decode_attention with RoPE and the K/V write inside (one launch) against rope_and_write_paged_kv + decode_attention."""
+"""decode_attention with RoPE and the K/V write inside (one launch) against rope_and_write_paged_kv, then
+decode_attention."""
 
 import pytest
 import torch

@@ -30,7 +30,8 @@ def _sort_by_expert(selected_experts: torch.Tensor, num_experts: int
     flat = selected_experts.reshape(-1).to(torch.int64)
     ids = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
     order = torch.argsort(ids, stable=True)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, ids, torch.ones_like(ids))
     return order, ids[order], counts[:num_experts]
 
 
