@@ -124,3 +124,16 @@ def test_fused_op_captured_in_a_cuda_graph_matches_eager(dtype):
         out = ops.torch_moe_fused(*args)
     graph.replay()
     torch.testing.assert_close(out, eager, atol=1e-2 if dtype == torch.bfloat16 else 1e-4, rtol=1e-2)
+
+
+def test_a_capture_too_large_for_the_dense_path_fails_clearly(monkeypatch):
+    # 5 tokens x 4 experts over a limit of 16 products: the capture fails (a piecewise prefill piece then runs
+    # eagerly) instead of computing every expert for every token.
+    from ad_compiler.custom_ops import moe
+
+    monkeypatch.setattr(moe, "_capturing", lambda t: True)
+    monkeypatch.setattr(moe, "DENSE_CAPTURE_MAX_PRODUCTS", 16)
+    gu, dn = torch.randn(4, 8, 6), torch.randn(4, 6, 4)
+    with pytest.raises(RuntimeError, match="5 tokens x 4 experts"):
+        ops.torch_moe_fused(torch.randn(5, 6), torch.zeros(5, 2, dtype=torch.long), torch.ones(5, 2),
+                            gu.transpose(1, 2), dn.transpose(1, 2))

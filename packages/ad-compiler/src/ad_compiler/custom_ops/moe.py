@@ -78,35 +78,56 @@ def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _graph_safe_grouped_mm(a: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether torch's grouped_mm runs without a host sync: its CUTLASS kernels (bf16 on sm90/sm100) read the
-    offsets on the device; its fallback for other dtypes and GPUs copies them to the host first."""
-    return a.dtype == w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device)[0] in (9, 10)
+def _graph_safe_grouped_mm(a_cols: int, b_cols: int, *ws: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm runs, without a host sync, on activations of these widths and these weights: its
+    CUTLASS kernels (bf16 on sm90/sm100) read the offsets on the device; its fallback for other dtypes and GPUs
+    copies them to the host first, and our loop (unaligned shapes) reads them too."""
+    n = 16 // ws[0].element_size()
+    return (
+        all(w.dtype == torch.bfloat16 and _aligned(w) for w in ws) and a_cols % n == 0 and b_cols % n == 0
+        and torch.cuda.get_device_capability(ws[0].device)[0] in (9, 10)
+    )
 
 
-def _grouped_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """a [M, K] rows grouped by expert (`experts` [M]: each row's, E past the last group), w [E, K, N] -> [M, N].
-
-    Rows past the last group are left undefined. grouped_mm where it can run; a per-expert loop otherwise (its
-    group sizes read on the host), or, while a CUDA graph captures, every expert over every row keeping each row's
-    own product (no host sync; captured graphs run decode steps of few rows).
-    """
+def _grouped_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """a [M, K] rows grouped by expert, w [E, K, N] -> [M, N] (rows past offs[-1] undefined); grouped_mm where it
+    can run, else a per-expert loop (its group sizes read on the host)."""
     a = a.contiguous()
-    capturing = _capturing(a)
     grouped = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    if grouped is not None and _aligned(a) and _aligned(w) and (not capturing or _graph_safe_grouped_mm(a, w)):
+    if grouped is not None and _aligned(a) and _aligned(w):
         return grouped(a, w, offs=offs)
-    if capturing:
-        out = a.new_zeros((a.shape[0], w.shape[-1]))
-        for e in range(w.shape[0]):
-            out = torch.where((experts == e)[:, None], a @ w[e], out)
-        return out
     out = a.new_empty((a.shape[0], w.shape[-1]))
     start = 0
     for e, end in enumerate(offs.tolist()):
         out[start:end] = a[start:end] @ w[e]
         start = end
     return out
+
+
+# Token x expert products a captured dense MoE may compute (every expert over every token: E/k times the routed
+# work). A decode graph of 256 rows of a 128-expert model fits; an 8,192-token piecewise prefill piece of such a
+# model does not: its capture fails and the piece runs eagerly with the grouped GEMMs (the piecewise fallback).
+DENSE_CAPTURE_MAX_PRODUCTS = 256 * 128
+
+
+def _moe_dense(x: torch.Tensor, selected_experts: torch.Tensor, routing_weights: torch.Tensor,
+               gate_up_weight_t: torch.Tensor, down_weight_t: torch.Tensor, act) -> torch.Tensor:
+    """Every expert over every token, each weighted by the token's routing weight for it (0 where not routed, and
+    for other ranks' experts): no host sync and no data-dependent shape, for a CUDA graph where grouped_mm syncs."""
+    num_tokens, num_experts = x.shape[0], gate_up_weight_t.shape[0]
+    if num_tokens * num_experts > DENSE_CAPTURE_MAX_PRODUCTS:
+        raise RuntimeError(
+            f"torch_moe in a CUDA graph: {num_tokens} tokens x {num_experts} experts would each be computed "
+            f"(grouped_mm syncs for {gate_up_weight_t.dtype} on this GPU); run this step without a graph"
+        )
+    experts = torch.arange(num_experts, device=x.device)
+    per_expert = ((selected_experts[..., None] == experts) * routing_weights[..., None]).sum(dim=1)  # [T, E]
+    xs = x.to(gate_up_weight_t.dtype)
+    out = torch.zeros(xs.shape, dtype=torch.promote_types(xs.dtype, routing_weights.dtype), device=x.device)
+    for e in range(num_experts):
+        gate, up = (xs @ gate_up_weight_t[e]).chunk(2, dim=-1)
+        out = out + per_expert[:, e, None] * ((act(gate) * up) @ down_weight_t[e])
+    return out.to(x.dtype)
 
 
 @torch.library.custom_op("auto_deploy::torch_moe_fused", mutates_args=())
@@ -131,11 +152,14 @@ def _moe_grouped(x: torch.Tensor, selected_experts: torch.Tensor, routing_weight
     act = get_activation(act_fn)
     num_tokens, top_k = selected_experts.shape
     num_experts = gate_up_weight_t.shape[0]
+    if _capturing(x) and not _graph_safe_grouped_mm(x.shape[-1], down_weight_t.shape[1], gate_up_weight_t,
+                                                     down_weight_t):
+        return _moe_dense(x, selected_experts, routing_weights, gate_up_weight_t, down_weight_t, act)
     order, experts, counts = _sort_by_expert(selected_experts, num_experts)
     offs = torch.cumsum(counts, 0).to(torch.int32)
     xs = x[order // top_k].to(gate_up_weight_t.dtype)
-    gate, up = _grouped_mm(xs, gate_up_weight_t, offs, experts).chunk(2, dim=-1)
-    y = _grouped_mm(act(gate) * up, down_weight_t, offs, experts)
+    gate, up = _grouped_mm(xs, gate_up_weight_t, offs).chunk(2, dim=-1)
+    y = _grouped_mm(act(gate) * up, down_weight_t, offs)
     # Slots of other ranks' experts (sorted last, their rows undefined) contribute zeros: a select, not a product,
     # so whatever those rows hold never reaches the sum.
     y = torch.where((experts < num_experts)[:, None], y * routing_weights.reshape(-1)[order, None], 0)
