@@ -21,6 +21,22 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _write_step_kv(q, k, v, k_cache, v_cache, slot_mapping, rope_cos_sin, rope_position_ids,
+                   rope_in_decode: bool) -> torch.Tensor:
+    """Write the step's keys and values into the cache (rotated with q where RoPE is fused in; not yet where the
+    decode kernel rotates and writes them itself) and return the queries as [T, n, d] for the kernels."""
+    t = q.shape[1]
+    if rope_cos_sin is None:
+        _kv.write_paged_kv(_rows(k[0]), _rows(v[0]), k_cache, v_cache, slot_mapping[:t])
+        return _rows(q[0])
+    if rope_in_decode:
+        return _rows(q[0])
+    return _rope_kv.rope_and_write_paged_kv(
+        _rows(q[0]), _rows(k[0]), _rows(v[0]), k_cache, v_cache, slot_mapping[:t], rope_position_ids[0, :t],
+        _rows(rope_cos_sin),
+    )
+
+
 @torch.library.custom_op("auto_deploy::triton_cached_attention", mutates_args=("k_cache", "v_cache"))
 def triton_cached_attention(
     q: torch.Tensor,
@@ -49,22 +65,12 @@ def triton_cached_attention(
     """
     if v.shape[-1] != q.shape[-1]:
         raise ValueError("the triton attention backend needs the value head dim equal to the query head dim")
-    t = q.shape[1]
     num_prefill, num_prefill_tokens, num_decode = batch_info_host.tolist()
     # A decode-only step of many rows with RoPE fused in: the decode kernel rotates q and k and writes the new k/v
     # itself, one launch a layer fewer. Few rows keep the separate launch: there the rotation's dependent loads
     # (position, then cos/sin, then the partner half) before every split's first key tile cost more than a launch.
     rope_in_decode = rope_cos_sin is not None and num_prefill == 0 and num_decode >= ROPE_IN_DECODE_MIN_ROWS
-    if rope_cos_sin is None:
-        _kv.write_paged_kv(_rows(k[0]), _rows(v[0]), k_cache, v_cache, slot_mapping[:t])
-        q3 = _rows(q[0])
-    elif rope_in_decode:
-        q3 = _rows(q[0])
-    else:
-        q3 = _rope_kv.rope_and_write_paged_kv(
-            _rows(q[0]), _rows(k[0]), _rows(v[0]), k_cache, v_cache, slot_mapping[:t], rope_position_ids[0, :t],
-            _rows(rope_cos_sin),
-        )
+    q3 = _write_step_kv(q, k, v, k_cache, v_cache, slot_mapping, rope_cos_sin, rope_position_ids, rope_in_decode)
     out = q3.new_empty((1, *q3.shape), dtype=q3.dtype if rope_cos_sin is None else torch.result_type(q, rope_cos_sin))
     window = sliding_window if sliding_window is not None and sliding_window > 0 else None
     opts = {"scale": scale, "sliding_window": window, "logit_cap": logit_cap, "sinks": sinks}

@@ -253,6 +253,22 @@ class NewKeysWithRope(NamedTuple):
     cos_sin_cache: torch.Tensor
 
 
+def _out_dtype(q: torch.Tensor, rope: NewKeysWithRope | None) -> torch.dtype:
+    return q.dtype if rope is None else torch.result_type(q, rope.cos_sin_cache)
+
+
+def _rope_args(rope: NewKeysWithRope | None, q: torch.Tensor, seq_len: torch.Tensor) -> tuple[tuple, tuple]:
+    """The kernel's new-key arguments: (k, v, slots, positions, cos/sin table) and their strides; without rope,
+    placeholders it never reads."""
+    r = rope if rope is not None else NewKeysWithRope(q, q, seq_len, seq_len, q)
+    if rope is not None:
+        head_dim = q.shape[-1]
+        assert head_dim % 2 == 0 and rope.cos_sin_cache.shape[-1] == head_dim, "full-width rotate-half RoPE only"
+        assert r.k.stride(-1) == 1 and r.v.stride(-1) == 1 and r.cos_sin_cache.stride(-1) == 1
+    return ((r.k, r.v, r.slot_mapping, r.position_ids, r.cos_sin_cache),
+            (r.k.stride(0), r.k.stride(1), r.v.stride(0), r.v.stride(1), r.cos_sin_cache.stride(0)))
+
+
 _ARRIVALS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -298,54 +314,46 @@ def decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     launch: DecodeLaunch | None = None,
-    rope: "NewKeysWithRope | None" = None,
+    rope: NewKeysWithRope | None = None,
 ) -> torch.Tensor:
     """Split-K (flash-decoding) attention of one new query per sequence over its paged cache.
 
     q: [B, n_heads, head_dim]; the new key/value must already be in the cache, or, with `rope`, q and the new keys
-    arrive before RoPE and the kernel rotates them and writes the new key/value itself (one launch a layer where
-    rope_and_write_paged_kv came before). Each sequence's visible keys (input_pos + seq_len of them, cut by the
-    window) are split in `num_splits` ranges computed in parallel, then merged by their log-sum-exp (by the last
-    split to finish). Returns [B, n_heads, head_dim] in q's dtype (with rope: result_type(q, cos_sin_cache), as
-    the RoPE op gives). No host sync.
+    arrive before RoPE and the kernel rotates them and writes the new key/value itself. Each sequence's visible keys
+    (input_pos + seq_len of them, cut by the window) are split in `num_splits` ranges computed in parallel, then
+    merged by their log-sum-exp (by the last split to finish). Returns [B, n_heads, head_dim] in q's dtype (with
+    rope: result_type(q, cos_sin_cache), as the RoPE op gives). No host sync.
     """
     batch, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[2]
     assert n_heads % n_kv == 0, "n_heads must be a multiple of n_kv_heads"
-    if out is None:
-        out = torch.empty(q.shape, device=q.device,
-                          dtype=q.dtype if rope is None else torch.result_type(q, rope.cos_sin_cache))
+    out = out if out is not None else torch.empty(q.shape, device=q.device, dtype=_out_dtype(q, rope))
     if batch == 0:
         return out
     assert q.stride(-1) == 1 and out.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     page_size = k_cache.shape[1]
-    if num_splits is None:
-        num_splits = default_splits(batch, n_kv, page_table.shape[1] * page_size, q.device)
+    num_splits = num_splits or default_splits(batch, n_kv, page_table.shape[1] * page_size, q.device)
     group = n_heads // n_kv
-    block_d = max(16, triton.next_power_of_2(head_dim))
     part_o, part_lse = _partials(out, num_splits)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     launch = launch or DecodeLaunch.for_splits(num_splits)
-    r = rope if rope is not None else NewKeysWithRope(q, q, seq_len, seq_len, q)  # placeholders, never read
-    if rope is not None:
-        assert head_dim % 2 == 0 and rope.cos_sin_cache.shape[-1] == head_dim, "full-width rotate-half RoPE only"
-        assert r.k.stride(-1) == 1 and r.v.stride(-1) == 1 and r.cos_sin_cache.stride(-1) == 1
+    rope_ptrs, rope_strides = _rope_args(rope, q, seq_len)
     _decode_split_kernel[(batch, n_kv, num_splits)](
         q, k_cache, v_cache, part_o, part_lse, out, sinks if sinks is not None else q,
         _arrival_counters(batch * n_kv, q.device),
         seq_len, input_pos, page_table,
-        r.k, r.v, r.slot_mapping, r.position_ids, r.cos_sin_cache,
+        *rope_ptrs,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         page_table.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1),
-        r.k.stride(0), r.k.stride(1), r.v.stride(0), r.v.stride(1), r.cos_sin_cache.stride(0),
+        *rope_strides,
         scale * LOG2E, _window(sliding_window), float(logit_cap or 0.0),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
         # tl.dot needs at least 16 rows; padded heads are masked out.
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=launch.block_n, BLOCK_D=block_d,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=launch.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         SOFT_CAP=bool(logit_cap), DOT_PREC=_dot_precision(out.dtype), DOT_DTYPE=_dot_dtype(out.dtype),
         HAS_SINKS=sinks is not None, MIN_KEYS=launch.min_keys, ROPE=rope is not None, HALF=head_dim // 2,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch_args(q.device),
