@@ -162,3 +162,17 @@ def test_steps_of_few_tokens_use_the_small_buffers_and_longer_ones_the_large():
     mixed = info.args()
     assert mixed["input_ids"].tolist() == [[7, 8, 9]] and mixed["batch_indices"].tolist() == [0, 0, 1]
     assert mixed["cu_seqlen"].tolist() == [0, 2, 3] and info.last_token_idx.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("lengths", [[1, 1, 1], [5, 1]])
+def test_dummy_columns_stay_on_the_scratch_page_and_the_scratch_state_row(lengths):
+    # What the decode-graph and piecewise captures run: every sequence needs a state row, and the scratch one
+    # (max_batch_size) is the only one no request owns (slot -1 once failed every state model's GPU capture).
+    info = _info()
+    info.scratch_page = 9
+    info.nest_sequences(*info.dummy_columns(lengths))
+    a = info.args()
+    b = len(lengths)
+    assert a["slot_idx"][:b].tolist() == [4] * b
+    assert set(a["page_table"][:b].flatten().tolist()) <= {9, -1}
+    assert a["input_pos"][:b].tolist() == [0] * b and a["seq_len"][:b].tolist() == lengths

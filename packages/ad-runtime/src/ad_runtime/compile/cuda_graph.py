@@ -53,10 +53,8 @@ class CudaGraphModel(nn.Module):
         info.cuda_graph_batch_sizes = []  # no padding while we set up the dummy batches ourselves
         # Largest first: smaller graphs then fit into the memory pool the largest one reserved.
         for bs in tqdm(sorted(self.batch_sizes, reverse=True), desc="capturing CUDA graphs", disable=None):
-            # Dummy decodes of one token each, on the scratch page and the state caches' scratch row: valid inputs
-            # that touch no real cache data. (Without a row, slot -1, a model with per-sequence state, Mamba or
-            # linear attention, indexed its state out of range and no such model built on a GPU with graphs.)
-            info.nest_sequences([[0]] * bs, [0] * bs, [[info.scratch_page]] * bs, [info.max_batch_size] * bs)
+            # Dummy decodes of one token each (on the scratch page and the state caches' scratch row).
+            info.nest_sequences(*info.dummy_columns([1] * bs))
             args = self.cm.padded_decode_args(bs)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

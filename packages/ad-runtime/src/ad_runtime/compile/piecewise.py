@@ -221,10 +221,7 @@ class PiecewiseGraphs(nn.Module):
 
     def _dummy_step(self, lengths: list[int]) -> dict[str, torch.Tensor]:
         """A step of sequences of these lengths on the scratch page: valid inputs that touch no real cache data."""
-        info = self.cm.info
-        pages = [[info.scratch_page] * -(-n // info.page_size) for n in lengths]
-        slots = [info.max_batch_size] * len(lengths)  # the state caches' padding row
-        self.cm.update_columns([[0] * n for n in lengths], [0] * len(lengths), pages, slots)
+        self.cm.update_columns(*self.cm.info.dummy_columns(lengths))
         return self.cm.named_args
 
     def _probe(self, lengths: list[int]) -> dict[str, Any]:

@@ -356,6 +356,13 @@ class SequenceInfo:
         rows = (~ids).clamp_(min=0, max=future.numel() - 1)  # ~id == -id - 1
         torch.where(ids < 0, future.index_select(0, rows), ids, out=ids)
 
+    def dummy_columns(self, lengths: Sequence[int]) -> tuple[list[list[int]], list[int], list[list[int]], list[int]]:
+        """Columns (token ids, input_pos, pages, state slots) of sequences of these lengths from position 0 on the
+        scratch page and the state caches' scratch row: valid inputs for warm-ups and captures that touch no real
+        cache data (a slot of -1 would index a model's per-sequence state out of range)."""
+        pages = [[self.scratch_page] * -(-n // self.page_size) for n in lengths]
+        return [[0] * n for n in lengths], [0] * len(lengths), pages, [self.max_batch_size] * len(lengths)
+
     def _fill_padding(self, b: int, rows: int, t: int) -> None:
         """Dummy decode rows b..rows-1: one token at position 0 on the scratch page (CUDA-graph padding)."""
         a, ps, mp, sp = self._cur.np, self.page_size, self.max_pages_per_seq, self.scratch_page
