@@ -325,13 +325,12 @@ def decode_attention(
     rope: result_type(q, cos_sin_cache), as the RoPE op gives). No host sync.
     """
     batch, n_heads, head_dim = q.shape
-    n_kv = k_cache.shape[2]
+    page_size, n_kv = k_cache.shape[1], k_cache.shape[2]
     assert n_heads % n_kv == 0, "n_heads must be a multiple of n_kv_heads"
     out = out if out is not None else torch.empty(q.shape, device=q.device, dtype=_out_dtype(q, rope))
     if batch == 0:
         return out
     assert q.stride(-1) == 1 and out.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    page_size = k_cache.shape[1]
     num_splits = num_splits or default_splits(batch, n_kv, page_table.shape[1] * page_size, q.device)
     group = n_heads // n_kv
     part_o, part_lse = _partials(out, num_splits)
@@ -353,7 +352,8 @@ def decode_attention(
         scale * LOG2E, _window(sliding_window), float(logit_cap or 0.0),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
         # tl.dot needs at least 16 rows; padded heads are masked out.
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=launch.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=launch.block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         SOFT_CAP=bool(logit_cap), DOT_PREC=_dot_precision(out.dtype), DOT_DTYPE=_dot_dtype(out.dtype),
         HAS_SINKS=sinks is not None, MIN_KEYS=launch.min_keys, ROPE=rope is not None, HALF=head_dim // 2,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch_args(q.device),
