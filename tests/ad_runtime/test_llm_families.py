@@ -101,8 +101,8 @@ def _hf_greedy(folder, prompts: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def _llm(folder, **kwargs) -> LLM:
-    return LLM(model=str(folder), skip_tokenizer_init=True, device="cpu", dtype="float32", max_seq_len=64,
+def _llm(folder, device: str = "cpu", **kwargs) -> LLM:
+    return LLM(model=str(folder), skip_tokenizer_init=True, device=device, dtype="float32", max_seq_len=64,
                attn_page_size=8, max_batch_size=4, **kwargs)
 
 
@@ -187,9 +187,8 @@ def test_family_batch_1_on_gpu_decodes_the_same_with_the_norm_in_the_gemv(family
     _save(family, tmp_path)
     got = {}
     for fused in (True, False):
-        with LLM(model=str(tmp_path), skip_tokenizer_init=True, device="cuda", dtype="float32", max_seq_len=64,
-                 attn_page_size=8, max_batch_size=4, compile_backend="torch-simple",
-                 transforms={"fuse_add_rmsnorm_gemv": {"enabled": fused}}) as llm:
+        with _llm(tmp_path, device="cuda", compile_backend="torch-simple",
+                  transforms={"fuse_add_rmsnorm_gemv": {"enabled": fused}}) as llm:
             got[fused] = [llm.generate([p], SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0,
                                                            ignore_eos=True))[0].outputs[0].token_ids
                           for p in _prompts()]
@@ -226,8 +225,7 @@ def test_family_on_gpu_default_backends_decodes_hf_greedy_tokens(family, tmp_pat
     # triton), which the CPU tests above never take; it once failed every model with per-sequence state.
     _save(family, tmp_path)
     prompts = _prompts()
-    with LLM(model=str(tmp_path), skip_tokenizer_init=True, device="cuda", dtype="float32", max_seq_len=64,
-             attn_page_size=8, max_batch_size=4) as llm:
+    with _llm(tmp_path, device="cuda") as llm:
         outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
     got = [o.outputs[0].token_ids for o in outs]
     assert all(len(t) == NEW_TOKENS for t in got)

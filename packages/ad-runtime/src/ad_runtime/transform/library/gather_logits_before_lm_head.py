@@ -28,6 +28,7 @@ INPUT_NAME = "last_token_idx"
 # Ops that are token-wise when they work along the feature (last) dim only.
 _LAST_DIM_OPS = (torch.ops.aten.split_with_sizes.default, torch.ops.aten.split.Tensor, torch.ops.aten.mean.dim)
 
+
 @functools.cache
 def _tokenwise_ops() -> tuple:
     """Ops whose output row t depends only on input row t (weights and constants aside): the ones the gather moves
