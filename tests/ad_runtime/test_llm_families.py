@@ -231,3 +231,24 @@ def test_family_on_gpu_default_backends_decodes_hf_greedy_tokens(family, tmp_pat
     assert all(len(t) == NEW_TOKENS for t in got)
     gaps = _hf_logit_gaps(tmp_path, prompts, got, "cuda")
     assert max(gaps) < 1e-3, f"{family}: a generated token is {max(gaps):.2e} below HF's best logit"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["olmo2", "phi", "qwen3_moe"])
+def test_family_in_bf16_on_gpu_decodes_hf_greedy_tokens_through_the_skinny_gemm(family, tmp_path, monkeypatch):
+    # bf16 decode steps of 2-4 rows take the Triton skinny GEMM for every linear (fp32 keeps cuBLAS, so the test
+    # above never reaches it). bf16 rounds logits by ~1e-2 where a wrong token sits ~1 below HF's best.
+    from ad_runtime.kernels.triton import skinny_gemm
+
+    calls = []
+    real = skinny_gemm.skinny_linear
+    monkeypatch.setattr(skinny_gemm, "skinny_linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    _save(family, tmp_path)
+    prompts = _prompts()
+    with LLM(model=str(tmp_path), skip_tokenizer_init=True, device="cuda", dtype="bfloat16", max_seq_len=64,
+             attn_page_size=8, max_batch_size=4) as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    got = [o.outputs[0].token_ids for o in outs]
+    assert calls, "no linear took the skinny GEMM"
+    gaps = _hf_logit_gaps(tmp_path, prompts, got, "cuda")
+    assert max(gaps) < 0.1, f"{family}: a generated token is {max(gaps):.2e} below HF's best logit"

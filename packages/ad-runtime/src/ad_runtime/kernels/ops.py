@@ -1,5 +1,6 @@
 """Custom ops over the Triton kernels: `auto_deploy::triton_rmsnorm`, `triton_fused_add_rmsnorm`, `triton_rope_*`,
-`triton_gemv_linear`, `triton_gemv_swiglu` and `triton_add_rmsnorm_gemv`."""
+`triton_gemv_linear`, `triton_gemv_swiglu` and `triton_add_rmsnorm_gemv` (one row: the GEMV; 2-64 rows: the
+skinny GEMM where it beats cuBLAS; more: cuBLAS)."""
 
 import os
 
@@ -9,6 +10,7 @@ from ad_compiler.kernels_registry import fused_add_rmsnorm_fake
 from .triton import gemv as _gemv
 from .triton import rmsnorm as _rmsnorm
 from .triton import rope as _rope
+from .triton import skinny_gemm as _skinny
 
 # Kernels are reached through their modules (not imported names) so that switching Triton to its
 # interpreter, which reloads those modules, takes effect here too.
@@ -56,10 +58,11 @@ def _cache_fake(
 
 @torch.library.custom_op("auto_deploy::triton_gemv_linear", mutates_args=())
 def triton_gemv_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """aten.linear(input, weight, bias): a one-row input through the Triton GEMV, more rows through aten (cuBLAS).
+    """aten.linear(input, weight, bias): a one-row input through the Triton GEMV, 2-64 rows of a 16-bit dtype
+    through the Triton skinny GEMM (where it beats cuBLAS), more rows through aten (cuBLAS).
 
-    The row count decides per call: a captured batch-1 decode graph holds the GEMV, prefill and larger batches
-    keep cuBLAS. Triton runs on a GPU, or on a CPU in its interpreter (TRITON_INTERPRET=1, the tests).
+    The row count decides per call: captured decode graphs of small batches hold the Triton kernels, prefill and
+    larger batches keep cuBLAS. Triton runs on a GPU, or on a CPU in its interpreter (TRITON_INTERPRET=1, the tests).
     """
     return _linear(input, weight, bias)
 
@@ -68,6 +71,8 @@ def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """triton_gemv_linear's body (the fused op's many-row path calls it without a second dispatcher round trip)."""
     if _gemv_takes(input, weight):
         return _gemv.gemv(input, weight, bias)
+    if _triton_runs(input) and _skinny.takes(input, weight):
+        return _skinny.skinny_linear(input, weight, bias)
     return torch.ops.aten.linear.default(input, weight, bias)
 
 
@@ -90,8 +95,9 @@ def _gemv_linear_fake(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 def triton_gemv_swiglu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """silu(gate) * up of [gate | up] = aten.linear(input, weight, bias), weight the merged [gate; up] rows.
 
-    One row: a single Triton GEMV launch that writes the activation (batch-1 decode). More rows: aten.linear
-    (cuBLAS) and one Triton pass for the activation on a GPU, torch on a CPU.
+    One row: a single Triton GEMV launch that writes the activation (batch-1 decode); 2-64 rows of a 16-bit dtype:
+    one skinny-GEMM launch that writes it. More rows: aten.linear (cuBLAS) and one Triton pass for the activation
+    on a GPU, torch on a CPU.
     """
     return _linear_swiglu(input, weight, bias)
 
@@ -100,6 +106,8 @@ def _linear_swiglu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """triton_gemv_swiglu's body (also the fused op's many-row path)."""
     if _gemv_takes(input, weight):
         return _gemv.gemv_swiglu(input, weight, bias)
+    if _triton_runs(input) and _skinny.takes(input, weight, swiglu=True):
+        return _skinny.skinny_linear(input, weight, bias, swiglu=True)
     gate_up = torch.ops.aten.linear.default(input, weight, bias)
     if _triton_runs(gate_up):
         return _gemv.silu_mul(gate_up)

@@ -1,5 +1,5 @@
-"""Triton kernels (GEMV, paged attention and K/V writes, RMSNorm, RoPE, RoPE fused with the K/V write, greedy
-argmax) and a switch to run them in the interpreter without a GPU."""
+"""Triton kernels (GEMV, skinny GEMM, paged attention and K/V writes, RMSNorm, RoPE, RoPE fused with the K/V
+write, greedy argmax) and a switch to run them in the interpreter without a GPU."""
 
 import importlib
 import os
@@ -10,6 +10,7 @@ import torch
 # Reloaded in this order: rope_kv_write uses rope's jit helper, paged_decode paged_attention's.
 KERNEL_MODULES = (
     "argmax", "gemv", "paged_attention", "paged_decode", "paged_kv_write", "rmsnorm", "rope", "rope_kv_write",
+    "skinny_gemm",
 )
 
 
