@@ -94,11 +94,11 @@ def layer_chain(rows: list[int], copies: int = 4) -> None:
                                            ("skinny, PDL, next kernel launched at the start", True, "1", early),
                                            ("skinny, no PDL", True, "0", aligned),
                                            ("skinny, x not alignment-specialised, PDL", True, "1", unaligned)]:
-            os.environ["AD_TRITON_PDL"] = pdl
+            os.environ["AUTODEPLOY_TRITON_PDL"] = pdl
             skinny_gemm._skinny_kernel = kernel
             us = chain_us(lambda i: layer(i, skinny), copies)
             print(f"| {m} | {roof:.1f} | {label} | {us:.1f} ({100 * roof / us:.0f}%) |", flush=True)
-        skinny_gemm._skinny_kernel, os.environ["AD_TRITON_PDL"] = aligned, "1"
+        skinny_gemm._skinny_kernel, os.environ["AUTODEPLOY_TRITON_PDL"] = aligned, "1"
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from ad_runtime.kernels.triton.pdl import pdl_launch_args
 
 def test_off_on_a_cpu_and_when_switched_off(monkeypatch):
     assert pdl_launch_args(torch.device("cpu")) == {"USE_PDL": False}
-    monkeypatch.setenv("AD_TRITON_PDL", "0")
+    monkeypatch.setenv("AUTODEPLOY_TRITON_PDL", "0")
     assert pdl_launch_args(torch.device("cuda", 0)) == {"USE_PDL": False}
 
 
@@ -37,9 +37,9 @@ def test_captured_chain_with_pdl_equals_the_chain_without(monkeypatch):
     w2 = torch.randn(4096, 4096, device=dev, dtype=dt, generator=g) / 64
     cache = torch.randn(64, 128, device=dev, dtype=torch.float32, generator=g)
     pos = torch.tensor([[37]], device=dev)
-    monkeypatch.setenv("AD_TRITON_PDL", "0")
+    monkeypatch.setenv("AUTODEPLOY_TRITON_PDL", "0")
     want = _chain(x, r, w_norm, w1, w2, cache, pos)
-    monkeypatch.setenv("AD_TRITON_PDL", "1")
+    monkeypatch.setenv("AUTODEPLOY_TRITON_PDL", "1")
     assert pdl_launch_args(x.device)["USE_PDL"]
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

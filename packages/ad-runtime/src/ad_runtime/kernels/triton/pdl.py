@@ -10,7 +10,11 @@ begins with
         cuda.gdc_wait()               # everything before this kernel in the stream has finished
         cuda.gdc_launch_dependents()  # the next kernel may launch now
 
-so a kernel never reads before everything before it finished. AD_TRITON_PDL=0 turns it off (to compare).
+so a kernel never reads before everything before it finished. A kernel whose successor's programs are heavy
+(the skinny GEMM, and decode attention from two rows, whose successor is the skinny GEMM) triggers at its end
+instead: programs launched early sit on the SMs waiting, holding shared memory the running kernel's later programs
+need (`benchmarks/gpu/skinny_gemm_bench.py --layer`). AUTODEPLOY_TRITON_PDL=0 turns it off (to compare;
+an AD_-prefixed name would be read as a configuration field and warned about).
 """
 
 import os
@@ -28,5 +32,5 @@ def _supported(device: torch.device) -> bool:
 
 def pdl_launch_args(device: torch.device) -> dict:
     """Keyword arguments of a kernel launch: USE_PDL for the kernel, and launch_pdl where PDL is on."""
-    on = os.environ.get("AD_TRITON_PDL", "1") != "0" and _supported(device)
+    on = os.environ.get("AUTODEPLOY_TRITON_PDL", "1") != "0" and _supported(device)
     return {"USE_PDL": True, "launch_pdl": True} if on else {"USE_PDL": False}
