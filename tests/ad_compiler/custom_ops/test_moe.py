@@ -40,7 +40,8 @@ def test_fused_matches_reference():
     experts, weights = _route(block, flat)
     gu, dn = block.experts.gate_up_proj, block.experts.down_proj
     ref = ops.torch_moe(flat, experts, weights, gu, dn)
-    fused = ops.torch_moe_fused(flat, experts, weights, gu.transpose(1, 2).contiguous(), dn.transpose(1, 2).contiguous())
+    gu_t, dn_t = gu.transpose(1, 2).contiguous(), dn.transpose(1, 2).contiguous()
+    fused = ops.torch_moe_fused(flat, experts, weights, gu_t, dn_t)
     torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
 
 
