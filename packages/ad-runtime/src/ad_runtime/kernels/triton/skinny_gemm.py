@@ -4,8 +4,10 @@ cuBLAS splits K for these products and adds reduce kernels, and a merged gate/up
 activation kernel. Here each program owns BLOCK_N output features over the whole K and multiplies the rows' tile
 on tensor cores; with SWIGLU the weight is a merged [gate; up], each program also owns the matching up rows and
 writes silu(gate) * up. H200, Llama-3.1-8B shapes, bf16, each call on another copy of the weight
-(`benchmarks/gpu/skinny_gemm_bench.py`, us per layer at 8 rows, cuBLAS first): qkv 15.3 / 15.0, o_proj 12.3 / 11.2,
-gate_up with its activation 64.6 / 57.9, down 32.3 / 31.3, LM head 253.5 / 238.8.
+(`benchmarks/gpu/skinny_gemm_bench.py`, us a call at 8 rows, cuBLAS first): qkv 15.3 / 15.0, o_proj 12.3 / 11.2,
+gate_up with its activation 64.6 / 57.9, down 32.3 / 31.3, LM head 253.5 / 238.8. A whole layer's products
+(`--layer`): 122.9 / 117.5 us at 8 rows, 130.3 / 126.5 at 64; the engine's decode step 4.94 / 4.80 ms at 8 rows,
+6.90 / 6.67 at 64 (benchmarks/README, 2026-12-02).
 """
 
 import os
