@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from small_batch_kernels import graph_us  # noqa: E402
@@ -35,17 +34,11 @@ def chain_us(fn, copies: int) -> float:
     return graph_us(lambda: [fn(i) for i in range(copies)], reps=2) / copies
 
 
-def launch(x, w, y, swiglu: bool, cfg: tuple) -> None:
-    """The package's kernel with the given tiles (its own launch_config aside)."""
-    from ad_runtime.kernels.triton.skinny_gemm import _skinny_kernel
-
+def tiles(m: int, cfg: tuple) -> dict:
+    """skinny_linear's `launch` for a (block_n, block_k, warps, stages) sweep entry at m rows."""
     bn, bk, warps, stages = cfg
-    m, k = x.shape
-    n = w.shape[0] // 2 if swiglu else w.shape[0]
-    _skinny_kernel[(triton.cdiv(n, bn),)](
-        x, w, w, y, m, k, n, x.stride(0), w.stride(0), y.stride(0), HAS_BIAS=False, SWIGLU=swiglu,
-        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=bn, BLOCK_K=bk, DOT_DTYPE=tl.bfloat16, USE_PDL=True,
-        num_warps=warps, num_stages=stages, launch_pdl=True)
+    return dict(BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                num_stages=stages)
 
 
 def layer_chain(rows: list[int], copies: int = 4) -> None:
@@ -65,15 +58,13 @@ def layer_chain(rows: list[int], copies: int = 4) -> None:
     aligned = skinny_gemm._skinny_kernel
     unaligned = triton.jit(do_not_specialize=["M"], do_not_specialize_on_alignment=["x_ptr", "y_ptr"])(aligned.fn)
 
-    class EarlyTrigger:  # the kernel with its dependents' trigger at the start, as the other decode kernels have it
-        def __getitem__(self, grid):
-            return lambda *a, **kw: aligned[grid](*a, **kw, TRIGGER_EARLY=True)
-
-    early = EarlyTrigger()
-
-    def lin(x, w, swiglu, skinny):
+    def lin(x, w, swiglu, skinny, early):
         if skinny and skinny_gemm.takes(x, w, swiglu):
-            return skinny_gemm.skinny_linear(x, w, None, swiglu)
+            launch = None
+            if early:  # the dependents' trigger at the kernel's start, as the other decode kernels have it
+                n = w.shape[0] // 2 if swiglu else w.shape[0]
+                launch = {**skinny_gemm.launch_config(n, w.shape[1], x.shape[0], swiglu), "TRIGGER_EARLY": True}
+            return skinny_gemm.skinny_linear(x, w, None, swiglu, launch=launch)
         y = torch.nn.functional.linear(x, w)
         return silu_mul(y) if swiglu else y
 
@@ -83,20 +74,22 @@ def layer_chain(rows: list[int], copies: int = 4) -> None:
         x0 = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
         res = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
 
-        def layer(i, skinny):
+        def layer(i, *how):
             w_qkv, w_o, w_gu, w_down = layers[i]
             h, r = rmsnorm.add_rmsnorm(x0, res, norm_w, 1e-5)
-            o = lin(lin(h, w_qkv, False, skinny)[:, :4096], w_o, False, skinny)
+            o = lin(lin(h, w_qkv, False, *how)[:, :4096], w_o, False, *how)
             h, r = rmsnorm.add_rmsnorm(o, r, norm_w, 1e-5)
-            return lin(lin(h, w_gu, True, skinny), w_down, False, skinny)
+            return lin(lin(h, w_gu, True, *how), w_down, False, *how)
 
-        for label, skinny, pdl, kernel in [("cuBLAS", False, "1", aligned), ("skinny, PDL", True, "1", aligned),
-                                           ("skinny, PDL, next kernel launched at the start", True, "1", early),
-                                           ("skinny, no PDL", True, "0", aligned),
-                                           ("skinny, x not alignment-specialised, PDL", True, "1", unaligned)]:
+        for label, skinny, early, pdl, kernel in [
+            ("cuBLAS", False, False, "1", aligned), ("skinny, PDL", True, False, "1", aligned),
+            ("skinny, PDL, next kernel launched at the start", True, True, "1", aligned),
+            ("skinny, no PDL", True, False, "0", aligned),
+            ("skinny, x not alignment-specialised, PDL", True, False, "1", unaligned),
+        ]:
             os.environ["AUTODEPLOY_TRITON_PDL"] = pdl
             skinny_gemm._skinny_kernel = kernel
-            us = chain_us(lambda i: layer(i, skinny), copies)
+            us = chain_us(lambda i: layer(i, skinny, early), copies)
             print(f"| {m} | {roof:.1f} | {label} | {us:.1f} ({100 * roof / us:.0f}%) |", flush=True)
         skinny_gemm._skinny_kernel, os.environ["AUTODEPLOY_TRITON_PDL"] = aligned, "1"
 
@@ -110,6 +103,7 @@ def main() -> None:
     if args.layer:
         return layer_chain(args.rows)
     from ad_runtime.kernels.triton.gemv import silu_mul
+    from ad_runtime.kernels.triton.skinny_gemm import skinny_linear
 
     bw = copy_bandwidth()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -121,10 +115,8 @@ def main() -> None:
         copies = max(2, -(-4 * l2 // nbytes))
         ws = [torch.randn(n_w, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         roof = nbytes / bw * 1e6
-        n = n_w // 2 if swiglu else n_w
         for m in args.rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
             ref = torch.nn.functional.linear(x, ws[0])
             if swiglu:
                 gate, up = ref.float().chunk(2, dim=-1)
@@ -135,9 +127,10 @@ def main() -> None:
             times = []
             for cfg in LAUNCHES:
                 try:
-                    launch(x, ws[0], y, swiglu, cfg)
+                    y = skinny_linear(x, ws[0], None, swiglu, launch=tiles(m, cfg))
                     torch.testing.assert_close(y.float(), ref.float(), atol=3e-2, rtol=3e-2)
-                    times.append((chain_us(lambda i: launch(x, ws[i], y, swiglu, cfg), copies), cfg))
+                    times.append((chain_us(lambda i: skinny_linear(x, ws[i], None, swiglu, launch=tiles(m, cfg)),
+                                           copies), cfg))
                 except Exception as e:  # noqa: BLE001 - a launch that does not compile or fit is reported and skipped
                     print(f"  ({name} rows {m} launch {cfg}: {type(e).__name__}: {str(e)[:80]})")
             best = ", ".join(f"{t:.1f} ({100 * roof / t:.0f}%) {cfg}" for t, cfg in sorted(times)[:args.top])

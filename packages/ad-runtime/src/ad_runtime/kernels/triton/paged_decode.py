@@ -214,7 +214,8 @@ def occupancy_num_splits(batch: int, n_kv_heads: int, max_kv_len: int, num_sms: 
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """The GPU's SM count (one without a GPU: Triton's interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def default_splits(batch: int, n_kv_heads: int, max_kv_len: int, device: torch.device) -> int:

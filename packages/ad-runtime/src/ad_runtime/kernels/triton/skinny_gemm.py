@@ -11,7 +11,6 @@ gate_up with its activation 64.6 / 57.9, down 32.3 / 31.3, LM head 253.5 / 238.8
 """
 
 import os
-from functools import cache
 
 import torch
 import triton
@@ -19,6 +18,7 @@ import triton.language as tl
 from triton.language.extra import cuda
 
 from .paged_attention import _dot_dtype
+from .paged_decode import _num_sms
 from .pdl import pdl_launch_args
 
 MAX_ROWS = 64
@@ -77,11 +77,6 @@ def _skinny_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-@cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def launch_config(n: int, k: int, rows: int, swiglu: bool) -> dict:
     """Tiles for `n` output features (per half with swiglu) over `k` inputs at `rows` rows: the H200 sweep's best
     (skinny_gemm_bench.py at 8-64 rows) - 64 x 128 tiles for merged gate/up and LM-head widths, 32 x 256 else."""
@@ -106,22 +101,22 @@ def takes(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) -> bool:
 
 
 def skinny_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool = False
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool = False, launch: dict | None = None
 ) -> torch.Tensor:
     """aten.linear(x, weight, bias) for 2..MAX_ROWS rows; with `swiglu`, silu(gate) * up of [gate | up] = that
-    product (weight the merged [gate; up] rows)."""
+    product (weight the merged [gate; up] rows). `launch` replaces launch_config's tiles (the benchmark's sweep)."""
     rows_w, k = weight.shape
     if swiglu and rows_w % 2:
         raise ValueError(f"skinny_linear with swiglu needs a merged [gate; up] weight of even rows, got {rows_w}")
     x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1 or x2.data_ptr() % 16:
-        x2 = x2.contiguous() if x2.stride(-1) != 1 else x2.clone()  # one aligned variant of the kernel, not two
+    if x2.stride(-1) != 1 or x2.data_ptr() % 16:  # one aligned variant of the kernel, not two
+        x2 = x2.clone(memory_format=torch.contiguous_format)
     m = x2.shape[0]
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"skinny_linear takes 1..{MAX_ROWS} rows, got {m}")
     n = rows_w // 2 if swiglu else rows_w
     y = torch.empty((m, n), dtype=weight.dtype, device=x.device)
-    cfg = launch_config(n, k, m, swiglu)
+    cfg = launch or launch_config(n, k, m, swiglu)
     _skinny_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x2, weight, bias if bias is not None else weight, y, m, k, n, x2.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, SWIGLU=swiglu, DOT_DTYPE=_dot_dtype(weight.dtype), **cfg,
