@@ -44,8 +44,9 @@ def tiles(m: int, cfg: tuple) -> dict:
 def layer_chain(rows: list[int], copies: int = 4) -> None:
     """One Llama-3.1-8B layer's products as the engine runs them (add_rmsnorm, qkv, o_proj, add_rmsnorm, gate_up
     with its activation, down; attention left out) over `copies` layers' weights: cuBLAS against the package's
-    skinny GEMM (where `takes` picks it): with PDL (its dependents' trigger late, as it is, or early), without
-    PDL, and not specialised on its pointers' alignment."""
+    skinny GEMM (where `takes` picks it): with PDL (its dependents' trigger where the package puts it, always
+    after its K loop, or always at its start), for qkv too, without PDL, and not specialised on its pointers'
+    alignment."""
     import os
 
     from ad_runtime.kernels.triton import rmsnorm, skinny_gemm
@@ -58,12 +59,12 @@ def layer_chain(rows: list[int], copies: int = 4) -> None:
     aligned = skinny_gemm._skinny_kernel
     unaligned = triton.jit(do_not_specialize=["M"], do_not_specialize_on_alignment=["x_ptr", "y_ptr"])(aligned.fn)
 
-    def lin(x, w, swiglu, skinny, early):
-        if skinny and skinny_gemm.takes(x, w, swiglu):
+    def lin(x, w, swiglu, skinny, early, force):
+        if skinny and (force or skinny_gemm.takes(x, w, swiglu)):
             launch = None
-            if early:  # the dependents' trigger at the kernel's start, as the other decode kernels have it
+            if early is not None:  # the dependents' trigger at the start (True) or after the K loop (False) always
                 n = w.shape[0] // 2 if swiglu else w.shape[0]
-                launch = {**skinny_gemm.launch_config(n, w.shape[1], x.shape[0], swiglu), "TRIGGER_EARLY": True}
+                launch = {**skinny_gemm.launch_config(n, w.shape[1], x.shape[0], swiglu), "TRIGGER_EARLY": early}
             return skinny_gemm.skinny_linear(x, w, None, swiglu, launch=launch)
         y = torch.nn.functional.linear(x, w)
         return silu_mul(y) if swiglu else y
@@ -77,19 +78,28 @@ def layer_chain(rows: list[int], copies: int = 4) -> None:
         def layer(i, *how):
             w_qkv, w_o, w_gu, w_down = layers[i]
             h, r = rmsnorm.add_rmsnorm(x0, res, norm_w, 1e-5)
-            o = lin(lin(h, w_qkv, False, *how)[:, :4096], w_o, False, *how)
+            o = lin(lin(h, w_qkv, False, *how)[:, :4096].contiguous(), w_o, False, *how)
             h, r = rmsnorm.add_rmsnorm(o, r, norm_w, 1e-5)
             return lin(lin(h, w_gu, True, *how), w_down, False, *how)
 
-        for label, skinny, early, pdl, kernel in [
-            ("cuBLAS", False, False, "1", aligned), ("skinny, PDL", True, False, "1", aligned),
-            ("skinny, PDL, next kernel launched at the start", True, True, "1", aligned),
-            ("skinny, no PDL", True, False, "0", aligned),
-            ("skinny, x not alignment-specialised, PDL", True, False, "1", unaligned),
+        # (label, skinny, trigger early (None: the package's choice), skinny for every linear, PDL, kernel)
+        for label, skinny, early, force, pdl, kernel in [
+            ("cuBLAS", False, None, False, "1", aligned),
+            ("skinny, PDL (next kernel launched at the start where the grid is one wave)", True, None, False, "1",
+             aligned),
+            ("skinny, PDL, next kernel launched after the K loop always", True, False, False, "1", aligned),
+            ("skinny, PDL, next kernel launched at the start always", True, True, False, "1", aligned),
+            ("skinny everywhere (qkv too), PDL", True, None, True, "1", aligned),
+            ("skinny, no PDL", True, None, False, "0", aligned),
+            ("skinny, x not alignment-specialised, PDL", True, None, False, "1", unaligned),
         ]:
             os.environ["AUTODEPLOY_TRITON_PDL"] = pdl
             skinny_gemm._skinny_kernel = kernel
-            us = chain_us(lambda i: layer(i, skinny, early), copies)
+            try:
+                us = chain_us(lambda i: layer(i, skinny, early, force), copies)
+            except Exception as e:  # a variant that does not compile is reported, not fatal
+                print(f"| {m} | {roof:.1f} | {label} | failed: {str(e).splitlines()[0][:120]} |", flush=True)
+                continue
             print(f"| {m} | {roof:.1f} | {label} | {us:.1f} ({100 * roof / us:.0f}%) |", flush=True)
         skinny_gemm._skinny_kernel, os.environ["AUTODEPLOY_TRITON_PDL"] = aligned, "1"
 

@@ -118,3 +118,20 @@ def test_llama_8b_and_smollm2_shapes_on_gpu(m, n, k, swiglu):
     x, w, _ = _data(m, n, k, torch.bfloat16, False)
     out = skinny_gemm.skinny_linear(x, w, None, swiglu=swiglu)
     torch.testing.assert_close(out.float(), _ref(x, w, None, swiglu), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, n, k, swiglu", [(8, 4096, 4096, False), (32, 28672, 4096, True), (5, 70, 300, False)])
+def test_the_dependents_trigger_changes_no_bit(m, n, k, swiglu):
+    x, w, b = _data(m, n, k, torch.bfloat16, True)
+    tiles = skinny_gemm.launch_config(n // 2 if swiglu else n, k, m, swiglu)
+    early, late = ({**tiles, "TRIGGER_EARLY": flag} for flag in (True, False))
+    out = skinny_gemm.skinny_linear(x, w, b, swiglu=swiglu, launch=early)
+    assert torch.equal(out, skinny_gemm.skinny_linear(x, w, b, swiglu=swiglu, launch=late))
+
+
+def test_a_grid_of_one_wave_triggers_its_dependents_at_its_start(monkeypatch):
+    monkeypatch.setattr(skinny_gemm, "_num_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert skinny_gemm.trigger_early(4096, 32, cpu)  # o_proj and down of Llama-3.1-8B: 128 programs
+    assert not skinny_gemm.trigger_early(14336, 64, cpu)  # gate_up: 224 programs, later ones wait for an SM
