@@ -59,12 +59,14 @@ def layer_chain(rows: list[int], copies: int = 4) -> None:
     aligned = skinny_gemm._skinny_kernel
     unaligned = triton.jit(do_not_specialize=["M"], do_not_specialize_on_alignment=["x_ptr", "y_ptr"])(aligned.fn)
 
-    def lin(x, w, swiglu, skinny, early, force):
+    def lin(x, w, swiglu, skinny, early, force, gate_up=None):
         if skinny and (force or skinny_gemm.takes(x, w, swiglu)):
-            launch = None
+            n = w.shape[0] // 2 if swiglu else w.shape[0]
+            launch = dict(skinny_gemm.launch_config(n, w.shape[1], x.shape[0], swiglu))
             if early is not None:  # the dependents' trigger at the start (True) or after the K loop (False) always
-                n = w.shape[0] // 2 if swiglu else w.shape[0]
-                launch = {**skinny_gemm.launch_config(n, w.shape[1], x.shape[0], swiglu), "TRIGGER_EARLY": early}
+                launch["TRIGGER_EARLY"] = early
+            if swiglu and gate_up:  # gate/up's launch changed (fewer stages: two programs an SM, one wave)
+                launch.update(gate_up)
             return skinny_gemm.skinny_linear(x, w, None, swiglu, launch=launch)
         y = torch.nn.functional.linear(x, w)
         return silu_mul(y) if swiglu else y
@@ -83,20 +85,25 @@ def layer_chain(rows: list[int], copies: int = 4) -> None:
             return lin(lin(h, w_gu, True, *how), w_down, False, *how)
 
         # (label, skinny, trigger early (None: the package's choice), skinny for every linear, PDL, kernel)
-        for label, skinny, early, force, pdl, kernel in [
+        for label, skinny, early, force, pdl, kernel, *gate_up in [
             ("cuBLAS", False, None, False, "1", aligned),
             ("skinny, PDL (next kernel launched at the start where the grid is one wave)", True, None, False, "1",
              aligned),
             ("skinny, PDL, next kernel launched after the K loop always", True, False, False, "1", aligned),
             ("skinny, PDL, next kernel launched at the start always", True, True, False, "1", aligned),
             ("skinny everywhere (qkv too), PDL", True, None, True, "1", aligned),
+            ("skinny, gate_up in 3 stages, triggering at its start", True, None, False, "1", aligned,
+             {"num_stages": 3, "TRIGGER_EARLY": True}),
+            ("skinny, gate_up in 2 stages, triggering at its start", True, None, False, "1", aligned,
+             {"num_stages": 2, "TRIGGER_EARLY": True}),
+            ("skinny, gate_up in 3 stages", True, None, False, "1", aligned, {"num_stages": 3}),
             ("skinny, no PDL", True, None, False, "0", aligned),
             ("skinny, x not alignment-specialised, PDL", True, None, False, "1", unaligned),
         ]:
             os.environ["AUTODEPLOY_TRITON_PDL"] = pdl
             skinny_gemm._skinny_kernel = kernel
             try:
-                us = chain_us(lambda i: layer(i, skinny, early, force), copies)
+                us = chain_us(lambda i: layer(i, skinny, early, force, *gate_up), copies)
             except Exception as e:  # a variant that does not compile is reported, not fatal
                 print(f"| {m} | {roof:.1f} | {label} | failed: {str(e).splitlines()[0][:120]} |", flush=True)
                 continue

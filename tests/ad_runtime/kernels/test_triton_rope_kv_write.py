@@ -31,7 +31,7 @@ def _check(num_tokens, nq, nk, d, dtype, device):
     assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc)
 
 
-@pytest.mark.parametrize("num_tokens, nq, nk, d", [(1, 4, 2, 16), (7, 6, 1, 8), (5, 20, 4, 16)])
+@pytest.mark.parametrize("num_tokens, nq, nk, d", [(1, 4, 2, 16), (7, 6, 1, 8), (5, 20, 4, 16), (3, 12, 12, 16)])
 def test_matches_rope_then_write(num_tokens, nq, nk, d):
     _check(num_tokens, nq, nk, d, torch.float32, "cuda" if torch.cuda.is_available() else "cpu")
 
