@@ -89,7 +89,8 @@ def launch_config(n: int, k: int, rows: int, swiglu: bool) -> dict:
 def trigger_early(n: int, block_n: int, device: torch.device) -> bool:
     """Whether a launch lets its successor launch at its start: where its programs fit in one wave (one per SM),
     none of them waits for a place the successor's waiting programs could take. H200, 32 rows, o_proj and down
-    (128 programs) so: a layer's products 128.6 against 132.4 us, the 8B decode step 5.66 against 5.78 ms."""
+    (128 programs) so: a layer's products 127.6 against 128.7 us, the 8B decode step 5.58 against 5.71 ms
+    (benchmarks/README, 2026-12-02, second session, call B)."""
     return triton.cdiv(n, block_n) <= _num_sms(device)
 
 
