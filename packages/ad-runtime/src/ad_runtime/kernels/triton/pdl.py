@@ -12,9 +12,9 @@ begins with
 
 so a kernel never reads before everything before it finished. A kernel whose successor's programs are heavy
 (the skinny GEMM where its grid is more than one wave, and decode attention from two rows, whose successor is the
-skinny GEMM) triggers at its end instead: programs launched early sit on the SMs waiting, holding shared memory the running kernel's later programs
-need (`benchmarks/gpu/skinny_gemm_bench.py --layer`). AUTODEPLOY_TRITON_PDL=0 turns it off (to compare;
-an AD_-prefixed name would be read as a configuration field and warned about).
+skinny GEMM) triggers at its end instead: programs launched early sit on the SMs waiting, holding shared memory
+the running kernel's later programs need (`benchmarks/gpu/skinny_gemm_bench.py --layer`). AUTODEPLOY_TRITON_PDL=0
+turns it off (to compare; an AD_-prefixed name would be read as a configuration field and warned about).
 """
 
 import os

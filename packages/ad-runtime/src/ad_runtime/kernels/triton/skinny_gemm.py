@@ -126,7 +126,7 @@ def skinny_linear(
         raise ValueError(f"skinny_linear takes 1..{MAX_ROWS} rows, got {m}")
     n = rows_w // 2 if swiglu else rows_w
     y = torch.empty((m, n), dtype=weight.dtype, device=x.device)
-    cfg = dict(launch or launch_config(n, k, m, swiglu))
+    cfg = {**launch} if launch else launch_config(n, k, m, swiglu)  # a fresh dict either way: the trigger joins it
     cfg.setdefault("TRIGGER_EARLY", trigger_early(n, cfg["BLOCK_N"], x.device))
     _skinny_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x2, weight, bias if bias is not None else weight, y, m, k, n, x2.stride(0), weight.stride(0), y.stride(0),
