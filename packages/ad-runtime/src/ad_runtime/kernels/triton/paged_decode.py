@@ -34,10 +34,6 @@ def _decode_split_kernel(
     DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_SINKS: tl.constexpr, MIN_KEYS: tl.constexpr,
     ROPE: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr, TRIGGER_LATE: tl.constexpr,
 ):
-    if USE_PDL:
-        cuda.gdc_wait()
-        if not TRIGGER_LATE:
-            cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -54,6 +50,14 @@ def _decode_split_kernel(
     cs_row = cs_ptr
     if ROPE:
         cs_row = cs_ptr + tl.load(rpos_ptr + b).to(tl.int64) * s_cs
+    # The lengths, positions and the split's range above come from the step's metadata, written before the step
+    # (the kernel before this one waited for all earlier work before letting it launch, pdl.py): only q and the
+    # new key and value, the previous kernel's outputs, must wait. The dependent loads leave the critical path.
+    if USE_PDL:
+        cuda.gdc_wait()
+        if not TRIGGER_LATE:
+            cuda.gdc_launch_dependents()
+    if ROPE:
         # The split that reads the new key (the step's last) writes it, rotated, and its value to the cache first:
         # no other program reads that slot, and the barrier orders the write before this program's reads.
         if split == (kv_len - 1 - start) // chunk:

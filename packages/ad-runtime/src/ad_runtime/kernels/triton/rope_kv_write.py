@@ -25,9 +25,6 @@ def _rope_write_kv_kernel(
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:
-        cuda.gdc_wait()
-        cuda.gdc_launch_dependents()
     # Program (t, g) takes BLOCK_H heads of token t: the first groups its query heads, the rest its key heads and
     # their values. One program a token did all of them one block after another: at batch 1 a single program on
     # one SM, every block's loads waiting for the block before, on the critical path of each layer.
@@ -35,18 +32,24 @@ def _rope_write_kv_kernel(
     g = tl.program_id(1)
     q_groups = tl.cdiv(NQ, BLOCK_H)
     # The same [cos | sin] row and rotation as the rope kernel, so the cache holds the keys it would have written.
+    # Position, slot and cos/sin are read before waiting for the previous kernel (the projection of q, k, v): the
+    # step's metadata is written before the step and the table never, and the kernel before waited for all
+    # earlier work before it let this one launch (pdl.py), so the two dependent loads leave the critical path.
     p = tl.load(pos_ptr + t * s_pt).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
     offs_i = tl.arange(0, BLOCK_HALF)
     i_ok = offs_i < HALF
     c = tl.load(cs_ptr + p * s_cst + offs_i, mask=i_ok, other=0.0).to(tl.float32)
     sn = tl.load(cs_ptr + p * s_cst + HALF + offs_i, mask=i_ok, other=0.0).to(tl.float32)
+    if USE_PDL:
+        cuda.gdc_wait()
+        cuda.gdc_launch_dependents()
     if g < q_groups:
         h0 = g * BLOCK_H
         _rotate_heads(q_ptr + t * s_qt + h0 * s_qn, qo_ptr + t * s_qot + h0 * s_qon, s_qn, s_qon,
                       tl.minimum(NQ - h0, BLOCK_H), c, sn, offs_i, i_ok, HALF, BLOCK_H)
     else:
         h0 = (g - q_groups) * BLOCK_H
-        slot = tl.load(slot_ptr + t).to(tl.int64)
         page = slot // PAGE_SIZE
         off = slot % PAGE_SIZE
         _rotate_heads(k_ptr + t * s_kt + h0 * s_kn, k_cache_ptr + page * s_cp + off * s_cs + h0 * s_ch, s_kn, s_ch,
