@@ -63,6 +63,14 @@ class _Handler:
     prompt: str | None
 
 
+# What every rank imports to build (torch.export with Dynamo and AOTAutograd, transformers' model classes): ~13 s of
+# a rank's start on the 2-core VM, its first export included. A forkserver imports them once for every later launch
+# of the process (the test suite launches ranks ~40 times: a 2-rank build of a 2-layer model took 18 s, now 10);
+# "spawn", the default, imports them in each rank as before. A name a future torch drops is skipped by the server.
+RANK_PRELOAD = ("torch._dynamo", "torch.export._trace", "torch._functorch.aot_autograd",
+                "torch._functorch.partitioners", "transformers.modeling_utils")
+
+
 class DistributedBackend:
     """Starts the ranks in the background and forwards requests to rank 0; safe to call from many threads."""
 
@@ -89,7 +97,7 @@ class DistributedBackend:
         def run() -> None:
             try:
                 launch(rank_main, args.world_size, args=(dump, child, level), timeout_s=10**9,
-                       dist_timeout=args.dist_timeout)
+                       dist_timeout=args.dist_timeout, preload=RANK_PRELOAD)
             except BaseException as e:  # noqa: BLE001 - surfaced to the callers by the reader thread
                 self._error = e
 

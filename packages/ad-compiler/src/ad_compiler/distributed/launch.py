@@ -240,6 +240,7 @@ def launch(
     timeout_s: float = 300.0,
     dist_timeout: float = DEFAULT_DIST_TIMEOUT_S,
     pg_timeout_s: float | None = None,
+    preload: tuple[str, ...] = (),
 ) -> list[Any]:
     """Run `fn(ctx: RankContext, *args)` in `world_size` processes; return their results in rank order.
 
@@ -248,7 +249,8 @@ def launch(
     the full traceback is the error's cause and is logged at debug level); so does running past `timeout_s`.
     Collectives time out after `pg_timeout_s` (default: dist_timeout + 10 s, at least 60 s). With start_method
     "fork" the ranks inherit the parent's objects (e.g. an exported graph) without pickling them. No start_method:
-    the AUTODEPLOY_RANK_START_METHOD environment variable, else "spawn".
+    the AUTODEPLOY_RANK_START_METHOD environment variable, else "spawn". With "forkserver", `preload` names modules
+    the ranks will import anyway, for the server to import once (only the launch that starts the server sets them).
     """
     backend = backend or default_backend()
     if backend == "nccl" and torch.cuda.device_count() < world_size:
@@ -265,7 +267,7 @@ def launch(
     mp_ctx = mp.get_context(start_method)
     if start_method == "forkserver":
         # The server imports the rank's module once (torch with it); every later launch forks a ready process.
-        mp_ctx.set_forkserver_preload([fn.__module__])
+        mp_ctx.set_forkserver_preload([*preload, fn.__module__])
     forked = start_method == "fork"
     env = dict(os.environ) if start_method == "forkserver" else None
     ranks = _Ranks(mp_ctx, world_size)
