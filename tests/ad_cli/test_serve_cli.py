@@ -91,3 +91,12 @@ def test_engine_process_defaults_to_its_own_process_on_a_gpu_only(monkeypatch: p
     monkeypatch.setattr(build, "resolve_device", lambda device, rank=0: torch.device("cuda", 0))
     assert serving_args(load_llm_args()).engine_process is True
     assert serving_args(load_llm_args(engine_process=False)).engine_process is False
+
+
+@pytest.mark.parametrize("model", ["/no/such/folder", "missing.gguf"])
+def test_missing_model_path_fails_before_the_build(model: str, tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ad_cli.serve", "--port", "0", f"--args.model={model}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"ad-serve: error: model path {model!r} does not exist"], proc.stderr

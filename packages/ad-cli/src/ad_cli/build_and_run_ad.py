@@ -3,6 +3,7 @@
 import sys
 
 from ad_config import ExperimentConfig, gpu_only_problems, refuse_gpu_only_backends, run_command
+from ad_config.model_source import check_model_path
 
 from ad_cli.errors import report
 
@@ -10,10 +11,11 @@ PROG = "build_and_run_ad"
 
 
 def _run(config: ExperimentConfig) -> int:
-    # Imported only for a real run, so --dry-run and config errors never load torch.
-    from ad_cli.run_experiment import run_experiment
-
     try:
+        check_model_path(config.args.model)  # before torch loads: a mistyped path fails at once
+        # Imported only for a real run, so --dry-run and config errors never load torch.
+        from ad_cli.run_experiment import run_experiment
+
         run_experiment(config)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(render_yaml(config))
         return 0
+    from ad_config.model_source import model_path_problem
+
+    problem = model_path_problem(config.args.model)
+    if problem is not None:  # before torch loads and the port is taken: a mistyped path fails at once
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+        return 1
     from .http_server import bind_socket
 
     # Bound now, listening only once the model is built: a taken port or a bad host fails at once, not after

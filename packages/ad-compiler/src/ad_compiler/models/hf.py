@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from ad_config.model_source import model_path_problem
 
 from ..errors import CompileError
 from .bundled import bundled_model_dir, convert_gguf
@@ -97,16 +98,13 @@ class AutoModelForCausalLMFactory(ModelFactory):
         name = self.model_name
         if name is None:
             return bundled_model_dir(self.cache_dir)
+        problem = model_path_problem(name)
+        if problem is not None:
+            raise CompileError(problem)
         path = Path(name).expanduser()
         if path.is_file() and path.suffix == ".gguf":
             return convert_gguf(path, self.cache_dir)
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise CompileError(f"model folder {path} has no config.json")
-            return path
-        if path.suffix == ".gguf" or name.startswith(("/", "./", "../")):
-            raise CompileError(f"model path {name!r} does not exist")
-        return self._download(name)
+        return path if path.is_dir() else self._download(name)
 
     def _download(self, repo_id: str) -> Path:
         from huggingface_hub import snapshot_download
@@ -237,7 +235,8 @@ class AutoModelForCausalLMFactory(ModelFactory):
         if self.tokenizer_name and Path(self.tokenizer_name).suffix == ".gguf":
             source = convert_gguf(Path(self.tokenizer_name), self.cache_dir)
         try:
-            return AutoTokenizer.from_pretrained(source, trust_remote_code=self.trust_remote_code, **self.tokenizer_kwargs)
+            return AutoTokenizer.from_pretrained(source, trust_remote_code=self.trust_remote_code,
+                                                 **self.tokenizer_kwargs)
         except OSError as e:
             raise CompileError(f"could not load the tokenizer from {source}: {e}") from None
 
