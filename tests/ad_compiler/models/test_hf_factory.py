@@ -35,6 +35,19 @@ def test_conversion_is_keyed_by_file(tmp_path):
     assert convert_gguf(bundled_gguf_path(), cache_dir=tmp_path) == target
 
 
+def test_conversion_reads_the_file_once_and_restores_gguf():
+    import gguf
+    from ad_compiler.models import bundled
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with bundled._gguf_read_once():
+        first = gguf.GGUFReader(bundled_gguf_path())
+        assert gguf.GGUFReader(str(bundled_gguf_path())) is first and isinstance(first, real_reader)
+        arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == "llama")
+        assert gguf.get_tensor_name_map(arch, 30) is gguf.get_tensor_name_map(arch, 30)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (real_reader, real_map)
+
+
 def test_model_kwargs_merge_recursively(tiny_llama_dir):
     f = Factory(str(tiny_llama_dir), model_kwargs={"num_hidden_layers": 1, "rope_parameters": {"rope_theta": 5000.0}})
     assert f.config.num_hidden_layers == 1

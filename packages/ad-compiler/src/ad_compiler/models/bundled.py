@@ -1,13 +1,20 @@
 """The bundled SmolLM2-135M-Instruct GGUF and its once-converted safetensors copy in a cache folder."""
 
+import functools
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import CompileError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +65,10 @@ def convert_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=root))
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        _save_dequantized(model, tmp)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        with _gguf_read_once():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            _save_dequantized(model, tmp)
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         try:
             tmp.rename(target)
         except OSError:
@@ -70,6 +78,35 @@ def convert_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextmanager
+def _gguf_read_once() -> Iterator[None]:
+    """During one conversion, one `gguf.GGUFReader` per file and one tensor-name table per architecture.
+
+    transformers opens the file three times (config, weights, tokenizer: each parse of SmolLM2's 49,152-token
+    vocabulary ~5 s on the 2-core VM) and rebuilds gguf's name table for each of the model's 397 modules (~9 s).
+    Both are reads of immutable data, so the conversion writes the same files either way (byte for byte, checked
+    on the bundled model when this was added).
+    transformers imports both names from `gguf` when it calls them, so they are swapped on the module for the
+    conversion only.
+    """
+    import gguf
+
+    real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple, object] = {}
+
+    def reader(path, mode: str = "r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_name_map
 
 
 def _save_dequantized(model: "torch.nn.Module", folder: Path) -> None:
