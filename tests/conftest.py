@@ -29,7 +29,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _files_with_most_slow_tests_first(items: list[pytest.Item]) -> None:
     """Reorder whole files, those with the most `slow` tests first, each file's tests in their order: the README's
     `-n 2 --dist loadfile` hands files to two workers in this order, and a long file handed out last ran alone at
-    the end (2-core VM, fresh clone: 44 min in one process, 29 in two in the collected order, 26 in this one)."""
+    the end (2-core VM, fresh clone: 44 min in one process, 29 in two in the collected order, 26 in this one; 16-17
+    min since ranks fork from a server that preloaded torch's export stack and the GGUF conversion reads once)."""
     slow: dict[object, int] = {}
     for item in items:
         slow[item.path] = slow.get(item.path, 0) + ("slow" in item.keywords)
