@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,6 +81,9 @@ def convert_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
     return target
 
 
+_SWAP_LOCK = threading.Lock()
+
+
 @contextmanager
 def _gguf_read_once() -> Iterator[None]:
     """During one conversion, one `gguf.GGUFReader` per file and one tensor-name table per architecture.
@@ -93,20 +97,21 @@ def _gguf_read_once() -> Iterator[None]:
     """
     import gguf
 
-    real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    readers: dict[tuple, object] = {}
+    with _SWAP_LOCK:  # two threads converting at once must not take each other's swapped names for the real ones
+        real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        readers: dict[tuple, object] = {}
 
-    def reader(path, mode: str = "r"):
-        key = (os.fspath(path), mode)
-        if key not in readers:
-            readers[key] = real_reader(path, mode)
-        return readers[key]
+        def reader(path, mode: str = "r"):
+            key = (os.fspath(path), mode)
+            if key not in readers:
+                readers[key] = real_reader(path, mode)
+            return readers[key]
 
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_name_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_name_map
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_name_map)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_name_map
 
 
 def _save_dequantized(model: "torch.nn.Module", folder: Path) -> None:
