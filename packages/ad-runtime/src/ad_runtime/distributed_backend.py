@@ -65,7 +65,7 @@ class _Handler:
 
 # What every rank imports to build (torch.export with Dynamo and AOTAutograd, transformers' model classes): ~13 s of
 # a rank's start on the 2-core VM, its first export included. A forkserver imports them once for every later launch
-# of the process (the test suite launches ranks ~40 times: a 2-rank build of a 2-layer model took 18 s, now 10);
+# of the process (the test suite launches ranks ~40 times: a 2-rank build of a 2-layer model took 18 s, now 6-9);
 # "spawn", the default, imports them in each rank as before. A name a future torch drops is skipped by the server.
 RANK_PRELOAD = ("torch._dynamo", "torch.export._trace", "torch._functorch.aot_autograd",
                 "torch._functorch.partitioners", "transformers.modeling_utils")
